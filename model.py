@@ -1,0 +1,616 @@
+"""A Llama-style decoder written from scratch, with the two hooks SpecAttn needs.
+
+This file is the base the rest of specattn stands on, and it works copied alone
+(torch, safetensors and tiktoken only):
+
+* `ModelArgs`   - one config dataclass, built from a Hugging Face `config.json`.
+* `Transformer` - RMSNorm, RoPE (Hugging Face half-split layout, so HF weights load
+                  as they are), grouped-query attention, SwiGLU MLP, tied or untied head.
+* `KVCache`     - a fixed K/V buffer per layer plus one length, with an explicit
+                  `rewind(n)` for speculative decoding.
+* `load_model`  - reads an HF-layout directory (single or sharded safetensors) and
+                  checks every tensor; `layers=` keeps a subset of decoder layers.
+* `Tokenizer`   - tiktoken over a Llama-3 `tokenizer.model` or a byte-level BPE
+                  `tokenizer.json` (GPT-2 / SmolLM2 / Qwen2 style).
+
+The two SpecAttn hooks live in `Transformer.forward`:
+
+1. `return_attn=True` returns, per layer, the attention probabilities of the new
+   queries over every key. The draft model uses this: its attention says which
+   past tokens matter.
+2. `select=fn` lets a caller choose, per layer, which *cached* positions each KV
+   head may read (`fn(layer, q, k_past) -> bool mask or None`). The target model
+   uses this for sparse verification. The new block always attends to itself
+   causally. `specattn.py` builds `fn` from the draft's attention; `eval_pg19.py`
+   builds it for every method it compares. The attention here is plain PyTorch;
+   `Transformer.subset_attention` can be swapped for the Triton kernels of
+   `kernels.py`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    hidden_dim: int = 14336  # SwiGLU inner width ("intermediate_size")
+    vocab_size: int = 128256
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3", "factor": ..., ...} or None
+    max_seq_len: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    # Which original decoder layers this model holds (None: all). Set by load_model(layers=...).
+    layer_ids: Optional[list] = field(default=None)
+
+    SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Build from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
+        model_type = cfg.get("model_type")
+        if model_type not in cls.SUPPORTED_TYPES:
+            raise ValueError(f"config.json field 'model_type'={model_type!r} is not supported; "
+                             f"expected one of {cls.SUPPORTED_TYPES} (a Llama-style decoder)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json field 'hidden_act'={cfg['hidden_act']!r} is not supported (only 'silu')")
+        if cfg.get("mlp_bias", False):
+            raise ValueError("config.json field 'mlp_bias'=true is not supported")
+        if cfg.get("use_sliding_window", False) or (model_type == "mistral" and cfg.get("sliding_window")):
+            raise ValueError("config.json field 'sliding_window' is set: sliding-window attention is not supported")
+        # transformers 5 nests theta and scaling in "rope_parameters"; 4.x has "rope_theta" + "rope_scaling".
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = rope or cfg.get("rope_scaling") or None
+        if scaling is not None:
+            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            if rope_type == "default":
+                scaling = None
+            elif rope_type != "llama3":
+                raise ValueError(f"config.json field 'rope_scaling' has type {rope_type!r}; only 'llama3' is supported")
+            else:
+                scaling = {"rope_type": "llama3", **{k: scaling[k] for k in (
+                    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+        try:
+            n_heads = cfg["num_attention_heads"]
+            return cls(
+                dim=cfg["hidden_size"],
+                n_layers=cfg["num_hidden_layers"],
+                n_heads=n_heads,
+                n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+                hidden_dim=cfg["intermediate_size"],
+                vocab_size=cfg["vocab_size"],
+                norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                rope_theta=float(theta),
+                rope_scaling=scaling,
+                max_seq_len=cfg.get("max_position_embeddings", 2048),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                # Qwen2 always has q/k/v biases and does not write the field.
+                attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the required field {e.args[0]!r}") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with Llama-3.1 long-context scaling when configured."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    # Llama 3.1: long wavelengths (low frequencies) are slowed by `factor`, short ones kept,
+    # and the band between is interpolated smoothly.
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = old_len / s["low_freq_factor"]
+    high_freq_wavelen = old_len / s["high_freq_factor"]
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    interpolated = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s["factor"], interpolated)
+    return torch.where(wavelen < high_freq_wavelen, inv_freq, scaled).float()
+
+
+def rope_cos_sin(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_seq_len, head_dim], in the HF half-split layout (freqs repeated twice)."""
+    inv_freq = rope_frequencies(args).to(device)
+    angles = torch.outer(torch.arange(args.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # [S, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # HF layout: the head vector is split into halves (x1, x2), and the pair (x1[i], x2[i])
+    # is rotated by angle i. Meta's checkpoints interleave the pairs instead; HF's converter
+    # permuted q/k rows once, so HF weights need this layout and no permutation here.
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Fixed K/V buffers for every layer, and one `length` shared by the batch.
+
+    Forwarding T tokens writes their keys/values at positions [length, length + T)
+    and then advances `length` by T. Nothing is ever implicitly overwritten or
+    dropped: speculative decoding calls `rewind(n)` to forget the n newest
+    positions (rejected draft tokens), and the next forward writes over them.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        if max_len > args.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds the model's max positions {args.max_seq_len}")
+        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, Hkv, S_max, D]
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def rewind(self, n: int) -> None:
+        """Forget the n most recent positions (their buffer slots are simply reused)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot rewind {n} positions from a cache of length {self.length}")
+        self.length -= n
+
+
+# ----------------------------------------------------------------------------------------
+# Attention
+
+
+def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len: int,
+                     keep: Optional[torch.Tensor] = None, return_probs: bool = False):
+    """Attention of T new queries over `past_len` cached keys plus their own block.
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, past_len + T, D], Hq a multiple of Hkv (GQA: query
+    head h reads KV head h // (Hq // Hkv)). keep: bool [B, Hkv, T or 1, past_len], which
+    cached positions each KV head may read (None: all). The block's own keys are always
+    read causally. Returns (out [B, Hq, T, D], probs [B, Hq, T, past_len + T] or None).
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    # allowed[b, h, t, s]: may query t read key s? Past keys by `keep`, the block causally.
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    past = torch.ones(1, 1, T, past_len, dtype=torch.bool, device=q.device) if keep is None else keep
+    past = past.expand(B, Hkv, T, past_len)
+    allowed = torch.cat([past, causal.expand(B, Hkv, T, T)], dim=-1)  # [B, Hkv, T, S]
+    allowed = allowed.repeat_interleave(group, dim=1)  # [B, Hq, T, S]
+    k = k.repeat_interleave(group, dim=1)  # [B, Hq, S, D]
+    v = v.repeat_interleave(group, dim=1)
+    if not return_probs:
+        if keep is None and past_len == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed), None
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)  # [B, Hq, T, S]
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return (probs @ v.float()).type_as(q), probs
+
+
+# A `select` hook: (layer index, q [B, Hq, T, D], cached keys [B, Hkv, past_len, D])
+# -> bool [B, Hkv, T or 1, past_len] of cached positions to read, or None for dense.
+SelectFn = Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        bias = args.attention_bias
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], start: int,
+                select: Optional[SelectFn], return_probs: bool, attend=subset_attention):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k = cache.k[layer, :, :, :start + T]  # [B, Hkv, start + T, D]
+            v = cache.v[layer, :, :, :start + T]
+        keep = select(layer, q, k[:, :, :start]) if select is not None else None
+        out, probs = attend(q, k, v, start, keep, return_probs)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1)), probs
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # The attention used when a `select` hook is given; kernels.py can replace it.
+        self.subset_attention = subset_attention
+        self.init_rope()
+
+    def init_rope(self, device=None):
+        """(Re)build the RoPE tables; load_model calls this after loading on `device`."""
+        cos, sin = rope_cos_sin(self.args, device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, D]
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def new_cache(self, batch_size: int = 1, max_len: Optional[int] = None) -> KVCache:
+        w = self.output.weight
+        return KVCache(self.args, batch_size, max_len or self.args.max_seq_len, device=w.device, dtype=w.dtype)
+
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
+                select: Optional[SelectFn] = None, return_attn: bool = False):
+        """tokens [B, T] -> logits [B, T, vocab] (fp32).
+
+        With `cache`, the tokens sit at positions [cache.length, cache.length + T) and
+        read every cached position before them; the cache then grows by T.
+        `select` chooses, per layer, the cached positions each KV head reads (see SelectFn).
+        `return_attn=True` returns (logits, probs), probs a list with one
+        [B, Hq, T, cache.length + T] fp32 tensor per layer.
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        limit = min(self.args.max_seq_len, cache.max_len if cache is not None else self.args.max_seq_len)
+        if start + T > limit:
+            raise ValueError(f"positions up to {start + T} exceed the limit of {limit} "
+                             f"(model max positions {self.args.max_seq_len}); use a shorter context")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # [T, D]
+        h = self.tok_embeddings(tokens)  # [B, T, dim]
+        probs_per_layer = []
+        for i, layer in enumerate(self.layers):
+            a, probs = layer.attention(layer.attention_norm(h), cos, sin, i, cache, start, select,
+                                       return_attn, attend=self.subset_attention)
+            h = h + a
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+            probs_per_layer.append(probs)
+        if cache is not None:
+            cache.length = start + T
+        logits = self.output(self.norm(h)).float()
+        return (logits, probs_per_layer) if return_attn else logits
+
+
+# ----------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints
+
+
+def hf_key_map(args: ModelArgs, hf_layer_ids: list[int]) -> dict[str, str]:
+    """Our parameter name -> HF parameter name. Layer i of ours is HF layer hf_layer_ids[i]."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not args.tie_word_embeddings:
+        names["output.weight"] = "lm_head.weight"
+    per_layer = {
+        "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+        "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+        "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+        "feed_forward.w2.weight": "mlp.down_proj.weight",
+        "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    }
+    if args.attention_bias:
+        per_layer.update({"attention.wq.bias": "self_attn.q_proj.bias", "attention.wk.bias": "self_attn.k_proj.bias",
+                          "attention.wv.bias": "self_attn.v_proj.bias"})
+    for i, hf_i in enumerate(hf_layer_ids):
+        for ours, theirs in per_layer.items():
+            names[f"layers.{i}.{ours}"] = f"model.layers.{hf_i}.{theirs}"
+    return names
+
+
+def _safetensors_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the file that holds it."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: path / f for name, f in weight_map.items()}
+    elif single.exists():
+        files = {}
+    else:
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json; "
+                                f"pass a Hugging Face checkpoint directory")
+    if not files:
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                files = {name: single for name in f.keys()}
+        except Exception as e:
+            raise ValueError(f"cannot read {single} ({e}); the file is broken, fetch it again") from None
+    return files
+
+
+def load_model(path, device=None, dtype=None, layers=None) -> Transformer:
+    """Load an HF-layout checkpoint directory (config.json + safetensors) into a Transformer.
+
+    `layers`: an iterable of HF decoder-layer indices to keep (embedding, final norm and
+    head are always kept). `load_model(p, layers=range(12))` is a 12-layer early-exit
+    model of the same checkpoint: the demo's self-speculative draft.
+    Every tensor's shape is checked; a missing or left-over tensor is an error.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found; pass a Hugging Face checkpoint directory "
+                                f"(config.json + model.safetensors)")
+    try:
+        cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e})") from None
+    args = ModelArgs.from_hf_config(cfg)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    all_layers = list(range(args.n_layers))
+    hf_layer_ids = all_layers if layers is None else sorted(set(int(i) for i in layers))
+    if not hf_layer_ids or any(i not in all_layers for i in hf_layer_ids):
+        raise ValueError(f"layers={list(layers)} must be a non-empty subset of 0..{args.n_layers - 1}")
+    args.n_layers = len(hf_layer_ids)
+    args.layer_ids = hf_layer_ids if layers is not None else None
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("rope_")}
+    if args.tie_word_embeddings:
+        expected.pop("output.weight", None)
+    names = hf_key_map(args, hf_layer_ids)
+    files = _safetensors_files(path)
+
+    # Tensors of dropped layers are expected leftovers; so are tied heads saved twice and
+    # the rotary inv_freq buffers some old checkpoints carry.
+    wanted = set(names.values())
+    dropped = {f"model.layers.{i}." for i in all_layers if i not in hf_layer_ids}
+    leftover = sorted(n for n in files if n not in wanted and not n.endswith("rotary_emb.inv_freq")
+                      and not any(n.startswith(p) for p in dropped)
+                      and not (args.tie_word_embeddings and n == "lm_head.weight"))
+    if leftover:
+        raise ValueError(f"{path}: tensors not used by a {cfg.get('model_type')} model: {leftover[:5]}"
+                         f"{' ...' if len(leftover) > 5 else ''}; the checkpoint and config.json disagree")
+    missing = sorted(n for n in wanted if n not in files)
+    if missing:
+        raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                         f"the checkpoint is incomplete")
+
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for ours, theirs in names.items():
+        by_file.setdefault(files[theirs], []).append(ours)
+    for file, ours_list in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for ours in ours_list:
+                t = f.get_tensor(names[ours])
+                if t.shape != expected[ours]:
+                    raise ValueError(f"{file.name}: tensor {names[ours]} has shape {tuple(t.shape)}, "
+                                     f"config.json implies {tuple(expected[ours])}")
+                state[ours] = t.to(device=device, dtype=dtype)
+    if args.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.init_rope(device)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizer
+
+
+# Llama 3's pre-tokenizer pattern and GPT-2's (what a byte-level BPE with use_regex means).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# GPT-2's pattern after a Digits(individual_digits=True) pre-tokenizer (SmolLM2): every
+# digit stands alone, and a whitespace run before a digit stays whole (the Digits split
+# happened first, so the run never saw the digit as its lookahead).
+GPT2_DIGITS_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character (what tokenizer.json vocabularies use)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def _pattern_from_pre_tokenizer(pre: Optional[dict]) -> tuple[str, bool]:
+    """(tiktoken pattern, add_prefix_space) for a tokenizer.json `pre_tokenizer` entry."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    split_pattern, digits, byte_level_regex, prefix = None, False, False, False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Split":
+            split_pattern = step["pattern"].get("Regex") or step["pattern"].get("String")
+        elif kind == "Digits":
+            digits = step.get("individual_digits", False)
+            if not digits:
+                raise ValueError("tokenizer.json: Digits(individual_digits=false) pre-tokenizer is not supported")
+        elif kind == "ByteLevel":
+            byte_level_regex = step.get("use_regex", True)
+            prefix = step.get("add_prefix_space", False)
+        else:
+            raise ValueError(f"tokenizer.json: pre-tokenizer {kind!r} is not supported")
+    if split_pattern and not (digits or byte_level_regex):
+        return split_pattern, prefix
+    if byte_level_regex and not split_pattern:
+        return (GPT2_DIGITS_PATTERN if digits else GPT2_PATTERN), prefix
+    raise ValueError(f"tokenizer.json: unsupported pre-tokenizer combination {[s.get('type') for s in steps]}")
+
+
+class Tokenizer:
+    """tiktoken over a Llama-3 `tokenizer.model` or a byte-level BPE `tokenizer.json`.
+
+    Both are byte-pair encodings whose token ids are also their merge ranks, which is
+    what tiktoken runs on: a rank table (bytes -> id), a pre-tokenizer regex, specials.
+    """
+
+    # tiktoken recurses on long runs; pieces longer than this are split first.
+    MAX_RUN = 25_000
+
+    def __init__(self, ranks: dict[bytes, int], pattern: str, special: dict[str, int],
+                 bos: Optional[str], eos: Optional[str], name: str = "specattn", add_prefix_space: bool = False):
+        import tiktoken
+
+        # A byte-level BPE needs a token for every byte. Some vocabularies lack a few
+        # (control bytes, bytes that never occur in UTF-8). Like HF `tokenizers` with no
+        # unknown token, we drop such bytes: they get placeholder ranks past the vocabulary,
+        # take part in no merge, and are filtered out of every encoding.
+        self.vocab_size = max([*ranks.values(), *special.values()]) + 1
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+        self._dropped = set(range(self.vocab_size, self.vocab_size + len(missing)))
+        ranks = {**ranks, **{b: self.vocab_size + i for i, b in enumerate(missing)}}
+        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+        self.special = special
+        self.bos_id = special.get(bos) if bos else None
+        self.eos_id = special.get(eos) if eos else None
+        self.add_prefix_space = add_prefix_space
+
+    @classmethod
+    def from_pretrained(cls, path) -> "Tokenizer":
+        path = Path(path)
+        try:
+            if (path / "tokenizer.json").exists():
+                return cls._from_tokenizer_json(path)
+            if (path / "tokenizer.model").exists():
+                return cls._from_llama3_model(path / "tokenizer.model")
+        except (ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError, base64.binascii.Error) as e:
+            raise ValueError(f"cannot read the tokenizer in {path}: {e}") from None
+        raise FileNotFoundError(f"{path} has neither tokenizer.json nor tokenizer.model")
+
+    @classmethod
+    def _from_llama3_model(cls, file: Path) -> "Tokenizer":
+        ranks = {}
+        for line in file.read_text().splitlines():
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                 "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+                 "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+        names += [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
+        special = {name: len(ranks) + i for i, name in enumerate(names)}  # 128000, 128001, ...
+        return cls(ranks, LLAMA3_PATTERN, special, "<|begin_of_text|>", "<|end_of_text|>", name=file.parent.name)
+
+    @classmethod
+    def _from_tokenizer_json(cls, path: Path) -> "Tokenizer":
+        tj = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        model = tj["model"]
+        if model.get("type") != "BPE":
+            raise ValueError(f"model type {model.get('type')!r} is not a byte-pair encoding")
+        decoder = {c: b for b, c in _bytes_to_unicode().items()}
+        special = {t["content"]: t["id"] for t in tj.get("added_tokens", []) if t.get("special", True)}
+        ranks = {}
+        for token, idx in model["vocab"].items():
+            if token in special:
+                continue
+            ranks[bytes(decoder[c] for c in token)] = idx
+        pattern, prefix = _pattern_from_pre_tokenizer(tj.get("pre_tokenizer"))
+        bos = eos = None
+        config_file = path / "tokenizer_config.json"
+        if config_file.exists():
+            tc = json.loads(config_file.read_text())
+            as_text = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
+            bos, eos = as_text(tc.get("bos_token")), as_text(tc.get("eos_token"))
+        return cls(ranks, pattern, special, bos, eos, name=path.name, add_prefix_space=prefix)
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """Text -> ids. Special-token text is encoded as plain text, never as a special."""
+        if self.add_prefix_space and not text.startswith(" "):
+            text = " " + text
+        ids = [self.bos_id] if bos and self.bos_id is not None else []
+        for piece in self._split_long_runs(text):
+            ids.extend(self.enc.encode(piece, disallowed_special=()))
+        return [i for i in ids if i not in self._dropped] if self._dropped else ids
+
+    def decode(self, ids) -> str:
+        return self.enc.decode([int(i) for i in ids])
+
+    @classmethod
+    def _split_long_runs(cls, text: str):
+        """Yield chunks of `text` cut only inside runs of > MAX_RUN all-space or all-non-space chars.
+
+        No regex pre-token crosses a boundary between such a run's two halves in a way
+        that matters in practice, and tiktoken would otherwise recurse too deep on them.
+        """
+        start, run_start, run_is_space = 0, 0, None
+        for i, ch in enumerate(text):
+            is_space = ch.isspace()
+            if is_space != run_is_space:
+                run_start, run_is_space = i, is_space
+            elif i - run_start >= cls.MAX_RUN:
+                yield text[start:i]
+                start = run_start = i
+        yield text[start:]
