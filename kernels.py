@@ -1,0 +1,436 @@
+"""Triton kernels for SpecAttn, each with a plain PyTorch reference beside it.
+
+Works copied alone (torch + triton). Two pieces:
+
+1. Top-p selection without sorting. `topp_mask(w, p)` keeps exactly {w >= θ}, where θ
+   is the largest value whose "mass at or above" reaches p · rowsum. Instead of sorting
+   the row, the kernels *search over values*: the fp32 bit pattern of a non-negative
+   float orders the same way as the float, so θ is found by narrowing an interval of
+   integer keys [lo, hi) while keeping the invariant
+
+        mass(key >= lo) >= target > mass(key >= hi),      target = p · rowsum
+
+   Every narrowing step counts mass at a few pivot keys, which is a streaming pass over
+   the row: no sort, no scatter. When hi = lo + 1, lo is the bit pattern of a value
+   that occurs in the row (its own mass is > 0), so θ is exact, ties included.
+   `topp_select(w, p)` returns what the attention kernel consumes: per row, the kept
+   indices compacted to the front and their count, made on the device, no host sync.
+
+2. Sparse attention for verification. `sparse_attention(q, k_cache, v_cache, past_len,
+   idx, count)`: the T new queries of each KV-head group read only the selected cached
+   positions plus their own block (causally). Flash-decoding style: the selected
+   positions are split across programs, each keeps a partial softmax (max, sum, acc),
+   and a second kernel merges the partials, so one long row fills the GPU.
+
+`topp_mask_reference`, `topp_select_reference` and `sparse_attention_reference` are the
+definitions, used by the tests and as the CPU fallback. `python kernels.py --bench`
+checks the kernels against them and times both on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------
+# Top-p selection: reference
+
+
+def _p_per_row(p, rows_shape, device) -> torch.Tensor:
+    """p as a float32 tensor of shape rows_shape; checks a Python float."""
+    if isinstance(p, torch.Tensor):
+        return p.to(device=device, dtype=torch.float32).expand(rows_shape).contiguous()
+    if not (p > 0) or math.isnan(p):  # also catches NaN
+        raise ValueError(f"top-p must be in (0, 1], got {p}")
+    return torch.full(rows_shape, float(p), device=device, dtype=torch.float32)
+
+
+def _clean(w: torch.Tensor) -> torch.Tensor:
+    """fp32 copy with NaN, ±inf and negative entries set to 0 (they carry no mass)."""
+    w = w.float()
+    return torch.where(torch.isfinite(w) & (w > 0), w, torch.zeros((), device=w.device))
+
+
+def topp_mask_reference(w: torch.Tensor, p) -> torch.Tensor:
+    """Sort-based definition. w [..., N] -> bool [..., N] keeping {w >= θ} (see module doc).
+
+    p >= 1 keeps everything (NaN entries too); an all-zero row keeps nothing for p < 1.
+    """
+    p_rows = _p_per_row(p, w.shape[:-1], w.device).double()  # [...]
+    x = _clean(w).double()
+    desc = x.sort(dim=-1, descending=True).values  # [..., N]
+    mass = desc.cumsum(-1)  # mass[i] = mass of the i+1 largest
+    target = p_rows[..., None] * mass[..., -1:]  # [..., 1]
+    # θ = the first sorted value at which the running mass reaches the target.
+    crossing = (mass < target).sum(-1, keepdim=True).clamp(max=x.shape[-1] - 1)
+    theta = desc.gather(-1, crossing)  # [..., 1]
+    keep = (x >= theta) & (x > 0)
+    return keep | (p_rows >= 1)[..., None]
+
+
+def topp_select_reference(w: torch.Tensor, p):
+    """(idx int32 [..., N], count int32 [...]): kept indices, ascending, padded with -1."""
+    keep = topp_mask_reference(w, p)
+    count = keep.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept first, in index order
+    idx = torch.where(torch.arange(w.shape[-1], device=w.device) < count[..., None], order, -1)
+    return idx.to(torch.int32), count
+
+
+# ----------------------------------------------------------------------------------------
+# Top-p selection: Triton
+#
+# Short rows (N <= SINGLE_PROGRAM_MAX): one program per row holds the row in registers
+# and bisects on the key 31 times. Long rows: the row is cut into chunks, one program
+# per (row, chunk), and the search runs as a few launches; each launch narrows [lo, hi)
+# 16-fold by counting, per chunk, the mass at 16 pivot keys.
+
+SINGLE_PROGRAM_MAX = 8192
+CHUNK = 4096  # elements per program for long rows
+PIVOTS = 16  # pivots per pass: 2^31 keys / 16^8 = 1 -> 8 passes pin θ down
+PASSES = 8
+KEY_END = 0x7FFFFFFF  # above every cleaned key (finite floats end at 0x7F7FFFFF); a valid `hi`
+
+
+@triton.jit
+def _load_keys(w_ptr, offs, n):
+    """Cleaned fp32 values (NaN, inf, negative -> 0) and their int32 bit patterns."""
+    x = tl.load(w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    x = tl.where((x > 0) & (x < float("inf")), x, 0.0)
+    return x, x.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _write_selection(x, key, offs, n, theta_key, keep_all, target, row, mask_ptr, idx_ptr, count_ptr,
+                     WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr):
+    # A row with no mass keeps nothing (θ above every key); p >= 1 keeps all, NaNs too.
+    theta_key = tl.where(target > 0, theta_key, KEY_END)
+    theta_key = tl.where(keep_all, -1, theta_key)
+    keep = (key >= theta_key) & (offs < n)
+    if WRITE_MASK:
+        tl.store(mask_ptr + row * n + offs, keep.to(tl.int8), mask=offs < n)
+    if WRITE_IDX:
+        k = keep.to(tl.int32)
+        base = tl.atomic_add(count_ptr + row, tl.sum(k, axis=0))  # this chunk's slot in the row's list
+        tl.store(idx_ptr + row * n + base + tl.cumsum(k, axis=0) - 1, offs, mask=keep)
+
+
+@triton.jit
+def _topp_row_kernel(w_ptr, p_ptr, mask_ptr, idx_ptr, count_ptr, n, stride_row,
+                     BLOCK: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    x, key = _load_keys(w_ptr + row * stride_row, offs, n)
+    p = tl.load(p_ptr + row)
+    target = p * tl.sum(x, axis=0)
+    # Invariant: mass(key >= lo) >= target > mass(key >= hi). Each step halves [lo, hi).
+    lo = 0
+    hi = KEY_END
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        mass = tl.sum(tl.where(key >= mid, x, 0.0), axis=0)
+        lo = tl.where(mass >= target, mid, lo)
+        hi = tl.where(mass >= target, hi, mid)
+    _write_selection(x, key, offs, n, lo, p >= 1, target, row, mask_ptr, idx_ptr, count_ptr, WRITE_MASK, WRITE_IDX)
+
+
+@triton.jit
+def _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, TARGET_FROM_PARTIALS: tl.constexpr,
+            K: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+    """One 16-fold narrowing of [lo, hi) from the previous pass's per-chunk pivot masses.
+
+    Every program of the row does this same small, fixed-order reduction, so all agree.
+    Returns (lo, hi, target).
+    """
+    lo = tl.load(state_in + row * 2)
+    hi = tl.load(state_in + row * 2 + 1)
+    c = tl.arange(0, CHUNKS_POW2)
+    i = tl.arange(0, K)
+    part = tl.load(part_in + (row * n_chunks + c[:, None]) * K + i[None, :], mask=c[:, None] < n_chunks, other=0.0)
+    mass = tl.sum(part, axis=0)  # [K]: mass(key >= pivot_i), non-increasing in i
+    if TARGET_FROM_PARTIALS:  # after the first pass: its pivot 0 is key 0, whose mass is the row sum
+        target = tl.load(p_ptr + row) * tl.sum(tl.where(i == 0, mass, 0.0), axis=0)
+    else:
+        target = tl.load(target_ptr + row)
+    pivots = lo + ((hi - lo).to(tl.int64) * i // K).to(tl.int32)
+    j = tl.sum((mass >= target).to(tl.int32), axis=0) - 1  # the last pivot whose mass still reaches the target
+    new_lo = tl.sum(tl.where(i == j, pivots, 0), axis=0)
+    new_hi = tl.where(j + 1 < K, tl.sum(tl.where(i == j + 1, pivots, 0), axis=0), hi)
+    done = hi - lo <= 1  # a converged row stays put (its partials were not refreshed)
+    return tl.where(done, lo, new_lo), tl.where(done, hi, new_hi), target
+
+
+@triton.jit
+def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, target_ptr, n, stride_row, n_chunks,
+                      STAGE: tl.constexpr, K: tl.constexpr, CHUNK_: tl.constexpr, SUB: tl.constexpr,
+                      CHUNKS_POW2: tl.constexpr):
+    """One search pass over (row, chunk): narrow [lo, hi) (not on the first pass), then
+    write this chunk's mass at the K pivots of the new interval.
+    STAGE 0: first pass; 1: second (derives the target); 2: later passes."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    if STAGE == 0:
+        lo = 0
+        hi = KEY_END
+    else:
+        lo, hi, target = _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, STAGE == 1, K, CHUNKS_POW2)
+        if STAGE == 1 and chunk == 0:
+            tl.store(target_ptr + row, target)
+    if chunk == 0:
+        tl.store(state_out + row * 2, lo)
+        tl.store(state_out + row * 2 + 1, hi)
+    i = tl.arange(0, K)
+    pivots = lo + ((hi - lo).to(tl.int64) * i // K).to(tl.int32)  # [K]
+    acc = tl.zeros([K], dtype=tl.float32)
+    if hi - lo > 1:
+        for sub in range(0, CHUNK_, SUB):
+            offs = chunk * CHUNK_ + sub + tl.arange(0, SUB)
+            x, key = _load_keys(w_ptr + row * stride_row, offs, n)
+            acc += tl.sum(tl.where(key[:, None] >= pivots[None, :], x[:, None], 0.0), axis=0)  # [K]
+    tl.store(part_out + (row * n_chunks + chunk) * K + i, acc)
+
+
+@triton.jit
+def _topp_final_kernel(w_ptr, p_ptr, state_in, part_in, target_ptr, mask_ptr, idx_ptr, count_ptr,
+                       n, stride_row, n_chunks, K: tl.constexpr, CHUNK_: tl.constexpr, CHUNKS_POW2: tl.constexpr,
+                       WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr):
+    """Last narrowing (now hi = lo + 1, so θ's key is lo), then the mask and compacted indices."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    lo, hi, target = _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, False, K, CHUNKS_POW2)
+    offs = chunk * CHUNK_ + tl.arange(0, CHUNK_)
+    x, key = _load_keys(w_ptr + row * stride_row, offs, n)
+    p = tl.load(p_ptr + row)
+    _write_selection(x, key, offs, n, lo, p >= 1, target, row, mask_ptr, idx_ptr, count_ptr, WRITE_MASK, WRITE_IDX)
+
+
+def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
+    shape, n = w.shape, w.shape[-1]
+    w2 = w.reshape(-1, n)
+    if w2.stride(-1) != 1:
+        w2 = w2.contiguous()
+    rows = w2.shape[0]
+    p_rows = _p_per_row(p, shape[:-1], w.device).reshape(rows)
+    dev = w.device
+    mask = torch.empty((rows, n), device=dev, dtype=torch.int8) if write_mask else None
+    idx = torch.empty((rows, n), device=dev, dtype=torch.int32) if write_idx else None
+    count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None
+    if rows == 0 or n == 0:
+        pass
+    elif n <= SINGLE_PROGRAM_MAX:
+        block = triton.next_power_of_2(n)
+        _topp_row_kernel[(rows,)](w2, p_rows, mask, idx, count, n, w2.stride(0), BLOCK=block,
+                                  WRITE_MASK=write_mask, WRITE_IDX=write_idx, num_warps=4 if block <= 2048 else 8)
+    else:
+        n_chunks = triton.cdiv(n, CHUNK)
+        chunks_pow2 = triton.next_power_of_2(n_chunks)
+        state = torch.empty((2, rows, 2), device=dev, dtype=torch.int32)  # [pass parity, row, (lo, hi)]
+        part = torch.empty((2, rows, n_chunks, PIVOTS), device=dev, dtype=torch.float32)
+        target = torch.empty(rows, device=dev, dtype=torch.float32)
+        grid = (rows, n_chunks)
+        for d in range(PASSES):
+            stage = min(d, 2)
+            _topp_pass_kernel[grid](w2, p_rows, state[(d - 1) % 2], state[d % 2], part[(d - 1) % 2], part[d % 2],
+                                    target, n, w2.stride(0), n_chunks, STAGE=stage, K=PIVOTS, CHUNK_=CHUNK,
+                                    SUB=256, CHUNKS_POW2=chunks_pow2, num_warps=4)
+        last = (PASSES - 1) % 2
+        _topp_final_kernel[grid](w2, p_rows, state[last], part[last], target, mask, idx, count, n, w2.stride(0),
+                                 n_chunks, K=PIVOTS, CHUNK_=CHUNK, CHUNKS_POW2=chunks_pow2,
+                                 WRITE_MASK=write_mask, WRITE_IDX=write_idx, num_warps=8)
+    mask = mask.view(torch.bool).reshape(shape) if write_mask else None
+    if write_idx:
+        idx, count = idx.reshape(shape), count.reshape(shape[:-1])
+    return mask, idx, count
+
+
+def topp_mask(w: torch.Tensor, p) -> torch.Tensor:
+    """bool [..., N] keeping {w >= θ}, θ the largest value whose mass at or above reaches
+    p · rowsum. w: [..., N] non-negative weights (fp32/fp16/bf16; rows need not sum to 1);
+    p: a float in (0, 1] or a per-row tensor [...]. NaN/inf/negative count as 0."""
+    if not _use_triton(w):
+        return topp_mask_reference(w, p)
+    return _topp_triton(w, p, write_mask=True, write_idx=False)[0]
+
+
+def topp_select(w: torch.Tensor, p):
+    """(idx int32 [..., N], count int32 [...]): the kept indices of each row compacted to
+    the front (entries past `count` are undefined). Same selection as topp_mask; on the
+    GPU the order of indices across chunks of a long row is not ascending."""
+    if not _use_triton(w):
+        return topp_select_reference(w, p)
+    _, idx, count = _topp_triton(w, p, write_mask=False, write_idx=True)
+    return idx, count
+
+
+# ----------------------------------------------------------------------------------------
+# Sparse verification attention: reference
+
+
+def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None):
+    """Dense fp32 attention under a boolean mask: the definition the kernel must meet.
+
+    q: [B, Hq, T, D], the T new queries at positions [past_len, past_len + T).
+    k_cache, v_cache: [B, Hkv, S >= past_len + T, D], the new block's keys already written.
+    idx: int32 [B, Hkv, L], selected cached positions (< past_len), first `count` valid;
+    count: int32 [B, Hkv]. idx None: every cached position. Returns [B, Hq, T, D] in q's dtype.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k_cache.shape[1]
+    group = Hq // Hkv
+    S = past_len + T
+    allowed = torch.zeros(B, Hkv, T, S, dtype=torch.bool, device=q.device)
+    if idx is None:
+        allowed[..., :past_len] = True
+    else:
+        valid = torch.arange(idx.shape[-1], device=q.device) < count[..., None]  # [B, Hkv, L]
+        rows = torch.zeros(B, Hkv, past_len + 1, dtype=torch.bool, device=q.device)
+        rows.scatter_(-1, torch.where(valid, idx.long(), past_len), True)  # invalid -> a spare slot
+        allowed[..., :past_len] = rows[..., None, :past_len]
+    allowed[..., past_len:] = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    k = k_cache[:, :, :S].float().repeat_interleave(group, 1)  # [B, Hq, S, D]
+    v = v_cache[:, :, :S].float().repeat_interleave(group, 1)
+    scores = q.float() @ k.transpose(-1, -2) * (scale or 1 / math.sqrt(D))  # [B, Hq, T, S]
+    scores = scores.masked_fill(~allowed.repeat_interleave(group, 1), float("-inf"))
+    return (scores.softmax(-1) @ v).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Sparse verification attention: Triton (split-KV, then merge)
+#
+# One program = one (batch, KV head) and one split of its selected positions. It holds
+# the whole query group, G query heads x T new tokens = G*T rows, so each gathered K/V
+# row is read once for all of them (the GQA saving). The last split of every KV head is
+# the new block itself, read causally. Each program writes an unnormalised partial
+# softmax; _merge_kernel rescales the partials to a common max and adds them.
+
+
+@triton.jit
+def _sparse_attn_split_kernel(
+        q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr,
+        past_len, scale_log2, n_splits, H_KV, idx_len,
+        sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+        T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLIT: tl.constexpr, DENSE: tl.constexpr, PRECISION: tl.constexpr):
+    bh, split = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H_KV, bh % H_KV
+    rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
+    d = tl.arange(0, D)
+    q_rows = q_ptr + b * sq_b + (h * G + rows // T) * sq_h + (rows % T) * sq_t
+    q = tl.load(q_rows[:, None] + d[None, :], mask=rows[:, None] < G * T, other=0.0)  # [M, D]
+    k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    if split < n_splits:  # a slice of the selected cached positions
+        n_sel = past_len if DENSE else tl.load(count_ptr + bh)
+        for start in range(split * SPLIT, (split + 1) * SPLIT, BLOCK_N):
+            if start < n_sel:
+                j = start + tl.arange(0, BLOCK_N)
+                valid = j < n_sel
+                pos = j if DENSE else tl.load(idx_ptr + bh * idx_len + j, mask=valid, other=0)
+                kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
+                s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N]
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                p = tl.exp2(s - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                v = tl.load(v_base + pos[:, None] * sv_s + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                m_i = m_new
+    else:  # the new block: keys past_len + c, c <= t (causal)
+        c = tl.arange(0, BLOCK_N)
+        causal = (c[None, :] <= (rows % T)[:, None]) & (c[None, :] < T)
+        kt = tl.load(k_base + (past_len + c[None, :]) * sk_s + d[:, None], mask=c[None, :] < T, other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
+        s = tl.where(causal, s, float("-inf"))
+        m_i = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_i[:, None])
+        v = tl.load(v_base + (past_len + c[:, None]) * sv_s + d[None, :], mask=c[:, None] < T, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = tl.sum(p, axis=1)
+    out = (bh * (n_splits + 1) + split) * BLOCK_M + rows
+    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc)
+    tl.store(m_ptr + out, m_i)
+    tl.store(l_ptr + out, l_i)
+
+
+@triton.jit
+def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, n_parts, H_KV, so_b, so_h, so_t,
+                  T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  PARTS_BLOCK: tl.constexpr):
+    """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s, per query row."""
+    bh, r = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H_KV, bh % H_KV
+    d = tl.arange(0, D)
+    m = tl.full([PARTS_BLOCK], -1.0e30, dtype=tl.float32)
+    for s0 in range(0, n_parts, PARTS_BLOCK):
+        s = s0 + tl.arange(0, PARTS_BLOCK)
+        m = tl.maximum(m, tl.load(m_ptr + (bh * n_parts + s) * BLOCK_M + r, mask=s < n_parts, other=-1.0e30))
+    m_max = tl.max(m, axis=0)
+    num = tl.zeros([D], dtype=tl.float32)
+    den = 0.0
+    for s0 in range(0, n_parts, PARTS_BLOCK):
+        s = s0 + tl.arange(0, PARTS_BLOCK)
+        part = (bh * n_parts + s) * BLOCK_M + r
+        w = tl.exp2(tl.load(m_ptr + part, mask=s < n_parts, other=-1.0e30) - m_max)  # [P]
+        den += tl.sum(w * tl.load(l_ptr + part, mask=s < n_parts, other=0.0), axis=0)
+        acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=(s < n_parts)[:, None], other=0.0)
+        num += tl.sum(w[:, None] * acc, axis=0)
+    head, t = h * G + r // T, r % T
+    tl.store(o_ptr + b * so_b + head * so_h + t * so_t + d, (num / den).to(o_ptr.dtype.element_ty))
+
+
+def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, split_size=None):
+    """Verification attention reading only the selected cached positions (see the reference
+    for shapes). idx/count come from `topp_select` (or any compacted selection); idx None
+    reads every cached position. Falls back to the reference on a CPU without the interpreter."""
+    if not _use_triton(q):
+        return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale)
+    B, Hq, T, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = Hq // Hkv
+    if Hq % Hkv or k_cache.shape[2] < past_len + T or D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"sparse_attention: bad shapes q={tuple(q.shape)} k_cache={tuple(k_cache.shape)} "
+                         f"past_len={past_len} (need Hq % Hkv == 0, cache >= past_len + T, D a power of 2 >= 16)")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("sparse_attention: q, k_cache and v_cache need a contiguous last dimension")
+    dense = idx is None
+    if not dense:
+        idx = idx.reshape(B * Hkv, -1)
+        if idx.stride(-1) != 1:
+            idx = idx.contiguous()
+        count = count.reshape(B * Hkv).to(torch.int32)
+    capacity = past_len if dense else min(past_len, idx.shape[-1])
+    block_m = max(16, triton.next_power_of_2(G * T))
+    block_n = max(64, triton.next_power_of_2(T))  # also covers the new block in one tile
+    if split_size is None:  # aim for a few waves of programs over the cache capacity
+        split_size = max(block_n, triton.next_power_of_2(triton.cdiv(capacity, max(1, 1024 // (B * Hkv)))))
+    split_size = max(split_size, block_n)
+    n_splits = triton.cdiv(capacity, split_size)
+    parts = n_splits + 1
+    acc = torch.empty((B * Hkv, parts, block_m, D), device=q.device, dtype=torch.float32)
+    m = torch.empty((B * Hkv, parts, block_m), device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    scale = (scale or 1 / math.sqrt(D)) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _sparse_attn_split_kernel[(B * Hkv, parts)](
+        q, k_cache, v_cache, idx, count, acc, m, l, past_len, scale, n_splits, Hkv,
+        0 if dense else idx.shape[-1],
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        SPLIT=split_size, DENSE=dense, PRECISION=precision, num_warps=4)
+    out = torch.empty_like(q)
+    _merge_kernel[(B * Hkv, G * T)](acc, m, l, out, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
+                                    T=T, G=G, D=D, BLOCK_M=block_m, PARTS_BLOCK=16, num_warps=1)
+    return out
