@@ -175,8 +175,7 @@ def _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, TARGET_FROM_PAR
 
 @triton.jit
 def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, target_ptr, n, stride_row, n_chunks,
-                      STAGE: tl.constexpr, K: tl.constexpr, CHUNK_: tl.constexpr, SUB: tl.constexpr,
-                      CHUNKS_POW2: tl.constexpr):
+                      STAGE: tl.constexpr, K: tl.constexpr, CHUNK_: tl.constexpr, CHUNKS_POW2: tl.constexpr):
     """One search pass over (row, chunk): narrow [lo, hi) (not on the first pass), then
     write this chunk's mass at the K pivots of the new interval.
     STAGE 0: first pass; 1: second (derives the target); 2: later passes."""
@@ -191,14 +190,16 @@ def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, targ
     if chunk == 0:
         tl.store(state_out + row * 2, lo)
         tl.store(state_out + row * 2 + 1, hi)
+    # The whole chunk is loaded at once (one round trip to memory, not one per sub-block);
+    # then one reduction per pivot.
+    offs = chunk * CHUNK_ + tl.arange(0, CHUNK_)
+    x, key = _load_keys(w_ptr + row * stride_row, offs, n)
     i = tl.arange(0, K)
-    pivots = lo + ((hi - lo).to(tl.int64) * i // K).to(tl.int32)  # [K]
     acc = tl.zeros([K], dtype=tl.float32)
     if hi - lo > 1:
-        for sub in range(0, CHUNK_, SUB):
-            offs = chunk * CHUNK_ + sub + tl.arange(0, SUB)
-            x, key = _load_keys(w_ptr + row * stride_row, offs, n)
-            acc += tl.sum(tl.where(key[:, None] >= pivots[None, :], x[:, None], 0.0), axis=0)  # [K]
+        for k in tl.static_range(K):
+            pivot = lo + ((hi - lo).to(tl.int64) * k // K).to(tl.int32)
+            acc = tl.where(i == k, tl.sum(tl.where(key >= pivot, x, 0.0), axis=0), acc)
     tl.store(part_out + (row * n_chunks + chunk) * K + i, acc)
 
 
@@ -243,7 +244,7 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
             stage = min(d, 2)
             _topp_pass_kernel[grid](w2, p_rows, state[(d - 1) % 2], state[d % 2], part[(d - 1) % 2], part[d % 2],
                                     target, n, w2.stride(0), n_chunks, STAGE=stage, K=PIVOTS, CHUNK_=CHUNK,
-                                    SUB=min(256, CHUNK), CHUNKS_POW2=chunks_pow2, num_warps=4)
+                                    CHUNKS_POW2=chunks_pow2, num_warps=8)
         last = (PASSES - 1) % 2
         _topp_final_kernel[grid](w2, p_rows, state[last], part[last], target, mask, idx, count, n, w2.stride(0),
                                  n_chunks, K=PIVOTS, CHUNK_=CHUNK, CHUNKS_POW2=chunks_pow2,
@@ -322,7 +323,7 @@ def _sparse_attn_split_kernel(
         past_len, scale_log2, n_splits, H_KV, idx_len,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        SPLIT: tl.constexpr, DENSE: tl.constexpr, PRECISION: tl.constexpr):
+        DENSE: tl.constexpr, PRECISION: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
@@ -334,23 +335,24 @@ def _sparse_attn_split_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    if split < n_splits:  # a slice of the selected cached positions
+    if split < n_splits:  # blocks split, split + n_splits, ... of the selected positions
+        # Striding over the compacted list gives every split the same share of the work
+        # whatever the count, which the host never reads (no sync).
         n_sel = past_len if DENSE else tl.load(count_ptr + bh)
-        for start in range(split * SPLIT, (split + 1) * SPLIT, BLOCK_N):
-            if start < n_sel:
-                j = start + tl.arange(0, BLOCK_N)
-                valid = j < n_sel
-                pos = j if DENSE else tl.load(idx_ptr + bh * idx_len + j, mask=valid, other=0)
-                kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
-                s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N]
-                s = tl.where(valid[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                p = tl.exp2(s - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                v = tl.load(v_base + pos[:, None] * sv_s + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                m_i = m_new
+        for start in range(split * BLOCK_N, n_sel, n_splits * BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            valid = j < n_sel
+            pos = j if DENSE else tl.load(idx_ptr + bh * idx_len + j, mask=valid, other=0)
+            kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
+            s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N]
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            v = tl.load(v_base + pos[:, None] * sv_s + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
     else:  # the new block: keys past_len + c, c <= t (causal)
         c = tl.arange(0, BLOCK_N)
         causal = (c[None, :] <= (rows % T)[:, None]) & (c[None, :] < T)
@@ -394,7 +396,11 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, n_parts, H_KV, so_b, so_h, so_t,
     tl.store(o_ptr + b * so_b + head * so_h + t * so_t + d, (num / den).to(o_ptr.dtype.element_ty))
 
 
-def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, split_size=None):
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, n_splits=None):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). idx/count come from `topp_select` (or any compacted selection); idx None
     reads every cached position. Falls back to the reference on a CPU without the interpreter."""
@@ -417,10 +423,9 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     capacity = past_len if dense else min(past_len, idx.shape[-1])
     block_m = max(16, triton.next_power_of_2(G * T))
     block_n = max(64, triton.next_power_of_2(T))  # also covers the new block in one tile
-    if split_size is None:  # aim for a few waves of programs over the cache capacity
-        split_size = max(block_n, triton.next_power_of_2(triton.cdiv(capacity, max(1, 1024 // (B * Hkv)))))
-    split_size = max(split_size, block_n)
-    n_splits = triton.cdiv(capacity, split_size)
+    if n_splits is None:  # about 8 programs per multiprocessor, never more than there are blocks
+        n_splits = max(1, min(triton.cdiv(capacity, block_n), triton.cdiv(8 * _sm_count(q.device), B * Hkv)))
+    n_splits = max(1, min(n_splits, triton.cdiv(capacity, block_n))) if capacity else 0
     parts = n_splits + 1
     acc = torch.empty((B * Hkv, parts, block_m, D), device=q.device, dtype=torch.float32)
     m = torch.empty((B * Hkv, parts, block_m), device=q.device, dtype=torch.float32)
@@ -433,7 +438,7 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        SPLIT=split_size, DENSE=dense, PRECISION=precision, num_warps=4)
+        DENSE=dense, PRECISION=precision, num_warps=4)
     out = torch.empty_like(q)
     _merge_kernel[(B * Hkv, G * T)](acc, m, l, out, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
                                     T=T, G=G, D=D, BLOCK_M=block_m, PARTS_BLOCK=16, num_warps=1)
@@ -483,6 +488,21 @@ def _check_topp_definition(w, keep, p: float, rel_tol: float):
             f"{without_smallest[r].item():.9f}, target {p * total[r].item():.9f}")
 
 
+def _graphed(fn):
+    """Capture fn's launches in a CUDA graph; returns a replay function. Timing replays
+    measures the GPU work alone, without Python's per-launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def bench(out_dir=None):
     from triton.testing import do_bench
 
@@ -523,19 +543,22 @@ def bench(out_dir=None):
     say("# correctness: top-p (mask, counts) and sparse attention (bf16, rel err < 1e-2) match the references")
 
     say()
-    say("## top-p, 32 rows, fp32, p=0.9 (ms, median)")
-    say("| N | sort reference | Triton mask | Triton select (idx+count) | speed-up (mask) | read-once floor |")
+    say("## top-p, 32 rows, fp32, p=0.9: ms, median; eager (Python launches) / CUDA graph (GPU work alone)")
+    say("| N | sort reference | Triton mask | Triton select (idx+count) | speed-up, graph (mask / select) "
+        "| read-once floor |")
     say("|---|---|---|---|---|---|")
     for n in (4096, 32768, 131072):
         w = torch.softmax(4 * torch.randn(32, n, device=dev), -1)
-        t_ref = do_bench(lambda: topp_mask_reference(w, 0.9), return_mode="median")
-        t_mask = do_bench(lambda: topp_mask(w, 0.9), return_mode="median")
-        t_sel = do_bench(lambda: topp_select(w, 0.9), return_mode="median")
+        times = []
+        for fn in (lambda: topp_mask_reference(w, 0.9), lambda: topp_mask(w, 0.9), lambda: topp_select(w, 0.9)):
+            times.append((do_bench(fn, return_mode="median"), do_bench(_graphed(fn), return_mode="median")))
         floor = w.numel() * 4 / bw * 1e3
-        say(f"| {n} | {t_ref:.4f} | {t_mask:.4f} | {t_sel:.4f} | {t_ref / t_mask:.1f}x | {floor:.4f} |")
+        cells = " | ".join(f"{e:.4f} / {g:.4f}" for e, g in times)
+        say(f"| {n} | {cells} | {times[0][1] / times[1][1]:.1f}x / {times[0][1] / times[2][1]:.1f}x | {floor:.4f} |")
 
     say()
-    say("## verification attention: 8 queries, 32 q-heads / 8 KV heads, D=128, bf16, batch 1 (ms, median)")
+    say("## verification attention: 8 queries, 32 q-heads / 8 KV heads, D=128, bf16, batch 1")
+    say("ms, median, CUDA graph replays; GB/s on the bytes each variant must read (K+V rows read, idx)")
     say("| S | SDPA dense | kernel dense | kernel 25% | kernel 10% | 25% vs kernel dense | 25% vs SDPA | "
         "GB/s dense | GB/s 25% | GB/s 10% |")
     say("|---|---|---|---|---|---|---|---|---|---|")
@@ -548,12 +571,12 @@ def bench(out_dir=None):
         mask[:, S:] = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
             q, kc, vc, attn_mask=mask, enable_gqa=True)
-        row = [do_bench(sdpa, return_mode="median"), do_bench(lambda: sparse_attention(q, kc, vc, S),
-                                                               return_mode="median")]
+        row = [do_bench(_graphed(sdpa), return_mode="median"),
+               do_bench(_graphed(lambda: sparse_attention(q, kc, vc, S)), return_mode="median")]
         gbs = [(S + T) * Hkv * D * 2 * 2 / (row[1] * 1e-3) / 1e9]
         for frac in (0.25, 0.10):
             idx, count = _random_selection(1, Hkv, S, frac, dev)
-            t = do_bench(lambda: sparse_attention(q, kc, vc, S, idx, count), return_mode="median")
+            t = do_bench(_graphed(lambda: sparse_attention(q, kc, vc, S, idx, count)), return_mode="median")
             read = (count.sum().item() + Hkv * T) * D * 2 * 2 + count.sum().item() * 4
             row.append(t)
             gbs.append(read / (t * 1e-3) / 1e9)
