@@ -339,10 +339,18 @@ def _sparse_attn_split_kernel(
         # Striding over the compacted list gives every split the same share of the work
         # whatever the count, which the host never reads (no sync).
         n_sel = past_len if DENSE else tl.load(count_ptr + bh)
-        for start in range(split * BLOCK_N, n_sel, n_splits * BLOCK_N):
+        stride = n_splits * BLOCK_N
+        j = split * BLOCK_N + tl.arange(0, BLOCK_N)
+        if not DENSE:  # the next block's indices are fetched one iteration ahead
+            next_pos = tl.load(idx_ptr + bh * idx_len + j, mask=j < n_sel, other=0)
+        for start in range(split * BLOCK_N, n_sel, stride):
             j = start + tl.arange(0, BLOCK_N)
             valid = j < n_sel
-            pos = j if DENSE else tl.load(idx_ptr + bh * idx_len + j, mask=valid, other=0)
+            if DENSE:
+                pos = j
+            else:
+                pos = next_pos
+                next_pos = tl.load(idx_ptr + bh * idx_len + j + stride, mask=j + stride < n_sel, other=0)
             kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
             s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N]
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -400,7 +408,8 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, n_splits=None):
+def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, n_splits=None,
+                     block_n=64, num_warps=4):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). idx/count come from `topp_select` (or any compacted selection); idx None
     reads every cached position. Falls back to the reference on a CPU without the interpreter."""
@@ -422,7 +431,7 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
         count = count.reshape(B * Hkv).to(torch.int32)
     capacity = past_len if dense else min(past_len, idx.shape[-1])
     block_m = max(16, triton.next_power_of_2(G * T))
-    block_n = max(64, triton.next_power_of_2(T))  # also covers the new block in one tile
+    block_n = max(block_n, triton.next_power_of_2(T))  # also covers the new block in one tile
     if n_splits is None:  # about 8 programs per multiprocessor, never more than there are blocks
         n_splits = max(1, min(triton.cdiv(capacity, block_n), triton.cdiv(8 * _sm_count(q.device), B * Hkv)))
     n_splits = max(1, min(n_splits, triton.cdiv(capacity, block_n))) if capacity else 0
@@ -438,10 +447,10 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        DENSE=dense, PRECISION=precision, num_warps=4)
+        DENSE=dense, PRECISION=precision, num_warps=num_warps)
     out = torch.empty_like(q)
     _merge_kernel[(B * Hkv, G * T)](acc, m, l, out, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
-                                    T=T, G=G, D=D, BLOCK_M=block_m, PARTS_BLOCK=16, num_warps=1)
+                                    T=T, G=G, D=D, BLOCK_M=block_m, PARTS_BLOCK=32, num_warps=4)
     return out
 
 
@@ -582,6 +591,17 @@ def bench(out_dir=None):
             gbs.append(read / (t * 1e-3) / 1e9)
         say(f"| {S} | {row[0]:.4f} | {row[1]:.4f} | {row[2]:.4f} | {row[3]:.4f} | {row[1] / row[2]:.1f}x | "
             f"{row[0] / row[2]:.1f}x | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} |")
+    say()
+    say("## attention variants at S=131072, 25% kept (ms, CUDA graph)")
+    say("| block_n | num_warps | splits/SM | ms | GB/s |")
+    say("|---|---|---|---|---|")
+    idx, count = _random_selection(1, Hkv, S, 0.25, dev)
+    read = (count.sum().item() + Hkv * T) * D * 2 * 2 + count.sum().item() * 4
+    for block_n, warps, per_sm in ((64, 4, 8), (128, 4, 8), (64, 8, 8), (128, 8, 4), (32, 4, 16), (64, 4, 16)):
+        splits = triton.cdiv(per_sm * _sm_count(q.device), Hkv)
+        t = do_bench(_graphed(lambda: sparse_attention(q, kc, vc, S, idx, count, n_splits=splits, block_n=block_n,
+                                                       num_warps=warps)), return_mode="median")
+        say(f"| {block_n} | {warps} | {per_sm} | {t:.4f} | {read / (t * 1e-3) / 1e9:.0f} |")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "kernels_bench.md"), "w") as f:
