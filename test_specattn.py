@@ -55,8 +55,9 @@ def save_hf(tmp_path, config, seed=0, max_shard_size=None, name="ckpt"):
 def tiny_model(seed=0, **kw):
     """A random-weight model of ours, no checkpoint involved."""
     torch.manual_seed(seed)
-    args = M.ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
-                       vocab_size=97, max_seq_len=256, rope_theta=10000.0, **kw)
+    base = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=97,
+                max_seq_len=256, rope_theta=10000.0)
+    args = M.ModelArgs(**{**base, **kw})
     m = M.Transformer(args)
     with torch.no_grad():
         for p in m.parameters():
@@ -603,3 +604,210 @@ def test_sparse_attention_reference_equals_model_subset_attention():
     a = K.sparse_attention_reference(q, kc, vc, 40, idx, count)
     b, _ = M.subset_attention(q, kc, vc, 40, keep)
     assert (a - b).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------
+# specattn.py: speculative decoding
+
+import calibrate as C  # noqa: E402
+import specattn as SA  # noqa: E402
+
+
+def tiny_pair(seed=0):
+    """A target and a different, smaller draft that share the vocabulary."""
+    target = tiny_model(seed=seed)
+    torch.manual_seed(seed + 100)
+    draft = M.Transformer(M.ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=48,
+                                      vocab_size=target.args.vocab_size, max_seq_len=256, rope_theta=10000.0))
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.normal_(0, 0.3)
+    return target, draft.eval()
+
+
+def self_draft(target, n_layers=2):
+    """A draft made of the target's first layers (what load_model(layers=...) builds)."""
+    args = M.ModelArgs(**{**target.args.__dict__, "n_layers": n_layers, "layer_ids": list(range(n_layers))})
+    draft = M.Transformer(args)
+    state = {k: v for k, v in target.state_dict().items()
+             if not k.startswith("layers.") or int(k.split(".")[1]) < n_layers}
+    draft.load_state_dict(state, strict=False)
+    return draft.eval()
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("prompt_len", [1, 7])
+def test_greedy_speculative_equals_target_greedy(gamma, seed, prompt_len):
+    target, _ = tiny_pair(seed)
+    draft = self_draft(target)  # agrees with the target often, so multi-token acceptances happen
+    prompt = torch.randint(0, 97, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
+    expected = SA.greedy_generate(target, prompt, 30)
+    got, stats = SA.speculative_generate(target, draft, prompt, 30, gamma=gamma)
+    assert got == expected
+    got_p1, stats_p1 = SA.speculative_generate(target, draft, prompt, 30, gamma=gamma, topp=1.0,
+                                               layer_map=[0, 1, 1])
+    assert got_p1 == expected
+    assert sum(stats.accepted) + stats.steps >= 30 and stats.steps == len(stats.accepted)
+    if gamma > 1:
+        assert max(stats.accepted) >= 1  # the test exercised acceptance, not only rejection
+
+
+def test_greedy_speculative_with_unrelated_draft():
+    target, draft = tiny_pair(3)
+    prompt = [5, 6, 7]
+    assert SA.speculative_generate(target, draft, prompt, 25, gamma=4)[0] == SA.greedy_generate(target, prompt, 25)
+
+
+def test_speculative_sampling_first_token_distribution():
+    """The first emitted token is distributed as the target's own next-token distribution."""
+    vocab = 6
+    torch.manual_seed(0)
+    target = tiny_model(seed=4, vocab_size=vocab)
+    draft = tiny_model(seed=9, vocab_size=vocab)
+    prompt = [1, 2, 3]
+    temperature = 1.5
+    p_target = torch.softmax(target(torch.tensor([prompt]))[0, -1] / temperature, -1)
+    q_draft = torch.softmax(draft(torch.tensor([prompt]))[0, -1] / temperature, -1)
+    assert 0.5 * (p_target - q_draft).abs().sum() > 0.15  # the draft is really different
+    gen = torch.Generator().manual_seed(1)
+    trials = 1500
+    counts = torch.zeros(vocab)
+    for _ in range(trials):
+        out, _ = SA.speculative_generate(target, draft, prompt, 1, gamma=3, temperature=temperature, generator=gen)
+        counts[out[0]] += 1
+    tv = 0.5 * (counts / trials - p_target).abs().sum().item()
+    tv_draft = 0.5 * (counts / trials - q_draft).abs().sum().item()
+    assert tv < 0.05, f"TV to the target {tv:.3f}"
+    assert tv_draft > 0.1
+
+
+def test_rewind_after_rejection_equals_cache_of_accepted_prefix():
+    target, draft = tiny_pair(5)
+    prompt = list(range(10, 20))
+    out, stats = SA.speculative_generate(target, draft, prompt, 12, gamma=4)
+    assert min(stats.accepted) < 4  # at least one rejection happened
+
+    # Re-run one step by hand and compare caches with a fresh prefill of the committed tokens.
+    gamma = 4
+    t_cache = target.new_cache(max_len=64)
+    d_cache = draft.new_cache(max_len=64)
+    x = torch.tensor([prompt])
+    target(x[:, :-1], cache=t_cache)
+    draft(x[:, :-1], cache=d_cache)
+    last, drafted = x[:, -1:], []
+    for _ in range(gamma):
+        tok = draft(last if not drafted else drafted[-1], cache=d_cache)[:, -1].argmax(-1, keepdim=True)
+        drafted.append(tok)
+    drafted = torch.cat(drafted, 1)
+    t_logits = target(torch.cat([last, drafted], 1), cache=t_cache)[0]
+    k = 0
+    while k < gamma and t_logits[k].argmax() == drafted[0, k]:
+        k += 1
+    assert k < gamma, "pick a seed with a rejection in the first step"
+    t_cache.rewind(gamma - k)
+    d_cache.rewind(gamma - 1 - k)
+    committed = torch.cat([x, drafted[:, :k]], 1)  # all of it is cached now
+    fresh_t, fresh_d = target.new_cache(max_len=64), draft.new_cache(max_len=64)
+    target(committed, cache=fresh_t)
+    draft(committed, cache=fresh_d)
+    for cache, fresh in ((t_cache, fresh_t), (d_cache, fresh_d)):
+        assert cache.length == fresh.length == committed.shape[1]
+        n = cache.length
+        assert (cache.k[:, :, :, :n] - fresh.k[:, :, :, :n]).abs().max() < 1e-5
+        assert (cache.v[:, :, :, :n] - fresh.v[:, :, :, :n]).abs().max() < 1e-5
+
+
+def test_selection_from_hand_built_attention():
+    past = 6
+    # One draft layer, 2 heads, 2 rows (γ = 2), over 6 cached positions (+ block columns, ignored).
+    row_a = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05, 0.0, 9.0])  # column 6 is a block position
+    row_b = torch.tensor([0.0, 0.1, 0.1, 0.1, 0.2, 0.5, 9.0])
+    probs = torch.stack([torch.stack([row_a, row_b])] * 2)[None]  # [1, 2 heads, 2 rows, 7]
+    cfg = SA.SelectionConfig(topp=0.75, dense_layers=1, combine="union")
+    sel = SA.draft_selection([probs], past, layer_map=[0, 0, 0], n_kv_heads=3, cfg=cfg)
+    assert set(sel) == {1, 2}  # layer 0 stays dense
+    # Row a keeps {0, 1} (0.8 >= 0.75), row b keeps {5, 4, 1..3 tied at 0.1} -> {1, 2, 3, 4, 5}.
+    assert sel[1].shape == (1, 3, 1, 6)
+    assert sel[1][0, 0, 0].tolist() == [True, True, True, True, True, True]
+    cfg_mean = SA.SelectionConfig(topp=0.5, dense_layers=1, combine="mean", sinks=1)
+    sel = SA.draft_selection([probs], past, layer_map=[0, 0, 0], n_kv_heads=1, cfg=cfg_mean)
+    # mean row = [.25, .2, .1, .075, .125, .25]; top-p .5 keeps {0, 5} (ties at .25); sink adds 0.
+    assert sel[2][0, 0, 0].tolist() == [True, False, False, False, False, True]
+    causal = SA.draft_selection([probs], past, [0, 0], 1, SA.SelectionConfig(topp=0.75, dense_layers=1), causal=True)
+    assert causal[1][0, 0].tolist() == [[True, True, False, False, False, False],
+                                        [True, True, True, True, True, True]]
+
+
+def test_kv_accounting_equals_brute_force():
+    torch.manual_seed(0)
+    n_layers, hkv, past = 5, 3, 11
+    selection = {j: torch.rand(1, hkv, 4, past) < 0.3 for j in (2, 3, 4)}
+    read, dense, read_sp, dense_sp = SA.count_kv_reads(selection, n_layers, hkv, past)
+    brute = 0
+    for layer in range(n_layers):
+        for h in range(hkv):
+            for pos in range(past):
+                if layer not in selection or selection[layer][0, h, :, pos].any():
+                    brute += 1
+    assert read == brute and dense == n_layers * hkv * past
+    assert dense_sp == 3 * hkv * past and read_sp == brute - 2 * hkv * past
+
+
+def test_specattn_generation_counts_match_selection():
+    """A run with SpecAttn on: reported reads equal a recount from the selections it made."""
+    target, _ = tiny_pair(2)
+    draft = self_draft(target)
+    seen = []
+    original = SA.count_kv_reads
+
+    def spy(selection, n_layers, n_kv_heads, past_len, batch=1):
+        seen.append((sum(int(m.any(2).sum()) for m in selection.values()), len(selection), past_len))
+        return original(selection, n_layers, n_kv_heads, past_len, batch)
+
+    SA.count_kv_reads = spy
+    try:
+        _, stats = SA.speculative_generate(target, draft, list(range(30)), 10, gamma=3, topp=0.5,
+                                           layer_map=[0, 1, 1], selection=SA.SelectionConfig(dense_layers=1))
+    finally:
+        SA.count_kv_reads = original
+    hkv = target.args.n_kv_heads
+    assert stats.kv_dense == sum(3 * hkv * past for _, _, past in seen)
+    assert stats.kv_read == sum(sp + (3 - n) * hkv * past for sp, n, past in seen)
+    assert 0 < stats.kv_read < stats.kv_dense
+
+
+def test_topp_argument_errors():
+    with pytest.raises(ValueError, match="top-p"):
+        SA.SelectionConfig(topp=0.0)
+    with pytest.raises(ValueError, match="top-p"):
+        SA.SelectionConfig(topp=1.5)
+
+
+# ----------------------------------------------------------------------------------------
+# calibrate.py
+
+
+def test_align_layers_matches_brute_force():
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    for n_t, n_d in [(1, 1), (3, 2), (5, 3), (6, 4), (4, 6)]:
+        for _ in range(5):
+            cost = torch.rand(n_t, n_d, generator=g)
+            best = min((sum(cost[j, m[j]].item() for j in range(n_t)), m)
+                       for m in itertools.combinations_with_replacement(range(n_d), n_t))
+            got = C.align_layers(cost)
+            assert all(a <= b for a, b in zip(got, got[1:]))
+            assert abs(sum(cost[j, got[j]].item() for j in range(n_t)) - best[0]) < 1e-9
+
+
+def test_kl_matrix_finds_identical_layers():
+    target = tiny_model(seed=1)
+    draft = self_draft(target, n_layers=2)
+    tokens = torch.randint(0, 97, (40,))
+    kl = C.kl_matrix(target, draft, tokens, chunk=16)
+    assert kl.shape == (3, 2)
+    assert kl[0, 0].abs() < 1e-5 and kl[1, 1].abs() < 1e-5  # shared layers have identical attention
+    assert kl[0, 1] > 1e-3 and (kl >= -1e-6).all()
+    assert C.align_layers(kl)[:2] == [0, 1]
