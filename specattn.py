@@ -190,15 +190,19 @@ class SpecStats:
         }
 
 
-def count_kv_reads(selection: dict, n_layers: int, n_kv_heads: int, past_len: int, batch: int = 1):
+def count_kv_reads(selection: dict, n_layers: int, n_kv_heads: int, past_len: int, batch: int = 1,
+                   sparse_layers=None):
     """(read all layers, dense all layers, read sparse layers, dense sparse layers) for one
-    verification forward: a dense layer reads Hkv × past_len entries, a sparse one what it selects
-    (a position counts once per KV head even if several queries of the block read it)."""
+    verification forward. A layer without a selection reads all Hkv × past_len entries; a
+    selected layer reads what its mask [B, Hkv, T, past_len] keeps, a position counting once
+    per KV head even when several of the block's queries read it. sparse_layers: the layers
+    eligible for selection (default: those in `selection`)."""
+    sparse_layers = set(selection) if sparse_layers is None else set(sparse_layers)
     dense_layer = batch * n_kv_heads * past_len
-    sparse_read = sum(int(m.expand(batch, n_kv_heads, -1, -1).any(2).sum()) for m in selection.values())
-    n_sparse = len(selection)
-    dense_read = (n_layers - n_sparse) * dense_layer
-    return dense_read + sparse_read, n_layers * dense_layer, sparse_read, n_sparse * dense_layer
+    read_per_layer = [int(selection[j].expand(batch, n_kv_heads, -1, -1).any(2).sum()) if j in selection
+                      else dense_layer for j in range(n_layers)]
+    read_sparse = sum(read_per_layer[j] for j in sparse_layers)
+    return sum(read_per_layer), n_layers * dense_layer, read_sparse, len(sparse_layers) * dense_layer
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -274,7 +278,8 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
             chosen = {}
         block = torch.cat([last, drafted], dim=1)  # [1, γ+1]
         t_logits = target(block, cache=t_cache, select=select)[0]  # [γ+1, V]
-        read, dense, read_sp, dense_sp = count_kv_reads(chosen, args.n_layers, args.n_kv_heads, past_len)
+        read, dense, read_sp, dense_sp = count_kv_reads(chosen, args.n_layers, args.n_kv_heads, past_len,
+                                                        sparse_layers=range(cfg.dense_layers, args.n_layers))
         stats.kv_read += read
         stats.kv_dense += dense
         stats.kv_read_sparse_layers += read_sp

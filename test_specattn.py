@@ -761,9 +761,9 @@ def test_specattn_generation_counts_match_selection():
     seen = []
     original = SA.count_kv_reads
 
-    def spy(selection, n_layers, n_kv_heads, past_len, batch=1):
+    def spy(selection, n_layers, n_kv_heads, past_len, batch=1, sparse_layers=None):
         seen.append((sum(int(m.any(2).sum()) for m in selection.values()), len(selection), past_len))
-        return original(selection, n_layers, n_kv_heads, past_len, batch)
+        return original(selection, n_layers, n_kv_heads, past_len, batch, sparse_layers)
 
     SA.count_kv_reads = spy
     try:
