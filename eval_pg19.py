@@ -131,7 +131,9 @@ def quest_selection(q: torch.Tensor, k_past: torch.Tensor, budget: torch.Tensor)
     k_max = k.nan_to_num(float("-inf")).amax(3)
     qg = q.float().view(B, Hkv, Hq // Hkv, T, 1, D)
     bound = torch.maximum(qg * k_min[:, :, None, None], qg * k_max[:, :, None, None]).sum(-1)  # [B, Hkv, G, T, P]
-    pages = budget_mask(bound.sum(2), (budget.float() / QUEST_PAGE).round().clamp(min=1).long())  # [B, Hkv, T, P]
+    n_sel = (budget.float() / QUEST_PAGE).round().clamp(min=1).long()
+    n_sel = torch.where(budget >= past, n_pages, n_sel)  # a full budget reads every page, the partial last too
+    pages = budget_mask(bound.sum(2), n_sel)  # [B, Hkv, T, P]
     return pages.repeat_interleave(QUEST_PAGE, dim=-1)[..., :past]
 
 
@@ -233,7 +235,8 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
         for p in need_draft_attn:
             t0 = time.perf_counter()
             specattn_sel[p] = draft_selection(d_probs, past, layer_map, hkv, _with_p(cfg, p), causal=True)
-            stats[f"specattn@{p}"]["select_s"] += time.perf_counter() - t0 if f"specattn@{p}" in stats else 0.0
+            if f"specattn@{p}" in stats:  # baselines use this selection's budget; its time is SpecAttn's
+                stats[f"specattn@{p}"]["select_s"] += time.perf_counter() - t0
 
         selections = [{} for _ in runs]  # per run: layer -> bool [1, Hkv, T, past]
 

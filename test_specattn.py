@@ -811,3 +811,195 @@ def test_kl_matrix_finds_identical_layers():
     assert kl[0, 0].abs() < 1e-5 and kl[1, 1].abs() < 1e-5  # shared layers have identical attention
     assert kl[0, 1] > 1e-3 and (kl >= -1e-6).all()
     assert C.align_layers(kl)[:2] == [0, 1]
+
+
+# ----------------------------------------------------------------------------------------
+# eval_pg19.py
+
+import eval_pg19 as E  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _kernels_reference_off_gpu(request, monkeypatch):
+    """Tests of the loop and the harness use the PyTorch references on the CPU; the Triton
+    interpreter (slow) is exercised by the kernel tests above."""
+    if request.node.name.startswith(LOOP_TESTS):
+        monkeypatch.setattr(K, "_use_triton", lambda x: x.is_cuda)
+
+
+LOOP_TESTS = ("test_eval", "test_greedy", "test_speculative", "test_rewind", "test_selection_from",
+              "test_specattn_generation", "test_kl_matrix")
+
+BOOK_TEXT = " ".join(
+    f"Chapter {i}. The {w} of the {v} went {u} over the hill, and {i * 7} birds sang."
+    for i, (w, v, u) in enumerate(zip(["king", "queen", "fox", "hare"] * 40, ["north", "south", "sea", "wood"] * 40,
+                                      ["slowly", "quickly", "twice", "home"] * 40)))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny HF Llama checkpoint with a trained byte-level tokenizer, a book and a layer map."""
+    tmp = tmp_path_factory.mktemp("eval")
+    hf_tok, tok_dir = train_hf_tokenizer(tmp, "gpt2")
+    _, ckpt = save_hf(tmp, hf_llama_config(vocab_size=hf_tok.get_vocab_size(), max_position_embeddings=512), seed=3)
+    for f in tok_dir.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    book = tmp / "book.txt"
+    book.write_text(BOOK_TEXT)
+    layer_map = tmp / "map.json"
+    layer_map.write_text(json.dumps({"map": [0, 1, 1]}))
+    return ckpt, book, layer_map
+
+
+def eval_inputs(ckpt, n_tokens=70):
+    target = M.load_model(ckpt, device="cpu", dtype=torch.float32)
+    draft = M.load_model(ckpt, device="cpu", dtype=torch.float32, layers=[0, 1])
+    tok = M.Tokenizer.from_pretrained(ckpt)
+    tokens = torch.tensor(tok.encode(BOOK_TEXT)[:n_tokens])
+    return target, draft, tokens
+
+
+def test_eval_end_to_end(tiny_checkpoint, tmp_path):
+    ckpt, book, layer_map = tiny_checkpoint
+    out = tmp_path / "results.json"
+    E.main(["--data", str(book), "--target", str(ckpt), "--draft", str(ckpt), "--draft-layers", "0-1",
+            "--layer-map", str(layer_map), "--max-tokens", "96", "--topp", "0.6", "1.0", "--dense-layers", "1",
+            "--device", "cpu", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res) >= {"config", "layer_map", "books", "summary"}
+    book_res = res["books"][0]
+    assert book_res["tokens"] == 96 and book_res["prefill"] == 9 and 0 < book_res["expected_acceptance"] <= 1
+    rows = {(r["method"], r["topp"]): r for r in res["summary"]}
+    assert set(rows) == {("dense", None)} | {(m, p) for m in E.METHODS[1:] for p in (0.6, 1.0)}
+    for r in rows.values():
+        assert set(r) >= {"ppl", "ppl_increase_pct", "kv_saved", "kv_saved_sparse_layers", "tokens", "select_s"}
+        assert r["tokens"] == 96 - 9 - 1
+
+    # Dense equals a plain causal forward over the whole segment.
+    target, _, tokens = eval_inputs(ckpt, 96)
+    logits = target(tokens[None])[0]
+    nll = F.cross_entropy(logits[9:95], tokens[10:96], reduction="mean").item()
+    assert abs(rows[("dense", None)]["ppl"] - math.exp(nll)) < 1e-3 * math.exp(nll)
+    # p = 1 keeps everything: SpecAttn and the oracle equal dense, and so do the budgeted baselines.
+    for m in E.METHODS[1:]:
+        assert abs(rows[(m, 1.0)]["ppl"] - rows[("dense", None)]["ppl"]) < 1e-4, m
+        assert rows[(m, 1.0)]["kv_saved"] == 0
+    assert rows[("specattn", 0.6)]["kv_saved"] > 0  # random tiny models attend almost uniformly
+
+
+import torch.nn.functional as F  # noqa: E402
+
+
+def test_eval_kv_reads_equal_brute_force(tiny_checkpoint, monkeypatch):
+    ckpt, _, layer_map = tiny_checkpoint
+    target, draft, tokens = eval_inputs(ckpt, 60)
+    runs = E.make_runs(E.METHODS, [0.5])
+    recorded = []  # (run name, layer, past, mask) for every selection the harness makes
+    original_score = E.score_book
+
+    real_count = E.count_kv_reads
+
+    def recording_count(selection, n_layers, n_kv_heads, past_len, batch=1, sparse_layers=None):
+        recorded.append((dict(selection), past_len))
+        return real_count(selection, n_layers, n_kv_heads, past_len, batch, sparse_layers)
+
+    monkeypatch.setattr(E, "count_kv_reads", recording_count)
+    cfg = SA.SelectionConfig(topp=0.5, dense_layers=1)
+    stats = original_score(target, draft, tokens, runs, [0, 1, 1], cfg, gamma=4, prefill=6)
+    L, H = target.args.n_layers, target.args.n_kv_heads
+    for b, run in enumerate(runs):
+        brute, brute_dense = 0, 0
+        for selection, past in recorded[b::len(runs)]:
+            for layer in range(L):
+                for h in range(H):
+                    for pos in range(past):
+                        brute_dense += 1
+                        if layer not in selection or any(selection[layer][0, h, t, pos] for t in
+                                                         range(selection[layer].shape[2])):
+                            brute += 1
+        assert stats[run.name]["kv_read"] == brute, run.name
+        assert stats[run.name]["kv_dense"] == brute_dense
+        if run.method != "dense":
+            assert brute < brute_dense, run.name
+
+
+@pytest.mark.parametrize("method", E.METHODS)
+def test_eval_is_causal_inside_a_block(tiny_checkpoint, method):
+    """Changing token u must not change any prediction made before it, including the one
+    whose label it is (position u - 1): no method may let a label reach its own selection."""
+    ckpt, _, _ = tiny_checkpoint
+    target, draft, tokens = eval_inputs(ckpt, 40)
+    runs = E.make_runs([method], [0.5])
+    cfg = SA.SelectionConfig(topp=0.5, dense_layers=1)
+    prefill, gamma = 8, 4
+    base = E.score_book(target, draft, tokens, runs, [0, 1, 1], cfg, gamma, prefill, keep_logits=True)
+    for u in (prefill + 2, prefill + 7, prefill + 13):  # inside blocks, not at their starts
+        changed = tokens.clone()
+        changed[u] = (changed[u] + 17) % target.args.vocab_size
+        other = E.score_book(target, draft, changed, runs, [0, 1, 1], cfg, gamma, prefill, keep_logits=True)
+        for r in runs:
+            a, b = base[r.name]["logits"], other[r.name]["logits"]
+            before = u - prefill  # logits rows 0..before-1 predict tokens up to u
+            assert (a[:before] - b[:before]).abs().max() < 1e-5, f"{r.name}: token {u} leaked backwards"
+            assert (a[before:] - b[before:]).abs().max() > 1e-4  # and it does matter afterwards
+
+
+def test_quest_selection_matches_loop_reference():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 45, 8, generator=g)
+    budget = torch.tensor([[[16, 40, 5], [30, 0, 45]]])
+    got = E.quest_selection(q, k, budget)
+    for h in range(2):
+        for t in range(3):
+            bounds = []
+            for page in range(3):  # 45 positions: pages of 16, 16, 13
+                kp = k[0, h, page * 16:(page + 1) * 16]
+                bounds.append(sum(torch.maximum(q[0, hq, t] * kp.min(0).values, q[0, hq, t] * kp.max(0).values).sum()
+                                  for hq in (2 * h, 2 * h + 1)))
+            n_pages = max(1, round(budget[0, h, t].item() / 16))
+            chosen = sorted(range(3), key=lambda i: -bounds[i])[:n_pages]
+            expect = torch.zeros(45, dtype=torch.bool)
+            for page in chosen:
+                expect[page * 16:(page + 1) * 16] = True
+            assert torch.equal(got[0, h, t], expect), (h, t)
+
+
+def test_streaming_and_h2o_selections():
+    budget = torch.tensor([[[6, 2, 0]]])
+    s = E.streaming_selection(budget, 10)
+    assert s[0, 0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3, 8, 9]
+    assert s[0, 0, 1].nonzero().flatten().tolist() == [0, 1] and not s[0, 0, 2].any()
+    scores = torch.tensor([[[5.0, 0.0, 9.0, 1.0, 7.0, 0.0, 0.0, 3.0, 0.0, 0.0]]])
+    h = E.h2o_selection(scores, budget, 10)
+    assert h[0, 0, 0].nonzero().flatten().tolist() == [0, 2, 4, 7, 8, 9]  # 3 recent + 3 heaviest older
+    assert h[0, 0, 1].nonzero().flatten().tolist() == [2, 9]
+
+
+def test_eval_bad_input(tiny_checkpoint, tmp_path, capsys):
+    ckpt, book, layer_map = tiny_checkpoint
+    common = ["--target", str(ckpt), "--draft", str(ckpt), "--draft-layers", "0-1", "--layer-map", str(layer_map),
+              "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit):
+        E.main(["--data", str(book), "--topp", "1.5"] + common)
+    with pytest.raises(SystemExit):
+        E.main(["--data", str(book), "--methods", "bogus"] + common)
+    with pytest.raises(SystemExit, match="not found"):
+        E.main(["--data", str(tmp_path / "missing.txt")] + common)
+    with pytest.raises(SystemExit, match="max positions"):
+        E.main(["--data", str(book), "--max-tokens", "4096"] + common)
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(SystemExit, match="no book has"):
+        E.main(["--data", str(short), "--max-tokens", "96"] + common)
+    assert "skipping book short" in capsys.readouterr().err
+    other_tok, other_dir = train_hf_tokenizer(tmp_path, "split")
+    _, other = save_hf(tmp_path, hf_llama_config(vocab_size=other_tok.get_vocab_size()), name="other")
+    for f in other_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(SystemExit, match="tokenizer"):
+        E.main(["--data", str(book), "--target", str(ckpt), "--draft", str(other), "--layer-map", str(layer_map),
+                "--device", "cpu", "--out", str(tmp_path / "r.json")])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="layer map"):
+        E.main(["--data", str(book), "--max-tokens", "96"] + common[:-6] + ["--layer-map", str(tmp_path / "bad.json"),
+                                                                         "--device", "cpu", "--out", "x.json"])
