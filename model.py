@@ -199,23 +199,27 @@ def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len
     read causally. Returns (out [B, Hq, T, D], probs [B, Hq, T, past_len + T] or None).
     """
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     group = Hq // Hkv
     # allowed[b, h, t, s]: may query t read key s? Past keys by `keep`, the block causally.
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    past = torch.ones(1, 1, T, past_len, dtype=torch.bool, device=q.device) if keep is None else keep
-    past = past.expand(B, Hkv, T, past_len)
-    allowed = torch.cat([past, causal.expand(B, Hkv, T, T)], dim=-1)  # [B, Hkv, T, S]
-    allowed = allowed.repeat_interleave(group, dim=1)  # [B, Hq, T, S]
-    k = k.repeat_interleave(group, dim=1)  # [B, Hq, S, D]
-    v = v.repeat_interleave(group, dim=1)
+    if keep is None:
+        allowed = torch.cat([torch.ones(T, past_len, dtype=torch.bool, device=q.device), causal], -1)[None, None]
+    else:
+        allowed = torch.cat([keep.expand(B, Hkv, T, past_len), causal.expand(B, Hkv, T, T)], dim=-1)
+        allowed = allowed.repeat_interleave(group, dim=1)  # [B, Hq, T, S]: query head h reads KV head h // group
     if not return_probs:
+        # enable_gqa lets SDPA map query heads to KV heads without copying K and V.
         if keep is None and past_len == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed), None
-    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)  # [B, Hq, T, S]
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True), None
+    # Explicit softmax, with the query heads of a group batched against their one KV head.
+    S = k.shape[2]
+    qg = q.float().view(B, Hkv, group, T, D)
+    scores = (qg @ k.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, S) / math.sqrt(D)  # [B, Hq, T, S]
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    return (probs @ v.float()).type_as(q), probs
+    out = probs.view(B, Hkv, group, T, S) @ v.float()[:, :, None]  # [B, Hkv, G, T, D]
+    return out.view(B, Hq, T, D).type_as(q), probs
 
 
 # A `select` hook: (layer index, q [B, Hq, T, D], cached keys [B, Hkv, past_len, D])
