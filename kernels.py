@@ -285,7 +285,8 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
     q: [B, Hq, T, D], the T new queries at positions [past_len, past_len + T).
     k_cache, v_cache: [B, Hkv, S >= past_len + T, D], the new block's keys already written.
     idx: int32 [B, Hkv, L], selected cached positions (< past_len), first `count` valid;
-    count: int32 [B, Hkv]. idx None: every cached position. Returns [B, Hq, T, D] in q's dtype.
+    count: int32 [B, Hkv] (both may broadcast over heads). idx None: every cached position.
+    Returns [B, Hq, T, D] in q's dtype.
     """
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
@@ -295,6 +296,7 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
     if idx is None:
         allowed[..., :past_len] = True
     else:
+        idx, count = idx.expand(B, Hkv, idx.shape[-1]), count.expand(B, Hkv)
         valid = torch.arange(idx.shape[-1], device=q.device) < count[..., None]  # [B, Hkv, L]
         rows = torch.zeros(B, Hkv, past_len + 1, dtype=torch.bool, device=q.device)
         rows.scatter_(-1, torch.where(valid, idx.long(), past_len), True)  # invalid -> a spare slot
@@ -320,7 +322,7 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
 @triton.jit
 def _sparse_attn_split_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr,
-        past_len, scale_log2, n_splits, H_KV, idx_len,
+        past_len, scale_log2, n_splits, H_KV, si_b, si_h, sc_b, sc_h,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, PRECISION: tl.constexpr):
@@ -338,11 +340,14 @@ def _sparse_attn_split_kernel(
     if split < n_splits:  # blocks split, split + n_splits, ... of the selected positions
         # Striding over the compacted list gives every split the same share of the work
         # whatever the count, which the host never reads (no sync).
-        n_sel = past_len if DENSE else tl.load(count_ptr + bh)
         stride = n_splits * BLOCK_N
         j = split * BLOCK_N + tl.arange(0, BLOCK_N)
-        if not DENSE:  # the next block's indices are fetched one iteration ahead
-            next_pos = tl.load(idx_ptr + bh * idx_len + j, mask=j < n_sel, other=0)
+        if DENSE:
+            n_sel = past_len
+        else:  # the next block's indices are fetched one iteration ahead
+            n_sel = tl.load(count_ptr + b * sc_b + h * sc_h)
+            idx_row = idx_ptr + b * si_b + h * si_h
+            next_pos = tl.load(idx_row + j, mask=j < n_sel, other=0)
         for start in range(split * BLOCK_N, n_sel, stride):
             j = start + tl.arange(0, BLOCK_N)
             valid = j < n_sel
@@ -350,7 +355,7 @@ def _sparse_attn_split_kernel(
                 pos = j
             else:
                 pos = next_pos
-                next_pos = tl.load(idx_ptr + bh * idx_len + j + stride, mask=j + stride < n_sel, other=0)
+                next_pos = tl.load(idx_row + j + stride, mask=j + stride < n_sel, other=0)
             kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
             s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N]
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -424,11 +429,10 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("sparse_attention: q, k_cache and v_cache need a contiguous last dimension")
     dense = idx is None
-    if not dense:
-        idx = idx.reshape(B * Hkv, -1)
-        if idx.stride(-1) != 1:
-            idx = idx.contiguous()
-        count = count.reshape(B * Hkv).to(torch.int32)
+    if not dense:  # [B, Hkv, L] and [B, Hkv], any strides but a contiguous last dim (0 strides share a row)
+        idx, count = idx.expand(B, Hkv, idx.shape[-1]), count.expand(B, Hkv)
+        if idx.stride(-1) != 1 or idx.dtype != torch.int32 or count.dtype != torch.int32:
+            raise ValueError("sparse_attention: idx and count must be int32 with a contiguous last dim")
     capacity = past_len if dense else min(past_len, idx.shape[-1])
     block_m = max(16, triton.next_power_of_2(G * T))
     block_n = max(block_n, triton.next_power_of_2(T))  # also covers the new block in one tile
@@ -443,7 +447,7 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _sparse_attn_split_kernel[(B * Hkv, parts)](
         q, k_cache, v_cache, idx, count, acc, m, l, past_len, scale, n_splits, Hkv,
-        0 if dense else idx.shape[-1],
+        *((0, 0, 0, 0) if dense else (idx.stride(0), idx.stride(1), count.stride(0), count.stride(1))),
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,

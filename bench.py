@@ -1,0 +1,189 @@
+"""GPU benchmark: is SpecAttn verification faster than dense, end to end? (H200, random weights)
+
+Times one target verification step (γ+1 tokens) of a Llama-3-8B-shaped target with the
+draft attention of a Llama-3.2-1B-shaped draft, and a whole speculative step (γ draft
+steps + verification). Timing needs no trained weights: shapes and bytes decide it.
+
+Variants of the verification step, each captured once as a CUDA graph and replayed
+(no Python in the timed region, no host sync anywhere in the step):
+  sdpa          dense, PyTorch SDPA (model.subset_attention)
+  kernel dense  dense, kernels.sparse_attention with every position
+  specattn X%   top-p selection on the draft rows (kernels.topp_select, all sparse layers
+                in one batched call) + kernels.sparse_attention on what it keeps; the
+                selection is inside the timed region
+
+Next to every time: its bytes floor = (target weights + KV entries actually read) /
+measured HBM bandwidth. At batch 1 the 16 GB of weights bound what sparsity can save.
+
+    python bench.py               # all configurations, about 3 minutes on one H200
+    python bench.py --quick       # batch 1 at 8k only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from triton.testing import do_bench
+
+import kernels
+from kernels import sparse_attention, topp_mask_reference, topp_select
+from model import ModelArgs, Transformer, subset_attention
+
+MAX_LEN = 131072 + 64
+TARGET_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
+                      vocab_size=128256, rope_theta=500000.0, max_seq_len=MAX_LEN)
+DRAFT_1B = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=8192,
+                     vocab_size=128256, rope_theta=500000.0, max_seq_len=MAX_LEN, tie_word_embeddings=True)
+DENSE_LAYERS = 2
+LAYER_MAP = [j // 2 for j in range(32)]  # a monotone 32 -> 16 map, as calibrate.py would give
+
+
+def kernel_attention(q, k, v, past_len, keep=None, return_probs=False):
+    """model.py's attention slot, served by the Triton kernel; `keep` is (idx, count) or None."""
+    idx, count = keep if keep is not None else (None, None)
+    return sparse_attention(q, k, v, past_len, idx, count), None
+
+
+def batched_selection(draft_rows: torch.Tensor, topp: float) -> dict:
+    """draft_rows [n_draft_layers, B, S] (head-averaged) -> {target layer: (idx, count)}.
+
+    One topp_select call for every draft layer the map uses; each target layer then reads
+    its draft layer's selection for all of its KV heads (a stride-0 head dimension)."""
+    idx, count = topp_select(draft_rows, topp)  # [Ld, B, S], [Ld, B]
+    return {j: (idx[i][:, None, :], count[i][:, None]) for j, i in enumerate(LAYER_MAP) if j >= DENSE_LAYERS}
+
+
+def random_model(args: ModelArgs) -> Transformer:
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = Transformer(args)
+    torch.set_default_dtype(default)
+    model.init_rope("cuda")
+    return model.eval()
+
+
+def graphed_ms(fn) -> float:
+    return do_bench(kernels._graphed(fn), return_mode="median")
+
+
+def topp_for_fraction(rows: torch.Tensor, fraction: float) -> float:
+    """The p at which top-p keeps about `fraction` of the positions of these rows."""
+    lo, hi = 1e-4, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        kept = topp_mask_reference(rows, mid).float().mean().item()
+        lo, hi = (mid, hi) if kept < fraction else (lo, mid)
+    return (lo + hi) / 2
+
+
+@torch.no_grad()
+def main():
+    parser = argparse.ArgumentParser(description="Time SpecAttn verification against dense on a GPU.")
+    parser.add_argument("--quick", action="store_true", help="batch 1 at 8k only")
+    parser.add_argument("--accepted", type=float, default=3.0,
+                        help="mean accepted draft tokens per step assumed for tokens/s")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the markdown table")
+    args = parser.parse_args()
+    bw = kernels._hbm_bandwidth()
+    target, draft = random_model(TARGET_8B), random_model(DRAFT_1B)
+    weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
+    draft_bytes = sum(p.numel() * p.element_size() for p in draft.parameters())
+    lines = []
+
+    def say(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    say(f"# {torch.cuda.get_device_name()}; HBM {bw / 1e12:.2f} TB/s; target {weight_bytes / 1e9:.1f} GB, "
+        f"draft {draft_bytes / 1e9:.1f} GB (bf16, random weights)")
+    say("## one verification step (ms, CUDA graph); floor = (weights + KV read) / HBM; achieved = floor / time")
+    say("| B | S | γ | sdpa | kernel dense | specattn 25% | specattn 10% | 25% vs sdpa | 25% vs kernel dense "
+        "| achieved/floor (sdpa, kd, 25%, 10%) |")
+    say("|---|---|---|---|---|---|---|---|---|---|")
+    configs = [(1, 8192)] if args.quick else [(1, 8192), (1, 32768), (1, 65536), (1, 131072), (8, 8192), (8, 32768)]
+    step_rows = []
+    for B, S in configs:
+        t_cache = target.new_cache(batch_size=B, max_len=S + 16)
+        d_cache = draft.new_cache(batch_size=B, max_len=S + 16)
+        for c in (t_cache, d_cache):
+            c.k.normal_()
+            c.v.normal_()
+        # Heavy-tailed draft rows, and the p that keeps 25% / 10% of them.
+        draft_rows = torch.softmax(3 * torch.randn(DRAFT_1B.n_layers, B, S, device="cuda"), -1)
+        p25, p10 = topp_for_fraction(draft_rows[:2], 0.25), topp_for_fraction(draft_rows[:2], 0.10)
+        kv_entry = TARGET_8B.head_dim * 2 * 2  # K and V rows, bf16
+        for gamma in (4, 8):
+            block = torch.randint(0, TARGET_8B.vocab_size, (B, gamma + 1), device="cuda")
+
+            def verify(variant, topp=None):
+                t_cache.length = S
+                if variant == "sdpa":
+                    target.subset_attention, select = subset_attention, None
+                else:
+                    target.subset_attention = kernel_attention
+                    select = None
+                    if variant == "specattn":
+                        chosen = batched_selection(draft_rows, topp)
+                        select = lambda layer, q, k: chosen.get(layer)  # noqa: E731
+                return target(block, cache=t_cache, select=select)
+
+            times = [graphed_ms(lambda: verify("sdpa")), graphed_ms(lambda: verify("kernel"))]
+            reads = [S * TARGET_8B.n_layers * TARGET_8B.n_kv_heads * B] * 2
+            for p in (p25, p10):
+                times.append(graphed_ms(lambda: verify("specattn", p)))
+                _, count = topp_select(draft_rows, p)
+                sparse = sum(count[i].sum().item() for j, i in enumerate(LAYER_MAP) if j >= DENSE_LAYERS)
+                reads.append((DENSE_LAYERS * S * B + sparse) * TARGET_8B.n_kv_heads)
+            floors = [(weight_bytes + r * kv_entry) / bw * 1e3 for r in reads]
+            ach = ", ".join(f"{f / t:.2f}" for f, t in zip(floors, times))
+            say(f"| {B} | {S} | {gamma} | {times[0]:.3f} | {times[1]:.3f} | {times[2]:.3f} | {times[3]:.3f} | "
+                f"{times[0] / times[2]:.2f}x | {times[1] / times[2]:.2f}x | {ach} |")
+
+        # A whole speculative step at γ=4: γ draft steps (SpecAttn: returning attention) + verify.
+        gamma = 4
+        first = torch.randint(0, TARGET_8B.vocab_size, (B, 1), device="cuda")
+
+        def spec_step(specattn: bool):
+            d_cache.length, t_cache.length = S, S
+            tok, proposals, rows = first, [first], []
+            for _ in range(gamma):
+                if specattn:
+                    logits, probs = draft(tok, cache=d_cache, return_attn=True)
+                    rows.append(torch.stack([p[:, :, -1, :S].float().mean(1) for p in probs]))  # [Ld, B, S]
+                else:
+                    logits = draft(tok, cache=d_cache)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+                proposals.append(tok)
+            block = torch.cat(proposals, 1)
+            if specattn:
+                target.subset_attention = kernel_attention
+                chosen = batched_selection(torch.stack(rows).mean(0), p25)
+                return target(block, cache=t_cache, select=lambda layer, q, k: chosen.get(layer))
+            target.subset_attention = subset_attention
+            return target(block, cache=t_cache)
+
+        t_dense, t_spec = graphed_ms(lambda: spec_step(False)), graphed_ms(lambda: spec_step(True))
+        per_step = args.accepted + 1
+        step_rows.append(f"| {B} | {S} | {t_dense:.3f} | {t_spec:.3f} | {B * per_step / t_dense * 1e3:.0f} | "
+                         f"{B * per_step / t_spec * 1e3:.0f} | {t_dense / t_spec:.2f}x |")
+        del t_cache, d_cache
+        torch.cuda.empty_cache()
+    say()
+    say(f"## whole speculative step, γ=4 (ms, CUDA graph); tokens/s at {args.accepted:g} accepted per step "
+        f"(SpecAttn at the p that keeps ~25% of draft-row positions)")
+    say("| B | S | dense spec step | SpecAttn step | dense tok/s | SpecAttn tok/s | speed-up |")
+    say("|---|---|---|---|---|---|---|")
+    for row in step_rows:
+        say(row)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_verify.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
