@@ -214,12 +214,14 @@ def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True), None
     # Explicit softmax, with the query heads of a group batched against their one KV head.
+    # The matmuls run in the cache's dtype (fp32 accumulation) so K and V are never copied
+    # to fp32; the softmax and the returned probabilities are fp32.
     S = k.shape[2]
-    qg = q.float().view(B, Hkv, group, T, D)
-    scores = (qg @ k.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, S) / math.sqrt(D)  # [B, Hq, T, S]
+    qg = q.reshape(B, Hkv, group * T, D)  # a group's G query heads x T tokens as rows
+    scores = (qg @ k.transpose(-1, -2)).float().view(B, Hq, T, S) / math.sqrt(D)  # [B, Hq, T, S]
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    out = probs.view(B, Hkv, group, T, S) @ v.float()[:, :, None]  # [B, Hkv, G, T, D]
-    return out.view(B, Hq, T, D).type_as(q), probs
+    out = probs.view(B, Hkv, group * T, S).to(v.dtype) @ v  # [B, Hkv, G*T, D]
+    return out.view(B, Hq, T, D), probs
 
 
 # A `select` hook: (layer index, q [B, Hq, T, D], cached keys [B, Hkv, past_len, D])
