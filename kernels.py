@@ -279,7 +279,8 @@ def topp_select(w: torch.Tensor, p):
 # Sparse verification attention: reference
 
 
-def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None):
+def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None,
+                               return_last_row=False):
     """Dense fp32 attention under a boolean mask: the definition the kernel must meet.
 
     q: [B, Hq, T, D], the T new queries at positions [past_len, past_len + T).
@@ -306,7 +307,11 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
     v = v_cache[:, :, :S].float().repeat_interleave(group, 1)
     scores = q.float() @ k.transpose(-1, -2) * (scale or 1 / math.sqrt(D))  # [B, Hq, T, S]
     scores = scores.masked_fill(~allowed.repeat_interleave(group, 1), float("-inf"))
-    return (scores.softmax(-1) @ v).to(q.dtype)
+    probs = scores.softmax(-1)  # [B, Hq, T, S]
+    out = (probs @ v).to(q.dtype)
+    if return_last_row:  # last query, cached positions, summed over each KV head's query heads
+        return out, probs[:, :, -1, :past_len].view(B, Hkv, group, past_len).sum(2)
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -384,9 +389,9 @@ def _sparse_attn_split_kernel(
 
 
 @triton.jit
-def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, n_parts, H_KV, so_b, so_h, so_t,
+def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, n_parts, H_KV, so_b, so_h, so_t,
                   T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  PARTS_BLOCK: tl.constexpr):
+                  PARTS_BLOCK: tl.constexpr, WRITE_STATS: tl.constexpr):
     """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s, per query row."""
     bh, r = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
@@ -407,6 +412,33 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, n_parts, H_KV, so_b, so_h, so_t,
         num += tl.sum(w[:, None] * acc, axis=0)
     head, t = h * G + r // T, r % T
     tl.store(o_ptr + b * so_b + head * so_h + t * so_t + d, (num / den).to(o_ptr.dtype.element_ty))
+    if WRITE_STATS:  # the row's softmax max and sum, for _last_row_kernel
+        tl.store(stats_ptr + (bh * BLOCK_M + r) * 2, m_max)
+        tl.store(stats_ptr + (bh * BLOCK_M + r) * 2 + 1, den)
+
+
+@triton.jit
+def _last_row_kernel(q_ptr, k_ptr, stats_ptr, row_ptr, past_len, scale_log2, H_KV, sq_b, sq_h, sq_t,
+                     sk_b, sk_h, sk_s, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Second pass over K: the last query's attention probabilities on cached positions,
+    summed over the G query heads of each KV head. With the final max and sum of every
+    softmax row known, each probability is one exp2; no score matrix is ever stored."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H_KV, bh % H_KV
+    rows = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    last = (rows < G * T) & (rows % T == T - 1)  # the last token of each head in the group
+    q_rows = q_ptr + b * sq_b + (h * G + rows // T) * sq_h + (rows % T) * sq_t
+    q = tl.load(q_rows[:, None] + d[None, :], mask=last[:, None], other=0.0)  # [M, D]
+    m = tl.load(stats_ptr + (bh * BLOCK_M + rows) * 2, mask=last, other=0.0)
+    den = tl.load(stats_ptr + (bh * BLOCK_M + rows) * 2 + 1, mask=last, other=1.0)
+    j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = j < past_len
+    kt = tl.load(k_ptr + b * sk_b + h * sk_h + j[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)
+    s = tl.dot(q, kt) * scale_log2  # [M, N]
+    p = tl.where(last[:, None], tl.exp2(s - m[:, None]) / den[:, None], 0.0)
+    tl.store(row_ptr + bh * past_len + j, tl.sum(p, axis=0), mask=valid)
 
 
 def _sm_count(device) -> int:
@@ -414,12 +446,17 @@ def _sm_count(device) -> int:
 
 
 def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, n_splits=None,
-                     block_n=64, num_warps=4):
+                     block_n=64, num_warps=4, return_last_row=False):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). idx/count come from `topp_select` (or any compacted selection); idx None
-    reads every cached position. Falls back to the reference on a CPU without the interpreter."""
+    reads every cached position. return_last_row (dense only) also returns what a draft
+    needs for SpecAttn: the last query's attention on the cached positions, summed over the
+    query heads of each KV head, [B, Hkv, past_len] fp32, from a second pass over K.
+    Falls back to the reference on a CPU without the interpreter."""
     if not _use_triton(q):
-        return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale)
+        return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row)
+    if return_last_row and idx is not None:
+        raise ValueError("sparse_attention: return_last_row needs dense attention (idx=None)")
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
@@ -453,9 +490,19 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, PRECISION=precision, num_warps=num_warps)
     out = torch.empty_like(q)
-    _merge_kernel[(B * Hkv, G * T)](acc, m, l, out, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
-                                    T=T, G=G, D=D, BLOCK_M=block_m, PARTS_BLOCK=32, num_warps=4)
-    return out
+    stats = torch.empty((B * Hkv, block_m, 2), device=q.device, dtype=torch.float32) if return_last_row else None
+    _merge_kernel[(B * Hkv, G * T)](acc, m, l, out, stats, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
+                                    T=T, G=G, D=D, BLOCK_M=block_m, PARTS_BLOCK=32, WRITE_STATS=return_last_row,
+                                    num_warps=4)
+    if not return_last_row:
+        return out
+    row = torch.empty((B, Hkv, past_len), device=q.device, dtype=torch.float32)
+    if past_len:
+        _last_row_kernel[(B * Hkv, triton.cdiv(past_len, 128))](
+            q, k_cache, stats, row, past_len, scale, Hkv, q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), T=T, G=G, D=D, BLOCK_M=block_m,
+            BLOCK_N=128, num_warps=4)
+    return out, row
 
 
 # ----------------------------------------------------------------------------------------

@@ -592,6 +592,31 @@ def test_sparse_attention_matches_reference(T, S, ratio):
     assert (dense_kernel - dense_ref).norm() / dense_ref.norm() < 1e-5
 
 
+def test_sparse_attention_selection_shared_by_all_kv_heads():
+    """One selection broadcast over the KV heads (stride 0), as a per-layer selection is used."""
+    g = torch.Generator().manual_seed(7)
+    q, kc, vc = (torch.randn(2, 8, 3, 64, generator=g), torch.randn(2, 4, 103, 64, generator=g),
+                 torch.randn(2, 4, 103, 64, generator=g))
+    idx, count = random_selection(2, 1, 100, 0.2, g)  # [2, 1, 100], [2, 1]
+    got = K.sparse_attention(q, kc, vc, 100, idx, count, n_splits=2)
+    ref = K.sparse_attention_reference(q, kc, vc, 100, idx.expand(2, 4, 100).contiguous(), count.expand(2, 4))
+    assert (got - ref).norm() / ref.norm() < 1e-5
+
+
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_sparse_attention_last_row(T):
+    """The draft-side output: the last query's attention on the cache, summed per KV head."""
+    g = torch.Generator().manual_seed(T)
+    q, kc, vc = (torch.randn(2, 8, T, 64, generator=g), torch.randn(2, 2, 150 + T, 64, generator=g),
+                 torch.randn(2, 2, 150 + T, 64, generator=g))
+    out, row = K.sparse_attention(q, kc, vc, 150, return_last_row=True)
+    ref_out, ref_row = K.sparse_attention_reference(q, kc, vc, 150, return_last_row=True)
+    assert (out - ref_out).norm() / ref_out.norm() < 1e-5
+    assert (row - ref_row).abs().max() < 1e-6 and row.shape == (2, 2, 150)
+    _, probs = M.subset_attention(q, kc[:, :, :150 + T], vc[:, :, :150 + T], 150, return_probs=True)
+    assert (ref_row - probs[:, :, -1, :150].view(2, 2, 4, 150).sum(2)).abs().max() < 1e-6
+
+
 def test_sparse_attention_reference_equals_model_subset_attention():
     """The two references (kernels.py and model.py) agree: one definition of sparse verification."""
     g = torch.Generator().manual_seed(3)
@@ -730,9 +755,9 @@ def test_selection_from_hand_built_attention():
     # Row a keeps {0, 1} (0.8 >= 0.75), row b keeps {5, 4, 1..3 tied at 0.1} -> {1, 2, 3, 4, 5}.
     assert sel[1].shape == (1, 3, 1, 6)
     assert sel[1][0, 0, 0].tolist() == [True, True, True, True, True, True]
-    cfg_mean = SA.SelectionConfig(topp=0.5, dense_layers=1, combine="mean", sinks=1)
+    cfg_mean = SA.SelectionConfig(topp=0.45, dense_layers=1, combine="mean", sinks=1)
     sel = SA.draft_selection([probs], past, layer_map=[0, 0, 0], n_kv_heads=1, cfg=cfg_mean)
-    # mean row = [.25, .2, .1, .075, .125, .25]; top-p .5 keeps {0, 5} (ties at .25); sink adds 0.
+    # mean row = [.25, .2, .1, .075, .125, .25]; top-p .45 keeps {0, 5} (the tie at .25); sink adds 0.
     assert sel[2][0, 0, 0].tolist() == [True, False, False, False, False, True]
     causal = SA.draft_selection([probs], past, [0, 0], 1, SA.SelectionConfig(topp=0.75, dense_layers=1), causal=True)
     assert causal[1][0, 0].tolist() == [[True, True, False, False, False, False],
