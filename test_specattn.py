@@ -1028,3 +1028,22 @@ def test_eval_bad_input(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit, match="layer map"):
         E.main(["--data", str(book), "--max-tokens", "96"] + common[:-6] + ["--layer-map", str(tmp_path / "bad.json"),
                                                                          "--device", "cpu", "--out", "x.json"])
+
+
+def test_load_books_formats(tmp_path):
+    pg = tmp_path / "pg19"
+    (pg / "test").mkdir(parents=True)
+    (pg / "test" / "10.txt").write_text("ten")
+    (pg / "test" / "9.txt").write_text("nine")
+    (pg / "metadata.csv").write_text("9,Book Nine,1900,http://x\n10,Book Ten,1901,http://y\n")
+    books = E.load_books(pg)
+    assert [(b["id"], b["title"], b["text"]) for b in books] == [("9", "Book Nine", "nine"), ("10", "Book Ten", "ten")]
+    assert len(E.load_books(pg, limit=1)) == 1
+    jl = tmp_path / "books.jsonl"
+    jl.write_text(json.dumps({"text": "a", "short_book_title": "A"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    assert [(b["title"], b["text"]) for b in E.load_books(jl)] == [("A", "a"), ("1", "b")]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}))
+    with pytest.raises(ValueError, match="'text' column"):
+        E.load_books(tmp_path / "bad.jsonl")
+    with pytest.raises(FileNotFoundError, match="no test"):
+        E.load_books(tmp_path)
