@@ -120,14 +120,22 @@ def layer_map_for(target, draft, tokenizer, path=None, text=None, n_tokens: int 
     return result["map"]
 
 
-def plot_kl(kl, mapping, path):
+def pyplot():
+    """matplotlib.pyplot on a headless backend, or None (with a message) when not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("--plot needs matplotlib (pip install matplotlib); skipped", file=sys.stderr)
+        print("--plot needs matplotlib (pip install matplotlib); no plot written", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot_kl(kl, mapping, path):
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 7))
     im = ax.imshow(kl, aspect="auto", cmap="viridis")

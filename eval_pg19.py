@@ -345,13 +345,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_pareto(rows: list[dict], path):
-    try:
-        import matplotlib
+    from calibrate import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib (pip install matplotlib); no plot written", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
