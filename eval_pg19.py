@@ -2,6 +2,7 @@
 
     python eval_pg19.py --topp 0.9                 # the offline demo (fetched once)
     python eval_pg19.py --data pg19/ --target Llama-2-7b --draft TinyLlama --topp 0.8 0.9 0.95
+    torchrun --nproc-per-node 8 eval_pg19.py --data pg19/ ...   # books sharded over 8 GPUs
 
 Protocol ("paper", after the SpecAttn paper): per book, the first --max-tokens (2048)
 tokens; the first 10% is prefill (dense); the rest is scored teacher-forced in blocks of
@@ -35,6 +36,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -412,8 +414,26 @@ def parse_args(argv=None):
     return args
 
 
+def init_distributed(device):
+    """(rank, world size, device). Under `torchrun --nproc-per-node N`, one process per GPU
+    (NCCL) or, on a CPU, per core group (gloo); otherwise a single process, unchanged."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    use_gpu = torch.cuda.is_available() and device != "cpu"
+    dist.init_process_group("nccl" if use_gpu else "gloo")
+    if use_gpu:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return dist.get_rank(), world, device or "cpu"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    rank, world, args.device = init_distributed(args.device)
     try:
         if args.data is None:
             from demo import demo_books
@@ -428,7 +448,11 @@ def main(argv=None):
                              f"{target.args.max_seq_len}; use --max-tokens {target.args.max_seq_len} or less")
         from calibrate import layer_map_for
 
+        if rank != 0:  # rank 0 calibrates (and caches) first; the others then read its cache
+            torch.distributed.barrier()
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
+        if rank == 0 and world > 1:
+            torch.distributed.barrier()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
@@ -440,7 +464,10 @@ def main(argv=None):
     min_tokens = args.max_tokens if args.protocol == "paper" else 16 * args.gamma
     results = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "layer_map": layer_map, "books": [], "summary": []}
-    for book in tqdm(books, desc="books", file=sys.stderr):
+    # With several processes, process r scores books r, r + N, ... and writes its own file as
+    # it goes; rank 0 merges them at the end (NLL and counts summed over books, in book order).
+    out = Path(args.out) if world == 1 else Path(args.out).with_suffix(f".rank{rank}.json")
+    for order, book in tqdm(list(enumerate(books))[rank::world], desc="books", file=sys.stderr, disable=rank > 0):
         ids = ([tokenizer.bos_id] if args.bos and tokenizer.bos_id is not None else []) + tokenizer.encode(book["text"])
         if len(ids) < min_tokens:
             tqdm.write(f"warning: skipping book {book['id']} ({book['title']}): {len(ids)} tokens, the "
@@ -449,12 +476,23 @@ def main(argv=None):
         tokens = torch.tensor(ids[:args.max_tokens])
         prefill = max(1, int(args.prefill_frac * len(tokens)))
         stats = score_book(target, draft, tokens, runs, layer_map, cfg, args.gamma, prefill,
-                           progress=lambda it: tqdm(it, desc=f"book {book['id']}", leave=False, file=sys.stderr))
-        results["books"].append({"id": book["id"], "title": book["title"], "tokens": len(tokens),
+                           progress=lambda it: tqdm(it, desc=f"book {book['id']}", leave=False, file=sys.stderr,
+                                                    disable=rank > 0))
+        results["books"].append({"id": book["id"], "title": book["title"], "order": order, "tokens": len(tokens),
                                  "prefill": prefill, "expected_acceptance": stats.pop("_acceptance"),
                                  "forward_s": stats.pop("_forward_s"), "runs": stats})
         results["summary"] = summarize(results["books"], runs)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        out.write_text(json.dumps(results, indent=1))
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(results["books"], gathered, dst=0)
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return
+        results["books"] = sorted((b for part in gathered for b in part), key=lambda b: b["order"])
+        if results["books"]:
+            results["summary"] = summarize(results["books"], runs)
+            Path(args.out).write_text(json.dumps(results, indent=1))
     if not results["books"]:
         sys.exit(f"error: no book has the {min_tokens} tokens the {args.protocol} protocol needs; "
                  f"use longer books or a smaller --max-tokens")
@@ -464,7 +502,7 @@ def main(argv=None):
     print(f"\n{len(results['books'])} book(s), {args.protocol} protocol, {args.max_tokens} tokens, "
           f"prefill {args.prefill_frac:.0%}, γ={args.gamma}; draft/target expected acceptance "
           f"Σmin(p,q) = {sum(acc) / len(acc):.3f}; shared draft + target forwards {forward:.0f} s "
-          f"(all runs batched). Results: {args.out}")
+          f"(all runs batched){f', {world} processes' if world > 1 else ''}. Results: {args.out}")
     if args.plot:
         plot_pareto(results["summary"], args.plot)
 

@@ -1047,3 +1047,33 @@ def test_load_books_formats(tmp_path):
         E.load_books(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="no test"):
         E.load_books(tmp_path)
+
+
+def test_eval_torchrun_two_processes_equals_one(tiny_checkpoint, tmp_path):
+    """Books sharded over 2 gloo processes give the same JSON as one process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ckpt, _, layer_map = tiny_checkpoint
+    data = tmp_path / "pg19"
+    (data / "test").mkdir(parents=True)
+    for i in range(3):  # three books over two processes: uneven shards
+        (data / "test" / f"{i}.txt").write_text(BOOK_TEXT[i * 97:])
+    args = ["eval_pg19.py", "--data", str(data), "--target", str(ckpt), "--draft", str(ckpt), "--draft-layers",
+            "0-1", "--layer-map", str(layer_map), "--max-tokens", "64", "--topp", "0.6", "--dense-layers", "1",
+            "--device", "cpu"]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).parent
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, *args, "--out", str(one)], cwd=repo, env=env, check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *args, "--out", str(two)], cwd=repo, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert [x["id"] for x in b["books"]] == [x["id"] for x in a["books"]] == ["0", "1", "2"]
+    for key in ("nll", "tokens", "kv_read", "kv_dense"):
+        assert [x["runs"] for x in b["books"]][1]["dense"][key] == [x["runs"] for x in a["books"]][1]["dense"][key]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "select_s"} for r in rows]  # noqa: E731
+    assert strip(b["summary"]) == strip(a["summary"])
+    assert (tmp_path / "two.rank0.json").exists() and (tmp_path / "two.rank1.json").exists()
