@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -300,8 +301,7 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
 
 
 def _with_p(cfg: SelectionConfig, p: float) -> SelectionConfig:
-    return SelectionConfig(topp=p, dense_layers=cfg.dense_layers, combine=cfg.combine, sinks=cfg.sinks,
-                           recent=cfg.recent, per_head=cfg.per_head)
+    return dataclasses.replace(cfg, topp=p)
 
 
 def _accumulate(scores, probs, hkv):

@@ -30,7 +30,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -128,15 +128,12 @@ def draft_selection(draft_probs: list, past_len: int, layer_map: list[int], n_kv
     causal=True: row t of the selection uses draft rows 0..t only. Teacher-forced scoring
     needs this: draft row t+1 has read token t+1, the label of query t.
     """
-    selections = {}
-    n_target_layers = len(layer_map)
-    cache = {}
-    for j in range(cfg.dense_layers, n_target_layers):
+    per_draft_layer = {}  # several target layers often map to one draft layer: select once
+    for j in range(cfg.dense_layers, len(layer_map)):
         i = layer_map[j]
-        if i not in cache:
-            cache[i] = _select_from_rows(draft_probs[i][..., :past_len], n_kv_heads, cfg, causal)
-        selections[j] = cache[i]
-    return selections
+        if i not in per_draft_layer:
+            per_draft_layer[i] = _select_from_rows(draft_probs[i][..., :past_len], n_kv_heads, cfg, causal)
+    return {j: per_draft_layer[layer_map[j]] for j in range(cfg.dense_layers, len(layer_map))}
 
 
 def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig, causal: bool) -> torch.Tensor:
@@ -225,9 +222,9 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
         raise ValueError("the prompt needs at least one token")
     if topp is not None and layer_map is None:
         raise ValueError("SpecAttn (topp) needs a layer map: pass layer_map (see calibrate.py)")
-    cfg = selection or SelectionConfig(topp=topp if topp is not None else 1.0)
+    cfg = selection or SelectionConfig()
     if topp is not None:
-        cfg.topp = topp
+        cfg = replace(cfg, topp=topp)  # a copy: the caller's config is left as it was
     use_specattn = topp is not None and topp < 1
     max_len = prompt.shape[1] + max_new_tokens + gamma + 2
     t_cache, d_cache = target.new_cache(max_len=max_len), draft.new_cache(max_len=max_len)
