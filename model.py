@@ -32,8 +32,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
