@@ -527,25 +527,31 @@ def _random_selection(B, Hkv, S, frac, device):
     return idx, count
 
 
-def _check_topp_definition(w, keep, p: float, rel_tol: float):
-    """Vectorised check that `keep` satisfies the top-p definition up to rel_tol of the row mass
-    (rows with mass, p < 1): kept > dropped strictly, kept mass reaches p, and dropping the
-    smallest kept value (with its ties) would fall below p."""
-    x = _clean(w).double()
+def check_topp_definition(w, keep, p, rel_tol: float):
+    """Assert that `keep` [..., N] satisfies the top-p definition on w, up to rel_tol of each row's
+    mass: rows with p >= 1 keep everything; rows without mass keep nothing; otherwise only
+    positive entries are kept, every kept entry is strictly above every dropped one (ties are
+    never split), the kept mass reaches p, and dropping the smallest kept value (with its
+    ties) would fall below p. Used by the tests and by --bench."""
+    n = w.shape[-1]
+    x = _clean(w).double().reshape(-1, n)
+    keep = keep.reshape(-1, n)
+    p_rows = _p_per_row(p, w.shape[:-1], w.device).double().reshape(-1)
     total = x.sum(-1)
     kept_mass = (x * keep).sum(-1)
     smallest = torch.where(keep, x, float("inf")).min(-1, keepdim=True).values
     largest_dropped = torch.where(keep, -1.0, x).max(-1).values
     without_smallest = kept_mass - (x * (x == smallest)).sum(-1)
-    ok = (smallest.squeeze(-1) > largest_dropped) & (kept_mass >= (p - rel_tol) * total) \
-        & (without_smallest < (p + rel_tol) * total)
+    partial = (~(keep & (x <= 0)).any(-1)) & (smallest.squeeze(-1) > largest_dropped) \
+        & (kept_mass >= (p_rows - rel_tol) * total) & (without_smallest < (p_rows + rel_tol) * total)
+    ok = torch.where(p_rows >= 1, keep.all(-1), torch.where(total == 0, ~keep.any(-1), partial))
     if not ok.all():
         r = (~ok).nonzero()[0].item()
         raise AssertionError(
-            f"top-p definition violated in {(~ok).sum().item()} rows (p={p}, N={w.shape[-1]}); row {r}: "
+            f"top-p definition violated in {(~ok).sum().item()} rows (N={n}); row {r} (p={p_rows[r].item()}): "
             f"kept {keep[r].sum().item()}, smallest kept {smallest[r].item():.4e} vs largest dropped "
             f"{largest_dropped[r].item():.4e}, kept mass {kept_mass[r].item():.9f}, without smallest "
-            f"{without_smallest[r].item():.9f}, target {p * total[r].item():.9f}")
+            f"{without_smallest[r].item():.9f}, target {p_rows[r].item() * total[r].item():.9f}")
 
 
 def _graphed(fn):
@@ -585,12 +591,12 @@ def bench(out_dir=None):
         for p in (0.5, 0.9, 0.99):
             got, ref = topp_mask(w, p), topp_mask_reference(w, p)
             if not torch.equal(got, ref):  # allowed only through fp32 summation at the cut
-                _check_topp_definition(w, got, p, rel_tol=1e-6)
+                check_topp_definition(w, got, p, rel_tol=1e-6)
             idx, count = topp_select(w, p)
             selected = torch.zeros(32, n + 1, dtype=torch.bool, device=dev)  # column n: a bin for padding
             valid = torch.arange(n, device=dev) < count[:, None]
             selected.scatter_(1, torch.where(valid, idx, n).long(), True)
-            _check_topp_definition(w, selected[:, :n], p, rel_tol=1e-6)
+            check_topp_definition(w, selected[:, :n], p, rel_tol=1e-6)
     for S, frac in ((4099, 0.25), (32768, 0.1), (131072, 1.0)):
         q = torch.randn(1, 32, 8, 128, device=dev, dtype=torch.bfloat16)
         kc = torch.randn(1, 8, S + 8, 128, device=dev, dtype=torch.bfloat16)

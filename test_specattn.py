@@ -465,31 +465,6 @@ def topp_rows(n, seed):
     return torch.stack([heavy, softmaxish, flat, ties, sparse, dirty, torch.zeros(n)])
 
 
-def check_topp_definition(w, keep, p, rel_tol):
-    """keep is {x >= θ} with θ the largest value whose mass reaches p·rowsum (x = cleaned w)."""
-    x = K._clean(w).double()
-    p_rows = K._p_per_row(p, w.shape[:-1], w.device).double()
-    for r in range(x.shape[0]):
-        xr, kr, pr = x[r], keep[r], p_rows[r].item()
-        if pr >= 1:
-            assert kr.all(), f"row {r}: p>=1 must keep everything"
-            continue
-        total = xr.sum().item()
-        if total == 0:
-            assert not kr.any(), f"row {r}: an all-zero row keeps nothing"
-            continue
-        kept, dropped = xr[kr], xr[~kr]
-        assert (kept > 0).all(), f"row {r}: kept a zero/invalid entry"
-        if len(dropped):
-            assert kept.min() > dropped.max(), f"row {r}: a dropped entry >= a kept one (split tie?)"
-        mass = kept.sum().item()
-        target = pr * total
-        assert mass >= target - rel_tol * total, f"row {r}: kept mass {mass} < target {target}"
-        smallest = kept.min()
-        without = mass - xr[xr == smallest].sum().item()
-        assert without < target + rel_tol * total, f"row {r}: could drop the smallest kept value"
-
-
 @pytest.fixture(params=["single_program", "multi_chunk"])
 def topp_path(request, monkeypatch):
     """Under "multi_chunk", rows longer than 32 take the multi-pass path, cut into about
@@ -512,9 +487,9 @@ def test_topp_kernel_matches_reference_and_definition(n, topp_path):
     for p in [1e-6, 0.5, 0.9, 0.999999, 1.0]:
         got = K.topp_mask(w, p)
         ref = K.topp_mask_reference(w, p)
-        check_topp_definition(w, ref, p, rel_tol=1e-12)
+        K.check_topp_definition(w, ref, p, rel_tol=1e-12)
         if not torch.equal(got, ref):  # allowed only through fp32 summation at the boundary
-            check_topp_definition(w, got, p, rel_tol=1e-6)
+            K.check_topp_definition(w, got, p, rel_tol=1e-6)
         idx, count = K.topp_select(w, p)
         assert torch.equal(count, got.sum(-1, dtype=torch.int32))
         for r in range(w.shape[0]):
@@ -529,7 +504,7 @@ def test_topp_per_row_p_and_half_precision(topp_path):
         wd = w.to(dtype)
         got = K.topp_mask(wd, p)
         assert got.shape == w.shape
-        check_topp_definition(wd.reshape(6, 300), got.reshape(6, 300), p.reshape(6), rel_tol=1e-6)
+        K.check_topp_definition(wd, got, p, rel_tol=1e-6)
         assert got[0, 2].all() and got[1, 2].sum() < got[1, 1].sum()
 
 
