@@ -144,12 +144,40 @@ def rope_cos_sin(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated by the angles of its positions; cos, sin [T, D]."""
     # HF layout: the head vector is split into halves (x1, x2), and the pair (x1[i], x2[i])
     # is rotated by angle i. Meta's checkpoints interleave the pairs instead; HF's converter
     # permuted q/k rows once, so HF weights need this layout and no permutation here.
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()  # the mean square in fp32, as the HF reference does
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+class Pointwise:
+    """The pointwise work between the matmuls, looked up here at call time so that
+    `compile_pointwise()` can swap in fused versions of the same functions."""
+    rope = staticmethod(apply_rope)
+    rms_norm = staticmethod(rms_norm)
+    swiglu = staticmethod(swiglu)
+
+
+def compile_pointwise(enable: bool = True) -> None:
+    """Fuse each pointwise function into one kernel with torch.compile (every model in this
+    process; enable=False puts the eager ones back). In eager PyTorch, RMSNorm is ~6 kernel
+    launches, RoPE ~8 per tensor, SwiGLU 2: in a decode step, where each moves a few KB,
+    ~30 launches per layer cost more time than their bytes. Matmuls, attention, cache
+    writes and the `select` hook stay as they are."""
+    for name, fn in (("rope", apply_rope), ("rms_norm", rms_norm), ("swiglu", swiglu)):
+        setattr(Pointwise, name, staticmethod(torch.compile(fn) if enable else fn))
 
 
 # ----------------------------------------------------------------------------------------
@@ -244,7 +272,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = Pointwise.rope(q, cos, sin), Pointwise.rope(k, cos, sin)
         if cache is not None:
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
@@ -263,7 +291,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(Pointwise.swiglu(self.w1(x), self.w3(x)))
 
 
 class RMSNorm(nn.Module):
@@ -273,8 +301,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return Pointwise.rms_norm(x, self.weight, self.eps)
 
 
 class TransformerBlock(nn.Module):
@@ -389,12 +416,15 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
     return files
 
 
-def load_model(path, device=None, dtype=None, layers=None) -> Transformer:
+def load_model(path, device=None, dtype=None, layers=None, shared=None) -> Transformer:
     """Load an HF-layout checkpoint directory (config.json + safetensors) into a Transformer.
 
     `layers`: an iterable of HF decoder-layer indices to keep (embedding, final norm and
     head are always kept). `load_model(p, layers=range(12))` is a 12-layer early-exit
     model of the same checkpoint: the demo's self-speculative draft.
+    `shared`: {HF tensor name: tensor} for tensors the checkpoint leaves out because the
+    model borrows them from another one (a trained draft borrows the target's embedding;
+    see load_draft). They are used as they are, not copied.
     Every tensor's shape is checked; a missing or left-over tensor is an error.
     """
     from safetensors import safe_open
@@ -426,6 +456,7 @@ def load_model(path, device=None, dtype=None, layers=None) -> Transformer:
         expected.pop("output.weight", None)
     names = hf_key_map(args, hf_layer_ids)
     files = _safetensors_files(path)
+    shared = shared or {}
 
     # Tensors of dropped layers are expected leftovers; so are tied heads saved twice and
     # the rotary inv_freq buffers some old checkpoints carry.
@@ -437,7 +468,7 @@ def load_model(path, device=None, dtype=None, layers=None) -> Transformer:
     if leftover:
         raise ValueError(f"{path}: tensors not used by a {cfg.get('model_type')} model: {leftover[:5]}"
                          f"{' ...' if len(leftover) > 5 else ''}; the checkpoint and config.json disagree")
-    missing = sorted(n for n in wanted if n not in files)
+    missing = sorted(n for n in wanted if n not in files and n not in shared)
     if missing:
         raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                          f"the checkpoint is incomplete")
@@ -445,7 +476,13 @@ def load_model(path, device=None, dtype=None, layers=None) -> Transformer:
     state = {}
     by_file: dict[Path, list[str]] = {}
     for ours, theirs in names.items():
-        by_file.setdefault(files[theirs], []).append(ours)
+        if theirs in shared:
+            if tuple(shared[theirs].shape) != tuple(expected[ours]):
+                raise ValueError(f"shared tensor {theirs} has shape {tuple(shared[theirs].shape)}, "
+                                 f"{config_file} implies {tuple(expected[ours])}")
+            state[ours] = shared[theirs]
+        else:
+            by_file.setdefault(files[theirs], []).append(ours)
     for file, ours_list in by_file.items():
         with safe_open(str(file), framework="pt") as f:
             for ours in ours_list:
@@ -461,6 +498,35 @@ def load_model(path, device=None, dtype=None, layers=None) -> Transformer:
         model.output.weight = model.tok_embeddings.weight
     model.init_rope(device)
     return model.eval()
+
+
+def embedding_probe(model: Transformer) -> list[float]:
+    """64 entries of the token embedding: enough to tell one checkpoint's embedding from
+    another's, and stable under fp16/bf16/fp32 casts (compare with a loose tolerance)."""
+    w = model.tok_embeddings.weight
+    rows = torch.linspace(0, w.shape[0] - 1, 16).long().tolist()
+    return [round(float(x), 6) for r in rows for x in w[r, :4].float().tolist()]
+
+
+def load_draft(path, target: Transformer) -> Transformer:
+    """A draft saved by train_draft.py: its own decoder layers and final norm from `path`,
+    and the target's token embedding (and so its tied head) shared, not copied.
+
+    config.json's "specattn_draft" entry names the target it extends, with an embedding
+    probe that must match `target`'s."""
+    path = Path(path)
+    try:
+        info = json.loads((path / "config.json").read_text())["specattn_draft"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path} is not a draft saved by train_draft.py ({e!r}); "
+                         f"load ordinary checkpoints with load_model") from None
+    probe = torch.tensor(embedding_probe(target))
+    if probe.shape != torch.Size([len(info["embedding_probe"])]) or not torch.allclose(
+            probe, torch.tensor(info["embedding_probe"]), rtol=1e-2, atol=1e-3):
+        raise ValueError(f"the draft in {path} extends {info['target']}, and this target's embedding is not "
+                         f"that one's; pass the matching --target, or train a draft for it with train_draft.py")
+    w = target.tok_embeddings.weight
+    return load_model(path, device=w.device, dtype=w.dtype, shared={"model.embed_tokens.weight": w})
 
 
 # ----------------------------------------------------------------------------------------
