@@ -107,7 +107,8 @@ def layer_map_for(target, draft, tokenizer, path=None, text=None, n_tokens: int 
     from demo import CACHE
 
     shapes = [tuple(p.shape) for p in draft.parameters()] + [tuple(p.shape) for p in target.parameters()]
-    fingerprint = json.dumps([str(shapes), float(target.norm.weight.float().sum()), float(draft.norm.weight.float().sum()),
+    fingerprint = json.dumps([str(shapes), float(target.norm.weight.detach().float().sum()),
+                              float(draft.norm.weight.detach().float().sum()),
                               draft.args.layer_ids, str(text), n_tokens, skip_tokens])
     cache_file = Path(cache_dir or CACHE) / f"layer_map_{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}.json"
     if cache_file.exists():

@@ -371,7 +371,7 @@ def plot_pareto(rows: list[dict], path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Perplexity vs KV reads on PG-19 for SpecAttn, the oracle and baselines. "
-                    "With no flags: the offline demo (SmolLM2-135M, first-12-layer draft, two Gutenberg books).")
+                    "With no flags: the offline demo (SmolLM2-135M, its trained 4-layer draft, two Gutenberg books).")
     parser.add_argument("--topp", type=float, nargs="+", default=[0.9], help="SpecAttn top-p value(s) in (0, 1]")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {' '.join(METHODS)}")
     parser.add_argument("--data", help="PG-19 directory (test/*.txt, metadata.csv), a .txt book, or .jsonl/.parquet "
@@ -379,8 +379,10 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="test", help="PG-19 split folder")
     parser.add_argument("--books", type=int, help="evaluate only the first N books")
     parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
-    parser.add_argument("--draft", help="draft HF checkpoint directory (default: the target)")
-    parser.add_argument("--draft-layers", help="keep only these draft layers, e.g. 0-11 (default for the demo)")
+    parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by train_draft.py "
+                             "(default with the demo target: its trained draft in draft/; otherwise the target)")
+    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (or, with no --draft, of the target: "
+                             "--draft-layers 0-11 is the demo's self-speculative first-12-layers draft)")
     parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: calibrated once, cached)")
     parser.add_argument("--protocol", choices=["paper", "long"], default="paper",
                         help="paper: first 2048 tokens per book, books shorter are skipped; long: up to "

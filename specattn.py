@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from kernels import topp_mask
-from model import Tokenizer, Transformer, load_model
+from model import Tokenizer, Transformer, load_draft, load_model
 
 # ----------------------------------------------------------------------------------------
 # Loading a target/draft pair
@@ -54,23 +54,40 @@ def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
     return out
 
 
+DEMO_DRAFT = Path(__file__).resolve().parent / "draft"  # train_draft.py's draft for the demo target
+
+
+def is_trained_draft(path) -> bool:
+    """Saved by train_draft.py: its own layers only, the target's embedding borrowed."""
+    try:
+        return "specattn_draft" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None, dtype=None):
-    """(target, draft, tokenizer). Defaults: the demo target, and as draft the same
-    checkpoint's first 12 layers (an interim self-speculative draft; see README)."""
+    """(target, draft, tokenizer). Defaults: the demo target and its trained draft (draft/,
+    made by train_draft.py); with draft_layers and no draft_path, the draft is the target's
+    own first layers instead (the self-speculative draft, for comparison)."""
     if target_path is None:
         from demo import demo_target
 
         target_path = demo_target()
         if draft_path is None and draft_layers is None:
-            draft_layers = list(range(12))
+            draft_path = DEMO_DRAFT
     draft_path = draft_path or target_path
     for name, path in (("--target", target_path), ("--draft", draft_path)):
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{name} {path}: no such directory; pass a Hugging Face checkpoint directory")
     tokenizer = Tokenizer.from_pretrained(target_path)
+    target = load_model(target_path, device=device, dtype=dtype)
+    if is_trained_draft(draft_path):  # shares the target's embedding, and so its tokenizer
+        if draft_layers is not None:
+            raise ValueError("--draft-layers picks layers of a full checkpoint; a draft from train_draft.py "
+                             "is used whole")
+        return target, load_draft(draft_path, target), tokenizer
     if Path(draft_path).resolve() != Path(target_path).resolve():
         check_same_tokenizer(tokenizer, Tokenizer.from_pretrained(draft_path), target_path, draft_path)
-    target = load_model(target_path, device=device, dtype=dtype)
     draft = load_model(draft_path, device=device, dtype=dtype, layers=draft_layers)
     if draft.args.vocab_size != target.args.vocab_size:
         raise ValueError(f"draft vocab {draft.args.vocab_size} != target vocab {target.args.vocab_size}: "
@@ -349,7 +366,7 @@ def greedy_generate(model: Transformer, prompt_ids, max_new_tokens: int) -> list
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Speculative decoding with SpecAttn sparse verification. "
-                                     "Defaults run the offline demo (SmolLM2-135M, first-12-layer draft).")
+                                     "Defaults run the offline demo (SmolLM2-135M and its trained 4-layer draft).")
     parser.add_argument("--prompt", default="Alice was beginning to get very tired of sitting by her sister on the "
                         "bank, and of having nothing to do:", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
@@ -360,8 +377,10 @@ def main(argv=None):
     parser.add_argument("--combine", choices=["union", "mean"], default="union",
                         help="union of the draft rows' top-p sets, or top-p of their mean")
     parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
-    parser.add_argument("--draft", help="draft HF checkpoint directory (default: the target)")
-    parser.add_argument("--draft-layers", help="keep only these draft layers, e.g. 0-11 (default for the demo)")
+    parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by train_draft.py "
+                             "(default with the demo target: its trained draft in draft/; otherwise the target)")
+    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (or, with no --draft, of the target: "
+                             "--draft-layers 0-11 is the demo's self-speculative first-12-layers draft)")
     parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: calibrate once, cached)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")

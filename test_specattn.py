@@ -1052,3 +1052,120 @@ def test_eval_torchrun_two_processes_equals_one(tiny_checkpoint, tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "select_s"} for r in rows]  # noqa: E731
     assert strip(b["summary"]) == strip(a["summary"])
     assert (tmp_path / "two.rank0.json").exists() and (tmp_path / "two.rank1.json").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# train_draft.py: a distilled draft that borrows the target's embedding
+
+import train_draft as TD  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tied_checkpoint(tmp_path_factory):
+    """A tiny tied-embedding HF Llama checkpoint with a tokenizer, and two training books."""
+    tmp = tmp_path_factory.mktemp("draft")
+    hf_tok, tok_dir = train_hf_tokenizer(tmp, "gpt2")
+    _, ckpt = save_hf(tmp, hf_llama_config(vocab_size=hf_tok.get_vocab_size(), num_hidden_layers=4,
+                                           tie_word_embeddings=True, max_position_embeddings=512), seed=5)
+    for f in tok_dir.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    books = []
+    for i in range(2):
+        books.append(tmp / f"book{i}.txt")
+        books[-1].write_text(BOOK_TEXT[i * 50:] * 2)
+    return ckpt, books
+
+
+def test_train_draft_learns_saves_and_reloads(tied_checkpoint, tmp_path):
+    ckpt, books = tied_checkpoint
+    common = ["--target", str(ckpt), "--books", *map(str, books), "--init-layers", "0,3", "--batch", "4",
+              "--seq-len", "48", "--pool", "6", "--reuse", "2", "--prompt-len", "8", "--holdout", "96",
+              "--warmup", "5", "--lr", "3e-3", "--device", "cpu", "--log-every", "5"]
+    out = TD.main([*common, "--out", str(tmp_path / "d"), "--steps", "40"])
+    info = json.loads((out / "config.json").read_text())["specattn_draft"]
+    hist = info["history"]
+    assert hist[-1]["token_kl"] < 0.7 * hist[0]["token_kl"], hist
+    assert info["acceptance_heldout_after"] > info["acceptance_heldout_before"]
+    assert info["recipe"]["steps"] == 40 and info["recipe"]["init_layers"] == "0,3"
+
+    # Only the draft's own tensors are stored; the embedding (and tied head) is the target's.
+    from safetensors import safe_open
+    names = set()
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as sf:
+            names |= set(sf.keys())
+    assert "model.embed_tokens.weight" not in names and "lm_head.weight" not in names
+    assert "model.layers.1.mlp.down_proj.weight" in names and "model.norm.weight" in names
+
+    target, draft, tok = SA.load_pair(ckpt, out, device="cpu", dtype=torch.float32)
+    assert draft.args.n_layers == 2 and draft.tok_embeddings.weight is target.tok_embeddings.weight
+    assert draft.output.weight is target.tok_embeddings.weight
+    # Its predictions match the draft as trained, up to the bf16 storage.
+    x = torch.tensor(tok.encode(BOOK_TEXT)[:40])[None]
+    with torch.no_grad():
+        acc = TD.expected_acceptance(target, draft, [x[0]], 40)
+    assert abs(acc - info["acceptance_heldout_after"]) < 0.05 or acc > info["acceptance_heldout_before"]
+
+    # It plugs into the loop: greedy speculative decoding still reproduces the target.
+    want = SA.greedy_generate(target, x[0, :10].tolist(), 12)
+    got, _ = SA.speculative_generate(target, draft, x[0, :10].tolist(), 12, gamma=3)
+    assert got == want
+
+
+def test_train_draft_attention_loss_aligns_attention(tied_checkpoint, tmp_path):
+    """With only the attention term weighing much, its KL falls."""
+    ckpt, books = tied_checkpoint
+    out = TD.main(["--target", str(ckpt), "--books", *map(str, books), "--init-layers", "1", "--batch", "4",
+                   "--seq-len", "40", "--policy-frac", "0", "--holdout", "96", "--warmup", "3", "--lr", "3e-3",
+                   "--attn-loss", "20", "--dense-layers", "1", "--steps", "25", "--log-every", "1",
+                   "--device", "cpu", "--out", str(tmp_path / "a")])
+    hist = json.loads((out / "config.json").read_text())["specattn_draft"]["history"]
+    first, last = sum(h["attn_kl"] for h in hist[:3]), sum(h["attn_kl"] for h in hist[-3:])
+    assert last < 0.8 * first, hist
+
+
+def test_attention_groups_and_kl():
+    assert TD.attention_groups(n_target_layers=8, n_draft_layers=3, dense_layers=2) == {
+        2: 0, 3: 0, 4: 1, 5: 1, 6: 2, 7: 2}
+    rows = torch.softmax(torch.randn(2, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -1e9), -1)
+    assert TD.attention_kl(rows, rows, skip=0).abs() < 1e-6
+    other = torch.softmax(torch.randn(2, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -1e9), -1)
+    manual = sum((rows[b, t, :t + 1] * (rows[b, t, :t + 1] / other[b, t, :t + 1]).log()).sum()
+                 for b in range(2) for t in range(2, 6)) / 8
+    assert torch.allclose(TD.attention_kl(rows, other, skip=2), manual, atol=1e-5)
+
+
+def test_load_draft_rejects_another_target(tied_checkpoint, tmp_path):
+    ckpt, books = tied_checkpoint
+    target = M.load_model(ckpt, device="cpu", dtype=torch.float32)
+    draft = TD.init_draft(target, [0])
+    out = TD.save_draft(draft, json.loads((ckpt / "config.json").read_text()), tmp_path / "d",
+                        {"target": "tiny", "embedding_probe": M.embedding_probe(target)})
+    assert M.load_draft(out, target).args.n_layers == 1
+    other = M.load_model(ckpt, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        other.tok_embeddings.weight.add_(0.5)
+    with pytest.raises(ValueError, match="extends tiny.*matching --target"):
+        M.load_draft(out, other)
+    with pytest.raises(ValueError, match="not a draft saved by train_draft.py"):
+        M.load_draft(ckpt, target)
+    with pytest.raises(ValueError, match="--draft-layers picks layers"):
+        SA.load_pair(ckpt, out, draft_layers=[0], device="cpu", dtype=torch.float32)
+
+
+def test_compile_pointwise_matches_eager():
+    m = tiny_model(seed=4)
+    x = torch.randint(0, m.args.vocab_size, (2, 9))
+    cache = m.new_cache(batch_size=2, max_len=32)
+    with torch.no_grad():
+        want = m(x)
+        M.compile_pointwise(True)
+        try:
+            got = m(x)
+            m(x[:, :5], cache=cache)
+            step = m(x[:, 5:], cache=cache)  # other shapes: recompiled or dynamic, still right
+        finally:
+            M.compile_pointwise(False)
+    assert M.Pointwise.rms_norm is M.rms_norm  # eager again for the other tests
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step, want[:, 5:], atol=1e-4, rtol=1e-4)

@@ -262,7 +262,7 @@ def train(target: Transformer, draft: Transformer, batches: Batches, steps: int,
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         x = batches()
-        with autocast(device):
+        with torch.enable_grad(), autocast(device):
             loss, token_kl, attn_kl = distill_loss(target, draft, x, attn_weight, groups)
         opt.zero_grad(set_to_none=True)
         loss.backward()
