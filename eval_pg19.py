@@ -391,6 +391,8 @@ def parse_args(argv=None):
     parser.add_argument("--prefill-frac", type=float, default=0.1, help="leading fraction read densely, not scored")
     parser.add_argument("--gamma", type=int, default=4, help="block size (draft tokens per speculative step)")
     parser.add_argument("--dense-layers", type=int, default=2, help="first target layers kept dense for all methods")
+    parser.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
+                        help="SpecAttn: always read the first N positions (attention sinks), whatever the draft says")
     parser.add_argument("--combine", choices=["union", "mean"], default="union",
                         help="SpecAttn: running union of the draft rows' top-p sets, or top-p of their running mean")
     parser.add_argument("--per-head", action="store_true", help="select per KV head (draft heads must group into "
@@ -460,7 +462,7 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    cfg = SelectionConfig(topp=args.topp[0], dense_layers=args.dense_layers, combine=args.combine,
+    cfg = SelectionConfig(topp=args.topp[0], dense_layers=args.dense_layers, combine=args.combine, sinks=args.sinks,
                           per_head=args.per_head)
     runs = make_runs(args.methods, args.topp)
     min_tokens = args.max_tokens if args.protocol == "paper" else 16 * args.gamma

@@ -326,11 +326,11 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
 
 @triton.jit
 def _sparse_attn_split_kernel(
-        q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr,
+        q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, scores_ptr,
         past_len, scale_log2, n_splits, H_KV, si_b, si_h, sc_b, sc_h,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DENSE: tl.constexpr, PRECISION: tl.constexpr):
+        DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
@@ -364,6 +364,10 @@ def _sparse_attn_split_kernel(
             kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
             s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N]
             s = tl.where(valid[None, :], s, float("-inf"))
+            if STORE_SCORES:  # the last token's scores of each query head, for _last_row_kernel
+                last = (rows < G * T) & (rows % T == T - 1)
+                dst = scores_ptr + (bh * G + rows // T)[:, None] * past_len + pos[None, :]
+                tl.store(dst, s, mask=last[:, None] & valid[None, :])
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
@@ -418,27 +422,22 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, n_parts, H_KV, so_b, 
 
 
 @triton.jit
-def _last_row_kernel(q_ptr, k_ptr, stats_ptr, row_ptr, past_len, scale_log2, H_KV, sq_b, sq_h, sq_t,
-                     sk_b, sk_h, sk_s, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Second pass over K: the last query's attention probabilities on cached positions,
-    summed over the G query heads of each KV head. With the final max and sum of every
-    softmax row known, each probability is one exp2; no score matrix is ever stored."""
+def _last_row_kernel(scores_ptr, stats_ptr, row_ptr, past_len, H_KV, T: tl.constexpr, G: tl.constexpr,
+                     G_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The last query's attention probabilities on cached positions, summed over the G query
+    heads of each KV head. The split pass stored that query's scores (log2 units); with
+    each softmax row's final max and sum known after the merge, every probability is one
+    exp2. Reads G fp32 scores per position instead of going back to the D-wide keys."""
     bh, blk = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H_KV, bh % H_KV
-    rows = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
-    last = (rows < G * T) & (rows % T == T - 1)  # the last token of each head in the group
-    q_rows = q_ptr + b * sq_b + (h * G + rows // T) * sq_h + (rows % T) * sq_t
-    q = tl.load(q_rows[:, None] + d[None, :], mask=last[:, None], other=0.0)  # [M, D]
-    m = tl.load(stats_ptr + (bh * BLOCK_M + rows) * 2, mask=last, other=0.0)
-    den = tl.load(stats_ptr + (bh * BLOCK_M + rows) * 2 + 1, mask=last, other=1.0)
+    g = tl.arange(0, G_BLOCK)
+    stat = bh * BLOCK_M + g * T + (T - 1)  # the merge's row for (query head g, last token)
+    m = tl.load(stats_ptr + stat * 2, mask=g < G, other=0.0)
+    den = tl.load(stats_ptr + stat * 2 + 1, mask=g < G, other=1.0)
     j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = j < past_len
-    kt = tl.load(k_ptr + b * sk_b + h * sk_h + j[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)
-    s = tl.dot(q, kt) * scale_log2  # [M, N]
-    p = tl.where(last[:, None], tl.exp2(s - m[:, None]) / den[:, None], 0.0)
-    tl.store(row_ptr + bh * past_len + j, tl.sum(p, axis=0), mask=valid)
+    ok = (g[:, None] < G) & (j[None, :] < past_len)
+    s = tl.load(scores_ptr + (bh * G + g)[:, None] * past_len + j[None, :], mask=ok, other=float("-inf"))
+    p = tl.exp2(s - m[:, None]) / den[:, None]  # [G_BLOCK, N]
+    tl.store(row_ptr + bh * past_len + j, tl.sum(p, axis=0), mask=j < past_len)
 
 
 def _sm_count(device) -> int:
@@ -451,7 +450,8 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     for shapes). idx/count come from `topp_select` (or any compacted selection); idx None
     reads every cached position. return_last_row (dense only) also returns what a draft
     needs for SpecAttn: the last query's attention on the cached positions, summed over the
-    query heads of each KV head, [B, Hkv, past_len] fp32, from a second pass over K.
+    query heads of each KV head, [B, Hkv, past_len] fp32, from the scores the main pass
+    stored (4 bytes per query head and position, far less than the keys).
     Falls back to the reference on a CPU without the interpreter."""
     if not _use_triton(q):
         return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row)
@@ -482,13 +482,15 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     l = torch.empty_like(m)
     scale = (scale or 1 / math.sqrt(D)) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # With return_last_row, the last token's scores [B*Hkv*G, past_len] (fp32) are kept.
+    scores = torch.empty((B * Hq, past_len), device=q.device, dtype=torch.float32) if return_last_row else None
     _sparse_attn_split_kernel[(B * Hkv, parts)](
-        q, k_cache, v_cache, idx, count, acc, m, l, past_len, scale, n_splits, Hkv,
+        q, k_cache, v_cache, idx, count, acc, m, l, scores, past_len, scale, n_splits, Hkv,
         *((0, 0, 0, 0) if dense else (idx.stride(0), idx.stride(1), count.stride(0), count.stride(1))),
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        DENSE=dense, PRECISION=precision, num_warps=num_warps)
+        DENSE=dense, PRECISION=precision, STORE_SCORES=return_last_row, num_warps=num_warps)
     out = torch.empty_like(q)
     stats = torch.empty((B * Hkv, block_m, 2), device=q.device, dtype=torch.float32) if return_last_row else None
     _merge_kernel[(B * Hkv, G * T)](acc, m, l, out, stats, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
@@ -498,10 +500,9 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
         return out
     row = torch.empty((B, Hkv, past_len), device=q.device, dtype=torch.float32)
     if past_len:
-        _last_row_kernel[(B * Hkv, triton.cdiv(past_len, 128))](
-            q, k_cache, stats, row, past_len, scale, Hkv, q.stride(0), q.stride(1), q.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), T=T, G=G, D=D, BLOCK_M=block_m,
-            BLOCK_N=128, num_warps=4)
+        _last_row_kernel[(B * Hkv, triton.cdiv(past_len, 512))](
+            scores, stats, row, past_len, Hkv, T=T, G=G, G_BLOCK=triton.next_power_of_2(G), BLOCK_M=block_m,
+            BLOCK_N=512, num_warps=4)
     return out, row
 
 

@@ -374,6 +374,8 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p in (0, 1]; 1 = dense verification")
     parser.add_argument("--dense-layers", type=int, default=2, help="first target layers that always stay dense")
+    parser.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
+                        help="SpecAttn: always read the first N positions (attention sinks), whatever the draft says")
     parser.add_argument("--combine", choices=["union", "mean"], default="union",
                         help="union of the draft rows' top-p sets, or top-p of their mean")
     parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
@@ -404,7 +406,7 @@ def main(argv=None):
         ids, stats = speculative_generate(target, draft, prompt_ids, args.max_new_tokens, gamma=args.gamma,
                                           temperature=args.temperature, topp=topp, layer_map=layer_map,
                                           selection=SelectionConfig(topp=args.topp, dense_layers=args.dense_layers,
-                                                                    combine=args.combine),
+                                                                    combine=args.combine, sinks=args.sinks),
                                           generator=gen, eos_id=tokenizer.eos_id)
         results[name] = (ids, stats, time.perf_counter() - t0)
     for name, (ids, stats, secs) in results.items():
