@@ -421,7 +421,7 @@ def load_model(path, device=None, dtype=None, layers=None, shared=None) -> Trans
 
     `layers`: an iterable of HF decoder-layer indices to keep (embedding, final norm and
     head are always kept). `load_model(p, layers=range(12))` is a 12-layer early-exit
-    model of the same checkpoint: the demo's self-speculative draft.
+    model of the same checkpoint: the self-speculative draft the demo compares against.
     `shared`: {HF tensor name: tensor} for tensors the checkpoint leaves out because the
     model borrows them from another one (a trained draft borrows the target's embedding;
     see load_draft). They are used as they are, not copied.
