@@ -380,9 +380,9 @@ def parse_args(argv=None):
     parser.add_argument("--books", type=int, help="evaluate only the first N books")
     parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
     parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by train_draft.py "
-                             "(default with the demo target: its trained draft in draft/; otherwise the target)")
-    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (or, with no --draft, of the target: "
-                             "--draft-layers 0-11 is the demo's self-speculative first-12-layers draft)")
+                                        "(default with the demo target: its trained draft in draft/; otherwise the target)")
+    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no --draft, of the "
+                                               "target: 0-11 is the demo's self-speculative first-12-layers draft)")
     parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: calibrated once, cached)")
     parser.add_argument("--protocol", choices=["paper", "long"], default="paper",
                         help="paper: first 2048 tokens per book, books shorter are skipped; long: up to "

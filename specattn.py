@@ -380,9 +380,9 @@ def main(argv=None):
                         help="union of the draft rows' top-p sets, or top-p of their mean")
     parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
     parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by train_draft.py "
-                             "(default with the demo target: its trained draft in draft/; otherwise the target)")
-    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (or, with no --draft, of the target: "
-                             "--draft-layers 0-11 is the demo's self-speculative first-12-layers draft)")
+                                        "(default with the demo target: its trained draft in draft/; otherwise the target)")
+    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no --draft, of the "
+                                               "target: 0-11 is the demo's self-speculative first-12-layers draft)")
     parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: calibrate once, cached)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
