@@ -18,6 +18,7 @@ measured HBM bandwidth. At batch 1 the 16 GB of weights bound what sparsity can 
 
     python bench.py               # all configurations, about 3 minutes on one H200
     python bench.py --quick       # batch 1 at 8k only
+    python bench.py --profile     # where one verification step's GPU time goes
 """
 
 from __future__ import annotations
@@ -87,14 +88,51 @@ def topp_for_fraction(rows: torch.Tensor, fraction: float) -> float:
 
 
 @torch.no_grad()
+def profile_verify(target: Transformer, B: int, S: int, gamma: int, topp_fraction: float = 0.25, top: int = 12):
+    """Print where one verification step's GPU time goes (kernels grouped by name), dense
+    kernel and SpecAttn at `topp_fraction` kept, pointwise ops compiled."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = target.new_cache(batch_size=B, max_len=S + 16)
+    cache.k.normal_()
+    cache.v.normal_()
+    rows = torch.softmax(3 * torch.randn(DRAFT_1B.n_layers, B, S, device="cuda"), -1)
+    p = topp_for_fraction(rows[:2], topp_fraction)
+    block = torch.randint(0, TARGET_8B.vocab_size, (B, gamma + 1), device="cuda")
+    target.subset_attention = kernel_attention
+    compile_pointwise(True)
+    for name, sparse in (("kernel dense", False), (f"specattn {topp_fraction:.0%}", True)):
+        def step():
+            cache.length = S
+            chosen = batched_selection(rows, p) if sparse else {}
+            return target(block, cache=cache, select=lambda layer, q, k: chosen.get(layer))
+        replay = kernels._graphed(step)
+        replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                replay()
+            torch.cuda.synchronize()
+        print(f"## {name}, B={B}, S={S}, γ={gamma}: CUDA time per step by kernel (5 graph replays)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
+
+
+@torch.no_grad()
 def main():
     parser = argparse.ArgumentParser(description="Time SpecAttn verification against dense on a GPU.")
     parser.add_argument("--quick", action="store_true", help="batch 1 at 8k only")
     parser.add_argument("--accepted", type=float, default=3.0,
                         help="mean accepted draft tokens per step assumed for tokens/s")
     parser.add_argument("--no-compile", action="store_true", help="keep the pointwise ops eager in every column")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the tables: where one verification step's time goes (B=1 at 8k and 128k)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the markdown table")
     args = parser.parse_args()
+    if args.profile:
+        target = random_model(TARGET_8B)
+        for S in (8192, 131072):
+            profile_verify(target, B=1, S=S, gamma=4)
+        return
     bw = kernels._hbm_bandwidth()
     target, draft = random_model(TARGET_8B), random_model(DRAFT_1B)
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
