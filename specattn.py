@@ -75,6 +75,9 @@ def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None,
         target_path = demo_target()
         if draft_path is None and draft_layers is None:
             draft_path = DEMO_DRAFT
+            if not (DEMO_DRAFT / "config.json").exists():
+                raise FileNotFoundError(f"the demo's trained draft {DEMO_DRAFT} is missing: restore the repo's "
+                                        f"draft/ folder, make one with train_draft.py, or pass --draft-layers 0-11")
     draft_path = draft_path or target_path
     for name, path in (("--target", target_path), ("--draft", draft_path)):
         if not Path(path).is_dir():
