@@ -380,7 +380,8 @@ def parse_args(argv=None):
     parser.add_argument("--books", type=int, help="evaluate only the first N books")
     parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
     parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by train_draft.py "
-                                        "(default with the demo target: its trained draft in draft/; otherwise the target)")
+                                        "(default with the demo target: its trained draft in draft/; otherwise "
+                                        "the target)")
     parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no --draft, of the "
                                                "target: 0-11 is the demo's self-speculative first-12-layers draft)")
     parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: calibrated once, cached)")

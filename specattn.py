@@ -383,7 +383,8 @@ def main(argv=None):
                         help="union of the draft rows' top-p sets, or top-p of their mean")
     parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
     parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by train_draft.py "
-                                        "(default with the demo target: its trained draft in draft/; otherwise the target)")
+                                        "(default with the demo target: its trained draft in draft/; otherwise "
+                                        "the target)")
     parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no --draft, of the "
                                                "target: 0-11 is the demo's self-speculative first-12-layers draft)")
     parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: calibrate once, cached)")
