@@ -508,18 +508,25 @@ def embedding_probe(model: Transformer) -> list[float]:
     return [round(float(x), 6) for r in rows for x in w[r, :4].float().tolist()]
 
 
+def draft_info(path) -> Optional[dict]:
+    """The "specattn_draft" entry of path/config.json, which marks a draft saved by
+    train_draft.py (own layers only, the target's embedding borrowed); None otherwise."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("specattn_draft")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def load_draft(path, target: Transformer) -> Transformer:
     """A draft saved by train_draft.py: its own decoder layers and final norm from `path`,
     and the target's token embedding (and so its tied head) shared, not copied.
 
     config.json's "specattn_draft" entry names the target it extends, with an embedding
     probe that must match `target`'s."""
-    path = Path(path)
-    try:
-        info = json.loads((path / "config.json").read_text())["specattn_draft"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{path} is not a draft saved by train_draft.py ({e!r}); "
-                         f"load ordinary checkpoints with load_model") from None
+    info = draft_info(path)
+    if info is None:
+        raise ValueError(f"{path} is not a draft saved by train_draft.py (no readable config.json with a "
+                         f"'specattn_draft' entry); load ordinary checkpoints with load_model")
     probe = torch.tensor(embedding_probe(target))
     if probe.shape != torch.Size([len(info["embedding_probe"])]) or not torch.allclose(
             probe, torch.tensor(info["embedding_probe"]), rtol=1e-2, atol=1e-3):

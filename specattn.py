@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from kernels import topp_mask
-from model import Tokenizer, Transformer, load_draft, load_model
+from model import Tokenizer, Transformer, draft_info, load_draft, load_model
 
 # ----------------------------------------------------------------------------------------
 # Loading a target/draft pair
@@ -55,14 +55,6 @@ def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
 
 
 DEMO_DRAFT = Path(__file__).resolve().parent / "draft"  # train_draft.py's draft for the demo target
-
-
-def is_trained_draft(path) -> bool:
-    """Saved by train_draft.py: its own layers only, the target's embedding borrowed."""
-    try:
-        return "specattn_draft" in json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None, dtype=None):
@@ -84,7 +76,7 @@ def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None,
             raise FileNotFoundError(f"{name} {path}: no such directory; pass a Hugging Face checkpoint directory")
     tokenizer = Tokenizer.from_pretrained(target_path)
     target = load_model(target_path, device=device, dtype=dtype)
-    if is_trained_draft(draft_path):  # shares the target's embedding, and so its tokenizer
+    if draft_info(draft_path) is not None:  # shares the target's embedding, and so its tokenizer
         if draft_layers is not None:
             raise ValueError("--draft-layers picks layers of a full checkpoint; a draft from train_draft.py "
                              "is used whole")

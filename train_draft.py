@@ -145,6 +145,7 @@ class Batches:
 
     def __init__(self, target, train_tokens, batch, seq_len, policy_frac, pool, reuse, prompt_len, generator):
         self.target, self.tokens, self.batch, self.seq_len = target, train_tokens, batch, seq_len
+        self.device = target.output.weight.device
         self.n_policy = round(batch * policy_frac)
         self.pool_size, self.reuse, self.prompt_len, self.g = pool, reuse, prompt_len, generator
         self.pool, self.pos, self.uses, self.sampling_s = None, 0, 0, 0.0
@@ -154,8 +155,7 @@ class Batches:
             if self.pool is None or self.uses >= self.reuse:
                 t0 = time.time()
                 prompts = random_windows(self.tokens, self.pool_size, self.prompt_len, self.g)
-                device = self.target.output.weight.device
-                self.pool = sample_from_target(self.target, prompts.to(device), self.seq_len, self._device_gen())
+                self.pool = sample_from_target(self.target, prompts.to(self.device), self.seq_len, self._device_gen())
                 self.uses = 0
                 self.sampling_s += time.time() - t0
             self.pool = self.pool[torch.randperm(len(self.pool), generator=self.g)]
@@ -165,14 +165,12 @@ class Batches:
         return out
 
     def _device_gen(self) -> torch.Generator:
-        device = self.target.output.weight.device
-        g = torch.Generator(device=device)
+        g = torch.Generator(device=self.device)
         g.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=self.g)))
         return g
 
     def __call__(self) -> torch.Tensor:
-        device = self.target.output.weight.device
-        books = random_windows(self.tokens, self.batch - self.n_policy, self.seq_len, self.g).to(device)
+        books = random_windows(self.tokens, self.batch - self.n_policy, self.seq_len, self.g).to(self.device)
         if self.n_policy == 0:
             return books
         return torch.cat([books, self._policy(self.n_policy)], 0)  # [batch, seq_len]
