@@ -7,8 +7,11 @@ steps + verification). Timing needs no trained weights: shapes and bytes decide 
 Variants of the verification step, each captured once as a CUDA graph and replayed
 (no Python in the timed region, no host sync anywhere in the step):
   sdpa          dense, PyTorch SDPA (model.subset_attention)
-  kernel dense  dense, kernels.sparse_attention with every position; once with eager
-                pointwise ops, then (like every later variant) with model.compile_pointwise()
+  kd plain      dense, kernels.sparse_attention with every position, on the model as
+                loaded (eager pointwise ops, separate wq/wk/wv and w1/w3 matmuls)
+  kd            the same on the decode-ready model, as every other column: pointwise ops
+                compiled (model.compile_pointwise) and projections stacked
+                (model.fuse_projections)
   specattn X%   top-p selection on the draft rows (kernels.topp_select, all sparse layers
                 in one batched call) + kernels.sparse_attention on what it keeps; the
                 selection is inside the timed region
@@ -16,7 +19,7 @@ Variants of the verification step, each captured once as a CUDA graph and replay
 Next to every time: its bytes floor = (target weights + KV entries actually read) /
 measured HBM bandwidth. At batch 1 the 16 GB of weights bound what sparsity can save.
 
-    python bench.py               # all configurations, about 3 minutes on one H200
+    python bench.py               # all configurations, about 2 minutes on one H200
     python bench.py --quick       # batch 1 at 8k only
     python bench.py --profile     # where one verification step's GPU time goes
 """
@@ -31,7 +34,7 @@ from triton.testing import do_bench
 
 import kernels
 from kernels import sparse_attention, topp_mask_reference, topp_select
-from model import ModelArgs, Transformer, compile_pointwise, subset_attention
+from model import ModelArgs, Transformer, compile_pointwise, fuse_projections, subset_attention
 
 MAX_LEN = 131072 + 64
 TARGET_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
@@ -101,6 +104,7 @@ def profile_verify(target: Transformer, B: int, S: int, gamma: int, topp_fractio
     block = torch.randint(0, TARGET_8B.vocab_size, (B, gamma + 1), device="cuda")
     target.subset_attention = kernel_attention
     compile_pointwise(True)
+    fuse_projections(target)
     for name, sparse in (("kernel dense", False), (f"specattn {topp_fraction:.0%}", True)):
         def step():
             cache.length = S
@@ -135,7 +139,9 @@ def main():
             profile_verify(target, B=1, S=S, gamma=4)
         return
     bw = kernels._hbm_bandwidth()
-    target, draft = random_model(TARGET_8B), random_model(DRAFT_1B)
+    # The plain model is kept for the `kd plain` column; every other column runs on fused ones.
+    plain, target, draft = random_model(TARGET_8B), fuse_projections(random_model(TARGET_8B)), \
+        fuse_projections(random_model(DRAFT_1B))
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
     draft_bytes = sum(p.numel() * p.element_size() for p in draft.parameters())
     lines = []
@@ -147,8 +153,9 @@ def main():
     say(f"# {torch.cuda.get_device_name()}; HBM {bw / 1e12:.2f} TB/s; target {weight_bytes / 1e9:.1f} GB, "
         f"draft {draft_bytes / 1e9:.1f} GB (bf16, random weights)")
     say("## one verification step (ms, CUDA graph); floor = (weights + KV read) / HBM; achieved = floor / time")
-    say("kd = kernel dense. Pointwise ops compiled (model.compile_pointwise) in every column but `kd eager`.")
-    say("| B | S | γ | sdpa | kd eager | kd | specattn 25% | specattn 10% | 25% vs sdpa | 25% vs kd "
+    say("kd = kernel dense. Every column but `kd plain`: pointwise ops compiled (model.compile_pointwise), "
+        "projections stacked (model.fuse_projections)")
+    say("| B | S | γ | sdpa | kd plain | kd | specattn 25% | specattn 10% | 25% vs sdpa | 25% vs kd "
         "| achieved/floor (kd, 25%, 10%) |")
     say("|---|---|---|---|---|---|---|---|---|---|---|")
     configs = [(1, 8192)] if args.quick else [(1, 8192), (1, 32768), (1, 65536), (1, 131072), (8, 8192), (8, 32768)]
@@ -166,20 +173,20 @@ def main():
         for gamma in (4, 8):
             block = torch.randint(0, TARGET_8B.vocab_size, (B, gamma + 1), device="cuda")
 
-            def verify(variant, topp=None):
+            def verify(variant, topp=None, model=target):
                 t_cache.length = S
                 if variant == "sdpa":
-                    target.subset_attention, select = subset_attention, None
+                    model.subset_attention, select = subset_attention, None
                 else:
-                    target.subset_attention = kernel_attention
+                    model.subset_attention = kernel_attention
                     select = None
                     if variant == "specattn":
                         chosen = batched_selection(draft_rows, topp)
                         select = lambda layer, q, k: chosen.get(layer)  # noqa: E731
-                return target(block, cache=t_cache, select=select)
+                return model(block, cache=t_cache, select=select)
 
             compile_pointwise(False)
-            t_eager = graphed_ms(lambda: verify("kernel"))
+            t_plain = graphed_ms(lambda: verify("kernel", model=plain))
             compile_pointwise(not args.no_compile)
             times = [graphed_ms(lambda: verify("sdpa")), graphed_ms(lambda: verify("kernel"))]
             reads = [S * TARGET_8B.n_layers * TARGET_8B.n_kv_heads * B]
@@ -190,7 +197,7 @@ def main():
                 reads.append((DENSE_LAYERS * S * B + sparse) * TARGET_8B.n_kv_heads)
             floors = [(weight_bytes + r * kv_entry) / bw * 1e3 for r in reads]
             ach = ", ".join(f"{f / t:.2f}" for f, t in zip(floors, times[1:]))
-            say(f"| {B} | {S} | {gamma} | {times[0]:.3f} | {t_eager:.3f} | {times[1]:.3f} | {times[2]:.3f} | "
+            say(f"| {B} | {S} | {gamma} | {times[0]:.3f} | {t_plain:.3f} | {times[1]:.3f} | {times[2]:.3f} | "
                 f"{times[3]:.3f} | {times[0] / times[2]:.2f}x | {times[1] / times[2]:.2f}x | {ach} |")
 
         # A whole speculative step at γ=4: γ draft steps + verify, all on the kernel.
@@ -242,7 +249,7 @@ def main():
         t_cache = d_cache = None  # free this configuration's caches before the next one
         torch.cuda.empty_cache()
     say()
-    say(f"## whole speculative step, γ=4 (ms, CUDA graph, pointwise compiled); tokens/s at {args.accepted:g} "
+    say(f"## whole speculative step, γ=4 (ms, CUDA graph, decode-ready models); tokens/s at {args.accepted:g} "
         f"accepted draft tokens per step. SpecAttn selects at the p keeping ~25% of these draft rows' positions "
         f"(kept: the fraction actually kept), from the rows of all γ draft steps or (timing only) of the last one")
     say("| B | S | dense spec step | SpecAttn (all rows) | SpecAttn (last row) | kept (all / last) | dense tok/s "

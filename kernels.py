@@ -315,28 +315,32 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
 
 
 # ----------------------------------------------------------------------------------------
-# Sparse verification attention: Triton (split-KV, then merge)
+# Sparse verification attention: Triton (split-KV; the last split of each head merges)
 #
 # One program = one (batch, KV head) and one split of its selected positions. It holds
 # the whole query group, G query heads x T new tokens = G*T rows, so each gathered K/V
 # row is read once for all of them (the GQA saving). The last split of every KV head is
 # the new block itself, read causally. Each program writes an unnormalised partial
-# softmax; _merge_kernel rescales the partials to a common max and adds them.
+# softmax (acc, running max m, running sum l) and then bumps its head's counter; the
+# program that arrives last has every partial of its head in memory (most still in L2)
+# and merges them into the output. No second launch, no host sync. The counters are
+# reset by the program that merges, so the buffer is ready for the next call.
 
 
 @triton.jit
 def _sparse_attn_split_kernel(
-        q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, scores_ptr,
+        q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, lock_ptr, scores_ptr,
         past_len, scale_log2, n_splits, H_KV, si_b, si_h, sc_b, sc_h,
-        sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+        sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr):
+        DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, FUSED_MERGE: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
+    real = rows < G * T  # BLOCK_M is G*T rounded up to a power of 2 (>= 16, for tl.dot)
     d = tl.arange(0, D)
     q_rows = q_ptr + b * sq_b + (h * G + rows // T) * sq_h + (rows % T) * sq_t
-    q = tl.load(q_rows[:, None] + d[None, :], mask=rows[:, None] < G * T, other=0.0)  # [M, D]
+    q = tl.load(q_rows[:, None] + d[None, :], mask=real[:, None], other=0.0)  # [M, D]
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 units)
@@ -365,7 +369,7 @@ def _sparse_attn_split_kernel(
             s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N]
             s = tl.where(valid[None, :], s, float("-inf"))
             if STORE_SCORES:  # the last token's scores of each query head, for _last_row_kernel
-                last = (rows < G * T) & (rows % T == T - 1)
+                last = real & (rows % T == T - 1)
                 dst = scores_ptr + (bh * G + rows // T)[:, None] * past_len + pos[None, :]
                 tl.store(dst, s, mask=last[:, None] & valid[None, :])
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -386,51 +390,74 @@ def _sparse_attn_split_kernel(
         v = tl.load(v_base + (past_len + c[:, None]) * sv_s + d[None, :], mask=c[:, None] < T, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = tl.sum(p, axis=1)
-    out = (bh * (n_splits + 1) + split) * BLOCK_M + rows
-    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc)
-    tl.store(m_ptr + out, m_i)
-    tl.store(l_ptr + out, l_i)
+    # Partials hold only the G*T real rows: [B*Hkv, n_splits + 1, G*T, (D)], fp32.
+    n_parts = n_splits + 1
+    out = (bh * n_parts + split) * (G * T) + rows
+    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=real[:, None])
+    tl.store(m_ptr + out, m_i, mask=real)
+    tl.store(l_ptr + out, l_i, mask=real)
+    if FUSED_MERGE:
+        # Release: every thread's partial stores happen before the counter moves.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + bh, 1, sem="acq_rel")
+        if arrived == n_parts - 1:  # this head's last program: all partials are written
+            tl.debug_barrier()
+            _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_parts,
+                        b * so_b + h * G * so_h, so_h, so_t, bh, rows, T, G, D, BLOCK_M, STORE_SCORES)
+            tl.store(lock_ptr + bh, 0)  # ready for the next launch
+
+
+@triton.jit
+def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_parts, o_off, so_h, so_t, bh, rows,
+                T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_STATS: tl.constexpr):
+    """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s, for every row at
+    once, folding the parts in one at a time (the same rescaling as the main loop).
+    Loads bypass L1 (.cg): other multiprocessors wrote these partials."""
+    real = rows < G * T
+    d = tl.arange(0, D)
+    m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    num = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for s in range(0, n_parts):
+        part = first + s * (G * T) + rows
+        m_s = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
+        l_s = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
+        acc_s = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0,
+                        cache_modifier=".cg")
+        m_new = tl.maximum(m, m_s)
+        old, new = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
+        num = num * old[:, None] + acc_s * new[:, None]
+        den = den * old + l_s * new
+        m = m_new
+    den = tl.where(real, den, 1.0)  # padding rows hold nothing
+    dst = o_ptr + o_off + (rows // T) * so_h + (rows % T) * so_t
+    tl.store(dst[:, None] + d[None, :], (num / den[:, None]).to(o_ptr.dtype.element_ty), mask=real[:, None])
+    if WRITE_STATS:  # each row's softmax max and sum, for _last_row_kernel: [B*Hkv, G*T, 2]
+        tl.store(stats_ptr + (bh * (G * T) + rows) * 2, m, mask=real)
+        tl.store(stats_ptr + (bh * (G * T) + rows) * 2 + 1, den, mask=real)
 
 
 @triton.jit
 def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, n_parts, H_KV, so_b, so_h, so_t,
                   T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  PARTS_BLOCK: tl.constexpr, WRITE_STATS: tl.constexpr):
-    """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s, per query row."""
-    bh, r = tl.program_id(0), tl.program_id(1)
+                  WRITE_STATS: tl.constexpr):
+    """The merge as its own launch, one program per (batch, KV head) (for comparison)."""
+    bh = tl.program_id(0)
     b, h = bh // H_KV, bh % H_KV
-    d = tl.arange(0, D)
-    m = tl.full([PARTS_BLOCK], -1.0e30, dtype=tl.float32)
-    for s0 in range(0, n_parts, PARTS_BLOCK):
-        s = s0 + tl.arange(0, PARTS_BLOCK)
-        m = tl.maximum(m, tl.load(m_ptr + (bh * n_parts + s) * BLOCK_M + r, mask=s < n_parts, other=-1.0e30))
-    m_max = tl.max(m, axis=0)
-    num = tl.zeros([D], dtype=tl.float32)
-    den = 0.0
-    for s0 in range(0, n_parts, PARTS_BLOCK):
-        s = s0 + tl.arange(0, PARTS_BLOCK)
-        part = (bh * n_parts + s) * BLOCK_M + r
-        w = tl.exp2(tl.load(m_ptr + part, mask=s < n_parts, other=-1.0e30) - m_max)  # [P]
-        den += tl.sum(w * tl.load(l_ptr + part, mask=s < n_parts, other=0.0), axis=0)
-        acc = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=(s < n_parts)[:, None], other=0.0)
-        num += tl.sum(w[:, None] * acc, axis=0)
-    head, t = h * G + r // T, r % T
-    tl.store(o_ptr + b * so_b + head * so_h + t * so_t + d, (num / den).to(o_ptr.dtype.element_ty))
-    if WRITE_STATS:  # the row's softmax max and sum, for _last_row_kernel
-        tl.store(stats_ptr + (bh * BLOCK_M + r) * 2, m_max)
-        tl.store(stats_ptr + (bh * BLOCK_M + r) * 2 + 1, den)
+    _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_parts, b * so_b + h * G * so_h,
+                so_h, so_t, bh, tl.arange(0, BLOCK_M), T, G, D, BLOCK_M, WRITE_STATS)
 
 
 @triton.jit
 def _last_row_kernel(scores_ptr, stats_ptr, row_ptr, past_len, H_KV, T: tl.constexpr, G: tl.constexpr,
-                     G_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     G_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     """The last query's attention probabilities on cached positions, summed over the G query
     heads of each KV head. The split pass stored that query's scores (log2 units); with
     each softmax row's final max and sum known after the merge, every probability is one
     exp2. Reads G fp32 scores per position instead of going back to the D-wide keys."""
     bh, blk = tl.program_id(0), tl.program_id(1)
     g = tl.arange(0, G_BLOCK)
-    stat = bh * BLOCK_M + g * T + (T - 1)  # the merge's row for (query head g, last token)
+    stat = bh * (G * T) + g * T + (T - 1)  # the merge's row for (query head g, last token)
     m = tl.load(stats_ptr + stat * 2, mask=g < G, other=0.0)
     den = tl.load(stats_ptr + stat * 2 + 1, mask=g < G, other=1.0)
     j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -440,18 +467,33 @@ def _last_row_kernel(scores_ptr, stats_ptr, row_ptr, past_len, H_KV, T: tl.const
     tl.store(row_ptr + bh * past_len + j, tl.sum(p, axis=0), mask=j < past_len)
 
 
+_LOCKS: dict = {}
+
+
+def _locks(device, n: int) -> torch.Tensor:
+    """n int32 zeros kept per device for the merge counters (each launch leaves them at 0).
+    Allocated on first use, outside any CUDA graph capture if a warm-up call comes first."""
+    buf = _LOCKS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _LOCKS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, n_splits=None,
-                     block_n=64, num_warps=4, return_last_row=False):
+                     block_n=None, num_warps=4, num_stages=3, fused_merge=True, return_last_row=False):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). idx/count come from `topp_select` (or any compacted selection); idx None
     reads every cached position. return_last_row (dense only) also returns what a draft
     needs for SpecAttn: the last query's attention on the cached positions, summed over the
     query heads of each KV head, [B, Hkv, past_len] fp32, from the scores the main pass
     stored (4 bytes per query head and position, far less than the keys).
+    n_splits, block_n, num_warps, num_stages: launch choices (None: the measured defaults
+    below); fused_merge=False merges in a second launch, for comparison. The merge counters
+    are one buffer per device: do not run calls on several CUDA streams at once.
     Falls back to the reference on a CPU without the interpreter."""
     if not _use_triton(q):
         return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row)
@@ -472,37 +514,48 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
             raise ValueError("sparse_attention: idx and count must be int32 with a contiguous last dim")
     capacity = past_len if dense else min(past_len, idx.shape[-1])
     block_m = max(16, triton.next_power_of_2(G * T))
+    sm = _sm_count(q.device)
+    few_heads = 4 * B * Hkv < sm  # e.g. batch 1 with 8 KV heads on 132 multiprocessors
+    if block_n is None:
+        block_n = 64 if few_heads else 128
     block_n = max(block_n, triton.next_power_of_2(T))  # also covers the new block in one tile
-    if n_splits is None:  # about 8 programs per multiprocessor, never more than there are blocks
-        n_splits = max(1, min(triton.cdiv(capacity, block_n), triton.cdiv(8 * _sm_count(q.device), B * Hkv)))
+    if n_splits is None:
+        # Every split leaves a partial that the merging program folds in one after another,
+        # so fewer splits are better as long as the multiprocessors stay busy. Measured on
+        # an H200 (`python kernels.py --bench`, variants table): about one program per two
+        # multiprocessors; with few heads, more splits of >= 4096 positions each, up to two
+        # programs per multiprocessor (batch 1 at 128k: 33 splits per head, not 9).
+        n_splits = triton.cdiv(sm, 2 * B * Hkv)
+        if few_heads:
+            n_splits = max(n_splits, min(triton.cdiv(capacity, 4096), triton.cdiv(2 * sm, B * Hkv)))
     n_splits = max(1, min(n_splits, triton.cdiv(capacity, block_n))) if capacity else 0
     parts = n_splits + 1
-    acc = torch.empty((B * Hkv, parts, block_m, D), device=q.device, dtype=torch.float32)
-    m = torch.empty((B * Hkv, parts, block_m), device=q.device, dtype=torch.float32)
+    acc = torch.empty((B * Hkv, parts, G * T, D), device=q.device, dtype=torch.float32)
+    m = torch.empty((B * Hkv, parts, G * T), device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
+    out = torch.empty_like(q)
+    # With return_last_row: the last token's scores [B*Hq, past_len] and each row's softmax (max, sum).
+    scores = torch.empty((B * Hq, past_len), device=q.device, dtype=torch.float32) if return_last_row else None
+    stats = torch.empty((B * Hkv, G * T, 2), device=q.device, dtype=torch.float32) if return_last_row else None
+    locks = _locks(q.device, B * Hkv) if fused_merge else None
     scale = (scale or 1 / math.sqrt(D)) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    # With return_last_row, the last token's scores [B*Hkv*G, past_len] (fp32) are kept.
-    scores = torch.empty((B * Hq, past_len), device=q.device, dtype=torch.float32) if return_last_row else None
     _sparse_attn_split_kernel[(B * Hkv, parts)](
-        q, k_cache, v_cache, idx, count, acc, m, l, scores, past_len, scale, n_splits, Hkv,
+        q, k_cache, v_cache, idx, count, acc, m, l, out, stats, locks, scores, past_len, scale, n_splits, Hkv,
         *((0, 0, 0, 0) if dense else (idx.stride(0), idx.stride(1), count.stride(0), count.stride(1))),
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        DENSE=dense, PRECISION=precision, STORE_SCORES=return_last_row, num_warps=num_warps)
-    out = torch.empty_like(q)
-    stats = torch.empty((B * Hkv, block_m, 2), device=q.device, dtype=torch.float32) if return_last_row else None
-    _merge_kernel[(B * Hkv, G * T)](acc, m, l, out, stats, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
-                                    T=T, G=G, D=D, BLOCK_M=block_m, PARTS_BLOCK=32, WRITE_STATS=return_last_row,
-                                    num_warps=4)
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, PRECISION=precision,
+        STORE_SCORES=return_last_row, FUSED_MERGE=fused_merge, num_warps=num_warps, num_stages=num_stages)
+    if not fused_merge:
+        _merge_kernel[(B * Hkv,)](acc, m, l, out, stats, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
+                                  T=T, G=G, D=D, BLOCK_M=block_m, WRITE_STATS=return_last_row, num_warps=num_warps)
     if not return_last_row:
         return out
     row = torch.empty((B, Hkv, past_len), device=q.device, dtype=torch.float32)
     if past_len:
         _last_row_kernel[(B * Hkv, triton.cdiv(past_len, 512))](
-            scores, stats, row, past_len, Hkv, T=T, G=G, G_BLOCK=triton.next_power_of_2(G), BLOCK_M=block_m,
-            BLOCK_N=512, num_warps=4)
+            scores, stats, row, past_len, Hkv, T=T, G=G, G_BLOCK=triton.next_power_of_2(G), BLOCK_N=512, num_warps=4)
     return out, row
 
 
@@ -650,16 +703,24 @@ def bench(out_dir=None):
         say(f"| {S} | {row[0]:.4f} | {row[1]:.4f} | {row[2]:.4f} | {row[3]:.4f} | {row[1] / row[2]:.1f}x | "
             f"{row[0] / row[2]:.1f}x | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} |")
     say()
-    say("## attention variants at S=131072, 25% kept (ms, CUDA graph)")
-    say("| block_n | num_warps | splits/SM | ms | GB/s |")
-    say("|---|---|---|---|---|")
-    idx, count = _random_selection(1, Hkv, S, 0.25, dev)
-    read = (count.sum().item() + Hkv * T) * D * 2 * 2 + count.sum().item() * 4
-    for block_n, warps, per_sm in ((64, 4, 8), (128, 4, 8), (64, 8, 8), (128, 8, 4), (32, 4, 16), (64, 4, 16)):
-        splits = triton.cdiv(per_sm * _sm_count(q.device), Hkv)
-        t = do_bench(_graphed(lambda: sparse_attention(q, kc, vc, S, idx, count, n_splits=splits, block_n=block_n,
-                                                       num_warps=warps)), return_mode="median")
-        say(f"| {block_n} | {warps} | {per_sm} | {t:.4f} | {read / (t * 1e-3) / 1e9:.0f} |")
+    say("## launch choices: 5 queries (γ=4), 32 q-heads / 8 KV heads, D=128, bf16; one selection per batch row")
+    say("µs, median, CUDA graph replays. default = the choices sparse_attention makes; splits per head from")
+    say("programs per multiprocessor (/SM); `own launch` = the merge as a second kernel instead of by each")
+    say("head's last program")
+    say("| B | S | kept | default | own launch | " + " | ".join(
+        f"{ps:g}/SM, {bn}" for ps in (0.5, 1, 2, 8) for bn in (64, 128)) + " |")
+    say("|---|---|---|---|---|" + "---|" * 8)
+    sm = _sm_count(torch.device(dev))
+    for B, S, frac in ((1, 8192, 1.0), (1, 8192, 0.25), (1, 131072, 0.25), (8, 8192, 0.25), (8, 32768, 0.25)):
+        q = torch.randn(B, Hq, 5, D, device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(B, Hkv, S + 5, D, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        sel = _random_selection(B, 1, S, frac, dev) if frac < 1 else (None, None)
+        variants = [{}, {"fused_merge": False}] + [
+            {"n_splits": triton.cdiv(int(ps * sm), B * Hkv), "block_n": bn} for ps in (0.5, 1, 2, 8) for bn in (64, 128)]
+        cells = [do_bench(_graphed(lambda: sparse_attention(q, kc, vc, S, *sel, **kw)), return_mode="median") * 1e3
+                 for kw in variants]
+        say(f"| {B} | {S} | {frac:.0%} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "kernels_bench.md"), "w") as f:

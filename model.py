@@ -265,13 +265,18 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv: Optional[nn.Linear] = None  # wq|wk|wv in one matrix, after fuse_projections()
 
     def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], start: int,
                 select: Optional[SelectFn], return_probs: bool, attend=subset_attention):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2, -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = Pointwise.rope(q, cos, sin), Pointwise.rope(k, cos, sin)
         if cache is not None:
             cache.k[layer, :, :, start:start + T] = k
@@ -289,9 +294,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w13: Optional[nn.Linear] = None  # w1|w3 in one matrix, after fuse_projections()
 
     def forward(self, x):
-        return self.w2(Pointwise.swiglu(self.w1(x), self.w3(x)))
+        gate, up = self.w13(x).chunk(2, -1) if self.w13 is not None else (self.w1(x), self.w3(x))
+        return self.w2(Pointwise.swiglu(gate, up))
 
 
 class RMSNorm(nn.Module):
@@ -366,6 +373,37 @@ class Transformer(nn.Module):
             cache.length = start + T
         logits = self.output(self.norm(h)).float()
         return (logits, probs_per_layer) if return_attn else logits
+
+
+def _stacked(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the outputs of `linears` side by side."""
+    bias = linears[0].bias is not None
+    fused = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears), bias=bias,
+                      device="meta")
+    fused.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
+    if bias:
+        fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
+    return fused
+
+
+@torch.no_grad()
+def fuse_projections(model: Transformer) -> Transformer:
+    """Stack wq|wk|wv into one matrix and w1|w3 into another, in every layer (in place).
+
+    A decode step multiplies a handful of rows by every weight matrix: each matmul is a
+    read of its weight, and the small ones (wk, wv: 1/4 of wq under GQA) are too short to
+    reach full memory bandwidth. Three reads become one, two become one. For inference
+    only: the separate matrices are dropped, so state_dict names change (load first, then
+    fuse); outputs are the same up to the matmul's summation order."""
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        if attn.wqkv is None:
+            attn.wqkv = _stacked([attn.wq, attn.wk, attn.wv])
+            del attn.wq, attn.wk, attn.wv
+        if ffn.w13 is None:
+            ffn.w13 = _stacked([ffn.w1, ffn.w3])
+            del ffn.w1, ffn.w3
+    return model
 
 
 # ----------------------------------------------------------------------------------------

@@ -556,15 +556,30 @@ def test_sparse_attention_matches_reference(T, S, ratio):
     vc = torch.randn(B, Hkv, S + T + 5, D, generator=g)
     for frac in (0.0, 0.15, 1.0):
         idx, count = random_selection(B, Hkv, S, frac, g)
-        got = K.sparse_attention(q, kc, vc, S, idx, count, n_splits=3)
         ref = K.sparse_attention_reference(q, kc, vc, S, idx, count)
-        err = (got - ref).norm() / ref.norm()
-        assert err < 1e-5, f"T={T} S={S} G={ratio} D={D} kept={frac}: rel err {err:.2e}, " \
-                           f"max abs {(got - ref).abs().max():.2e}"
+        for fused in (True, False):  # the merge by each head's last program, or as its own launch
+            got = K.sparse_attention(q, kc, vc, S, idx, count, n_splits=3, fused_merge=fused)
+            err = (got - ref).norm() / ref.norm()
+            assert err < 1e-5, f"T={T} S={S} G={ratio} D={D} kept={frac} fused={fused}: rel err {err:.2e}, " \
+                               f"max abs {(got - ref).abs().max():.2e}"
     dense_ref = K.sparse_attention_reference(q, kc, vc, S)
     assert (got - dense_ref).norm() / dense_ref.norm() < 1e-5  # 100% selected == dense
     dense_kernel = K.sparse_attention(q, kc, vc, S)
     assert (dense_kernel - dense_ref).norm() / dense_ref.norm() < 1e-5
+
+
+def test_sparse_attention_merge_counters_reset():
+    """The fused merge counts arrivals per (batch, KV head) in a shared buffer: every call must
+    leave it at zero, or the next call would merge too early (or never)."""
+    g = torch.Generator().manual_seed(11)
+    q, kc, vc = (torch.randn(3, 4, 2, 32, generator=g), torch.randn(3, 2, 90, 32, generator=g),
+                 torch.randn(3, 2, 90, 32, generator=g))
+    ref = K.sparse_attention_reference(q, kc, vc, 80)
+    for n_splits in (1, 4, 2):
+        got = K.sparse_attention(q, kc, vc, 80, n_splits=n_splits)
+        assert (got - ref).norm() / ref.norm() < 1e-5, f"n_splits={n_splits}"
+    if K._use_triton(q):
+        assert not K._LOCKS[q.device].any(), "merge counters left non-zero"
 
 
 def test_sparse_attention_selection_shared_by_all_kv_heads():
