@@ -333,7 +333,8 @@ def _sparse_attn_split_kernel(
         past_len, scale_log2, n_splits, H_KV, si_b, si_h, sc_b, sc_h,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, FUSED_MERGE: tl.constexpr):
+        DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, FUSED_MERGE: tl.constexpr,
+        PREFETCH: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
@@ -353,18 +354,21 @@ def _sparse_attn_split_kernel(
         j = split * BLOCK_N + tl.arange(0, BLOCK_N)
         if DENSE:
             n_sel = past_len
-        else:  # the next block's indices are fetched one iteration ahead
+        else:  # with PREFETCH, the next block's indices are fetched one iteration ahead
             n_sel = tl.load(count_ptr + b * sc_b + h * sc_h)
             idx_row = idx_ptr + b * si_b + h * si_h
-            next_pos = tl.load(idx_row + j, mask=j < n_sel, other=0)
+            if PREFETCH:
+                next_pos = tl.load(idx_row + j, mask=j < n_sel, other=0)
         for start in range(split * BLOCK_N, n_sel, stride):
             j = start + tl.arange(0, BLOCK_N)
             valid = j < n_sel
             if DENSE:
                 pos = j
-            else:
+            elif PREFETCH:
                 pos = next_pos
                 next_pos = tl.load(idx_row + j + stride, mask=j + stride < n_sel, other=0)
+            else:
+                pos = tl.load(idx_row + j, mask=valid, other=0)
             kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
             s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N]
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -484,7 +488,8 @@ def _sm_count(device) -> int:
 
 
 def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, n_splits=None,
-                     block_n=None, num_warps=4, num_stages=3, fused_merge=True, return_last_row=False):
+                     block_n=None, num_warps=4, num_stages=3, fused_merge=True, prefetch=True,
+                     return_last_row=False):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). idx/count come from `topp_select` (or any compacted selection); idx None
     reads every cached position. return_last_row (dense only) also returns what a draft
@@ -492,7 +497,8 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     query heads of each KV head, [B, Hkv, past_len] fp32, from the scores the main pass
     stored (4 bytes per query head and position, far less than the keys).
     n_splits, block_n, num_warps, num_stages: launch choices (None: the measured defaults
-    below); fused_merge=False merges in a second launch, for comparison. The merge counters
+    below); fused_merge=False merges in a second launch and prefetch=False loads each
+    block's indices in the iteration that uses them, both for comparison. The merge counters
     are one buffer per device: do not run calls on several CUDA streams at once.
     Falls back to the reference on a CPU without the interpreter."""
     if not _use_triton(q):
@@ -546,7 +552,8 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, PRECISION=precision,
-        STORE_SCORES=return_last_row, FUSED_MERGE=fused_merge, num_warps=num_warps, num_stages=num_stages)
+        STORE_SCORES=return_last_row, FUSED_MERGE=fused_merge, PREFETCH=prefetch,
+        num_warps=num_warps, num_stages=num_stages)
     if not fused_merge:
         _merge_kernel[(B * Hkv,)](acc, m, l, out, stats, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
                                   T=T, G=G, D=D, BLOCK_M=block_m, WRITE_STATS=return_last_row, num_warps=num_warps)
@@ -705,18 +712,18 @@ def bench(out_dir=None):
     say()
     say("## launch choices: 5 queries (γ=4), 32 q-heads / 8 KV heads, D=128, bf16; one selection per batch row")
     say("µs, median, CUDA graph replays. default = the choices sparse_attention makes; splits per head from")
-    say("programs per multiprocessor (/SM); `own launch` = the merge as a second kernel instead of by each")
-    say("head's last program")
-    say("| B | S | kept | default | own launch | " + " | ".join(
+    say("programs per multiprocessor (/SM), then block_n; `own launch` = the merge as a second kernel instead")
+    say("of by each head's last program; `no prefetch` = indices loaded in the iteration that uses them")
+    say("| B | S | kept | default | own launch | no prefetch | " + " | ".join(
         f"{ps:g}/SM, {bn}" for ps in (0.5, 1, 2, 8) for bn in (64, 128)) + " |")
-    say("|---|---|---|---|---|" + "---|" * 8)
+    say("|---|---|---|---|---|---|" + "---|" * 8)
     sm = _sm_count(torch.device(dev))
     for B, S, frac in ((1, 8192, 1.0), (1, 8192, 0.25), (1, 131072, 0.25), (8, 8192, 0.25), (8, 32768, 0.25)):
         q = torch.randn(B, Hq, 5, D, device=dev, dtype=torch.bfloat16)
         kc = torch.randn(B, Hkv, S + 5, D, device=dev, dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
         sel = _random_selection(B, 1, S, frac, dev) if frac < 1 else (None, None)
-        variants = [{}, {"fused_merge": False}] + [
+        variants = [{}, {"fused_merge": False}, {"prefetch": False}] + [
             {"n_splits": triton.cdiv(int(ps * sm), B * Hkv), "block_n": bn} for ps in (0.5, 1, 2, 8) for bn in (64, 128)]
         cells = [do_bench(_graphed(lambda: sparse_attention(q, kc, vc, S, *sel, **kw)), return_mode="median") * 1e3
                  for kw in variants]

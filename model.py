@@ -144,7 +144,8 @@ def rope_cos_sin(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D] rotated by the angles of its positions; cos, sin [T, D]."""
+    """x [..., T, D] rotated by the angles of its positions, cos and sin [T, D]; or x
+    [..., T, H, D] with cos and sin [T, 1, D]."""
     # HF layout: the head vector is split into halves (x1, x2), and the pair (x1[i], x2[i])
     # is rotated by angle i. Meta's checkpoints interleave the pairs instead; HF's converter
     # permuted q/k rows once, so HF weights need this layout and no permutation here.
@@ -158,6 +159,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """A residual add and the RMSNorm that reads its result: (h + delta, rms_norm(h + delta)).
+    Together so that compile_pointwise() makes them one kernel with two outputs."""
+    h = h + delta
+    return h, rms_norm(h, weight, eps)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -167,6 +175,7 @@ class Pointwise:
     `compile_pointwise()` can swap in fused versions of the same functions."""
     rope = staticmethod(apply_rope)
     rms_norm = staticmethod(rms_norm)
+    add_rms_norm = staticmethod(add_rms_norm)
     swiglu = staticmethod(swiglu)
 
 
@@ -176,7 +185,8 @@ def compile_pointwise(enable: bool = True) -> None:
     launches, RoPE ~8 per tensor, SwiGLU 2: in a decode step, where each moves a few KB,
     ~30 launches per layer cost more time than their bytes. Matmuls, attention, cache
     writes and the `select` hook stay as they are."""
-    for name, fn in (("rope", apply_rope), ("rms_norm", rms_norm), ("swiglu", swiglu)):
+    for name, fn in (("rope", apply_rope), ("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm),
+                     ("swiglu", swiglu)):
         setattr(Pointwise, name, staticmethod(torch.compile(fn) if enable else fn))
 
 
@@ -270,14 +280,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], start: int,
                 select: Optional[SelectFn], return_probs: bool, attend=subset_attention):
         B, T, _ = x.shape
-        if self.wqkv is not None:
-            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2, -1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = Pointwise.rope(q, cos, sin), Pointwise.rope(k, cos, sin)
+        Hq, Hkv = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x) if self.wqkv is not None else torch.cat([self.wq(x), self.wk(x), self.wv(x)], -1)
+        qkv = qkv.view(B, T, Hq + 2 * Hkv, self.head_dim)  # heads: Hq queries, Hkv keys, Hkv values
+        qk = Pointwise.rope(qkv[:, :, :Hq + Hkv], cos[:, None], sin[:, None])  # queries and keys in one pass
+        q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, T, D]
+        k = qk[:, :, Hq:].transpose(1, 2)  # [B, Hkv, T, D]
+        v = qkv[:, :, Hq + Hkv:].transpose(1, 2)
         if cache is not None:
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
@@ -309,6 +318,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return Pointwise.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, h, delta):
+        """(h + delta, this norm of it)."""
+        return Pointwise.add_rms_norm(h, delta, self.weight, self.eps)
 
 
 class TransformerBlock(nn.Module):
@@ -361,17 +374,21 @@ class Transformer(nn.Module):
             raise ValueError(f"positions up to {start + T} exceed the limit of {limit} "
                              f"(model max positions {self.args.max_seq_len}); use a shorter context")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # [T, D]
-        h = self.tok_embeddings(tokens)  # [B, T, dim]
+        h = self.tok_embeddings(tokens)  # [B, T, dim]: the residual stream
+        # Pre-norm blocks, h += attention(norm(h)); h += feed_forward(norm(h)), written so that
+        # each residual add comes with the norm that reads it (x: the normed h).
+        norms = [n for layer in self.layers for n in (layer.attention_norm, layer.ffn_norm)] + [self.norm]
+        x = norms[0](h)
         probs_per_layer = []
         for i, layer in enumerate(self.layers):
-            a, probs = layer.attention(layer.attention_norm(h), cos, sin, i, cache, start, select,
-                                       return_attn, attend=self.subset_attention)
-            h = h + a
-            h = h + layer.feed_forward(layer.ffn_norm(h))
+            a, probs = layer.attention(x, cos, sin, i, cache, start, select, return_attn,
+                                       attend=self.subset_attention)
+            h, x = norms[2 * i + 1].add_and_norm(h, a)
+            h, x = norms[2 * i + 2].add_and_norm(h, layer.feed_forward(x))
             probs_per_layer.append(probs)
         if cache is not None:
             cache.length = start + T
-        logits = self.output(self.norm(h)).float()
+        logits = self.output(x).float()
         return (logits, probs_per_layer) if return_attn else logits
 
 

@@ -1186,3 +1186,22 @@ def test_compile_pointwise_matches_eager():
     assert M.Pointwise.rms_norm is M.rms_norm  # eager again for the other tests
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(step, want[:, 5:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fuse_projections_keeps_outputs(bias):
+    """Stacked wq|wk|wv and w1|w3 give the same logits and the same cache as separate matrices."""
+    m = tiny_model(seed=6, attention_bias=bias)
+    x = torch.randint(0, m.args.vocab_size, (2, 11))
+    with torch.no_grad():
+        want_cache = m.new_cache(batch_size=2, max_len=16)
+        want = m(x, cache=want_cache)
+        M.fuse_projections(m)
+        got_cache = m.new_cache(batch_size=2, max_len=16)
+        got = m(x, cache=got_cache)
+    names = [n for n, _ in m.named_parameters()]
+    assert "layers.0.attention.wqkv.weight" in names and not any(".wq." in n or ".w1." in n for n in names)
+    assert ("layers.0.attention.wqkv.bias" in names) == bias
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_cache.k, want_cache.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_cache.v, want_cache.v, atol=1e-5, rtol=1e-5)
