@@ -718,13 +718,15 @@ def bench(out_dir=None):
         f"{ps:g}/SM, {bn}" for ps in (0.5, 1, 2, 8) for bn in (64, 128)) + " |")
     say("|---|---|---|---|---|---|" + "---|" * 8)
     sm = _sm_count(torch.device(dev))
-    for B, S, frac in ((1, 8192, 1.0), (1, 8192, 0.25), (1, 131072, 0.25), (8, 8192, 0.25), (8, 32768, 0.25)):
+    for B, S, frac in ((1, 8192, 1.0), (1, 8192, 0.25), (1, 32768, 0.25), (1, 131072, 0.25), (8, 8192, 0.25),
+                        (8, 32768, 0.25)):
         q = torch.randn(B, Hq, 5, D, device=dev, dtype=torch.bfloat16)
         kc = torch.randn(B, Hkv, S + 5, D, device=dev, dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
         sel = _random_selection(B, 1, S, frac, dev) if frac < 1 else (None, None)
         variants = [{}, {"fused_merge": False}, {"prefetch": False}] + [
-            {"n_splits": triton.cdiv(int(ps * sm), B * Hkv), "block_n": bn} for ps in (0.5, 1, 2, 8) for bn in (64, 128)]
+            {"n_splits": triton.cdiv(int(ps * sm), B * Hkv), "block_n": bn}
+            for ps in (0.5, 1, 2, 8) for bn in (64, 128)]
         cells = [do_bench(_graphed(lambda: sparse_attention(q, kc, vc, S, *sel, **kw)), return_mode="median") * 1e3
                  for kw in variants]
         say(f"| {B} | {S} | {frac:.0%} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
