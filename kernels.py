@@ -20,7 +20,8 @@ Works copied alone (torch + triton). Two pieces:
    idx, count)`: the T new queries of each KV-head group read only the selected cached
    positions plus their own block (causally). Flash-decoding style: the selected
    positions are split across programs, each keeps a partial softmax (max, sum, acc),
-   and a second kernel merges the partials, so one long row fills the GPU.
+   and the last program of each head to finish merges the partials (an atomic counter
+   tells it), so one long row fills the GPU in a single launch.
 
 `topp_mask_reference`, `topp_select_reference` and `sparse_attention_reference` are the
 definitions, used by the tests and as the CPU fallback. `python kernels.py --bench`
@@ -528,7 +529,7 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     if n_splits is None:
         # Every split leaves a partial that the merging program folds in one after another,
         # so fewer splits are better as long as the multiprocessors stay busy. Measured on
-        # an H200 (`python kernels.py --bench`, variants table): about one program per two
+        # an H200 (`python kernels.py --bench`, launch choices): about one program per two
         # multiprocessors; with few heads, more splits of >= 4096 positions each, up to two
         # programs per multiprocessor (batch 1 at 128k: 33 splits per head, not 9).
         n_splits = triton.cdiv(sm, 2 * B * Hkv)
