@@ -59,10 +59,13 @@ def kernel_attention(q, k, v, past_len, keep=None, return_probs=False):
 def batched_selection(draft_rows: torch.Tensor, topp: float) -> dict:
     """draft_rows [n_draft_layers, B, S] (head-averaged) -> {target layer: (idx, count)}.
 
-    One topp_select call for every draft layer the map uses; each target layer then reads
-    its draft layer's selection for all of its KV heads (a stride-0 head dimension)."""
-    idx, count = topp_select(draft_rows, topp)  # [Ld, B, S], [Ld, B]
-    return {j: (idx[i][:, None, :], count[i][:, None]) for j, i in enumerate(LAYER_MAP) if j >= DENSE_LAYERS}
+    One topp_select call for the draft layers the map uses (a contiguous range, as a
+    monotone map gives: a view, no copy); each target layer then reads its draft layer's
+    selection for all of its KV heads (a stride-0 head dimension)."""
+    first, last = LAYER_MAP[DENSE_LAYERS], LAYER_MAP[-1]
+    idx, count = topp_select(draft_rows[first:last + 1], topp)  # [used, B, S], [used, B]
+    return {j: (idx[i - first][:, None, :], count[i - first][:, None])
+            for j, i in enumerate(LAYER_MAP) if j >= DENSE_LAYERS}
 
 
 def random_model(args: ModelArgs) -> Transformer:

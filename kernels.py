@@ -522,19 +522,19 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     capacity = past_len if dense else min(past_len, idx.shape[-1])
     block_m = max(16, triton.next_power_of_2(G * T))
     sm = _sm_count(q.device)
-    few_heads = 4 * B * Hkv < sm  # e.g. batch 1 with 8 KV heads on 132 multiprocessors
-    if block_n is None:
-        block_n = 64 if few_heads else 128
-    block_n = max(block_n, triton.next_power_of_2(T))  # also covers the new block in one tile
     if n_splits is None:
         # Every split leaves a partial that the merging program folds in one after another,
         # so fewer splits are better as long as the multiprocessors stay busy. Measured on
         # an H200 (`python kernels.py --bench`, launch choices): about one program per two
-        # multiprocessors; with few heads, more splits of >= 4096 positions each, up to two
-        # programs per multiprocessor (batch 1 at 128k: 33 splits per head, not 9).
+        # multiprocessors, 128 keys per block; with few heads and long rows, more splits of
+        # >= 4096 positions each, up to two programs per multiprocessor, 64 keys per block
+        # (batch 1 at 128k: 33 splits per head, not 9).
         n_splits = triton.cdiv(sm, 2 * B * Hkv)
-        if few_heads:
-            n_splits = max(n_splits, min(triton.cdiv(capacity, 4096), triton.cdiv(2 * sm, B * Hkv)))
+        long_rows = min(triton.cdiv(capacity, 4096), triton.cdiv(2 * sm, B * Hkv))
+        if long_rows > n_splits:
+            n_splits = long_rows
+            block_n = block_n or 64
+    block_n = max(block_n or 128, triton.next_power_of_2(T))  # also covers the new block in one tile
     n_splits = max(1, min(n_splits, triton.cdiv(capacity, block_n))) if capacity else 0
     parts = n_splits + 1
     acc = torch.empty((B * Hkv, parts, G * T, D), device=q.device, dtype=torch.float32)
