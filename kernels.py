@@ -531,7 +531,7 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
         # (batch 1 at 128k: 33 splits per head, not 9).
         n_splits = triton.cdiv(sm, 2 * B * Hkv)
         long_rows = min(triton.cdiv(capacity, 4096), triton.cdiv(2 * sm, B * Hkv))
-        if long_rows > n_splits:
+        if 4 * B * Hkv < sm and long_rows > n_splits:  # few heads (batch 1 with 8 KV heads), long rows
             n_splits = long_rows
             block_n = block_n or 64
     block_n = max(block_n or 128, triton.next_power_of_2(T))  # also covers the new block in one tile
