@@ -528,7 +528,7 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
         # an H200 (`python kernels.py --bench`, launch choices): about one program per two
         # multiprocessors, 128 keys per block; with few heads and long rows, more splits of
         # >= 4096 positions each, up to two programs per multiprocessor, 64 keys per block
-        # (batch 1 at 128k: 33 splits per head, not 9).
+        # (batch 1 at 128k: 32 splits per head, not 9).
         n_splits = triton.cdiv(sm, 2 * B * Hkv)
         long_rows = min(triton.cdiv(capacity, 4096), triton.cdiv(2 * sm, B * Hkv))
         if 4 * B * Hkv < sm and long_rows > n_splits:  # few heads (batch 1 with 8 KV heads), long rows
