@@ -477,9 +477,13 @@ _LOCKS: dict = {}
 
 def _locks(device, n: int) -> torch.Tensor:
     """n int32 zeros kept per device for the merge counters (each launch leaves them at 0).
-    Allocated on first use, outside any CUDA graph capture if a warm-up call comes first."""
+    Allocated on first use, which must not be inside a CUDA graph capture: a captured
+    allocation would hold zeros only once the graph is replayed."""
     buf = _LOCKS.get(device)
     if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("sparse_attention: call it once before capturing a CUDA graph "
+                               "(it allocates its merge counters on first use)")
         buf = _LOCKS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return buf
 
