@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import topp_mask
-from specattn import SelectionConfig, count_kv_reads, draft_selection, load_pair, parse_layers
+from specattn import SelectionConfig, add_pair_arguments, count_kv_reads, draft_selection, load_pair, parse_layers
 
 METHODS = ("dense", "specattn", "oracle", "quest", "streamingllm", "h2o")
 BUDGETED = ("quest", "streamingllm", "h2o")
@@ -378,12 +378,7 @@ def parse_args(argv=None):
                         "with a 'text' column (default: the demo books)")
     parser.add_argument("--split", default="test", help="PG-19 split folder")
     parser.add_argument("--books", type=int, help="evaluate only the first N books")
-    parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
-    parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by train_draft.py "
-                                        "(default with the demo target: its trained draft in draft/; otherwise "
-                                        "the target)")
-    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no --draft, of the "
-                                               "target: 0-11 is the demo's self-speculative first-12-layers draft)")
+    add_pair_arguments(parser)
     parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: calibrated once, cached)")
     parser.add_argument("--protocol", choices=["paper", "long"], default="paper",
                         help="paper: first 2048 tokens per book, books shorter are skipped; long: up to "

@@ -57,6 +57,16 @@ def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
 DEMO_DRAFT = Path(__file__).resolve().parent / "draft"  # train_draft.py's draft for the demo target
 
 
+def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target, --draft, --draft-layers: the command-line face of load_pair (here and in eval_pg19.py)."""
+    parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
+    parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by train_draft.py "
+                                        "(default with the demo target: its trained draft in draft/; otherwise "
+                                        "the target)")
+    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no --draft, of the "
+                                               "target: 0-11 is the demo's self-speculative first-12-layers draft)")
+
+
 def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None, dtype=None):
     """(target, draft, tokenizer). Defaults: the demo target and its trained draft (draft/,
     made by train_draft.py); with draft_layers and no draft_path, the draft is the target's
@@ -373,12 +383,7 @@ def main(argv=None):
                         help="SpecAttn: always read the first N positions (attention sinks), whatever the draft says")
     parser.add_argument("--combine", choices=["union", "mean"], default="union",
                         help="union of the draft rows' top-p sets, or top-p of their mean")
-    parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
-    parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by train_draft.py "
-                                        "(default with the demo target: its trained draft in draft/; otherwise "
-                                        "the target)")
-    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no --draft, of the "
-                                               "target: 0-11 is the demo's self-speculative first-12-layers draft)")
+    add_pair_arguments(parser)
     parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: calibrate once, cached)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
