@@ -43,6 +43,8 @@ DRAFT_1B = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=6
                      vocab_size=128256, rope_theta=500000.0, max_seq_len=MAX_LEN, tie_word_embeddings=True)
 DENSE_LAYERS = 2
 LAYER_MAP = [j // 2 for j in range(32)]  # a monotone 32 -> 16 map, as calibrate.py would give
+# The draft layers the sparse target layers read: a contiguous range, since the map is monotone.
+USED_DRAFT = slice(LAYER_MAP[DENSE_LAYERS], LAYER_MAP[-1] + 1)
 
 
 def kernel_attention(q, k, v, past_len, keep=None, return_probs=False):
@@ -59,11 +61,11 @@ def kernel_attention(q, k, v, past_len, keep=None, return_probs=False):
 def batched_selection(draft_rows: torch.Tensor, topp: float) -> dict:
     """draft_rows [n_draft_layers, B, S] (head-averaged) -> {target layer: (idx, count)}.
 
-    One topp_select call for the draft layers the map uses (a contiguous range, as a
-    monotone map gives: a view, no copy); each target layer then reads its draft layer's
-    selection for all of its KV heads (a stride-0 head dimension)."""
-    first, last = LAYER_MAP[DENSE_LAYERS], LAYER_MAP[-1]
-    idx, count = topp_select(draft_rows[first:last + 1], topp)  # [used, B, S], [used, B]
+    One topp_select call for the draft layers the map uses (USED_DRAFT: a view, no copy);
+    each target layer then reads its draft layer's selection for all of its KV heads (a
+    stride-0 head dimension)."""
+    idx, count = topp_select(draft_rows[USED_DRAFT], topp)  # [used, B, S], [used, B]
+    first = USED_DRAFT.start
     return {j: (idx[i - first][:, None, :], count[i - first][:, None])
             for j, i in enumerate(LAYER_MAP) if j >= DENSE_LAYERS}
 
@@ -238,9 +240,9 @@ def main():
         for mode in ("all", "last"):
             got = []
             spec_step(mode, 1.0, got)
-            p_step[mode] = topp_for_fraction(got[0][1:], 0.25)
-            _, count = topp_select(got[0], p_step[mode])
-            kept[mode] = count[1:].float().mean().item() / S  # draft layers the map uses
+            p_step[mode] = topp_for_fraction(got[0][USED_DRAFT], 0.25)
+            _, count = topp_select(got[0][USED_DRAFT], p_step[mode])
+            kept[mode] = count.float().mean().item() / S
         t_dense = graphed_ms(lambda: spec_step("dense"))
         t_all = graphed_ms(lambda: spec_step("all", p_step["all"]))
         t_last = graphed_ms(lambda: spec_step("last", p_step["last"]))
