@@ -43,6 +43,10 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 # ----------------------------------------------------------------------------------------
 # Top-p selection: reference
 
@@ -91,12 +95,17 @@ def topp_select_reference(w: torch.Tensor, p):
 # ----------------------------------------------------------------------------------------
 # Top-p selection: Triton
 #
-# Short rows (N <= SINGLE_PROGRAM_MAX): one program per row holds the row in registers
-# and bisects on the key 31 times. Long rows: the row is cut into chunks, one program
-# per (row, chunk), and the search runs as a few launches; each launch narrows [lo, hi)
-# 16-fold by counting, per chunk, the mass at 16 pivot keys.
+# Short rows: one program per row holds the row in registers and bisects on the key 31
+# times, in one launch. Long rows: the row is cut into chunks, one program per (row,
+# chunk), and the search runs as a few launches; each launch narrows [lo, hi) 16-fold by
+# counting, per chunk, the mass at 16 pivot keys. Which is faster depends on how many
+# programs there are to fill the GPU (measured on an H200, `python kernels.py --bench`):
+# one program per row wins up to 16k entries whatever the row count, and up to 32k when
+# the rows alone occupy half the multiprocessors (120 rows of 32k: 60 us against 156 us
+# chunked; 15 rows of 32k: 57 against 53).
 
-SINGLE_PROGRAM_MAX = 8192
+SINGLE_PROGRAM_MAX = 16384
+SINGLE_PROGRAM_MAX_MANY_ROWS = 32768
 CHUNK = 4096  # elements per program for long rows
 PIVOTS = 16  # pivots per pass: 2^31 keys / 16^8 = 1 -> 8 passes pin θ down
 PASSES = 8
@@ -230,10 +239,11 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
     count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None
     if rows == 0 or n == 0:
         pass
-    elif n <= SINGLE_PROGRAM_MAX:
+    elif n <= SINGLE_PROGRAM_MAX or (n <= SINGLE_PROGRAM_MAX_MANY_ROWS and 2 * rows >= _sm_count(dev)):
         block = triton.next_power_of_2(n)
         _topp_row_kernel[(rows,)](w2, p_rows, mask, idx, count, n, w2.stride(0), BLOCK=block,
-                                  WRITE_MASK=write_mask, WRITE_IDX=write_idx, num_warps=4 if block <= 2048 else 8)
+                                  WRITE_MASK=write_mask, WRITE_IDX=write_idx,
+                                  num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
     else:
         n_chunks = triton.cdiv(n, CHUNK)
         chunks_pow2 = triton.next_power_of_2(n_chunks)
@@ -488,10 +498,6 @@ def _locks(device, n: int) -> torch.Tensor:
     return buf
 
 
-def _sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, n_splits=None,
                      block_n=None, num_warps=4, num_stages=3, fused_merge=True, prefetch=True,
                      return_last_row=False):
@@ -652,14 +658,15 @@ def bench(out_dir=None):
 
     # Correctness on fresh inputs at the benchmark's own sizes, before any timing.
     torch.manual_seed(0)
-    for n in (4096, 32768, 131072):
-        w = torch.softmax(4 * torch.randn(32, n, device=dev), -1)
+    topp_shapes = ((32, 4096), (32, 32768), (32, 131072), (120, 32768), (15, 131072))  # (rows, N)
+    for rows, n in topp_shapes:
+        w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
         for p in (0.5, 0.9, 0.99):
             got, ref = topp_mask(w, p), topp_mask_reference(w, p)
             if not torch.equal(got, ref):  # allowed only through fp32 summation at the cut
                 check_topp_definition(w, got, p, rel_tol=1e-6)
             idx, count = topp_select(w, p)
-            selected = torch.zeros(32, n + 1, dtype=torch.bool, device=dev)  # column n: a bin for padding
+            selected = torch.zeros(rows, n + 1, dtype=torch.bool, device=dev)  # column n: a bin for padding
             valid = torch.arange(n, device=dev) < count[:, None]
             selected.scatter_(1, torch.where(valid, idx, n).long(), True)
             check_topp_definition(w, selected[:, :n], p, rel_tol=1e-6)
@@ -675,18 +682,20 @@ def bench(out_dir=None):
     say("# correctness: top-p (mask, counts) and sparse attention (bf16, rel err < 1e-2) match the references")
 
     say()
-    say("## top-p, 32 rows, fp32, p=0.9: ms, median; eager (Python launches) / CUDA graph (GPU work alone)")
-    say("| N | sort reference | Triton mask | Triton select (idx+count) | speed-up, graph (mask / select) "
+    say("## top-p, fp32, p=0.9: ms, median; eager (Python launches) / CUDA graph (GPU work alone)")
+    say("120 rows of 32k and 15 of 128k are what bench.py selects on at batch 8 / 32k and batch 1 / 128k")
+    say("| rows | N | sort reference | Triton mask | Triton select (idx+count) | speed-up, graph (mask / select) "
         "| read-once floor |")
-    say("|---|---|---|---|---|---|")
-    for n in (4096, 32768, 131072):
-        w = torch.softmax(4 * torch.randn(32, n, device=dev), -1)
+    say("|---|---|---|---|---|---|---|")
+    for rows, n in topp_shapes:
+        w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
         times = []
         for fn in (lambda: topp_mask_reference(w, 0.9), lambda: topp_mask(w, 0.9), lambda: topp_select(w, 0.9)):
             times.append((do_bench(fn, return_mode="median"), do_bench(_graphed(fn), return_mode="median")))
         floor = w.numel() * 4 / bw * 1e3
         cells = " | ".join(f"{e:.4f} / {g:.4f}" for e, g in times)
-        say(f"| {n} | {cells} | {times[0][1] / times[1][1]:.1f}x / {times[0][1] / times[2][1]:.1f}x | {floor:.4f} |")
+        say(f"| {rows} | {n} | {cells} | {times[0][1] / times[1][1]:.1f}x / {times[0][1] / times[2][1]:.1f}x "
+            f"| {floor:.4f} |")
 
     say()
     say("## verification attention: 8 queries, 32 q-heads / 8 KV heads, D=128, bf16, batch 1")
