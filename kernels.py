@@ -101,8 +101,7 @@ def topp_select_reference(w: torch.Tensor, p):
 # counting, per chunk, the mass at 16 pivot keys. Which is faster depends on how many
 # programs there are to fill the GPU (measured on an H200, `python kernels.py --bench`):
 # one program per row wins up to 16k entries whatever the row count, and up to 32k when
-# the rows alone occupy half the multiprocessors (120 rows of 32k: 60 us against 156 us
-# chunked; 15 rows of 32k: 57 against 53).
+# the rows alone occupy half the multiprocessors (the "top-p paths" table).
 
 SINGLE_PROGRAM_MAX = 16384
 SINGLE_PROGRAM_MAX_MANY_ROWS = 32768
@@ -226,7 +225,8 @@ def _topp_final_kernel(w_ptr, p_ptr, state_in, part_in, target_ptr, mask_ptr, id
     _write_selection(x, key, offs, n, lo, p >= 1, target, row, mask_ptr, idx_ptr, count_ptr, WRITE_MASK, WRITE_IDX)
 
 
-def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
+def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, one_program_per_row=None):
+    """one_program_per_row: None picks the path by shape (see above); True/False forces one."""
     shape, n = w.shape, w.shape[-1]
     w2 = w.reshape(-1, n)
     if w2.stride(-1) != 1:
@@ -237,9 +237,12 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
     mask = torch.empty((rows, n), device=dev, dtype=torch.int8) if write_mask else None
     idx = torch.empty((rows, n), device=dev, dtype=torch.int32) if write_idx else None
     count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None
+    if one_program_per_row is None:
+        one_program_per_row = n <= SINGLE_PROGRAM_MAX or (
+            n <= SINGLE_PROGRAM_MAX_MANY_ROWS and 2 * rows >= _sm_count(dev))
     if rows == 0 or n == 0:
         pass
-    elif n <= SINGLE_PROGRAM_MAX or (n <= SINGLE_PROGRAM_MAX_MANY_ROWS and 2 * rows >= _sm_count(dev)):
+    elif one_program_per_row:
         block = triton.next_power_of_2(n)
         _topp_row_kernel[(rows,)](w2, p_rows, mask, idx, count, n, w2.stride(0), BLOCK=block,
                                   WRITE_MASK=write_mask, WRITE_IDX=write_idx,
@@ -626,6 +629,14 @@ def check_topp_definition(w, keep, p, rel_tol: float):
             f"{without_smallest[r].item():.9f}, target {p_rows[r].item() * total[r].item():.9f}")
 
 
+def _selected_mask(idx, count, n):
+    """bool [rows, n] from topp_select's compacted (idx, count)."""
+    selected = torch.zeros(idx.shape[0], n + 1, dtype=torch.bool, device=idx.device)  # column n: a bin for padding
+    valid = torch.arange(n, device=idx.device) < count[:, None]
+    selected.scatter_(1, torch.where(valid, idx, n).long(), True)
+    return selected[:, :n]
+
+
 def _graphed(fn):
     """Capture fn's launches in a CUDA graph; returns a replay function. Timing replays
     measures the GPU work alone, without Python's per-launch overhead."""
@@ -665,11 +676,7 @@ def bench(out_dir=None):
             got, ref = topp_mask(w, p), topp_mask_reference(w, p)
             if not torch.equal(got, ref):  # allowed only through fp32 summation at the cut
                 check_topp_definition(w, got, p, rel_tol=1e-6)
-            idx, count = topp_select(w, p)
-            selected = torch.zeros(rows, n + 1, dtype=torch.bool, device=dev)  # column n: a bin for padding
-            valid = torch.arange(n, device=dev) < count[:, None]
-            selected.scatter_(1, torch.where(valid, idx, n).long(), True)
-            check_topp_definition(w, selected[:, :n], p, rel_tol=1e-6)
+            check_topp_definition(w, _selected_mask(*topp_select(w, p), n), p, rel_tol=1e-6)
     for S, frac in ((4099, 0.25), (32768, 0.1), (131072, 1.0)):
         q = torch.randn(1, 32, 8, 128, device=dev, dtype=torch.bfloat16)
         kc = torch.randn(1, 8, S + 8, 128, device=dev, dtype=torch.bfloat16)
@@ -696,6 +703,21 @@ def bench(out_dir=None):
         cells = " | ".join(f"{e:.4f} / {g:.4f}" for e, g in times)
         say(f"| {rows} | {n} | {cells} | {times[0][1] / times[1][1]:.1f}x / {times[0][1] / times[2][1]:.1f}x "
             f"| {floor:.4f} |")
+
+    say()
+    say("## top-p paths: select, µs, CUDA graph; one program per row vs the chunked search (a star marks topp_select's pick)")
+    say("| rows | N | one program per row | chunked |")
+    say("|---|---|---|---|")
+    for rows, n in ((15, 8192), (15, 16384), (120, 16384), (15, 32768), (120, 32768), (120, 65536)):
+        w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
+        picked = n <= SINGLE_PROGRAM_MAX or (n <= SINGLE_PROGRAM_MAX_MANY_ROWS and 2 * rows >= _sm_count(w.device))
+        cells = []
+        for single in (True, False):
+            fn = lambda: _topp_triton(w, 0.9, write_mask=False, write_idx=True, one_program_per_row=single)  # noqa: E731
+            got = fn()
+            check_topp_definition(w, _selected_mask(*got[1:], n), 0.9, rel_tol=1e-6)
+            cells.append(f"{do_bench(_graphed(fn), return_mode='median') * 1e3:.1f}{' *' if single == picked else ''}")
+        say(f"| {rows} | {n} | {cells[0]} | {cells[1]} |")
 
     say()
     say("## verification attention: 8 queries, 32 q-heads / 8 KV heads, D=128, bf16, batch 1")
