@@ -92,6 +92,14 @@ def topp_select_reference(w: torch.Tensor, p):
     return idx.to(torch.int32), count
 
 
+def _selected_mask(idx: torch.Tensor, count: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of the compaction: bool [..., n] from idx [..., L] (first `count` [...] valid)."""
+    valid = torch.arange(idx.shape[-1], device=idx.device) < count[..., None]  # [..., L]
+    selected = torch.zeros(*idx.shape[:-1], n + 1, dtype=torch.bool, device=idx.device)  # column n: a bin
+    selected.scatter_(-1, torch.where(valid, idx.long(), n), True)  # padding lands in the bin
+    return selected[..., :n]
+
+
 # ----------------------------------------------------------------------------------------
 # Top-p selection: Triton
 #
@@ -225,6 +233,11 @@ def _topp_final_kernel(w_ptr, p_ptr, state_in, part_in, target_ptr, mask_ptr, id
     _write_selection(x, key, offs, n, lo, p >= 1, target, row, mask_ptr, idx_ptr, count_ptr, WRITE_MASK, WRITE_IDX)
 
 
+def _one_program_per_row(rows: int, n: int, device) -> bool:
+    """The path _topp_triton takes for `rows` rows of n entries (see above)."""
+    return n <= SINGLE_PROGRAM_MAX or (n <= SINGLE_PROGRAM_MAX_MANY_ROWS and 2 * rows >= _sm_count(device))
+
+
 def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, one_program_per_row=None):
     """one_program_per_row: None picks the path by shape (see above); True/False forces one."""
     shape, n = w.shape, w.shape[-1]
@@ -238,8 +251,7 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, one_prog
     idx = torch.empty((rows, n), device=dev, dtype=torch.int32) if write_idx else None
     count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None
     if one_program_per_row is None:
-        one_program_per_row = n <= SINGLE_PROGRAM_MAX or (
-            n <= SINGLE_PROGRAM_MAX_MANY_ROWS and 2 * rows >= _sm_count(dev))
+        one_program_per_row = _one_program_per_row(rows, n, dev)
     if rows == 0 or n == 0:
         pass
     elif one_program_per_row:
@@ -312,10 +324,7 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
         allowed[..., :past_len] = True
     else:
         idx, count = idx.expand(B, Hkv, idx.shape[-1]), count.expand(B, Hkv)
-        valid = torch.arange(idx.shape[-1], device=q.device) < count[..., None]  # [B, Hkv, L]
-        rows = torch.zeros(B, Hkv, past_len + 1, dtype=torch.bool, device=q.device)
-        rows.scatter_(-1, torch.where(valid, idx.long(), past_len), True)  # invalid -> a spare slot
-        allowed[..., :past_len] = rows[..., None, :past_len]
+        allowed[..., :past_len] = _selected_mask(idx, count, past_len)[..., None, :]
     allowed[..., past_len:] = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     k = k_cache[:, :, :S].float().repeat_interleave(group, 1)  # [B, Hq, S, D]
     v = v_cache[:, :, :S].float().repeat_interleave(group, 1)
@@ -629,14 +638,6 @@ def check_topp_definition(w, keep, p, rel_tol: float):
             f"{without_smallest[r].item():.9f}, target {p_rows[r].item() * total[r].item():.9f}")
 
 
-def _selected_mask(idx, count, n):
-    """bool [rows, n] from topp_select's compacted (idx, count)."""
-    selected = torch.zeros(idx.shape[0], n + 1, dtype=torch.bool, device=idx.device)  # column n: a bin for padding
-    valid = torch.arange(n, device=idx.device) < count[:, None]
-    selected.scatter_(1, torch.where(valid, idx, n).long(), True)
-    return selected[:, :n]
-
-
 def _graphed(fn):
     """Capture fn's launches in a CUDA graph; returns a replay function. Timing replays
     measures the GPU work alone, without Python's per-launch overhead."""
@@ -710,7 +711,7 @@ def bench(out_dir=None):
     say("|---|---|---|---|")
     for rows, n in ((15, 8192), (15, 16384), (120, 16384), (15, 32768), (120, 32768), (120, 65536)):
         w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
-        picked = n <= SINGLE_PROGRAM_MAX or (n <= SINGLE_PROGRAM_MAX_MANY_ROWS and 2 * rows >= _sm_count(w.device))
+        picked = _one_program_per_row(rows, n, w.device)
         cells = []
         for single in (True, False):
             fn = lambda: _topp_triton(w, 0.9, write_mask=False, write_idx=True, one_program_per_row=single)  # noqa: E731
