@@ -417,7 +417,8 @@ def _sparse_attn_split_kernel(
         v = tl.load(v_base + (past_len + c[:, None]) * sv_s + d[None, :], mask=c[:, None] < T, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = tl.sum(p, axis=1)
-    # Partials hold only the G*T real rows: [B*Hkv, n_splits + 1, G*T, (D)], fp32.
+    # Partials hold only the G*T real rows: [B*Hkv, n_splits + 1, G*T, (D)]; m and l fp32,
+    # acc fp32 or bf16 (see sparse_attention).
     n_parts = n_splits + 1
     out = (bh * n_parts + split) * (G * T) + rows
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=real[:, None])
@@ -445,12 +446,19 @@ def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_parts, o_off, 
     m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
     num = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    # Each part's loads are issued one iteration ahead, so that the round trip to L2
+    # overlaps the fold of the part before (the last iteration re-reads the last part).
+    part = first + rows
+    m_next = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
+    l_next = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
+    acc_next = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0, cache_modifier=".cg")
     for s in range(0, n_parts):
-        part = first + s * (G * T) + rows
-        m_s = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
-        l_s = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
-        acc_s = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0,
-                        cache_modifier=".cg")
+        m_s, l_s, acc_s = m_next, l_next, acc_next.to(tl.float32)
+        part = first + tl.minimum(s + 1, n_parts - 1) * (G * T) + rows
+        m_next = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
+        l_next = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
+        acc_next = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0,
+                           cache_modifier=".cg")
         m_new = tl.maximum(m, m_s)
         old, new = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
         num = num * old[:, None] + acc_s * new[:, None]
@@ -559,7 +567,11 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     block_n = max(block_n or 128, triton.next_power_of_2(T))  # also covers the new block in one tile
     n_splits = max(1, min(n_splits, triton.cdiv(capacity, block_n))) if capacity else 0
     parts = n_splits + 1
-    acc = torch.empty((B * Hkv, parts, G * T, D), device=q.device, dtype=torch.float32)
+    # The partial outputs are what the merge reads back, so for 16-bit inputs they are kept
+    # in bf16 (half the bytes; relative error 2^-9 per partial, the same as rounding the
+    # output itself); their max and sum stay fp32. fp32 inputs keep fp32 partials.
+    acc_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+    acc = torch.empty((B * Hkv, parts, G * T, D), device=q.device, dtype=acc_dtype)
     m = torch.empty((B * Hkv, parts, G * T), device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     out = torch.empty_like(q)
