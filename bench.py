@@ -81,6 +81,23 @@ def weight_bytes_read(model: Transformer) -> int:
     return total
 
 
+def verify_step(model: Transformer, cache, block: torch.Tensor, past_len: int, variant: str,
+                draft_rows: torch.Tensor = None, topp: float = None):
+    """One verification forward of `block` [B, γ+1] after `past_len` cached positions.
+    variant: "sdpa" (dense, PyTorch SDPA), "kernel" (dense, kernels.sparse_attention) or
+    "specattn" (top-p on draft_rows at topp, then the kernel on what it keeps)."""
+    cache.length = past_len  # every replay verifies the same block at the same place
+    select = None
+    if variant == "sdpa":
+        model.subset_attention = subset_attention
+    else:
+        model.subset_attention = kernel_attention
+        if variant == "specattn":
+            chosen = batched_selection(draft_rows, topp)
+            select = lambda layer, q, k: chosen.get(layer)  # noqa: E731
+    return model(block, cache=cache, select=select)
+
+
 def random_model(args: ModelArgs) -> Transformer:
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -118,14 +135,11 @@ def profile_verify(target: Transformer, B: int, S: int, gamma: int, topp_fractio
     rows = torch.softmax(3 * torch.randn(DRAFT_1B.n_layers, B, S, device="cuda"), -1)
     p = topp_for_fraction(rows[:2], topp_fraction)
     block = torch.randint(0, TARGET_8B.vocab_size, (B, gamma + 1), device="cuda")
-    target.subset_attention = kernel_attention
     compile_pointwise(True)
     fuse_projections(target)
-    for name, sparse in (("kernel dense", False), (f"specattn {topp_fraction:.0%}", True)):
+    for name, variant in (("kernel dense", "kernel"), (f"specattn {topp_fraction:.0%}", "specattn")):
         def step():
-            cache.length = S
-            chosen = batched_selection(rows, p) if sparse else {}
-            return target(block, cache=cache, select=lambda layer, q, k: chosen.get(layer))
+            return verify_step(target, cache, block, S, variant, rows, p)
         for _ in range(3):  # compile and warm up
             step()
         torch.cuda.synchronize()
@@ -146,13 +160,14 @@ def main():
                         help="mean accepted draft tokens per step assumed for tokens/s")
     parser.add_argument("--no-compile", action="store_true", help="keep the pointwise ops eager in every column")
     parser.add_argument("--profile", action="store_true",
-                        help="instead of the tables: where one verification step's time goes (B=1 at 8k and 128k)")
+                        help="instead of the tables: where one verification step's time goes "
+                             "(batch 1 at 8k and 128k, batch 8 at 32k)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the markdown table")
     args = parser.parse_args()
     if args.profile:
         target = random_model(TARGET_8B)
-        for S in (8192, 131072):
-            profile_verify(target, B=1, S=S, gamma=4)
+        for B, S in ((1, 8192), (1, 131072), (8, 32768)):
+            profile_verify(target, B=B, S=S, gamma=4)
         return
     bw = kernels._hbm_bandwidth()
     # The plain model is kept for the `kd plain` column; every other column runs on fused ones.
@@ -189,16 +204,7 @@ def main():
             block = torch.randint(0, TARGET_8B.vocab_size, (B, gamma + 1), device="cuda")
 
             def verify(variant, topp=None, model=target):
-                t_cache.length = S
-                if variant == "sdpa":
-                    model.subset_attention, select = subset_attention, None
-                else:
-                    model.subset_attention = kernel_attention
-                    select = None
-                    if variant == "specattn":
-                        chosen = batched_selection(draft_rows, topp)
-                        select = lambda layer, q, k: chosen.get(layer)  # noqa: E731
-                return model(block, cache=t_cache, select=select)
+                return verify_step(model, t_cache, block, S, variant, draft_rows, topp)
 
             compile_pointwise(False)
             t_plain = graphed_ms(lambda: verify("kernel", model=plain))
