@@ -154,20 +154,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
-def rope_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
-                    k_slot: torch.Tensor, v_slot: torch.Tensor) -> torch.Tensor:
-    """A cached step's attention prologue: RoPE on the queries and keys of qkv [B, T, Hq +
-    2 Hkv, D] (cos, sin [T, 1, D]), the new keys and values written into their cache slots
-    k_slot, v_slot [B, Hkv, T, D] (views of the cache). Returns the rotated queries [B, T,
-    Hq, D]. One function so that compile_pointwise() makes it one kernel: eager, the two
-    transposing cache writes are two more launches per layer."""
-    n_kv = (qkv.shape[2] - n_heads) // 2
-    qk = apply_rope(qkv[:, :, :n_heads + n_kv], cos, sin)  # queries and keys in one pass
-    k_slot.copy_(qk[:, :, n_heads:].transpose(1, 2))
-    v_slot.copy_(qkv[:, :, n_heads + n_kv:].transpose(1, 2))
-    return qk[:, :, :n_heads]
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()  # the mean square in fp32, as the HF reference does
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
@@ -188,7 +174,6 @@ class Pointwise:
     """The pointwise work between the matmuls, looked up here at call time so that
     `compile_pointwise()` can swap in fused versions of the same functions."""
     rope = staticmethod(apply_rope)
-    rope_into_cache = staticmethod(rope_into_cache)
     rms_norm = staticmethod(rms_norm)
     add_rms_norm = staticmethod(add_rms_norm)
     swiglu = staticmethod(swiglu)
@@ -198,10 +183,10 @@ def compile_pointwise(enable: bool = True) -> None:
     """Fuse each pointwise function into one kernel with torch.compile (every model in this
     process; enable=False puts the eager ones back). In eager PyTorch, RMSNorm is ~6 kernel
     launches, RoPE ~8 per tensor, SwiGLU 2: in a decode step, where each moves a few KB,
-    ~30 launches per layer cost more time than their bytes. Matmuls, attention and the
-    `select` hook stay as they are."""
-    for name, fn in (("rope", apply_rope), ("rope_into_cache", rope_into_cache), ("rms_norm", rms_norm),
-                     ("add_rms_norm", add_rms_norm), ("swiglu", swiglu)):
+    ~30 launches per layer cost more time than their bytes. Matmuls, attention, cache
+    writes and the `select` hook stay as they are."""
+    for name, fn in (("rope", apply_rope), ("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm),
+                     ("swiglu", swiglu)):
         setattr(Pointwise, name, staticmethod(torch.compile(fn) if enable else fn))
 
 
@@ -298,16 +283,15 @@ class Attention(nn.Module):
         Hq, Hkv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x) if self.wqkv is not None else torch.cat([self.wq(x), self.wk(x), self.wv(x)], -1)
         qkv = qkv.view(B, T, Hq + 2 * Hkv, self.head_dim)  # heads: Hq queries, Hkv keys, Hkv values
-        if cache is not None:  # the new keys and values go to cache positions [start, start + T)
-            q = Pointwise.rope_into_cache(qkv, cos[:, None], sin[:, None], Hq, cache.k[layer, :, :, start:start + T],
-                                          cache.v[layer, :, :, start:start + T]).transpose(1, 2)  # [B, Hq, T, D]
+        qk = Pointwise.rope(qkv[:, :, :Hq + Hkv], cos[:, None], sin[:, None])  # queries and keys in one pass
+        q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, T, D]
+        k = qk[:, :, Hq:].transpose(1, 2)  # [B, Hkv, T, D]
+        v = qkv[:, :, Hq + Hkv:].transpose(1, 2)
+        if cache is not None:
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
             k = cache.k[layer, :, :, :start + T]  # [B, Hkv, start + T, D]
             v = cache.v[layer, :, :, :start + T]
-        else:
-            qk = Pointwise.rope(qkv[:, :, :Hq + Hkv], cos[:, None], sin[:, None])  # queries and keys in one pass
-            q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, T, D]
-            k = qk[:, :, Hq:].transpose(1, 2)  # [B, Hkv, T, D]
-            v = qkv[:, :, Hq + Hkv:].transpose(1, 2)
         keep = select(layer, q, k[:, :, :start]) if select is not None else None
         out, probs = attend(q, k, v, start, keep, return_probs)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1)), probs
