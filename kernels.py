@@ -665,6 +665,36 @@ def _graphed(fn):
     return graph.replay
 
 
+def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
+    """The kernels against their references on the GPU, on fresh inputs: top-p at the given
+    (rows, N), and the attention in bf16 (which the CPU interpreter cannot run) at awkward
+    sizes and at the benchmark's own (up to 33 partials per head to merge). Raises on the
+    first mismatch; `python kernels.py --check` runs it alone."""
+    dev = "cuda"
+    torch.manual_seed(0)
+    for rows, n in topp_shapes:
+        w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
+        for p in (0.5, 0.9, 0.99):
+            got, ref = topp_mask(w, p), topp_mask_reference(w, p)
+            if not torch.equal(got, ref):  # allowed only through fp32 summation at the cut
+                check_topp_definition(w, got, p, rel_tol=1e-6)
+            check_topp_definition(w, _selected_mask(*topp_select(w, p), n), p, rel_tol=1e-6)
+    # (B, Hq, Hkv, T, S, kept, D): awkward sizes with GQA 4 and 3, then the benchmark's shapes.
+    attention_cases = ((2, 8, 2, 5, 577, 0.25, 64), (3, 9, 3, 9, 63, 1.0, 128), (2, 12, 4, 1, 4099, 0.1, 128),
+                       (8, 32, 8, 5, 8192, 0.25, 128), (1, 32, 8, 8, 4099, 0.25, 128), (1, 32, 8, 8, 32768, 0.1, 128),
+                       (1, 32, 8, 9, 131072, 1.0, 128))
+    for B, Hq, Hkv, T, S, frac, D in attention_cases:
+        q = torch.randn(B, Hq, T, D, device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(B, Hkv, S + T + 3, D, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        idx, count = _random_selection(B, Hkv, S, frac, dev)
+        got = sparse_attention(q, kc, vc, S, idx, count).float()
+        ref = sparse_attention_reference(q, kc, vc, S, idx, count).float()
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, (f"sparse attention B={B} Hq={Hq} Hkv={Hkv} T={T} S={S} kept={frac} D={D}: rel err "
+                            f"{err:.2e}, max abs {(got - ref).abs().max().item():.2e}")
+
+
 def bench(out_dir=None):
     from triton.testing import do_bench
 
@@ -680,25 +710,8 @@ def bench(out_dir=None):
     say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     say(f"# HBM copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
 
-    # Correctness on fresh inputs at the benchmark's own sizes, before any timing.
-    torch.manual_seed(0)
     topp_shapes = ((32, 4096), (32, 32768), (32, 131072), (120, 32768), (15, 131072))  # (rows, N)
-    for rows, n in topp_shapes:
-        w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
-        for p in (0.5, 0.9, 0.99):
-            got, ref = topp_mask(w, p), topp_mask_reference(w, p)
-            if not torch.equal(got, ref):  # allowed only through fp32 summation at the cut
-                check_topp_definition(w, got, p, rel_tol=1e-6)
-            check_topp_definition(w, _selected_mask(*topp_select(w, p), n), p, rel_tol=1e-6)
-    for S, frac in ((4099, 0.25), (32768, 0.1), (131072, 1.0)):
-        q = torch.randn(1, 32, 8, 128, device=dev, dtype=torch.bfloat16)
-        kc = torch.randn(1, 8, S + 8, 128, device=dev, dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        idx, count = _random_selection(1, 8, S, frac, dev)
-        got = sparse_attention(q, kc, vc, S, idx, count).float()
-        ref = sparse_attention_reference(q, kc, vc, S, idx, count).float()
-        err = ((got - ref).norm() / ref.norm()).item()
-        assert err < 1e-2, f"sparse attention S={S} kept={frac}: rel err {err:.2e}"
+    check_on_gpu(topp_shapes)
     say("# correctness: top-p (mask, counts) and sparse attention (bf16, rel err < 1e-2) match the references")
 
     say()
@@ -788,10 +801,15 @@ def bench(out_dir=None):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="SpecAttn Triton kernels: check against the references and time.")
     parser.add_argument("--bench", action="store_true", help="check, then time top-p and sparse attention (GPU)")
+    parser.add_argument("--check", action="store_true",
+                        help="only check the kernels against their references on the GPU (bf16 attention included)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the markdown table "
                         "(default: $OUT if set)")
     cli = parser.parse_args()
     if cli.bench:
         bench(out_dir=cli.out)
+    elif cli.check:
+        check_on_gpu()
+        print("kernels match their references on the GPU")
     else:
         parser.print_help()
