@@ -47,15 +47,16 @@ LAYER_MAP = [j // 2 for j in range(32)]  # a monotone 32 -> 16 map, as calibrate
 USED_DRAFT = slice(LAYER_MAP[DENSE_LAYERS], LAYER_MAP[-1] + 1)
 
 
-def kernel_attention(q, k, v, past_len, keep=None, return_probs=False):
-    """model.py's attention slot, served by the Triton kernel; `keep` is (idx, count) or None.
+def kernel_attention(q, k, v, past_len, keep=None, return_probs=False, new_kv=None):
+    """model.py's attention slot, served by the Triton kernel; `keep` is (idx, count) or None;
+    new_kv, the block's keys and values, are written to the cache by the same launch.
     With return_probs (the draft side) it returns only what SpecAttn needs, the last query's
     head-averaged attention on the cached positions, as [B, 1, 1, past_len]."""
     if return_probs:
-        out, row = sparse_attention(q, k, v, past_len, return_last_row=True)  # row [B, Hkv, past]
+        out, row = sparse_attention(q, k, v, past_len, return_last_row=True, new_kv=new_kv)  # row [B, Hkv, past]
         return out, (row.sum(1) / q.shape[1])[:, None, None, :]
     idx, count = keep if keep is not None else (None, None)
-    return sparse_attention(q, k, v, past_len, idx, count), None
+    return sparse_attention(q, k, v, past_len, idx, count, new_kv=new_kv), None
 
 
 def batched_selection(draft_rows: torch.Tensor, topp: float) -> dict:
@@ -217,7 +218,7 @@ def main():
                 sparse = sum(count[i].sum().item() for j, i in enumerate(LAYER_MAP) if j >= DENSE_LAYERS)
                 reads.append((DENSE_LAYERS * S * B + sparse) * TARGET_8B.n_kv_heads)
             floors = [(weight_bytes + r * kv_entry) / bw * 1e3 for r in reads]
-            ach = ", ".join(f"{f / t:.2f}" for f, t in zip(floors, times[1:]))
+            ach = ", ".join(f"{f / t:.3f}" for f, t in zip(floors, times[1:]))
             say(f"| {B} | {S} | {gamma} | {times[0]:.3f} | {t_plain:.3f} | {times[1]:.3f} | {times[2]:.3f} | "
                 f"{times[3]:.3f} | {times[0] / times[2]:.2f}x | {times[1] / times[2]:.2f}x | {ach} |")
 

@@ -306,16 +306,20 @@ def topp_select(w: torch.Tensor, p):
 
 
 def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None,
-                               return_last_row=False):
+                               return_last_row=False, new_kv=None):
     """Dense fp32 attention under a boolean mask: the definition the kernel must meet.
 
     q: [B, Hq, T, D], the T new queries at positions [past_len, past_len + T).
-    k_cache, v_cache: [B, Hkv, S >= past_len + T, D], the new block's keys already written.
+    k_cache, v_cache: [B, Hkv, S >= past_len + T, D], the new block's keys already written,
+    unless new_kv = (k_new, v_new) [B, Hkv, T, D] is given: then they are written first.
     idx: int32 [B, Hkv, L], selected cached positions (< past_len), first `count` valid;
     count: int32 [B, Hkv] (both may broadcast over heads). idx None: every cached position.
     Returns [B, Hq, T, D] in q's dtype.
     """
     B, Hq, T, D = q.shape
+    if new_kv is not None:
+        k_cache[:, :, past_len:past_len + T] = new_kv[0]
+        v_cache[:, :, past_len:past_len + T] = new_kv[1]
     Hkv = k_cache.shape[1]
     group = Hq // Hkv
     S = past_len + T
@@ -343,7 +347,8 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
 # One program = one (batch, KV head) and one split of its selected positions. It holds
 # the whole query group, G query heads x T new tokens = G*T rows, so each gathered K/V
 # row is read once for all of them (the GQA saving). The last split of every KV head is
-# the new block itself, read causally. Each program writes an unnormalised partial
+# the new block itself, read causally (given new_kv, that program also appends the
+# block's keys and values to the cache). Each program writes an unnormalised partial
 # softmax (acc, running max m, running sum l) and then bumps its head's counter; the
 # program that arrives last has every partial of its head in memory (most still in L2)
 # and merges them into the output. No second launch, no host sync. The counters are
@@ -353,11 +358,12 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
 @triton.jit
 def _sparse_attn_split_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, lock_ptr, scores_ptr,
-        past_len, scale_log2, n_splits, H_KV, si_b, si_h, sc_b, sc_h,
+        kn_ptr, vn_ptr, past_len, scale_log2, n_splits, H_KV, si_b, si_h, sc_b, sc_h,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
+        skn_b, skn_h, skn_t, svn_b, svn_h, svn_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, FUSED_MERGE: tl.constexpr,
-        PREFETCH: tl.constexpr):
+        PREFETCH: tl.constexpr, WRITE_NEW: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
@@ -409,12 +415,22 @@ def _sparse_attn_split_kernel(
     else:  # the new block: keys past_len + c, c <= t (causal)
         c = tl.arange(0, BLOCK_N)
         causal = (c[None, :] <= (rows % T)[:, None]) & (c[None, :] < T)
-        kt = tl.load(k_base + (past_len + c[None, :]) * sk_s + d[:, None], mask=c[None, :] < T, other=0.0)
+        k_dst = k_base + (past_len + c[None, :]) * sk_s + d[:, None]  # [D, N]
+        v_dst = v_base + (past_len + c[:, None]) * sv_s + d[None, :]  # [N, D]
+        if WRITE_NEW:  # this program appends the block to the cache (no other program reads it)
+            kt = tl.load(kn_ptr + b * skn_b + h * skn_h + c[None, :] * skn_t + d[:, None], mask=c[None, :] < T,
+                         other=0.0).to(k_ptr.dtype.element_ty)
+            v = tl.load(vn_ptr + b * svn_b + h * svn_h + c[:, None] * svn_t + d[None, :], mask=c[:, None] < T,
+                        other=0.0).to(v_ptr.dtype.element_ty)
+            tl.store(k_dst, kt, mask=c[None, :] < T)
+            tl.store(v_dst, v, mask=c[:, None] < T)
+        else:
+            kt = tl.load(k_dst, mask=c[None, :] < T, other=0.0)
+            v = tl.load(v_dst, mask=c[:, None] < T, other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
         s = tl.where(causal, s, float("-inf"))
         m_i = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_i[:, None])
-        v = tl.load(v_base + (past_len + c[:, None]) * sv_s + d[None, :], mask=c[:, None] < T, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = tl.sum(p, axis=1)
     # Partials hold only the G*T real rows: [B*Hkv, n_splits + 1, G*T, (D)]; m and l fp32,
@@ -520,20 +536,23 @@ def _locks(device, n: int) -> torch.Tensor:
 
 def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, n_splits=None,
                      block_n=None, num_warps=4, num_stages=3, fused_merge=True, prefetch=True,
-                     return_last_row=False):
+                     return_last_row=False, new_kv=None):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). idx/count come from `topp_select` (or any compacted selection); idx None
     reads every cached position. return_last_row (dense only) also returns what a draft
     needs for SpecAttn: the last query's attention on the cached positions, summed over the
     query heads of each KV head, [B, Hkv, past_len] fp32, from the scores the main pass
     stored (4 bytes per query head and position, far less than the keys).
+    new_kv = (k_new, v_new) [B, Hkv, T, D]: the block's keys and values, which the programs
+    that attend to the block write into the cache at [past_len, past_len + T) in the same
+    launch (a decode step then needs no separate cache-write kernels).
     n_splits, block_n, num_warps, num_stages: launch choices (None: the measured defaults
     below); fused_merge=False merges in a second launch and prefetch=False loads each
     block's indices in the iteration that uses them, both for comparison. The merge counters
     are one buffer per device: do not run calls on several CUDA streams at once.
     Falls back to the reference on a CPU without the interpreter."""
     if not _use_triton(q):
-        return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row)
+        return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row, new_kv)
     if return_last_row and idx is not None:
         raise ValueError("sparse_attention: return_last_row needs dense attention (idx=None)")
     B, Hq, T, D = q.shape
@@ -544,6 +563,11 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
                          f"past_len={past_len} (need Hq % Hkv == 0, cache >= past_len + T, D a power of 2 >= 16)")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("sparse_attention: q, k_cache and v_cache need a contiguous last dimension")
+    k_new, v_new = new_kv if new_kv is not None else (None, None)
+    if new_kv is not None and (k_new.shape != (B, Hkv, T, D) or v_new.shape != (B, Hkv, T, D)
+                               or k_new.stride(-1) != 1 or v_new.stride(-1) != 1):
+        raise ValueError(f"sparse_attention: new_kv must be two [B, Hkv, T, D] = {(B, Hkv, T, D)} tensors with a "
+                         f"contiguous last dim, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
     dense = idx is None
     if not dense:  # [B, Hkv, L] and [B, Hkv], any strides but a contiguous last dim (0 strides share a row)
         idx, count = idx.expand(B, Hkv, idx.shape[-1]), count.expand(B, Hkv)
@@ -582,12 +606,15 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     scale = (scale or 1 / math.sqrt(D)) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _sparse_attn_split_kernel[(B * Hkv, parts)](
-        q, k_cache, v_cache, idx, count, acc, m, l, out, stats, locks, scores, past_len, scale, n_splits, Hkv,
+        q, k_cache, v_cache, idx, count, acc, m, l, out, stats, locks, scores, k_new, v_new, past_len, scale,
+        n_splits, Hkv,
         *((0, 0, 0, 0) if dense else (idx.stride(0), idx.stride(1), count.stride(0), count.stride(1))),
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *((k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2))
+          if new_kv is not None else (0,) * 6),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, PRECISION=precision,
-        STORE_SCORES=return_last_row, FUSED_MERGE=fused_merge, PREFETCH=prefetch,
+        STORE_SCORES=return_last_row, FUSED_MERGE=fused_merge, PREFETCH=prefetch, WRITE_NEW=new_kv is not None,
         num_warps=num_warps, num_stages=num_stages)
     if not fused_merge:
         _merge_kernel[(B * Hkv,)](acc, m, l, out, stats, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
@@ -668,8 +695,9 @@ def _graphed(fn):
 def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
     """The kernels against their references on the GPU, on fresh inputs: top-p at the given
     (rows, N), and the attention in bf16 (which the CPU interpreter cannot run) at awkward
-    sizes and at the benchmark's own (up to 33 partials per head to merge). Raises on the
-    first mismatch; `python kernels.py --check` runs it alone."""
+    sizes and at the benchmark's own (up to 33 partials per head to merge), with and
+    without the cache write (new_kv). Raises on the first mismatch; `python kernels.py
+    --check` runs it alone."""
     dev = "cuda"
     torch.manual_seed(0)
     for rows, n in topp_shapes:
@@ -688,11 +716,15 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         kc = torch.randn(B, Hkv, S + T + 3, D, device=dev, dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
         idx, count = _random_selection(B, Hkv, S, frac, dev)
-        got = sparse_attention(q, kc, vc, S, idx, count).float()
-        ref = sparse_attention_reference(q, kc, vc, S, idx, count).float()
-        err = ((got - ref).norm() / ref.norm()).item()
-        assert err < 1e-2, (f"sparse attention B={B} Hq={Hq} Hkv={Hkv} T={T} S={S} kept={frac} D={D}: rel err "
-                            f"{err:.2e}, max abs {(got - ref).abs().max().item():.2e}")
+        for new_kv in (None, torch.randn(2, B, T, Hkv, D, device=dev, dtype=torch.bfloat16).transpose(2, 3)):
+            kr, vr = kc.clone(), vc.clone()  # the reference's own cache (new_kv writes into it)
+            got = sparse_attention(q, kc, vc, S, idx, count, new_kv=new_kv).float()
+            ref = sparse_attention_reference(q, kr, vr, S, idx, count, new_kv=new_kv).float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (f"sparse attention B={B} Hq={Hq} Hkv={Hkv} T={T} S={S} kept={frac} D={D} "
+                                f"new_kv={new_kv is not None}: rel err {err:.2e}, max abs "
+                                f"{(got - ref).abs().max().item():.2e}")
+            assert torch.equal(kc, kr) and torch.equal(vc, vr), "sparse attention: cache differs after new_kv"
 
 
 def bench(out_dir=None):

@@ -227,14 +227,19 @@ class KVCache:
 
 
 def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len: int,
-                     keep: Optional[torch.Tensor] = None, return_probs: bool = False):
+                     keep: Optional[torch.Tensor] = None, return_probs: bool = False, new_kv=None):
     """Attention of T new queries over `past_len` cached keys plus their own block.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, past_len + T, D], Hq a multiple of Hkv (GQA: query
     head h reads KV head h // (Hq // Hkv)). keep: bool [B, Hkv, T or 1, past_len], which
     cached positions each KV head may read (None: all). The block's own keys are always
-    read causally. Returns (out [B, Hq, T, D], probs [B, Hq, T, past_len + T] or None).
+    read causally. new_kv: (k_new, v_new) [B, Hkv, T, D], the block's keys and values, to
+    be written into the last T rows of k and v (views of the cache) first; None: they are
+    there already. Returns (out [B, Hq, T, D], probs [B, Hq, T, past_len + T] or None).
     """
+    if new_kv is not None:  # append the block to the cache, then read it like the rest
+        k[:, :, past_len:] = new_kv[0]
+        v[:, :, past_len:] = new_kv[1]
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
@@ -287,13 +292,16 @@ class Attention(nn.Module):
         q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, T, D]
         k = qk[:, :, Hq:].transpose(1, 2)  # [B, Hkv, T, D]
         v = qkv[:, :, Hq + Hkv:].transpose(1, 2)
+        new_kv = None
         if cache is not None:
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k = cache.k[layer, :, :, :start + T]  # [B, Hkv, start + T, D]
+            # The block's keys and values belong at cache positions [start, start + T). The
+            # attention writes them there (new_kv) before reading them: a GPU kernel does it
+            # in its own launch (kernels.sparse_attention), saving two copy kernels per layer.
+            new_kv = (k, v)
+            k = cache.k[layer, :, :, :start + T]  # [B, Hkv, start + T, D]; the last T rows not yet written
             v = cache.v[layer, :, :, :start + T]
         keep = select(layer, q, k[:, :, :start]) if select is not None else None
-        out, probs = attend(q, k, v, start, keep, return_probs)
+        out, probs = attend(q, k, v, start, keep, return_probs, new_kv)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1)), probs
 
 

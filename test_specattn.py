@@ -570,6 +570,51 @@ def test_sparse_attention_matches_reference(T, S, ratio):
     assert (dense_kernel - dense_ref).norm() / dense_ref.norm() < 1e-5
 
 
+def test_sparse_attention_writes_new_block():
+    """new_kv: the launch that attends to the block also appends it to the cache. Output and
+    cache equal the reference's (which writes first, then attends), for a selection, dense,
+    and the draft's last-row output; and through model.py's attention slot, cached forwards
+    give the eager model's logits and cache."""
+    g = torch.Generator().manual_seed(23)
+    B, Hq, Hkv, T, S, D = 2, 6, 2, 5, 77, 32
+    q = torch.randn(B, Hq, T, D, generator=g)
+    new = torch.randn(2, B, T, Hkv, D, generator=g).transpose(2, 3)  # k_new, v_new: [B, Hkv, T, D], strided
+    idx, count = random_selection(B, Hkv, S, 0.3, g)
+    for sel in ((idx, count), (None, None)):
+        kc, vc = torch.randn(B, Hkv, S + T + 2, D, generator=g), torch.randn(B, Hkv, S + T + 2, D, generator=g)
+        kr, vr = kc.clone(), vc.clone()  # the new block's rows hold garbage in both until written
+        got = K.sparse_attention(q, kc, vc, S, *sel, n_splits=3, new_kv=(new[0], new[1]))
+        ref = K.sparse_attention_reference(q, kr, vr, S, *sel, new_kv=(new[0], new[1]))
+        assert (got - ref).norm() / ref.norm() < 1e-5, f"selection={sel[0] is not None}"
+        assert torch.equal(kc, kr) and torch.equal(vc, vr), "cache rows differ after the write"
+        assert torch.equal(kc[:, :, S:S + T], new[0]) and not (kc[:, :, S + T:] == new[0][:, :, :2]).all()
+    kc, vc = torch.randn(B, Hkv, S + T, D, generator=g), torch.randn(B, Hkv, S + T, D, generator=g)
+    kr, vr = kc.clone(), vc.clone()
+    out, row = K.sparse_attention(q, kc, vc, S, return_last_row=True, new_kv=(new[0], new[1]))
+    ref_out, ref_row = K.sparse_attention_reference(q, kr, vr, S, return_last_row=True, new_kv=(new[0], new[1]))
+    assert (out - ref_out).norm() / ref_out.norm() < 1e-5 and (row - ref_row).abs().max() < 1e-6
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+    def kernel_slot(q, k, v, past_len, keep=None, return_probs=False, new_kv=None):
+        assert keep is None and not return_probs
+        return K.sparse_attention(q, k, v, past_len, new_kv=new_kv), None
+
+    m = tiny_model(seed=8)
+    x = torch.randint(0, m.args.vocab_size, (2, 12))
+    caches = []
+    with torch.no_grad():
+        for slot in (None, kernel_slot):
+            if slot is not None:
+                m.subset_attention = slot
+            cache = m.new_cache(batch_size=2, max_len=16)
+            caches.append((cache, m(x[:, :7], cache=cache), m(x[:, 7:], cache=cache)))
+    (want, w1, w2), (got, g1, g2) = caches
+    torch.testing.assert_close(g1, w1, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(g2, w2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.k[:, :, :, :12], want.k[:, :, :, :12], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got.v[:, :, :, :12], want.v[:, :, :, :12], atol=1e-6, rtol=1e-6)
+
+
 def test_sparse_attention_merge_counters_reset():
     """The fused merge counts arrivals per (batch, KV head) in a shared buffer: every call must
     leave it at zero, or the next call would merge too early (or never)."""
