@@ -24,7 +24,9 @@ The two SpecAttn hooks live in `Transformer.forward`:
    causally. `specattn.py` builds `fn` from the draft's attention; `eval_pg19.py`
    builds it for every method it compares. The attention here is plain PyTorch;
    `Transformer.subset_attention` can be swapped for the Triton kernels of
-   `kernels.py`.
+   `kernels.py` (`bench.kernel_attention`). Whatever fills that slot also appends
+   the new block's keys and values to the cache (its `new_kv` argument), so a
+   kernel can do it in the launch that attends.
 """
 
 from __future__ import annotations
