@@ -298,7 +298,7 @@ class Attention(nn.Module):
         if cache is not None:
             # The block's keys and values belong at cache positions [start, start + T). The
             # attention writes them there (new_kv) before reading them: a GPU kernel does it
-            # in its own launch (kernels.sparse_attention), saving two copy kernels per layer.
+            # in the launch that attends (kernels.sparse_attention), two copy kernels fewer.
             new_kv = (k, v)
             k = cache.k[layer, :, :, :start + T]  # [B, Hkv, start + T, D]; the last T rows not yet written
             v = cache.v[layer, :, :, :start + T]

@@ -582,12 +582,13 @@ def test_sparse_attention_writes_new_block():
     idx, count = random_selection(B, Hkv, S, 0.3, g)
     for sel in ((idx, count), (None, None)):
         kc, vc = torch.randn(B, Hkv, S + T + 2, D, generator=g), torch.randn(B, Hkv, S + T + 2, D, generator=g)
-        kr, vr = kc.clone(), vc.clone()  # the new block's rows hold garbage in both until written
+        kr, vr, k0 = kc.clone(), vc.clone(), kc.clone()  # the block's rows hold garbage until written
         got = K.sparse_attention(q, kc, vc, S, *sel, n_splits=3, new_kv=(new[0], new[1]))
         ref = K.sparse_attention_reference(q, kr, vr, S, *sel, new_kv=(new[0], new[1]))
         assert (got - ref).norm() / ref.norm() < 1e-5, f"selection={sel[0] is not None}"
         assert torch.equal(kc, kr) and torch.equal(vc, vr), "cache rows differ after the write"
-        assert torch.equal(kc[:, :, S:S + T], new[0]) and not (kc[:, :, S + T:] == new[0][:, :, :2]).all()
+        assert torch.equal(kc[:, :, S:S + T], new[0]) and torch.equal(vc[:, :, S:S + T], new[1])
+        assert torch.equal(kc[:, :, :S], k0[:, :, :S]) and torch.equal(kc[:, :, S + T:], k0[:, :, S + T:])
     kc, vc = torch.randn(B, Hkv, S + T, D, generator=g), torch.randn(B, Hkv, S + T, D, generator=g)
     kr, vr = kc.clone(), vc.clone()
     out, row = K.sparse_attention(q, kc, vc, S, return_last_row=True, new_kv=(new[0], new[1]))
