@@ -128,8 +128,6 @@ def topp_for_fraction(rows: torch.Tensor, fraction: float) -> float:
 def profile_verify(target: Transformer, B: int, S: int, gamma: int, topp_fraction: float = 0.25, top: int = 12):
     """Print where one verification step's GPU time goes (kernels grouped by name), dense
     kernel and SpecAttn at `topp_fraction` kept, pointwise ops compiled."""
-    from torch.profiler import ProfilerActivity, profile
-
     cache = target.new_cache(batch_size=B, max_len=S + 16)
     cache.k.normal_()
     cache.v.normal_()
@@ -141,16 +139,41 @@ def profile_verify(target: Transformer, B: int, S: int, gamma: int, topp_fractio
     for name, variant in (("kernel dense", "kernel"), (f"specattn {topp_fraction:.0%}", "specattn")):
         def step():
             return verify_step(target, cache, block, S, variant, rows, p)
-        for _ in range(3):  # compile and warm up
+        print_profile(f"{name}, B={B}, S={S}, γ={gamma}", step, top)
+
+
+@torch.no_grad()
+def profile_draft_step(draft: Transformer, B: int, S: int, top: int = 12):
+    """Print where one draft step's GPU time goes (one token, the dense kernel), without and
+    with the attention row SpecAttn asks of it."""
+    cache = draft.new_cache(batch_size=B, max_len=S + 16)
+    cache.k.normal_()
+    cache.v.normal_()
+    tok = torch.randint(0, DRAFT_1B.vocab_size, (B, 1), device="cuda")
+    draft.subset_attention = kernel_attention
+    compile_pointwise(True)
+    fuse_projections(draft)
+    for name, rows in (("draft step", False), ("draft step with its attention row", True)):
+        def step():
+            cache.length = S
+            return draft(tok, cache=cache, return_attn=rows)
+        print_profile(f"{name}, B={B}, S={S}", step, top)
+
+
+def print_profile(title: str, step, top: int):
+    """Warm `step` up, print its CUDA kernel time by kernel over 5 eager steps, and the time
+    of one step replayed as a CUDA graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):  # compile and warm up
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # eager launches; kernel times are the same
+        for _ in range(5):
             step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # eager launches; kernel times are the same
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-        print(f"## {name}, B={B}, S={S}, γ={gamma}: CUDA kernel time by kernel, 5 steps; one step as a CUDA "
-              f"graph takes {graphed_ms(step):.3f} ms")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
+    print(f"## {title}: CUDA kernel time by kernel, 5 steps; one step as a CUDA graph takes {graphed_ms(step):.3f} ms")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
 
 
 @torch.no_grad()
@@ -162,13 +185,15 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="keep the pointwise ops eager in every column")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the tables: where one verification step's time goes "
-                             "(batch 1 at 8k and 128k, batch 8 at 32k)")
+                             "(batch 1 at 8k and 128k, batch 8 at 32k), and one draft step's (batch 1, 8k)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the markdown table")
     args = parser.parse_args()
     if args.profile:
         target = random_model(TARGET_8B)
         for B, S in ((1, 8192), (1, 131072), (8, 32768)):
             profile_verify(target, B=B, S=S, gamma=4)
+        target = None
+        profile_draft_step(random_model(DRAFT_1B), B=1, S=8192)
         return
     bw = kernels._hbm_bandwidth()
     # The plain model is kept for the `kd plain` column; every other column runs on fused ones.
