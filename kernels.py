@@ -21,11 +21,13 @@ Works copied alone (torch + triton). Two pieces:
    positions plus their own block (causally). Flash-decoding style: the selected
    positions are split across programs, each keeps a partial softmax (max, sum, acc),
    and the last program of each head to finish merges the partials (an atomic counter
-   tells it), so one long row fills the GPU in a single launch.
+   tells it), so one long row fills the GPU in a single launch. Given the block's keys
+   and values (`new_kv`), the same launch also appends them to the cache.
 
 `topp_mask_reference`, `topp_select_reference` and `sparse_attention_reference` are the
-definitions, used by the tests and as the CPU fallback. `python kernels.py --bench`
-checks the kernels against them and times both on the GPU.
+definitions, used by the tests and as the CPU fallback. On a GPU, `python kernels.py
+--check` compares the kernels with them (bf16 included, which the CPU interpreter cannot
+run), and `--bench` checks, then times both.
 """
 
 from __future__ import annotations
