@@ -1253,3 +1253,22 @@ def test_fuse_projections_keeps_outputs(bias):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_cache.k, want_cache.k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_cache.v, want_cache.v, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# bench.py: the bytes floor
+
+
+def test_bench_floor_counts_weights_a_step_reads():
+    """An untied embedding table is only looked up (a step reads a few rows), so the floor
+    leaves it out; a tied one is also the output head, read whole, and counts once."""
+    import bench as BB
+
+    def param_bytes(m):
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    untied, tied = tiny_model(seed=1), tiny_model(seed=1, tie_word_embeddings=True)
+    table = untied.tok_embeddings.weight
+    assert BB.weight_bytes_read(untied) == param_bytes(untied) - table.numel() * table.element_size()
+    assert BB.weight_bytes_read(tied) == param_bytes(tied)
+    assert param_bytes(untied) - param_bytes(tied) == table.numel() * table.element_size()  # the head, once
