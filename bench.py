@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Optional
 
 import torch
 from triton.testing import do_bench
@@ -83,7 +84,7 @@ def weight_bytes_read(model: Transformer) -> int:
 
 
 def verify_step(model: Transformer, cache, block: torch.Tensor, past_len: int, variant: str,
-                draft_rows: torch.Tensor = None, topp: float = None):
+                draft_rows: Optional[torch.Tensor] = None, topp: Optional[float] = None):
     """One verification forward of `block` [B, γ+1] after `past_len` cached positions.
     variant: "sdpa" (dense, PyTorch SDPA), "kernel" (dense, kernels.sparse_attention) or
     "specattn" (top-p on draft_rows at topp, then the kernel on what it keeps)."""

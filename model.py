@@ -185,8 +185,8 @@ def compile_pointwise(enable: bool = True) -> None:
     """Fuse each pointwise function into one kernel with torch.compile (every model in this
     process; enable=False puts the eager ones back). In eager PyTorch, RMSNorm is ~6 kernel
     launches, RoPE ~8 per tensor, SwiGLU 2: in a decode step, where each moves a few KB,
-    ~30 launches per layer cost more time than their bytes. Matmuls, attention, cache
-    writes and the `select` hook stay as they are."""
+    ~30 launches per layer cost more time than their bytes. Matmuls, attention (which also
+    writes the block to the cache) and the `select` hook stay as they are."""
     for name, fn in (("rope", apply_rope), ("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm),
                      ("swiglu", swiglu)):
         setattr(Pointwise, name, staticmethod(torch.compile(fn) if enable else fn))
