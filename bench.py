@@ -53,9 +53,9 @@ def kernel_attention(q, k, v, past_len, keep=None, return_probs=False, new_kv=No
     new_kv, the block's keys and values, are written to the cache by the same launch.
     With return_probs (the draft side) it returns only what SpecAttn needs, the last query's
     head-averaged attention on the cached positions, as [B, 1, 1, past_len]."""
-    if return_probs:
-        out, row = sparse_attention(q, k, v, past_len, return_last_row=True, new_kv=new_kv)  # row [B, Hkv, past]
-        return out, (row.sum(1) / q.shape[1])[:, None, None, :]
+    if return_probs:  # the kernel averages over the heads itself: no small ops per layer on the row
+        out, row = sparse_attention(q, k, v, past_len, return_last_row=True, new_kv=new_kv, last_row_mean=True)
+        return out, row[:, None, None, :]  # [B, past] -> [B, 1, 1, past] (a view)
     idx, count = keep if keep is not None else (None, None)
     return sparse_attention(q, k, v, past_len, idx, count, new_kv=new_kv), None
 
@@ -265,7 +265,7 @@ def main():
                     logits = draft(tok, cache=d_cache)
                 else:
                     logits, probs = draft(tok, cache=d_cache, return_attn=True)
-                    rows.append(torch.stack([p[:, :, -1, :S].float().mean(1) for p in probs]))  # [Ld, B, S]
+                    rows.append(torch.stack([p[:, 0, -1, :S] for p in probs]))  # [Ld, B, S]; one "head": the mean
                 tok = logits[:, -1].argmax(-1, keepdim=True)
                 proposals.append(tok)
             block = torch.cat(proposals, 1)

@@ -308,7 +308,7 @@ def topp_select(w: torch.Tensor, p):
 
 
 def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None,
-                               return_last_row=False, new_kv=None):
+                               return_last_row=False, new_kv=None, last_row_mean=False):
     """Dense fp32 attention under a boolean mask: the definition the kernel must meet.
 
     q: [B, Hq, T, D], the T new queries at positions [past_len, past_len + T).
@@ -316,7 +316,9 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
     unless new_kv = (k_new, v_new) [B, Hkv, T, D] is given: then they are written first.
     idx: int32 [B, Hkv, L], selected cached positions (< past_len), first `count` valid;
     count: int32 [B, Hkv] (both may broadcast over heads). idx None: every cached position.
-    Returns [B, Hq, T, D] in q's dtype.
+    Returns [B, Hq, T, D] in q's dtype; with return_last_row also the last query's attention
+    on the cached positions, summed over each KV head's query heads [B, Hkv, past_len], or
+    with last_row_mean averaged over all query heads [B, past_len].
     """
     B, Hq, T, D = q.shape
     if new_kv is not None:
@@ -338,8 +340,9 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
     scores = scores.masked_fill(~allowed.repeat_interleave(group, 1), float("-inf"))
     probs = scores.softmax(-1)  # [B, Hq, T, S]
     out = (probs @ v).to(q.dtype)
-    if return_last_row:  # last query, cached positions, summed over each KV head's query heads
-        return out, probs[:, :, -1, :past_len].view(B, Hkv, group, past_len).sum(2)
+    if return_last_row:  # last query, cached positions
+        row = probs[:, :, -1, :past_len]  # [B, Hq, past_len]
+        return out, row.mean(1) if last_row_mean else row.view(B, Hkv, group, past_len).sum(2)
     return out
 
 
@@ -502,22 +505,24 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, n_parts, H_KV, so_b, 
 
 
 @triton.jit
-def _last_row_kernel(scores_ptr, stats_ptr, row_ptr, past_len, H_KV, T: tl.constexpr, G: tl.constexpr,
-                     G_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The last query's attention probabilities on cached positions, summed over the G query
-    heads of each KV head. The split pass stored that query's scores (log2 units); with
-    each softmax row's final max and sum known after the merge, every probability is one
-    exp2. Reads G fp32 scores per position instead of going back to the D-wide keys."""
-    bh, blk = tl.program_id(0), tl.program_id(1)
-    g = tl.arange(0, G_BLOCK)
-    stat = bh * (G * T) + g * T + (T - 1)  # the merge's row for (query head g, last token)
-    m = tl.load(stats_ptr + stat * 2, mask=g < G, other=0.0)
-    den = tl.load(stats_ptr + stat * 2 + 1, mask=g < G, other=1.0)
+def _last_row_kernel(scores_ptr, stats_ptr, row_ptr, past_len, row_scale, T: tl.constexpr, HEADS: tl.constexpr,
+                     H_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The last query's attention probabilities on cached positions, summed over each group
+    of HEADS consecutive query heads (a KV head's G, or all Hq of a batch row) and scaled
+    by row_scale. The split pass stored that query's scores (log2 units); with each
+    softmax row's final max and sum known after the merge, every probability is one exp2.
+    Reads HEADS fp32 scores per position instead of going back to the D-wide keys."""
+    grp, blk = tl.program_id(0), tl.program_id(1)
+    g = tl.arange(0, H_BLOCK)
+    head = grp * HEADS + g  # b * Hq + query head: the scores' row; the merge's rows are (head, token)
+    stat = head * T + (T - 1)  # the merge's row for (this head, last token)
+    m = tl.load(stats_ptr + stat * 2, mask=g < HEADS, other=0.0)
+    den = tl.load(stats_ptr + stat * 2 + 1, mask=g < HEADS, other=1.0)
     j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (g[:, None] < G) & (j[None, :] < past_len)
-    s = tl.load(scores_ptr + (bh * G + g)[:, None] * past_len + j[None, :], mask=ok, other=float("-inf"))
-    p = tl.exp2(s - m[:, None]) / den[:, None]  # [G_BLOCK, N]
-    tl.store(row_ptr + bh * past_len + j, tl.sum(p, axis=0), mask=j < past_len)
+    ok = (g[:, None] < HEADS) & (j[None, :] < past_len)
+    s = tl.load(scores_ptr + head[:, None] * past_len + j[None, :], mask=ok, other=float("-inf"))
+    p = tl.exp2(s - m[:, None]) / den[:, None]  # [H_BLOCK, N]
+    tl.store(row_ptr + grp * past_len + j, tl.sum(p, axis=0) * row_scale, mask=j < past_len)
 
 
 _LOCKS: dict = {}
@@ -538,13 +543,15 @@ def _locks(device, n: int) -> torch.Tensor:
 
 def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, n_splits=None,
                      block_n=None, num_warps=4, num_stages=3, fused_merge=True, prefetch=True,
-                     return_last_row=False, new_kv=None):
+                     return_last_row=False, new_kv=None, last_row_mean=False):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). idx/count come from `topp_select` (or any compacted selection); idx None
     reads every cached position. return_last_row (dense only) also returns what a draft
     needs for SpecAttn: the last query's attention on the cached positions, summed over the
     query heads of each KV head, [B, Hkv, past_len] fp32, from the scores the main pass
-    stored (4 bytes per query head and position, far less than the keys).
+    stored (4 bytes per query head and position, far less than the keys); with
+    last_row_mean, the mean over all query heads, [B, past_len] (one selection for every
+    head, as SpecAttn uses it: no further ops on the row).
     new_kv = (k_new, v_new) [B, Hkv, T, D]: the block's keys and values, which the programs
     that attend to the block write into the cache at [past_len, past_len + T) in the same
     launch (a decode step then needs no separate cache-write kernels).
@@ -554,7 +561,8 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     are one buffer per device: do not run calls on several CUDA streams at once.
     Falls back to the reference on a CPU without the interpreter."""
     if not _use_triton(q):
-        return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row, new_kv)
+        return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row, new_kv,
+                                          last_row_mean)
     if return_last_row and idx is not None:
         raise ValueError("sparse_attention: return_last_row needs dense attention (idx=None)")
     B, Hq, T, D = q.shape
@@ -623,10 +631,14 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
                                   T=T, G=G, D=D, BLOCK_M=block_m, WRITE_STATS=return_last_row, num_warps=num_warps)
     if not return_last_row:
         return out
-    row = torch.empty((B, Hkv, past_len), device=q.device, dtype=torch.float32)
+    heads = Hq if last_row_mean else G  # query heads summed into each output row
+    row = torch.empty((B, past_len) if last_row_mean else (B, Hkv, past_len), device=q.device, dtype=torch.float32)
+    h_block = triton.next_power_of_2(heads)
+    block_n = max(16, min(512, 2048 // h_block))  # ~2048 scores per program
     if past_len:
-        _last_row_kernel[(B * Hkv, triton.cdiv(past_len, 512))](
-            scores, stats, row, past_len, Hkv, T=T, G=G, G_BLOCK=triton.next_power_of_2(G), BLOCK_N=512, num_warps=4)
+        _last_row_kernel[(B * Hq // heads, triton.cdiv(past_len, block_n))](
+            scores, stats, row, past_len, 1 / Hq if last_row_mean else 1.0, T=T, HEADS=heads, H_BLOCK=h_block,
+            BLOCK_N=block_n, num_warps=4)
     return out, row
 
 
@@ -698,8 +710,8 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
     """The kernels against their references on the GPU, on fresh inputs: top-p at the given
     (rows, N), and the attention in bf16 (which the CPU interpreter cannot run) at awkward
     sizes and at the benchmark's own (up to 33 partials per head to merge), with and
-    without the cache write (new_kv). Raises on the first mismatch; `python kernels.py
-    --check` runs it alone."""
+    without the cache write (new_kv), and the draft side's last-row output. Raises on
+    the first mismatch; `python kernels.py --check` runs it alone."""
     dev = "cuda"
     torch.manual_seed(0)
     for rows, n in topp_shapes:
@@ -727,6 +739,16 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
                                 f"new_kv={new_kv is not None}: rel err {err:.2e}, max abs "
                                 f"{(got - ref).abs().max().item():.2e}")
             assert torch.equal(kc, kr) and torch.equal(vc, vr), "sparse attention: cache differs after new_kv"
+    # The draft side's row (dense attention): per KV head, and averaged over all query heads.
+    for B, Hq, Hkv, T, S in ((2, 12, 4, 5, 577), (3, 32, 8, 1, 8192)):
+        q = torch.randn(B, Hq, T, 64, device=dev, dtype=torch.bfloat16)
+        kc, vc = (torch.randn(B, Hkv, S + T, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        for mean in (False, True):
+            _, row = sparse_attention(q, kc, vc, S, return_last_row=True, last_row_mean=mean)
+            _, ref = sparse_attention_reference(q, kc, vc, S, return_last_row=True, last_row_mean=mean)
+            err = ((row - ref).abs().max() / ref.abs().max()).item()
+            assert row.shape == ref.shape and err < 1e-2, \
+                f"last row B={B} Hq={Hq} S={S} mean={mean}: max rel err {err:.2e}"
 
 
 def bench(out_dir=None):

@@ -644,7 +644,7 @@ def test_sparse_attention_selection_shared_by_all_kv_heads():
 @pytest.mark.parametrize("T,Hq", [(1, 8), (2, 8), (5, 8), (1, 6), (3, 6)])
 def test_sparse_attention_last_row(T, Hq):
     """The draft-side output: the last query's attention on the cache, summed per KV head
-    (G = Hq / 2 query heads per KV head: 4, or 3 as in SmolLM2)."""
+    (G = Hq / 2 query heads per KV head: 4, or 3 as in SmolLM2), or averaged over all heads."""
     g = torch.Generator().manual_seed(T)
     q, kc, vc = (torch.randn(2, Hq, T, 64, generator=g), torch.randn(2, 2, 150 + T, 64, generator=g),
                  torch.randn(2, 2, 150 + T, 64, generator=g))
@@ -655,6 +655,12 @@ def test_sparse_attention_last_row(T, Hq):
     assert err.max() < 1e-6 and row.shape == (2, 2, 150), f"max {err.max():.2e} mean {err.mean():.2e}"
     _, probs = M.subset_attention(q, kc[:, :, :150 + T], vc[:, :, :150 + T], 150, return_probs=True)
     assert (ref_row - probs[:, :, -1, :150].view(2, 2, Hq // 2, 150).sum(2)).abs().max() < 1e-6
+    # last_row_mean: the mean over all query heads, [B, past_len], as one selection per layer uses it
+    _, mean_row = K.sparse_attention(q, kc, vc, 150, return_last_row=True, last_row_mean=True)
+    _, ref_mean = K.sparse_attention_reference(q, kc, vc, 150, return_last_row=True, last_row_mean=True)
+    err = (mean_row - ref_mean).abs()
+    assert err.max() < 1e-6 and mean_row.shape == (2, 150), f"mean row: max {err.max():.2e} mean {err.mean():.2e}"
+    assert (ref_mean - probs[:, :, -1, :150].mean(1)).abs().max() < 1e-6
 
 
 def test_sparse_attention_reference_equals_model_subset_attention():
