@@ -634,11 +634,11 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     heads = Hq if last_row_mean else G  # query heads summed into each output row
     row = torch.empty((B, past_len) if last_row_mean else (B, Hkv, past_len), device=q.device, dtype=torch.float32)
     h_block = triton.next_power_of_2(heads)
-    block_n = max(16, min(512, 2048 // h_block))  # ~2048 scores per program
+    row_block = max(16, min(512, 2048 // h_block))  # positions per program: ~2048 scores each
     if past_len:
-        _last_row_kernel[(B * Hq // heads, triton.cdiv(past_len, block_n))](
+        _last_row_kernel[(B * Hq // heads, triton.cdiv(past_len, row_block))](
             scores, stats, row, past_len, 1 / Hq if last_row_mean else 1.0, T=T, HEADS=heads, H_BLOCK=h_block,
-            BLOCK_N=block_n, num_warps=4)
+            BLOCK_N=row_block, num_warps=4)
     return out, row
 
 
