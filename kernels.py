@@ -130,18 +130,27 @@ def _load_keys(w_ptr, offs, n):
 
 
 @triton.jit
-def _write_selection(x, key, offs, n, theta_key, keep_all, target, row, mask_ptr, idx_ptr, count_ptr,
-                     WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr):
-    # A row with no mass keeps nothing (θ above every key); p >= 1 keeps all, NaNs too.
+def _kept(key, offs, n, theta_key, keep_all, target):
+    """Which entries the threshold keeps: key >= θ's key. A row with no mass keeps nothing
+    (θ above every key); p >= 1 keeps every entry, NaNs too."""
     theta_key = tl.where(target > 0, theta_key, KEY_END)
     theta_key = tl.where(keep_all, -1, theta_key)
-    keep = (key >= theta_key) & (offs < n)
+    return (key >= theta_key) & (offs < n)
+
+
+@triton.jit
+def _write_selection(keep, offs, n, first_slot, row, mask_ptr, idx_ptr, WRITE_MASK: tl.constexpr,
+                     WRITE_IDX: tl.constexpr):
+    """The mask, and the kept positions compacted into the row's list from first_slot on.
+    Returns how many this block keeps (with WRITE_IDX)."""
+    n_kept = 0
     if WRITE_MASK:
         tl.store(mask_ptr + row * n + offs, keep.to(tl.int8), mask=offs < n)
     if WRITE_IDX:
-        k = keep.to(tl.int32)
-        base = tl.atomic_add(count_ptr + row, tl.sum(k, axis=0))  # this chunk's slot in the row's list
-        tl.store(idx_ptr + row * n + base + tl.cumsum(k, axis=0) - 1, offs, mask=keep)
+        rank = tl.cumsum(keep.to(tl.int32), axis=0)  # 1 + how many kept entries come before
+        tl.store(idx_ptr + row * n + first_slot + rank - 1, offs, mask=keep)
+        n_kept = tl.max(rank, axis=0)
+    return n_kept
 
 
 @triton.jit
@@ -153,6 +162,9 @@ def _topp_row_kernel(w_ptr, p_ptr, mask_ptr, idx_ptr, count_ptr, n, stride_row,
     p = tl.load(p_ptr + row)
     target = p * tl.sum(x, axis=0)
     # Invariant: mass(key >= lo) >= target > mass(key >= hi). Each step halves [lo, hi).
+    # (Stopping once a single key is left in [lo, hi) would take about 20 steps on attention
+    # rows instead of 31, but it needs the keys counted as well, and on an H200 the counting
+    # made the whole search slower; README, "tried and not kept".)
     lo = 0
     hi = KEY_END
     for _ in range(31):
@@ -160,7 +172,10 @@ def _topp_row_kernel(w_ptr, p_ptr, mask_ptr, idx_ptr, count_ptr, n, stride_row,
         mass = tl.sum(tl.where(key >= mid, x, 0.0), axis=0)
         lo = tl.where(mass >= target, mid, lo)
         hi = tl.where(mass >= target, hi, mid)
-    _write_selection(x, key, offs, n, lo, p >= 1, target, row, mask_ptr, idx_ptr, count_ptr, WRITE_MASK, WRITE_IDX)
+    keep = _kept(key, offs, n, lo, p >= 1, target)
+    n_kept = _write_selection(keep, offs, n, 0, row, mask_ptr, idx_ptr, WRITE_MASK, WRITE_IDX)
+    if WRITE_IDX:
+        tl.store(count_ptr + row, n_kept)
 
 
 @triton.jit
@@ -169,7 +184,7 @@ def _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, TARGET_FROM_PAR
     """One 16-fold narrowing of [lo, hi) from the previous pass's per-chunk pivot masses.
 
     Every program of the row does this same small, fixed-order reduction, so all agree.
-    Returns (lo, hi, target).
+    Returns (lo, hi, target, j): the new lo is the previous pass's pivot j.
     """
     lo = tl.load(state_in + row * 2)
     hi = tl.load(state_in + row * 2 + 1)
@@ -188,22 +203,25 @@ def _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, TARGET_FROM_PAR
     j = tl.maximum(tl.min(tl.where(mass < target, i, K), axis=0) - 1, 0)
     new_lo = tl.sum(tl.where(i == j, pivots, 0), axis=0)
     new_hi = tl.where(j + 1 < K, tl.sum(tl.where(i == j + 1, pivots, 0), axis=0), hi)
-    done = hi - lo <= 1  # a converged row stays put (its partials were not refreshed)
-    return tl.where(done, lo, new_lo), tl.where(done, hi, new_hi), target
+    done = hi - lo <= 1  # a converged row stays put (all its pivots are lo, so j still names lo)
+    return tl.where(done, lo, new_lo), tl.where(done, hi, new_hi), target, j
 
 
 @triton.jit
-def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, target_ptr, n, stride_row, n_chunks,
-                      STAGE: tl.constexpr, K: tl.constexpr, CHUNK_: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, target_ptr, counts_out, n, stride_row,
+                      n_chunks, STAGE: tl.constexpr, K: tl.constexpr, CHUNK_: tl.constexpr,
+                      CHUNKS_POW2: tl.constexpr, COUNT: tl.constexpr):
     """One search pass over (row, chunk): narrow [lo, hi) (not on the first pass), then
-    write this chunk's mass at the K pivots of the new interval.
+    write this chunk's mass at the K pivots of the new interval (with COUNT, on the last
+    pass, also how many of its entries reach each pivot).
     STAGE 0: first pass; 1: second (derives the target); 2: later passes."""
     row, chunk = tl.program_id(0), tl.program_id(1)
     if STAGE == 0:
         lo = 0
         hi = KEY_END
     else:
-        lo, hi, target = _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, STAGE == 1, K, CHUNKS_POW2)
+        lo, hi, target, _ = _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, STAGE == 1, K,
+                                    CHUNKS_POW2)
         if STAGE == 1 and chunk == 0:
             tl.store(target_ptr + row, target)
     if chunk == 0:
@@ -215,24 +233,44 @@ def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, targ
     x, key = _load_keys(w_ptr + row * stride_row, offs, n)
     i = tl.arange(0, K)
     acc = tl.zeros([K], dtype=tl.float32)
-    if hi - lo > 1:
-        for k in tl.static_range(K):
-            pivot = lo + ((hi - lo).to(tl.int64) * k // K).to(tl.int32)
-            acc = tl.where(i == k, tl.sum(tl.where(key >= pivot, x, 0.0), axis=0), acc)
+    counts = tl.zeros([K], dtype=tl.int32)
+    padding = CHUNK_ - tl.minimum(tl.maximum(n - chunk * CHUNK_, 0), CHUNK_)  # entries past n, key 0
+    for k in tl.static_range(K):
+        pivot = lo + ((hi - lo).to(tl.int64) * k // K).to(tl.int32)
+        above = key >= pivot
+        acc = tl.where(i == k, tl.sum(tl.where(above, x, 0.0), axis=0), acc)
+        if COUNT:
+            n_above = tl.sum(above.to(tl.int32), axis=0) - tl.where(pivot == 0, padding, 0)
+            counts = tl.where(i == k, n_above, counts)
     tl.store(part_out + (row * n_chunks + chunk) * K + i, acc)
+    if COUNT:
+        tl.store(counts_out + (row * n_chunks + chunk) * K + i, counts)
 
 
 @triton.jit
-def _topp_final_kernel(w_ptr, p_ptr, state_in, part_in, target_ptr, mask_ptr, idx_ptr, count_ptr,
+def _topp_final_kernel(w_ptr, p_ptr, state_in, part_in, target_ptr, counts_in, mask_ptr, idx_ptr, count_ptr,
                        n, stride_row, n_chunks, K: tl.constexpr, CHUNK_: tl.constexpr, CHUNKS_POW2: tl.constexpr,
                        WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr):
     """Last narrowing (now hi = lo + 1, so θ's key is lo), then the mask and compacted indices."""
     row, chunk = tl.program_id(0), tl.program_id(1)
-    lo, hi, target = _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, False, K, CHUNKS_POW2)
+    lo, hi, target, j = _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, False, K, CHUNKS_POW2)
     offs = chunk * CHUNK_ + tl.arange(0, CHUNK_)
     x, key = _load_keys(w_ptr + row * stride_row, offs, n)
     p = tl.load(p_ptr + row)
-    _write_selection(x, key, offs, n, lo, p >= 1, target, row, mask_ptr, idx_ptr, count_ptr, WRITE_MASK, WRITE_IDX)
+    keep = _kept(key, offs, n, lo, p >= 1, target)
+    first_slot = 0
+    if WRITE_IDX:
+        # θ is the last pass's pivot j, and that pass stored how many entries of each chunk
+        # reach it: the chunks before this one fill the row's list up to first_slot. So the
+        # list is ascending, the same on every run, and needs no atomic counter.
+        c = tl.arange(0, CHUNKS_POW2)
+        kept_per_chunk = tl.load(counts_in + (row * n_chunks + c) * K + j, mask=c < n_chunks, other=0)
+        kept_per_chunk = tl.where(p >= 1, tl.minimum(tl.maximum(n - c * CHUNK_, 0), CHUNK_),  # _kept's two
+                                  tl.where(target > 0, kept_per_chunk, 0))  # special cases
+        first_slot = tl.sum(tl.where(c < chunk, kept_per_chunk, 0), axis=0)
+        if chunk == 0:
+            tl.store(count_ptr + row, tl.sum(kept_per_chunk, axis=0))
+    _write_selection(keep, offs, n, first_slot, row, mask_ptr, idx_ptr, WRITE_MASK, WRITE_IDX)
 
 
 def _one_program_per_row(rows: int, n: int, device) -> bool:
@@ -251,11 +289,12 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, one_prog
     dev = w.device
     mask = torch.empty((rows, n), device=dev, dtype=torch.int8) if write_mask else None
     idx = torch.empty((rows, n), device=dev, dtype=torch.int32) if write_idx else None
-    count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None
+    count = torch.empty(rows, device=dev, dtype=torch.int32) if write_idx else None  # the kernels write it
     if one_program_per_row is None:
         one_program_per_row = _one_program_per_row(rows, n, dev)
     if rows == 0 or n == 0:
-        pass
+        if write_idx:
+            count.zero_()
     elif one_program_per_row:
         block = triton.next_power_of_2(n)
         _topp_row_kernel[(rows,)](w2, p_rows, mask, idx, count, n, w2.stride(0), BLOCK=block,
@@ -267,15 +306,17 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, one_prog
         state = torch.empty((2, rows, 2), device=dev, dtype=torch.int32)  # [pass parity, row, (lo, hi)]
         part = torch.empty((2, rows, n_chunks, PIVOTS), device=dev, dtype=torch.float32)
         target = torch.empty(rows, device=dev, dtype=torch.float32)
+        # per chunk, how many entries reach each of the last pass's pivots (for the list's order)
+        counts = torch.empty((rows, n_chunks, PIVOTS), device=dev, dtype=torch.int32) if write_idx else None
         grid = (rows, n_chunks)
         for d in range(PASSES):
             stage = min(d, 2)
             _topp_pass_kernel[grid](w2, p_rows, state[(d - 1) % 2], state[d % 2], part[(d - 1) % 2], part[d % 2],
-                                    target, n, w2.stride(0), n_chunks, STAGE=stage, K=PIVOTS, CHUNK_=CHUNK,
-                                    CHUNKS_POW2=chunks_pow2, num_warps=8)
+                                    target, counts, n, w2.stride(0), n_chunks, STAGE=stage, K=PIVOTS, CHUNK_=CHUNK,
+                                    CHUNKS_POW2=chunks_pow2, COUNT=write_idx and d == PASSES - 1, num_warps=8)
         last = (PASSES - 1) % 2
-        _topp_final_kernel[grid](w2, p_rows, state[last], part[last], target, mask, idx, count, n, w2.stride(0),
-                                 n_chunks, K=PIVOTS, CHUNK_=CHUNK, CHUNKS_POW2=chunks_pow2,
+        _topp_final_kernel[grid](w2, p_rows, state[last], part[last], target, counts, mask, idx, count, n,
+                                 w2.stride(0), n_chunks, K=PIVOTS, CHUNK_=CHUNK, CHUNKS_POW2=chunks_pow2,
                                  WRITE_MASK=write_mask, WRITE_IDX=write_idx, num_warps=8)
     mask = mask.view(torch.bool).reshape(shape) if write_mask else None
     if write_idx:
@@ -295,8 +336,8 @@ def topp_mask(w: torch.Tensor, p) -> torch.Tensor:
 def topp_select(w: torch.Tensor, p):
     """(idx int32 [..., N], count int32 [...]): the kept indices of each row compacted to
     the front (entries past `count` are undefined). Same definition as topp_mask (on the
-    GPU the two may differ at the cut by fp32 summation order). Indices are ascending
-    within a chunk; chunks of a long row land in any order."""
+    GPU the two may differ at the cut by fp32 summation order). Indices are ascending, and
+    the same on every run."""
     if not _use_triton(w):
         return topp_select_reference(w, p)
     _, idx, count = _topp_triton(w, p, write_mask=False, write_idx=True)
@@ -720,7 +761,10 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
             got, ref = topp_mask(w, p), topp_mask_reference(w, p)
             if not torch.equal(got, ref):  # allowed only through fp32 summation at the cut
                 check_topp_definition(w, got, p, rel_tol=1e-6)
-            check_topp_definition(w, _selected_mask(*topp_select(w, p), n), p, rel_tol=1e-6)
+            idx, count = topp_select(w, p)
+            check_topp_definition(w, _selected_mask(idx, count, n), p, rel_tol=1e-6)
+            listed = torch.arange(1, n, device=dev) < count[:, None]  # [rows, n - 1]: idx[:, 1:] in the list
+            assert bool(((idx[:, 1:] > idx[:, :-1]) | ~listed).all()), f"top-p {rows}x{n}: indices not ascending"
     # (B, Hq, Hkv, T, S, kept, D): awkward sizes with GQA 4 and 3, then the benchmark's shapes.
     attention_cases = ((2, 8, 2, 5, 577, 0.25, 64), (3, 9, 3, 9, 63, 1.0, 128), (2, 12, 4, 1, 4099, 0.1, 128),
                        (8, 32, 8, 5, 8192, 0.25, 128), (1, 32, 8, 8, 4099, 0.25, 128), (1, 32, 8, 8, 32768, 0.1, 128),

@@ -186,10 +186,14 @@ def compile_pointwise(enable: bool = True) -> None:
     process; enable=False puts the eager ones back). In eager PyTorch, RMSNorm is ~6 kernel
     launches, RoPE ~8 per tensor, SwiGLU 2: in a decode step, where each moves a few KB,
     ~30 launches per layer cost more time than their bytes. Matmuls, attention (which also
-    writes the block to the cache) and the `select` hook stay as they are."""
+    writes the block to the cache) and the `select` hook stay as they are.
+    On Hopper and newer GPUs the kernels use programmatic dependent launch: each may start
+    while the kernel before it finishes, and waits for it only before reading its output."""
+    import torch._inductor.config as inductor_config
+    options = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
     for name, fn in (("rope", apply_rope), ("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm),
                      ("swiglu", swiglu)):
-        setattr(Pointwise, name, staticmethod(torch.compile(fn) if enable else fn))
+        setattr(Pointwise, name, staticmethod(torch.compile(fn, options=options) if enable else fn))
 
 
 # ----------------------------------------------------------------------------------------
