@@ -141,16 +141,12 @@ def _kept(key, offs, n, theta_key, keep_all, target):
 @triton.jit
 def _write_selection(keep, offs, n, first_slot, row, mask_ptr, idx_ptr, WRITE_MASK: tl.constexpr,
                      WRITE_IDX: tl.constexpr):
-    """The mask, and the kept positions compacted into the row's list from first_slot on.
-    Returns how many this block keeps (with WRITE_IDX)."""
-    n_kept = 0
+    """The mask, and the kept positions compacted into the row's list from first_slot on."""
     if WRITE_MASK:
         tl.store(mask_ptr + row * n + offs, keep.to(tl.int8), mask=offs < n)
     if WRITE_IDX:
         rank = tl.cumsum(keep.to(tl.int32), axis=0)  # 1 + how many kept entries come before
         tl.store(idx_ptr + row * n + first_slot + rank - 1, offs, mask=keep)
-        n_kept = tl.max(rank, axis=0)
-    return n_kept
 
 
 @triton.jit
@@ -173,9 +169,11 @@ def _topp_row_kernel(w_ptr, p_ptr, mask_ptr, idx_ptr, count_ptr, n, stride_row,
         lo = tl.where(mass >= target, mid, lo)
         hi = tl.where(mass >= target, hi, mid)
     keep = _kept(key, offs, n, lo, p >= 1, target)
-    n_kept = _write_selection(keep, offs, n, 0, row, mask_ptr, idx_ptr, WRITE_MASK, WRITE_IDX)
-    if WRITE_IDX:
-        tl.store(count_ptr + row, n_kept)
+    first_slot = 0
+    if WRITE_IDX:  # the row is this program's alone: its list starts at slot 0. Adding to the
+        # zeroed count, rather than storing it, measured faster on an H200 with 32k entries.
+        first_slot = tl.atomic_add(count_ptr + row, tl.sum(keep.to(tl.int32), axis=0))
+    _write_selection(keep, offs, n, first_slot, row, mask_ptr, idx_ptr, WRITE_MASK, WRITE_IDX)
 
 
 @triton.jit
@@ -289,12 +287,11 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, one_prog
     dev = w.device
     mask = torch.empty((rows, n), device=dev, dtype=torch.int8) if write_mask else None
     idx = torch.empty((rows, n), device=dev, dtype=torch.int32) if write_idx else None
-    count = torch.empty(rows, device=dev, dtype=torch.int32) if write_idx else None  # the kernels write it
+    count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None  # (added to, or stored)
     if one_program_per_row is None:
         one_program_per_row = _one_program_per_row(rows, n, dev)
     if rows == 0 or n == 0:
-        if write_idx:
-            count.zero_()
+        pass
     elif one_program_per_row:
         block = triton.next_power_of_2(n)
         _topp_row_kernel[(rows,)](w2, p_rows, mask, idx, count, n, w2.stride(0), BLOCK=block,
