@@ -14,7 +14,8 @@ Works copied alone (torch + triton). Two pieces:
    the row: no sort, no scatter. When hi = lo + 1, lo is the bit pattern of a value
    that occurs in the row (its own mass is > 0), so θ is exact, ties included.
    `topp_select(w, p)` returns what the attention kernel consumes: per row, the kept
-   indices compacted to the front and their count, made on the device, no host sync.
+   indices compacted to the front in ascending order, and their count, made on the
+   device, no host sync.
 
 2. Sparse attention for verification. `sparse_attention(q, k_cache, v_cache, past_len,
    idx, count)`: the T new queries of each KV-head group read only the selected cached
