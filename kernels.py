@@ -288,7 +288,7 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, one_prog
     dev = w.device
     mask = torch.empty((rows, n), device=dev, dtype=torch.int8) if write_mask else None
     idx = torch.empty((rows, n), device=dev, dtype=torch.int32) if write_idx else None
-    count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None  # (added to, or stored)
+    count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None  # (the row kernel adds to 0)
     if one_program_per_row is None:
         one_program_per_row = _one_program_per_row(rows, n, dev)
     if rows == 0 or n == 0:
