@@ -111,6 +111,15 @@ def random_model(args: ModelArgs) -> Transformer:
     return model.eval()
 
 
+def random_cache(model: Transformer, B: int, S: int):
+    """A KV cache with room for S cached positions and a block, filled with random keys and
+    values (timing reads them; their values do not matter)."""
+    cache = model.new_cache(batch_size=B, max_len=S + 16)
+    cache.k.normal_()
+    cache.v.normal_()
+    return cache
+
+
 def graphed_ms(fn) -> float:
     return do_bench(kernels._graphed(fn), return_mode="median")
 
@@ -129,9 +138,7 @@ def topp_for_fraction(rows: torch.Tensor, fraction: float) -> float:
 def profile_verify(target: Transformer, B: int, S: int, gamma: int, topp_fraction: float = 0.25, top: int = 12):
     """Print where one verification step's GPU time goes (kernels grouped by name), dense
     kernel and SpecAttn at `topp_fraction` kept, pointwise ops compiled."""
-    cache = target.new_cache(batch_size=B, max_len=S + 16)
-    cache.k.normal_()
-    cache.v.normal_()
+    cache = random_cache(target, B, S)
     rows = torch.softmax(3 * torch.randn(DRAFT_1B.n_layers, B, S, device="cuda"), -1)
     p = topp_for_fraction(rows[:2], topp_fraction)
     block = torch.randint(0, TARGET_8B.vocab_size, (B, gamma + 1), device="cuda")
@@ -147,9 +154,7 @@ def profile_verify(target: Transformer, B: int, S: int, gamma: int, topp_fractio
 def profile_draft_step(draft: Transformer, B: int, S: int, top: int = 12):
     """Print where one draft step's GPU time goes (one token, the dense kernel), without and
     with the attention row SpecAttn asks of it."""
-    cache = draft.new_cache(batch_size=B, max_len=S + 16)
-    cache.k.normal_()
-    cache.v.normal_()
+    cache = random_cache(draft, B, S)
     tok = torch.randint(0, DRAFT_1B.vocab_size, (B, 1), device="cuda")
     draft.subset_attention = kernel_attention
     compile_pointwise(True)
@@ -218,11 +223,7 @@ def main():
     configs = [(1, 8192)] if args.quick else [(1, 8192), (1, 32768), (1, 65536), (1, 131072), (8, 8192), (8, 32768)]
     step_rows = []
     for B, S in configs:
-        t_cache = target.new_cache(batch_size=B, max_len=S + 16)
-        d_cache = draft.new_cache(batch_size=B, max_len=S + 16)
-        for c in (t_cache, d_cache):
-            c.k.normal_()
-            c.v.normal_()
+        t_cache, d_cache = random_cache(target, B, S), random_cache(draft, B, S)
         # Heavy-tailed draft rows, and the p that keeps 25% / 10% of them.
         draft_rows = torch.softmax(3 * torch.randn(DRAFT_1B.n_layers, B, S, device="cuda"), -1)
         p25, p10 = topp_for_fraction(draft_rows[:2], 0.25), topp_for_fraction(draft_rows[:2], 0.10)
