@@ -896,16 +896,42 @@ def bench(out_dir=None):
             f.write("\n".join(lines) + "\n")
 
 
+def for_profiler():
+    """The verification attention at batch 8 (5 queries, 32 query heads / 8 KV heads, D=128,
+    bf16) on 25% of a 32k row, on a dense 8k row (the same bytes, read contiguously) and on
+    a dense 32k row, each called twice, for a profiler that reads hardware counters:
+
+        ncu --clock-control none -k regex:_sparse_attn_split --section SpeedOfLight \\
+            --section MemoryWorkloadAnalysis --section Occupancy python kernels.py --for-profiler
+    """
+    assert torch.cuda.is_available(), "--for-profiler needs a CUDA GPU"
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, D = 8, 32, 8, 5, 128
+    for S, frac in ((32768, 0.25), (8192, 1.0), (32768, 1.0)):
+        q = torch.randn(B, Hq, T, D, device="cuda", dtype=torch.bfloat16)
+        k_cache = torch.randn(B, Hkv, S + T, D, device="cuda", dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        idx, count = _random_selection(B, 1, S, frac, "cuda") if frac < 1 else (None, None)
+        for _ in range(2):  # the first call also compiles; both launches are the same work
+            sparse_attention(q, k_cache, v_cache, S, idx, count)
+        torch.cuda.synchronize()
+        print(f"batch {B}, {S} cached positions, {frac:.0%} kept: 2 calls", flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="SpecAttn Triton kernels: check against the references and time.")
     parser.add_argument("--bench", action="store_true", help="check, then time top-p and sparse attention (GPU)")
     parser.add_argument("--check", action="store_true",
                         help="only check the kernels against their references on the GPU (bf16 attention included)")
+    parser.add_argument("--for-profiler", action="store_true",
+                        help="only run the attention at batch 8, each configuration twice, for ncu (see for_profiler)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the markdown table "
                         "(default: $OUT if set)")
     cli = parser.parse_args()
     if cli.bench:
         bench(out_dir=cli.out)
+    elif cli.for_profiler:
+        for_profiler()
     elif cli.check:
         check_on_gpu()
         print("kernels match their references on the GPU")
