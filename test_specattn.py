@@ -1095,8 +1095,11 @@ def test_load_books_formats(tmp_path):
         E.load_books(tmp_path)
 
 
-def test_eval_torchrun_two_processes_equals_one(tiny_checkpoint, tmp_path):
-    """Books sharded over 2 gloo processes give the same JSON as one process."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL over two processes needs 2 GPUs"))])
+def test_eval_torchrun_two_processes_equals_one(tiny_checkpoint, tmp_path, device):
+    """Books sharded over 2 processes (gloo on the CPU, NCCL with one GPU each) give the same
+    JSON as one process."""
     import subprocess
     import sys
     from pathlib import Path
@@ -1108,7 +1111,7 @@ def test_eval_torchrun_two_processes_equals_one(tiny_checkpoint, tmp_path):
         (data / "test" / f"{i}.txt").write_text(BOOK_TEXT[i * 97:])
     args = ["eval_pg19.py", "--data", str(data), "--target", str(ckpt), "--draft", str(ckpt), "--draft-layers",
             "0-1", "--layer-map", str(layer_map), "--max-tokens", "64", "--topp", "0.6", "--dense-layers", "1",
-            "--device", "cpu"]
+            "--device", device]
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
     repo = Path(__file__).parent
     one, two = tmp_path / "one.json", tmp_path / "two.json"
