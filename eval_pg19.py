@@ -122,9 +122,14 @@ def streaming_selection(budget: torch.Tensor, past: int) -> torch.Tensor:
     return (pos < sinks) | (pos >= past - recent)
 
 
-def quest_selection(q: torch.Tensor, k_past: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+QUEST_PINS = ("none", "first", "first-last")
+
+
+def quest_selection(q: torch.Tensor, k_past: torch.Tensor, budget: torch.Tensor, pin: str = "none") -> torch.Tensor:
     """Quest: per page of 16 keys, the upper bound sum_d max(q_d min_d, q_d max_d) of q·k;
-    the top round(budget / 16) pages per KV head and query (bounds summed over the group)."""
+    the top round(budget / 16) pages per KV head and query (bounds summed over the group).
+    pin: pages taken first, inside the same page budget, whatever their bound: "first" (the
+    attention sink's page), "first-last" (and then the newest page). A diagnostic, not Quest."""
     B, Hq, T, D = q.shape
     Hkv, past = k_past.shape[1], k_past.shape[2]
     n_pages = math.ceil(past / QUEST_PAGE)
@@ -136,7 +141,12 @@ def quest_selection(q: torch.Tensor, k_past: torch.Tensor, budget: torch.Tensor)
     bound = torch.maximum(qg * k_min[:, :, None, None], qg * k_max[:, :, None, None]).sum(-1)  # [B, Hkv, G, T, P]
     n_sel = (budget.float() / QUEST_PAGE).round().clamp(min=1).long()
     n_sel = torch.where(budget >= past, n_pages, n_sel)  # a full budget reads every page, the partial last too
-    pages = budget_mask(bound.sum(2), n_sel)  # [B, Hkv, T, P]
+    bound = bound.sum(2)  # [B, Hkv, T, P]
+    if pin in ("first", "first-last"):
+        bound[..., 0] = float("inf")
+    if pin == "first-last":  # after the first page, before every other
+        bound[..., -1] = torch.finfo(bound.dtype).max
+    pages = budget_mask(bound, n_sel)  # [B, Hkv, T, P]
     return pages.repeat_interleave(QUEST_PAGE, dim=-1)[..., :past]
 
 
@@ -186,7 +196,7 @@ def make_runs(methods, topps) -> list[Run]:
 
 @torch.no_grad()
 def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, cfg: SelectionConfig, gamma: int,
-               prefill: int, progress=None, keep_logits: bool = False) -> dict:
+               prefill: int, progress=None, keep_logits: bool = False, quest_pin: str = "none") -> dict:
     """Teacher-forced NLL of tokens[prefill + 1:] for every run.
 
     The runs go through the target side by side as one batch (row b = runs[b], each with
@@ -194,7 +204,7 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
     for all of them; on a CPU that is most of the cost. Returns {run name: {nll, tokens,
     kv_read, kv_dense, kv_read_sparse, kv_dense_sparse, select_s, [logits]}} plus
     "_acceptance" (draft/target expected acceptance Σ min(p, q), temperature 1) and
-    "_forward_s" (time in the shared draft and target forwards)."""
+    "_forward_s" (time in the shared draft and target forwards). quest_pin: see quest_selection."""
     n = tokens.shape[0]
     device = target.output.weight.device
     x = tokens.to(device)[None]  # [1, n]
@@ -258,7 +268,7 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
                 else:
                     budget = specattn_sel[r.topp][layer].sum(-1)  # [1, Hkv, T]: SpecAttn's count per row
                     if r.method == "quest":
-                        keep = quest_selection(q[b:b + 1], k_past[b:b + 1], budget)
+                        keep = quest_selection(q[b:b + 1], k_past[b:b + 1], budget, pin=quest_pin)
                     elif r.method == "streamingllm":
                         keep = streaming_selection(budget, past)
                     else:
@@ -389,6 +399,9 @@ def parse_args(argv=None):
     parser.add_argument("--dense-layers", type=int, default=2, help="first target layers kept dense for all methods")
     parser.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
                         help="SpecAttn: always read the first N positions (attention sinks), whatever the draft says")
+    parser.add_argument("--quest-pin", choices=QUEST_PINS, default="none",
+                        help="diagnostic: Quest always takes its first page (first) or its first and newest "
+                             "pages (first-last) inside the same page budget; none is Quest as published")
     parser.add_argument("--combine", choices=["union", "mean"], default="union",
                         help="SpecAttn: running union of the draft rows' top-p sets, or top-p of their running mean")
     parser.add_argument("--per-head", action="store_true", help="select per KV head (draft heads must group into "
@@ -477,7 +490,7 @@ def main(argv=None):
         prefill = max(1, int(args.prefill_frac * len(tokens)))
         stats = score_book(target, draft, tokens, runs, layer_map, cfg, args.gamma, prefill,
                            progress=lambda it: tqdm(it, desc=f"book {book['id']}", leave=False, file=sys.stderr,
-                                                    disable=rank > 0))
+                                                    disable=rank > 0), quest_pin=args.quest_pin)
         results["books"].append({"id": book["id"], "title": book["title"], "order": order, "tokens": len(tokens),
                                  "prefill": prefill, "expected_acceptance": stats.pop("_acceptance"),
                                  "forward_s": stats.pop("_forward_s"), "runs": stats})

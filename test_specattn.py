@@ -1015,11 +1015,13 @@ def test_eval_is_causal_inside_a_block(tiny_checkpoint, method):
             assert (a[before:] - b[before:]).abs().max() > 1e-4  # and it does matter afterwards
 
 
-def test_quest_selection_matches_loop_reference():
+@pytest.mark.parametrize("pin", E.QUEST_PINS)
+def test_quest_selection_matches_loop_reference(pin):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 45, 8, generator=g)
     budget = torch.tensor([[[16, 40, 5], [30, 0, 45]]])
-    got = E.quest_selection(q, k, budget)
+    got = E.quest_selection(q, k, budget, pin=pin)
+    pinned = {"none": [], "first": [0], "first-last": [0, 2]}[pin]  # pages taken first, in this order
     for h in range(2):
         for t in range(3):
             bounds = []
@@ -1028,7 +1030,7 @@ def test_quest_selection_matches_loop_reference():
                 bounds.append(sum(torch.maximum(q[0, hq, t] * kp.min(0).values, q[0, hq, t] * kp.max(0).values).sum()
                                   for hq in (2 * h, 2 * h + 1)))
             n_pages = max(1, round(budget[0, h, t].item() / 16))
-            chosen = sorted(range(3), key=lambda i: -bounds[i])[:n_pages]
+            chosen = (pinned + sorted((i for i in range(3) if i not in pinned), key=lambda i: -bounds[i]))[:n_pages]
             expect = torch.zeros(45, dtype=torch.bool)
             for page in chosen:
                 expect[page * 16:(page + 1) * 16] = True
