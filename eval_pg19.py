@@ -21,7 +21,9 @@ Methods (the first --dense-layers target layers stay dense for all of them):
   dense         every cached position
   specattn      the mapped draft layer's attention, top-p (one run per --topp value)
   oracle        top-p on the target's own attention in that layer: the ceiling for any predictor
-  quest         pages of 16 tokens ranked by the min/max key bound on q·k (Quest, 2024)
+  quest         pages of 16 tokens ranked by the min/max key bound on q·k (Quest, 2024);
+                --quest-pin first|first-last takes the sink's page (and the newest) first,
+                a diagnostic
   streamingllm  4 attention sinks + the most recent positions (StreamingLLM, 2023)
   h2o           heavy hitters by accumulated attention + the most recent positions (H2O, 2023);
                 re-chosen every block from the target's own accumulated attention, never
