@@ -520,7 +520,9 @@ def main(argv=None):
     print(f"\n{len(results['books'])} book(s), {args.protocol} protocol, {args.max_tokens} tokens, "
           f"prefill {args.prefill_frac:.0%}, γ={args.gamma}; draft/target expected acceptance "
           f"Σmin(p,q) = {sum(acc) / len(acc):.3f}; shared draft + target forwards {forward:.0f} s "
-          f"(all runs batched){f', {world} processes' if world > 1 else ''}. Results: {args.out}")
+          f"(all runs batched){f', {world} processes' if world > 1 else ''}"
+          f"{f'; Quest with --quest-pin {args.quest_pin} (a diagnostic)' if args.quest_pin != 'none' else ''}. "
+          f"Results: {args.out}")
     if args.plot:
         plot_pareto(results["summary"], args.plot)
 
