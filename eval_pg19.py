@@ -43,6 +43,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -429,26 +430,32 @@ def parse_args(argv=None):
     return args
 
 
+STORE_TIMEOUT = timedelta(days=7)  # how long rank 0 may wait for the others' last books
+
+
 def init_distributed(device):
-    """(rank, world size, device). Under `torchrun --nproc-per-node N`, one process per GPU
-    (NCCL) or, on a CPU, per core group (gloo); otherwise a single process, unchanged."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
+    """(rank, world size, device, store). Under `torchrun --nproc-per-node N`: N processes,
+    each on GPU LOCAL_RANK when there are GPUs, that meet only through torch.distributed's
+    key-value store (the one torchrun hosts), and only to hand their results to rank 0.
+    Books need no collectives, so there is no process group: with no gloo or NCCL
+    connections to tear down, no rank can take another down at exit (gloo did, now and
+    then, when one rank closed its connections while another was still reading them).
+    Without torchrun: a single process, rank 0 of 1, no store."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, device, None
     import torch.distributed as dist
 
-    use_gpu = torch.cuda.is_available() and device != "cpu"
-    dist.init_process_group("nccl" if use_gpu else "gloo")
-    if use_gpu:
+    store, rank, world = next(dist.rendezvous("env://", timeout=STORE_TIMEOUT))
+    if torch.cuda.is_available() and device != "cpu":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    return dist.get_rank(), world, device or "cpu"
+    return rank, world, device or "cpu", store
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, args.device = init_distributed(args.device)
+    rank, world, args.device, store = init_distributed(args.device)
     try:
         if args.data is None:
             from demo import demo_books
@@ -464,10 +471,10 @@ def main(argv=None):
         from calibrate import layer_map_for
 
         if rank != 0:  # rank 0 calibrates (and caches) first; the others then read its cache
-            torch.distributed.barrier()
+            store.wait(["layer_map"])
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
         if rank == 0 and world > 1:
-            torch.distributed.barrier()
+            store.set("layer_map", "ready")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
 
@@ -498,16 +505,14 @@ def main(argv=None):
                                  "forward_s": stats.pop("_forward_s"), "runs": stats})
         results["summary"] = summarize(results["books"], runs)
         out.write_text(json.dumps(results, indent=1))
-    if world > 1:
-        gathered = [None] * world if rank == 0 else None
-        torch.distributed.gather_object(results["books"], gathered, dst=0)
-        # Every rank leaves the gather before any tears the group down: a sender that destroys
-        # it while rank 0 is still receiving aborts rank 0 under gloo (seen about 1 run in 3).
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if world > 1:  # every rank posts its books; rank 0 waits for all of them and merges
+        store.set(f"books/{rank}", json.dumps(results["books"]))
         if rank != 0:
             return
-        results["books"] = sorted((b for part in gathered for b in part), key=lambda b: b["order"])
+        keys = [f"books/{r}" for r in range(world)]
+        store.wait(keys)
+        parts = [json.loads(store.get(key)) for key in keys]
+        results["books"] = sorted((b for part in parts for b in part), key=lambda b: b["order"])
         if results["books"]:
             results["summary"] = summarize(results["books"], runs)
             Path(args.out).write_text(json.dumps(results, indent=1))
