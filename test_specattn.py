@@ -1128,6 +1128,8 @@ def test_eval_torchrun_two_processes_equals_one(tiny_checkpoint, tmp_path, devic
     strip = lambda rows: [{k: v for k, v in r.items() if k != "select_s"} for r in rows]  # noqa: E731
     assert strip(b["summary"]) == strip(a["summary"])
     assert (tmp_path / "two.rank0.json").exists() and (tmp_path / "two.rank1.json").exists()
+    rank1 = json.loads((tmp_path / "two.rank1.json").read_text())
+    assert rank1["config"]["device"] == ("cuda:1" if device == "cuda" else "cpu")  # each rank on its own GPU
 
 
 # ----------------------------------------------------------------------------------------
