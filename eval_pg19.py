@@ -21,9 +21,9 @@ Methods (the first --dense-layers target layers stay dense for all of them):
   dense         every cached position
   specattn      the mapped draft layer's attention, top-p (one run per --topp value)
   oracle        top-p on the target's own attention in that layer: the ceiling for any predictor
-  quest         pages of 16 tokens ranked by the min/max key bound on q·k (Quest, 2024);
-                --quest-pin first|first-last takes the sink's page (and the newest) first,
-                a diagnostic
+  quest         pages of 16 tokens (--quest-page) ranked by the min/max key bound on q·k
+                (Quest, 2024); --quest-pin first|first-last takes the sink's page (and the
+                newest) first, a diagnostic
   streamingllm  4 attention sinks + the most recent positions (StreamingLLM, 2023)
   h2o           heavy hitters by accumulated attention + the most recent positions (H2O, 2023);
                 re-chosen every block from the target's own accumulated attention, never
@@ -54,7 +54,6 @@ from specattn import SelectionConfig, add_pair_arguments, count_kv_reads, draft_
 
 METHODS = ("dense", "specattn", "oracle", "quest", "streamingllm", "h2o")
 BUDGETED = ("quest", "streamingllm", "h2o")
-QUEST_PAGE = 16
 SINKS = 4
 
 # ----------------------------------------------------------------------------------------
@@ -128,29 +127,39 @@ def streaming_selection(budget: torch.Tensor, past: int) -> torch.Tensor:
 QUEST_PINS = ("none", "first", "first-last")
 
 
-def quest_selection(q: torch.Tensor, k_past: torch.Tensor, budget: torch.Tensor, pin: str = "none") -> torch.Tensor:
-    """Quest: per page of 16 keys, the upper bound sum_d max(q_d min_d, q_d max_d) of q·k;
-    the top round(budget / 16) pages per KV head and query (bounds summed over the group).
-    pin: pages taken first, inside the same page budget, whatever their bound: "first" (the
-    attention sink's page), "first-last" (and then the newest page). A diagnostic, not Quest."""
+@dataclass
+class QuestConfig:
+    page: int = 16  # keys per page, as in the Quest paper
+    pin: str = "none"  # a diagnostic, not Quest: see quest_selection
+
+
+def quest_selection(q: torch.Tensor, k_past: torch.Tensor, budget: torch.Tensor,
+                    cfg: QuestConfig = QuestConfig()) -> torch.Tensor:
+    """Quest: per page of cfg.page keys, the upper bound sum_d max(q_d min_d, q_d max_d) of
+    q·k; the top round(budget / page) pages per KV head and query (bounds summed over the
+    group). cfg.pin: pages taken first, inside the same page budget, whatever their bound:
+    "first" (the attention sink's page), "first-last" (and then the newest page).
+    Reading each page's min and max costs 2 / page of the keys' bytes on top of the pages
+    read; the KV reads we report leave it out, as the papers do."""
     B, Hq, T, D = q.shape
     Hkv, past = k_past.shape[1], k_past.shape[2]
-    n_pages = math.ceil(past / QUEST_PAGE)
-    pad = n_pages * QUEST_PAGE - past
-    k = F.pad(k_past.float(), (0, 0, 0, pad), value=float("nan")).view(B, Hkv, n_pages, QUEST_PAGE, D)
+    page = cfg.page
+    n_pages = math.ceil(past / page)
+    pad = n_pages * page - past
+    k = F.pad(k_past.float(), (0, 0, 0, pad), value=float("nan")).view(B, Hkv, n_pages, page, D)
     k_min = k.nan_to_num(float("inf")).amin(3)  # [B, Hkv, P, D]; padding never wins a min or max
     k_max = k.nan_to_num(float("-inf")).amax(3)
     qg = q.float().view(B, Hkv, Hq // Hkv, T, 1, D)
     bound = torch.maximum(qg * k_min[:, :, None, None], qg * k_max[:, :, None, None]).sum(-1)  # [B, Hkv, G, T, P]
-    n_sel = (budget.float() / QUEST_PAGE).round().clamp(min=1).long()
+    n_sel = (budget.float() / page).round().clamp(min=1).long()
     n_sel = torch.where(budget >= past, n_pages, n_sel)  # a full budget reads every page, the partial last too
     bound = bound.sum(2)  # [B, Hkv, T, P]
-    if pin in ("first", "first-last"):
+    if cfg.pin in ("first", "first-last"):
         bound[..., 0] = float("inf")
-    if pin == "first-last":  # after the first page, before every other
+    if cfg.pin == "first-last":  # after the first page, before every other
         bound[..., -1] = torch.finfo(bound.dtype).max
     pages = budget_mask(bound, n_sel)  # [B, Hkv, T, P]
-    return pages.repeat_interleave(QUEST_PAGE, dim=-1)[..., :past]
+    return pages.repeat_interleave(page, dim=-1)[..., :past]
 
 
 def h2o_selection(scores: torch.Tensor, budget: torch.Tensor, past: int) -> torch.Tensor:
@@ -199,7 +208,7 @@ def make_runs(methods, topps) -> list[Run]:
 
 @torch.no_grad()
 def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, cfg: SelectionConfig, gamma: int,
-               prefill: int, progress=None, keep_logits: bool = False, quest_pin: str = "none") -> dict:
+               prefill: int, progress=None, keep_logits: bool = False, quest: QuestConfig = QuestConfig()) -> dict:
     """Teacher-forced NLL of tokens[prefill + 1:] for every run.
 
     The runs go through the target side by side as one batch (row b = runs[b], each with
@@ -207,7 +216,7 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
     for all of them; on a CPU that is most of the cost. Returns {run name: {nll, tokens,
     kv_read, kv_dense, kv_read_sparse, kv_dense_sparse, select_s, [logits]}} plus
     "_acceptance" (draft/target expected acceptance Σ min(p, q), temperature 1) and
-    "_forward_s" (time in the shared draft and target forwards). quest_pin: see quest_selection."""
+    "_forward_s" (time in the shared draft and target forwards). quest: see quest_selection."""
     n = tokens.shape[0]
     device = target.output.weight.device
     x = tokens.to(device)[None]  # [1, n]
@@ -271,7 +280,7 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
                 else:
                     budget = specattn_sel[r.topp][layer].sum(-1)  # [1, Hkv, T]: SpecAttn's count per row
                     if r.method == "quest":
-                        keep = quest_selection(q[b:b + 1], k_past[b:b + 1], budget, pin=quest_pin)
+                        keep = quest_selection(q[b:b + 1], k_past[b:b + 1], budget, quest)
                     elif r.method == "streamingllm":
                         keep = streaming_selection(budget, past)
                     else:
@@ -402,6 +411,9 @@ def parse_args(argv=None):
     parser.add_argument("--dense-layers", type=int, default=2, help="first target layers kept dense for all methods")
     parser.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
                         help="SpecAttn: always read the first N positions (attention sinks), whatever the draft says")
+    parser.add_argument("--quest-page", type=int, default=QuestConfig.page,
+                        help="Quest: keys per page (its paper: 16); each page's min and max cost 2/page of the "
+                             "keys' bytes, not counted in the KV reads")
     parser.add_argument("--quest-pin", choices=QUEST_PINS, default="none",
                         help="diagnostic: Quest always takes its first page (first) or its first and newest "
                              "pages (first-last) inside the same page budget; none is Quest as published")
@@ -424,6 +436,8 @@ def parse_args(argv=None):
         parser.error(f"unknown method(s) {unknown}; choose from {' '.join(METHODS)}")
     if "dense" not in args.methods:
         args.methods = ["dense"] + args.methods  # every row is reported against dense
+    if args.quest_page < 1:
+        parser.error("--quest-page must be >= 1")
     if not (0 <= args.prefill_frac < 1) or args.gamma < 1:
         parser.error("--prefill-frac must be in [0, 1) and --gamma >= 1")
     args.max_tokens = args.max_tokens or (2048 if args.protocol == "paper" else 32768)
@@ -499,7 +513,8 @@ def main(argv=None):
         prefill = max(1, int(args.prefill_frac * len(tokens)))
         stats = score_book(target, draft, tokens, runs, layer_map, cfg, args.gamma, prefill,
                            progress=lambda it: tqdm(it, desc=f"book {book['id']}", leave=False, file=sys.stderr,
-                                                    disable=rank > 0), quest_pin=args.quest_pin)
+                                                    disable=rank > 0),
+                           quest=QuestConfig(page=args.quest_page, pin=args.quest_pin))
         results["books"].append({"id": book["id"], "title": book["title"], "order": order, "tokens": len(tokens),
                                  "prefill": prefill, "expected_acceptance": stats.pop("_acceptance"),
                                  "forward_s": stats.pop("_forward_s"), "runs": stats})
@@ -526,6 +541,7 @@ def main(argv=None):
           f"prefill {args.prefill_frac:.0%}, γ={args.gamma}; draft/target expected acceptance "
           f"Σmin(p,q) = {sum(acc) / len(acc):.3f}; shared draft + target forwards {forward:.0f} s "
           f"(all runs batched){f', {world} processes' if world > 1 else ''}"
+          f"{f'; Quest pages of {args.quest_page}' if args.quest_page != QuestConfig.page else ''}"
           f"{f'; Quest with --quest-pin {args.quest_pin} (a diagnostic)' if args.quest_pin != 'none' else ''}. "
           f"Results: {args.out}")
     if args.plot:

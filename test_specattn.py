@@ -1015,25 +1015,28 @@ def test_eval_is_causal_inside_a_block(tiny_checkpoint, method):
             assert (a[before:] - b[before:]).abs().max() > 1e-4  # and it does matter afterwards
 
 
+@pytest.mark.parametrize("page", [16, 8])
 @pytest.mark.parametrize("pin", E.QUEST_PINS)
-def test_quest_selection_matches_loop_reference(pin):
+def test_quest_selection_matches_loop_reference(pin, page):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 45, 8, generator=g)
     budget = torch.tensor([[[16, 40, 5], [30, 0, 45]]])
-    got = E.quest_selection(q, k, budget, pin=pin)
-    pinned = {"none": [], "first": [0], "first-last": [0, 2]}[pin]  # pages taken first, in this order
+    got = E.quest_selection(q, k, budget, E.QuestConfig(page=page, pin=pin))
+    n_pages = math.ceil(45 / page)  # the last page holds the remainder
+    pinned = {"none": [], "first": [0], "first-last": [0, n_pages - 1]}[pin]  # pages taken first, in this order
     for h in range(2):
         for t in range(3):
             bounds = []
-            for page in range(3):  # 45 positions: pages of 16, 16, 13
-                kp = k[0, h, page * 16:(page + 1) * 16]
+            for p in range(n_pages):
+                kp = k[0, h, p * page:(p + 1) * page]
                 bounds.append(sum(torch.maximum(q[0, hq, t] * kp.min(0).values, q[0, hq, t] * kp.max(0).values).sum()
                                   for hq in (2 * h, 2 * h + 1)))
-            n_pages = max(1, round(budget[0, h, t].item() / 16))
-            chosen = (pinned + sorted((i for i in range(3) if i not in pinned), key=lambda i: -bounds[i]))[:n_pages]
+            b = budget[0, h, t].item()
+            n_sel = n_pages if b >= 45 else max(1, round(b / page))
+            others = sorted((i for i in range(n_pages) if i not in pinned), key=lambda i: -bounds[i])
             expect = torch.zeros(45, dtype=torch.bool)
-            for page in chosen:
-                expect[page * 16:(page + 1) * 16] = True
+            for p in (pinned + others)[:n_sel]:
+                expect[p * page:(p + 1) * page] = True
             assert torch.equal(got[0, h, t], expect), (h, t)
 
 
