@@ -140,7 +140,7 @@ def quest_selection(q: torch.Tensor, k_past: torch.Tensor, budget: torch.Tensor,
     group). cfg.pin: pages taken first, inside the same page budget, whatever their bound:
     "first" (the attention sink's page), "first-last" (and then the newest page).
     Reading each page's min and max costs 2 / page of the keys' bytes on top of the pages
-    read; the KV reads we report leave it out, as the papers do."""
+    read; the KV reads we report leave it out."""
     B, Hq, T, D = q.shape
     Hkv, past = k_past.shape[1], k_past.shape[2]
     page = cfg.page
