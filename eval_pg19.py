@@ -127,7 +127,7 @@ def streaming_selection(budget: torch.Tensor, past: int) -> torch.Tensor:
 QUEST_PINS = ("none", "first", "first-last")
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuestConfig:
     page: int = 16  # keys per page, as in the Quest paper
     pin: str = "none"  # a diagnostic, not Quest: see quest_selection
