@@ -451,9 +451,9 @@ def init_distributed(device):
     """(rank, world size, device, store). Under `torchrun --nproc-per-node N`: N processes,
     each on GPU LOCAL_RANK when there are GPUs, that meet only through torch.distributed's
     key-value store (the one torchrun hosts), and only to hand their results to rank 0.
-    Books need no collectives, so there is no process group: with no gloo or NCCL
-    connections to tear down, no rank can take another down at exit (gloo did, now and
-    then, when one rank closed its connections while another was still reading them).
+    Books need no collectives, so there is no process group and nothing to tear down:
+    with a gloo group, the two-process test failed now and then with a rank aborting
+    (SIGABRT), even with a barrier before destroy_process_group.
     Without torchrun: a single process, rank 0 of 1, no store."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device, None
