@@ -346,33 +346,54 @@ def topp_select(w: torch.Tensor, p):
 # Sparse verification attention: reference
 
 
-def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None,
+def _row_lengths(past_len, B: int, device) -> torch.Tensor:
+    """Cached positions per batch row, int32 [B], from an int (every row) or a tensor [B]."""
+    if isinstance(past_len, torch.Tensor):
+        return past_len.to(device=device, dtype=torch.int32).expand(B).contiguous()
+    return torch.full((B,), past_len, device=device, dtype=torch.int32)
+
+
+def _key_window(k_cache, past_len, T: int) -> int:
+    """How many cache slots the attention looks at: past_len + T for an int (the rows' block
+    ends there), the whole buffer for per-row lengths (each row's block ends elsewhere)."""
+    return k_cache.shape[2] if isinstance(past_len, torch.Tensor) else past_len + T
+
+
+def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=None, scale=None,
                                return_last_row=False, new_kv=None, last_row_mean=False):
     """Dense fp32 attention under a boolean mask: the definition the kernel must meet.
 
-    q: [B, Hq, T, D], the T new queries at positions [past_len, past_len + T).
+    past_len: cached positions, an int for every batch row or an int tensor [B] per row
+    (a batch whose rows have accepted different numbers of tokens).
+    q: [B, Hq, T, D], the T new queries of row b at positions [past_len[b], past_len[b] + T).
     k_cache, v_cache: [B, Hkv, S >= past_len + T, D], the new block's keys already written,
     unless new_kv = (k_new, v_new) [B, Hkv, T, D] is given: then they are written first.
     idx: int32 [B, Hkv, L], selected cached positions (< past_len), first `count` valid;
     count: int32 [B, Hkv] (both may broadcast over heads). idx None: every cached position.
     Returns [B, Hq, T, D] in q's dtype; with return_last_row also the last query's attention
-    on the cached positions, summed over each KV head's query heads [B, Hkv, past_len], or
-    with last_row_mean averaged over all query heads [B, past_len].
+    on the cached positions, summed over each KV head's query heads [B, Hkv, W], or with
+    last_row_mean averaged over all query heads [B, W]. W = past_len for an int; for per-row
+    lengths W = S, one entry per cache slot, zero at and past each row's length.
     """
     B, Hq, T, D = q.shape
-    if new_kv is not None:
-        k_cache[:, :, past_len:past_len + T] = new_kv[0]
-        v_cache[:, :, past_len:past_len + T] = new_kv[1]
     Hkv = k_cache.shape[1]
+    lengths = _row_lengths(past_len, B, q.device).long()  # [B]
+    pos = lengths[:, None] + torch.arange(T, device=q.device)  # [B, T]: the block's positions
+    if new_kv is not None:  # row b's block goes to [lengths[b], lengths[b] + T)
+        where = pos[:, None, :, None].expand(B, Hkv, T, D)
+        k_cache.scatter_(2, where, new_kv[0].to(k_cache.dtype))
+        v_cache.scatter_(2, where, new_kv[1].to(v_cache.dtype))
     group = Hq // Hkv
-    S = past_len + T
-    allowed = torch.zeros(B, Hkv, T, S, dtype=torch.bool, device=q.device)
-    if idx is None:
-        allowed[..., :past_len] = True
-    else:
+    S = _key_window(k_cache, past_len, T)
+    s = torch.arange(S, device=q.device)
+    cached = s < lengths[:, None]  # [B, S]
+    if idx is not None:
         idx, count = idx.expand(B, Hkv, idx.shape[-1]), count.expand(B, Hkv)
-        allowed[..., :past_len] = _selected_mask(idx, count, past_len)[..., None, :]
-    allowed[..., past_len:] = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        cached = cached[:, None] & _selected_mask(idx, count, S)  # [B, Hkv, S]
+    else:
+        cached = cached[:, None].expand(B, Hkv, S)
+    block = (s[None, None, :] >= lengths[:, None, None]) & (s[None, None, :] <= pos[:, :, None])  # [B, T, S]
+    allowed = cached[:, :, None, :] | block[:, None]  # [B, Hkv, T, S]
     k = k_cache[:, :, :S].float().repeat_interleave(group, 1)  # [B, Hq, S, D]
     v = v_cache[:, :, :S].float().repeat_interleave(group, 1)
     scores = q.float() @ k.transpose(-1, -2) * (scale or 1 / math.sqrt(D))  # [B, Hq, T, S]
@@ -380,8 +401,9 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
     probs = scores.softmax(-1)  # [B, Hq, T, S]
     out = (probs @ v).to(q.dtype)
     if return_last_row:  # last query, cached positions
-        row = probs[:, :, -1, :past_len]  # [B, Hq, past_len]
-        return out, row.mean(1) if last_row_mean else row.view(B, Hkv, group, past_len).sum(2)
+        W = S if isinstance(past_len, torch.Tensor) else past_len
+        row = (probs[:, :, -1, :W] * (s[:W] < lengths[:, None])[:, None]).float()  # [B, Hq, W]
+        return out, row.mean(1) if last_row_mean else row.view(B, Hkv, group, W).sum(2)
     return out
 
 
@@ -402,7 +424,7 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len: int, idx=None, cou
 @triton.jit
 def _sparse_attn_split_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, lock_ptr, scores_ptr,
-        kn_ptr, vn_ptr, past_len, scale_log2, n_splits, H_KV, si_b, si_h, sc_b, sc_h,
+        kn_ptr, vn_ptr, len_ptr, row_width, scale_log2, n_splits, H_KV, si_b, si_h, sc_b, sc_h,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
         skn_b, skn_h, skn_t, svn_b, svn_h, svn_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -416,6 +438,7 @@ def _sparse_attn_split_kernel(
     q_rows = q_ptr + b * sq_b + (h * G + rows // T) * sq_h + (rows % T) * sq_t
     q = tl.load(q_rows[:, None] + d[None, :], mask=real[:, None], other=0.0)  # [M, D]
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
+    past_len = tl.load(len_ptr + b)  # this batch row's cached positions (rows may differ)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
@@ -447,7 +470,7 @@ def _sparse_attn_split_kernel(
             s = tl.where(valid[None, :], s, float("-inf"))
             if STORE_SCORES:  # the last token's scores of each query head, for _last_row_kernel
                 last = real & (rows % T == T - 1)
-                dst = scores_ptr + (bh * G + rows // T)[:, None] * past_len + pos[None, :]
+                dst = scores_ptr + (bh * G + rows // T)[:, None] * row_width + pos[None, :]
                 tl.store(dst, s, mask=last[:, None] & valid[None, :])
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
@@ -544,14 +567,17 @@ def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, n_parts, H_KV, so_b, 
 
 
 @triton.jit
-def _last_row_kernel(scores_ptr, stats_ptr, row_ptr, past_len, row_scale, T: tl.constexpr, HEADS: tl.constexpr,
-                     H_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+def _last_row_kernel(scores_ptr, stats_ptr, row_ptr, len_ptr, width, row_scale, T: tl.constexpr,
+                     HEADS: tl.constexpr, GROUPS_PER_ROW: tl.constexpr, H_BLOCK: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     """The last query's attention probabilities on cached positions, summed over each group
     of HEADS consecutive query heads (a KV head's G, or all Hq of a batch row) and scaled
     by row_scale. The split pass stored that query's scores (log2 units); with each
     softmax row's final max and sum known after the merge, every probability is one exp2.
-    Reads HEADS fp32 scores per position instead of going back to the D-wide keys."""
+    Reads HEADS fp32 scores per position instead of going back to the D-wide keys.
+    Entries from the batch row's length up to `width` are written as 0 (nothing cached)."""
     grp, blk = tl.program_id(0), tl.program_id(1)
+    past_len = tl.load(len_ptr + grp // GROUPS_PER_ROW)
     g = tl.arange(0, H_BLOCK)
     head = grp * HEADS + g  # b * Hq + query head: the scores' row; the merge's rows are (head, token)
     stat = head * T + (T - 1)  # the merge's row for (this head, last token)
@@ -559,9 +585,9 @@ def _last_row_kernel(scores_ptr, stats_ptr, row_ptr, past_len, row_scale, T: tl.
     den = tl.load(stats_ptr + stat * 2 + 1, mask=g < HEADS, other=1.0)
     j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (g[:, None] < HEADS) & (j[None, :] < past_len)
-    s = tl.load(scores_ptr + head[:, None] * past_len + j[None, :], mask=ok, other=float("-inf"))
+    s = tl.load(scores_ptr + head[:, None] * width + j[None, :], mask=ok, other=float("-inf"))
     p = tl.exp2(s - m[:, None]) / den[:, None]  # [H_BLOCK, N]
-    tl.store(row_ptr + grp * past_len + j, tl.sum(p, axis=0) * row_scale, mask=j < past_len)
+    tl.store(row_ptr + grp * width + j, tl.sum(p, axis=0) * row_scale, mask=j < width)
 
 
 _LOCKS: dict = {}
@@ -580,17 +606,20 @@ def _locks(device, n: int) -> torch.Tensor:
     return buf
 
 
-def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, scale=None, n_splits=None,
+def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=None, n_splits=None,
                      block_n=None, num_warps=4, num_stages=3, fused_merge=True, prefetch=True,
                      return_last_row=False, new_kv=None, last_row_mean=False):
     """Verification attention reading only the selected cached positions (see the reference
-    for shapes). idx/count come from `topp_select` (or any compacted selection); idx None
-    reads every cached position. return_last_row (dense only) also returns what a draft
-    needs for SpecAttn: the last query's attention on the cached positions, summed over the
-    query heads of each KV head, [B, Hkv, past_len] fp32, from the scores the main pass
-    stored (4 bytes per query head and position, far less than the keys); with
-    last_row_mean, the mean over all query heads, [B, past_len] (one selection for every
-    head, as SpecAttn uses it: no further ops on the row).
+    for shapes). past_len: an int, or an int32 tensor [B] of per-row lengths on the device:
+    then nothing here reads it on the host, so the launch can be captured in a CUDA graph
+    once and replayed as the rows grow (the grid is sized by the buffer, not the lengths).
+    idx/count come from `topp_select` (or any compacted selection); idx None reads every
+    cached position. return_last_row (dense only) also returns what a draft needs for
+    SpecAttn: the last query's attention on the cached positions, summed over the query
+    heads of each KV head, [B, Hkv, W] fp32, from the scores the main pass stored (4 bytes
+    per query head and position, far less than the keys); with last_row_mean, the mean over
+    all query heads, [B, W] (one selection for every head, as SpecAttn uses it: no further
+    ops on the row). W: past_len, or the buffer length S for per-row lengths (0 past each row).
     new_kv = (k_new, v_new) [B, Hkv, T, D]: the block's keys and values, which the programs
     that attend to the block write into the cache at [past_len, past_len + T) in the same
     launch (a decode step then needs no separate cache-write kernels).
@@ -607,7 +636,8 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
-    if Hq % Hkv or k_cache.shape[2] < past_len + T or D not in (16, 32, 64, 128, 256):
+    ragged = isinstance(past_len, torch.Tensor)
+    if Hq % Hkv or k_cache.shape[2] < (T if ragged else past_len + T) or D not in (16, 32, 64, 128, 256):
         raise ValueError(f"sparse_attention: bad shapes q={tuple(q.shape)} k_cache={tuple(k_cache.shape)} "
                          f"past_len={past_len} (need Hq % Hkv == 0, cache >= past_len + T, D a power of 2 >= 16)")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -622,7 +652,10 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
         idx, count = idx.expand(B, Hkv, idx.shape[-1]), count.expand(B, Hkv)
         if idx.stride(-1) != 1 or idx.dtype != torch.int32 or count.dtype != torch.int32:
             raise ValueError("sparse_attention: idx and count must be int32 with a contiguous last dim")
-    capacity = past_len if dense else min(past_len, idx.shape[-1])
+    lengths = _row_lengths(past_len, B, q.device)  # [B] int32
+    width = k_cache.shape[2] if ragged else past_len  # the last row's entries (one per cache slot if ragged)
+    capacity = k_cache.shape[2] - T if ragged else past_len  # the most cached positions a row can have
+    capacity = capacity if dense else min(capacity, idx.shape[-1])
     block_m = max(16, triton.next_power_of_2(G * T))
     sm = _sm_count(q.device)
     if n_splits is None:
@@ -648,15 +681,15 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     m = torch.empty((B * Hkv, parts, G * T), device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     out = torch.empty_like(q)
-    # With return_last_row: the last token's scores [B*Hq, past_len] and each row's softmax (max, sum).
-    scores = torch.empty((B * Hq, past_len), device=q.device, dtype=torch.float32) if return_last_row else None
+    # With return_last_row: the last token's scores [B*Hq, width] and each row's softmax (max, sum).
+    scores = torch.empty((B * Hq, width), device=q.device, dtype=torch.float32) if return_last_row else None
     stats = torch.empty((B * Hkv, G * T, 2), device=q.device, dtype=torch.float32) if return_last_row else None
     locks = _locks(q.device, B * Hkv) if fused_merge else None
     scale = (scale or 1 / math.sqrt(D)) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _sparse_attn_split_kernel[(B * Hkv, parts)](
-        q, k_cache, v_cache, idx, count, acc, m, l, out, stats, locks, scores, k_new, v_new, past_len, scale,
-        n_splits, Hkv,
+        q, k_cache, v_cache, idx, count, acc, m, l, out, stats, locks, scores, k_new, v_new, lengths, width,
+        scale, n_splits, Hkv,
         *((0, 0, 0, 0) if dense else (idx.stride(0), idx.stride(1), count.stride(0), count.stride(1))),
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -671,14 +704,32 @@ def sparse_attention(q, k_cache, v_cache, past_len: int, idx=None, count=None, s
     if not return_last_row:
         return out
     heads = Hq if last_row_mean else G  # query heads summed into each output row
-    row = torch.empty((B, past_len) if last_row_mean else (B, Hkv, past_len), device=q.device, dtype=torch.float32)
+    row = torch.empty((B, width) if last_row_mean else (B, Hkv, width), device=q.device, dtype=torch.float32)
     h_block = triton.next_power_of_2(heads)
     row_block = max(16, min(512, 2048 // h_block))  # positions per program: ~2048 scores each
-    if past_len:
-        _last_row_kernel[(B * Hq // heads, triton.cdiv(past_len, row_block))](
-            scores, stats, row, past_len, 1 / Hq if last_row_mean else 1.0, T=T, HEADS=heads, H_BLOCK=h_block,
-            BLOCK_N=row_block, num_warps=4)
+    if width:
+        _last_row_kernel[(B * Hq // heads, triton.cdiv(width, row_block))](
+            scores, stats, row, lengths, width, 1 / Hq if last_row_mean else 1.0, T=T, HEADS=heads,
+            GROUPS_PER_ROW=Hq // heads, H_BLOCK=h_block, BLOCK_N=row_block, num_warps=4)
     return out, row
+
+
+def attention_slot(q, k_new, v_new, k_cache, v_cache, lengths, start=None, keep=None, return_probs=False):
+    """model.Transformer's attention slot (`model.attend = attention_slot`) served by
+    sparse_attention, with each batch row's cache length read on the device (`lengths`
+    int32 [B]; `start`, the host's common length, is not used), so the whole forward can
+    be captured in a CUDA graph once and replayed as the rows grow. keep: the select
+    hook's (idx, count), e.g. from topp_select; None reads every cached position.
+    return_probs (the draft side) returns only what SpecAttn needs: the last query's
+    attention averaged over all query heads, [B, S] (S = the cache buffer's length; 0 from
+    each row's length on). On a CPU the references run instead (same shapes)."""
+    if k_cache is None:
+        raise ValueError("attention_slot needs a KV cache (pass cache= to the forward)")
+    if return_probs:
+        return sparse_attention(q, k_cache, v_cache, lengths, return_last_row=True, new_kv=(k_new, v_new),
+                                last_row_mean=True)
+    idx, count = keep if keep is not None else (None, None)
+    return sparse_attention(q, k_cache, v_cache, lengths, idx, count, new_kv=(k_new, v_new)), None
 
 
 # ----------------------------------------------------------------------------------------
@@ -781,6 +832,25 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
                                 f"new_kv={new_kv is not None}: rel err {err:.2e}, max abs "
                                 f"{(got - ref).abs().max().item():.2e}")
             assert torch.equal(kc, kr) and torch.equal(vc, vr), "sparse attention: cache differs after new_kv"
+    # Per-row lengths on the device (a batch whose rows accepted different numbers of tokens).
+    for B, Hq, Hkv, T, S, D in ((3, 9, 3, 5, 1100, 64), (4, 32, 8, 5, 9000, 128)):
+        q = torch.randn(B, Hq, T, D, device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        lengths = torch.randint(1, S - T, (B,), device=dev, dtype=torch.int32)
+        new_kv = torch.randn(2, B, Hkv, T, D, device=dev, dtype=torch.bfloat16)
+        for sel in ((None, None), _random_selection(B, 1, S, 0.2, dev)):
+            if sel[0] is not None:  # keep only positions each row has cached
+                keep = _selected_mask(*sel, S) & (torch.arange(S, device=dev) < lengths[:, None, None])
+                sel = topp_select_reference(keep.float(), 0.5)
+            kr, vr = kc.clone(), vc.clone()
+            got = sparse_attention(q, kc, vc, lengths, *sel, new_kv=tuple(new_kv)).float()
+            ref = sparse_attention_reference(q, kr, vr, lengths, *sel, new_kv=tuple(new_kv)).float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            assert err < 1e-2 and torch.equal(kc, kr), f"per-row lengths B={B} S={S}: rel err {err:.2e}"
+        _, row = sparse_attention(q, kc, vc, lengths, return_last_row=True, last_row_mean=True)
+        _, ref = sparse_attention_reference(q, kc, vc, lengths, return_last_row=True, last_row_mean=True)
+        assert ((row - ref).abs().max() / ref.abs().max()).item() < 1e-2, f"per-row last row B={B} S={S}"
     # The draft side's row (dense attention): per KV head, and averaged over all query heads.
     for B, Hq, Hkv, T, S in ((2, 12, 4, 5, 577), (3, 32, 8, 1, 8192)):
         q = torch.randn(B, Hq, T, 64, device=dev, dtype=torch.bfloat16)

@@ -6,8 +6,8 @@ This file is the base the rest of specattn stands on, and it works copied alone
 * `ModelArgs`   - one config dataclass, built from a Hugging Face `config.json`.
 * `Transformer` - RMSNorm, RoPE (Hugging Face half-split layout, so HF weights load
                   as they are), grouped-query attention, SwiGLU MLP, tied or untied head.
-* `KVCache`     - a fixed K/V buffer per layer plus one length, with an explicit
-                  `rewind(n)` for speculative decoding.
+* `KVCache`     - fixed K/V buffers per layer plus each batch row's length (a device
+                  tensor), with explicit `rewind` / `rewind_rows` for speculative decoding.
 * `load_model`  - reads an HF-layout directory (single or sharded safetensors) and
                   checks every tensor; `layers=` keeps a subset of decoder layers.
 * `Tokenizer`   - tiktoken over a Llama-3 `tokenizer.model` or a byte-level BPE
@@ -19,14 +19,16 @@ The two SpecAttn hooks live in `Transformer.forward`:
    queries over every key. The draft model uses this: its attention says which
    past tokens matter.
 2. `select=fn` lets a caller choose, per layer, which *cached* positions each KV
-   head may read (`fn(layer, q, k_past) -> bool mask or None`). The target model
-   uses this for sparse verification. The new block always attends to itself
-   causally. `specattn.py` builds `fn` from the draft's attention; `eval_pg19.py`
-   builds it for every method it compares. The attention here is plain PyTorch;
-   `Transformer.subset_attention` can be swapped for the Triton kernels of
-   `kernels.py` (`bench.kernel_attention`). Whatever fills that slot also appends
-   the new block's keys and values to the cache (its `new_kv` argument), so a
-   kernel can do it in the launch that attends.
+   head may read (see SelectFn). The target model uses this for sparse verification.
+   The new block always attends to itself causally. `specattn.py` builds `fn` from the
+   draft's attention; `eval_pg19.py` builds it for every method it compares.
+
+The attention itself sits in one slot, `Transformer.attend` (see AttentionFn). The
+default, `cache_attention`, is plain PyTorch for caches whose rows hold the same number
+of positions (evaluation, calibration, prefill). Generation puts `kernels.attention_slot`
+there: per-row cache lengths read on the device and the Triton kernels (their PyTorch
+references on a CPU). Whatever fills the slot also writes the new block's keys and values
+into the cache, so a kernel can do it in the launch that attends.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -201,11 +203,15 @@ def compile_pointwise(enable: bool = True) -> None:
 
 
 class KVCache:
-    """Fixed K/V buffers for every layer, and one `length` shared by the batch.
+    """Fixed K/V buffers for every layer, and how many positions each batch row holds.
 
-    Forwarding T tokens writes their keys/values at positions [length, length + T)
-    and then advances `length` by T. Nothing is ever implicitly overwritten or
-    dropped: speculative decoding calls `rewind(n)` to forget the n newest
+    `lengths` (int32 [B], on the cache's device) is where each row's next token goes:
+    forwarding T tokens writes row b's keys/values at [lengths[b], lengths[b] + T) and
+    advances every row by T, all on the device, so a captured CUDA graph can replay the
+    step as the rows grow. `length` is the host's bound on the rows (their common length
+    while `uniform`, as in evaluation, where every row is fed the same number of tokens).
+    Nothing is ever implicitly overwritten or dropped: speculative decoding calls
+    `rewind(n)` (every row) or `rewind_rows(n)` (a count per row) to forget the newest
     positions (rejected draft tokens), and the next forward writes over them.
     """
 
@@ -215,17 +221,47 @@ class KVCache:
         shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, Hkv, S_max, D]
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
+        self.lengths = torch.zeros(batch_size, device=device, dtype=torch.int32)  # [B]
+        self.length = 0  # host: >= every row's length, equal to it while uniform
+        self.uniform = True
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def advance(self, n: int) -> None:
+        """Every row grew by n positions (the forward calls this after writing them)."""
+        self.lengths += n
+        self.length += n
+
     def rewind(self, n: int) -> None:
-        """Forget the n most recent positions (their buffer slots are simply reused)."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot rewind {n} positions from a cache of length {self.length}")
-        self.length -= n
+        """Forget the n most recent positions of every row (their slots are simply reused)."""
+        if not 0 <= n <= self.length or not self.uniform:
+            raise ValueError(f"cannot rewind {n} positions from a cache of length {self.length}"
+                             f"{'' if self.uniform else ' whose rows differ (use rewind_rows)'}")
+        self.advance(-n)
+
+    def rewind_rows(self, n: torch.Tensor) -> None:
+        """Forget n[b] (int [B], on the device) positions of row b; the host bound stays."""
+        self.lengths -= n.to(torch.int32)
+        self.uniform = False
+
+    def set_lengths(self, lengths) -> None:
+        """Row b now holds lengths[b] positions (a list of ints: the host learns them)."""
+        self.lengths.copy_(torch.as_tensor(lengths, dtype=torch.int32))
+        self.length, self.uniform = max(lengths), len(set(lengths)) == 1
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) of this cache as a cache of their own (views: writes land here)."""
+        part = KVCache.__new__(KVCache)
+        part.k, part.v, part.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
+        part.length, part.uniform = self.length, self.uniform
+        return part
+
+    def reset(self) -> None:
+        """Empty every row (the buffers are kept and overwritten)."""
+        self.lengths.zero_()
+        self.length, self.uniform = 0, True
 
 
 # ----------------------------------------------------------------------------------------
@@ -233,19 +269,14 @@ class KVCache:
 
 
 def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len: int,
-                     keep: Optional[torch.Tensor] = None, return_probs: bool = False, new_kv=None):
+                     keep: Optional[torch.Tensor] = None, return_probs: bool = False):
     """Attention of T new queries over `past_len` cached keys plus their own block.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, past_len + T, D], Hq a multiple of Hkv (GQA: query
     head h reads KV head h // (Hq // Hkv)). keep: bool [B, Hkv, T or 1, past_len], which
     cached positions each KV head may read (None: all). The block's own keys are always
-    read causally. new_kv: (k_new, v_new) [B, Hkv, T, D], the block's keys and values, to
-    be written into the last T rows of k and v (views of the cache) first; None: they are
-    there already. Returns (out [B, Hq, T, D], probs [B, Hq, T, past_len + T] or None).
+    read causally. Returns (out [B, Hq, T, D], probs [B, Hq, T, past_len + T] or None).
     """
-    if new_kv is not None:  # append the block to the cache, then read it like the rest
-        k[:, :, past_len:] = new_kv[0]
-        v[:, :, past_len:] = new_kv[1]
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
@@ -272,9 +303,33 @@ def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len
     return out.view(B, Hq, T, D), probs
 
 
-# A `select` hook: (layer index, q [B, Hq, T, D], cached keys [B, Hkv, past_len, D])
-# -> bool [B, Hkv, T or 1, past_len] of cached positions to read, or None for dense.
-SelectFn = Callable[[int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+def cache_attention(q, k_new, v_new, k_cache, v_cache, lengths, start, keep=None, return_probs=False):
+    """The model's default attention slot, in PyTorch, for caches whose rows all hold
+    `start` positions (evaluation, calibration, prefill): append the block at [start,
+    start + T) by slicing, then `subset_attention`. Without a cache (k_cache None) the
+    block attends to itself. `kernels.attention_slot` fills the same slot with per-row
+    lengths read on the device (generation)."""
+    if k_cache is None:
+        return subset_attention(q, k_new, v_new, 0, keep, return_probs)
+    if start is None:
+        raise ValueError("the PyTorch attention slot needs every cache row at the same length; "
+                         "generation with ragged rows uses kernels.attention_slot")
+    T = q.shape[2]
+    k_cache[:, :, start:start + T] = k_new
+    v_cache[:, :, start:start + T] = v_new
+    return subset_attention(q, k_cache[:, :, :start + T], v_cache[:, :, :start + T], start, keep, return_probs)
+
+
+# A `select` hook: (layer index, q [B, Hq, T, D], cached keys [B, Hkv, past_len, D], or the
+# whole buffer when rows differ) -> what that layer's attention slot reads: for
+# cache_attention a bool [B, Hkv, T or 1, past_len] of cached positions; for
+# kernels.attention_slot a compacted (idx int32 [B, Hkv or 1, L], count int32 [B, Hkv or 1]);
+# None for dense.
+Selection = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+SelectFn = Callable[[int, torch.Tensor, torch.Tensor], Optional[Selection]]
+# An attention slot: (q, k_new, v_new, k_cache, v_cache, lengths, start, keep, return_probs)
+# -> (out [B, Hq, T, D], probs or None); see cache_attention and kernels.attention_slot.
+AttentionFn = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
 class Attention(nn.Module):
@@ -288,26 +343,24 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.wqkv: Optional[nn.Linear] = None  # wq|wk|wv in one matrix, after fuse_projections()
 
-    def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], start: int,
-                select: Optional[SelectFn], return_probs: bool, attend=subset_attention):
+    def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], lengths: torch.Tensor,
+                start: Optional[int], select: Optional[SelectFn], return_probs: bool, attend: AttentionFn):
         B, T, _ = x.shape
         Hq, Hkv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x) if self.wqkv is not None else torch.cat([self.wq(x), self.wk(x), self.wv(x)], -1)
         qkv = qkv.view(B, T, Hq + 2 * Hkv, self.head_dim)  # heads: Hq queries, Hkv keys, Hkv values
-        qk = Pointwise.rope(qkv[:, :, :Hq + Hkv], cos[:, None], sin[:, None])  # queries and keys in one pass
+        qk = Pointwise.rope(qkv[:, :, :Hq + Hkv], cos[:, :, None], sin[:, :, None])  # queries and keys in one pass
         q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, T, D]
         k = qk[:, :, Hq:].transpose(1, 2)  # [B, Hkv, T, D]
         v = qkv[:, :, Hq + Hkv:].transpose(1, 2)
-        new_kv = None
-        if cache is not None:
-            # The block's keys and values belong at cache positions [start, start + T). The
-            # attention writes them there (new_kv) before reading them: a GPU kernel does it
-            # in the launch that attends (kernels.sparse_attention), two copy kernels fewer.
-            new_kv = (k, v)
-            k = cache.k[layer, :, :, :start + T]  # [B, Hkv, start + T, D]; the last T rows not yet written
-            v = cache.v[layer, :, :, :start + T]
-        keep = select(layer, q, k[:, :, :start]) if select is not None else None
-        out, probs = attend(q, k, v, start, keep, return_probs, new_kv)
+        # The block's keys and values belong at cache positions [lengths[b], lengths[b] + T)
+        # of row b. The attention slot writes them there before reading them: a GPU kernel
+        # does it in the launch that attends (kernels.sparse_attention), two copy kernels fewer.
+        k_cache, v_cache = (cache.k[layer], cache.v[layer]) if cache is not None else (None, None)  # [B, Hkv, S, D]
+        keep = None
+        if select is not None:
+            keep = select(layer, q, k_cache[:, :, :start] if start is not None else k_cache)
+        out, probs = attend(q, k, v, k_cache, v_cache, lengths, start, keep, return_probs)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1)), probs
 
 
@@ -357,8 +410,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # The attention used when a `select` hook is given; kernels.py can replace it.
-        self.subset_attention = subset_attention
+        # The attention slot (see AttentionFn); generation puts kernels.attention_slot here.
+        self.attend: AttentionFn = cache_attention
         self.init_rope()
 
     def init_rope(self, device=None):
@@ -372,22 +425,35 @@ class Transformer(nn.Module):
         return KVCache(self.args, batch_size, max_len or self.args.max_seq_len, device=w.device, dtype=w.dtype)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
-                select: Optional[SelectFn] = None, return_attn: bool = False):
+                select: Optional[SelectFn] = None, return_attn: bool = False,
+                logits_at: Optional[torch.Tensor] = None, attend: Optional[AttentionFn] = None):
         """tokens [B, T] -> logits [B, T, vocab] (fp32).
 
-        With `cache`, the tokens sit at positions [cache.length, cache.length + T) and
-        read every cached position before them; the cache then grows by T.
+        With `cache`, row b's tokens sit at positions [cache.lengths[b], + T) and read
+        every cached position of that row before them; the cache then grows by T.
         `select` chooses, per layer, the cached positions each KV head reads (see SelectFn).
-        `return_attn=True` returns (logits, probs), probs a list with one
-        [B, Hq, T, cache.length + T] fp32 tensor per layer.
+        `return_attn=True` returns (logits, probs), probs a list with one entry per layer:
+        whatever the attention slot returns ([B, Hq, T, cache.length + T] fp32 from
+        cache_attention; the last query's head-averaged row [B, S_max] from
+        kernels.attention_slot). logits_at (int [B]): only the logits of position
+        logits_at[b] of each row, [B, 1, vocab] (a prefill needs the last prompt token's).
+        attend: the attention slot for this call (default: self.attend).
         """
+        attend = attend or self.attend
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
-        limit = min(self.args.max_seq_len, cache.max_len if cache is not None else self.args.max_seq_len)
-        if start + T > limit:
-            raise ValueError(f"positions up to {start + T} exceed the limit of {limit} "
-                             f"(model max positions {self.args.max_seq_len}); use a shorter context")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # [T, D]
+        if cache is not None:
+            start = cache.length if cache.uniform else None  # host-known common length, if any
+            limit = min(self.args.max_seq_len, cache.max_len)
+            if cache.length + T > limit:
+                raise ValueError(f"positions up to {cache.length + T} exceed the limit of {limit} "
+                                 f"(model max positions {self.args.max_seq_len}); use a shorter context")
+            lengths = cache.lengths  # [B] int32, on the device
+        else:
+            start, lengths = 0, torch.zeros(B, dtype=torch.int32, device=tokens.device)
+            if T > self.args.max_seq_len:
+                raise ValueError(f"{T} positions exceed the model's max positions {self.args.max_seq_len}")
+        positions = lengths[:, None].long() + torch.arange(T, device=tokens.device)  # [B, T]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
         h = self.tok_embeddings(tokens)  # [B, T, dim]: the residual stream
         # Pre-norm blocks, h += attention(norm(h)); h += feed_forward(norm(h)), written so that
         # each residual add comes with the norm that reads it (x: the normed h).
@@ -395,13 +461,14 @@ class Transformer(nn.Module):
         x = norms[0](h)
         probs_per_layer = []
         for i, layer in enumerate(self.layers):
-            a, probs = layer.attention(x, cos, sin, i, cache, start, select, return_attn,
-                                       attend=self.subset_attention)
+            a, probs = layer.attention(x, cos, sin, i, cache, lengths, start, select, return_attn, attend)
             h, x = norms[2 * i + 1].add_and_norm(h, a)
             h, x = norms[2 * i + 2].add_and_norm(h, layer.feed_forward(x))
             probs_per_layer.append(probs)
         if cache is not None:
-            cache.length = start + T
+            cache.advance(T)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, dim]
         logits = self.output(x).float()
         return (logits, probs_per_layer) if return_attn else logits
 

@@ -36,8 +36,12 @@ from typing import Optional
 
 import torch
 
-from kernels import topp_mask
-from model import Tokenizer, Transformer, draft_info, load_draft, load_model
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kernels import attention_slot, topp_mask, topp_select
+from model import (Tokenizer, Transformer, cache_attention, compile_pointwise, draft_info, fuse_projections, load_draft,
+                   load_model)
 
 # ----------------------------------------------------------------------------------------
 # Loading a target/draft pair
@@ -183,21 +187,25 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
 
 
 # ----------------------------------------------------------------------------------------
-# Speculative decoding
+# Speculative decoding: the engine
 
 
 @dataclass
 class SpecStats:
-    steps: int = 0
-    accepted: list = field(default_factory=list)  # draft tokens accepted per step
+    """What a generation did, summed over its batch rows (device counters, read once at the end)."""
+    steps: int = 0  # speculative steps, summed over rows (a finished row takes no more)
+    accepted: int = 0  # draft tokens accepted, summed over rows and steps
+    tokens: int = 0  # tokens generated, all rows
     kv_read: int = 0  # entries read by the target in verification (see module doc)
     kv_dense: int = 0  # entries dense verification would read
     kv_read_sparse_layers: int = 0
     kv_dense_sparse_layers: int = 0
+    accepted_hist: list = field(default_factory=list)  # [γ + 1]: steps that accepted 0, 1, ..., γ draft tokens
+    seconds: dict = field(default_factory=dict)  # wall time: prefill, decode; GPU time per step phase
 
     @property
     def mean_accepted(self) -> float:
-        return sum(self.accepted) / max(1, len(self.accepted))
+        return self.accepted / max(1, self.steps)
 
     def summary(self) -> dict:
         return {
@@ -215,7 +223,8 @@ def count_kv_reads(selection: dict, n_layers: int, n_kv_heads: int, past_len: in
     verification forward. A layer without a selection reads all Hkv × past_len entries; a
     selected layer reads what its mask [B, Hkv, T, past_len] keeps, a position counting once
     per KV head even when several of the block's queries read it. sparse_layers: the layers
-    eligible for selection (default: those in `selection`)."""
+    eligible for selection (default: those in `selection`). (eval_pg19.py's accounting; the
+    engine counts the same entries on the device from its (idx, count) lists.)"""
     sparse_layers = set(selection) if sparse_layers is None else set(sparse_layers)
     dense_layer = batch * n_kv_heads * past_len
     read_per_layer = [int(selection[j].expand(batch, n_kv_heads, -1, -1).any(2).sum()) if j in selection
@@ -224,196 +233,623 @@ def count_kv_reads(selection: dict, n_layers: int, n_kv_heads: int, past_len: in
     return sum(read_per_layer), n_layers * dense_layer, read_sparse, len(sparse_layers) * dense_layer
 
 
-def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(logits.float() / temperature, dim=-1)
+def _sample(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One draw per row of probs [..., V] -> [...]. argmax(p / E), E ~ Exp(1) per entry, is a
+    draw from p (the exponential race: entry x wins first with probability p(x)); unlike
+    torch.multinomial it is a fixed set of kernels with no host check, so it can be captured."""
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+class SpecEngine:
+    """Speculative decoding of a batch, on fixed buffers, one step as four phases.
+
+    A step is  draft (γ draft forwards, each keeping its attention row) -> select (top-p on
+    those rows: the target's reading list) -> verify (one target forward of γ + 1 tokens)
+    -> accept (how many draft tokens each row keeps; explicit rewind of both caches). Every
+    phase reads and writes only tensors the engine owns, sized once for (batch, γ, max_len),
+    and each batch row's cache length lives on the device. So on CUDA each phase is
+    captured once as a CUDA graph and replayed for every later step, however the rows grow
+    (no recapture, no recompilation); on a CPU the same phase functions run eagerly, with
+    the PyTorch references inside `kernels.attention_slot`.
+
+    Row state between steps (b: batch row): the target cache holds lengths[b] positions;
+    `prev[b]` is the token at the last of them, `last[b]` the newest token, in no cache yet.
+    The draft cache holds one position fewer than the target's and reads [prev, last]
+    first (re-reading prev costs nothing extra in a 2-token step and gives every row one
+    shape whether or not the draft saw the last accepted token).
+
+    draft=None is plain decoding through the same engine: the step is a 1-token target
+    forward and the accept phase emits its choice. use_specattn=True (needs layer_map and a
+    selection with topp < 1) makes verification read the draft-selected positions only.
+    """
+
+    def __init__(self, target: Transformer, draft: Optional[Transformer], *, batch_size: int, max_len: int,
+                 gamma: int = 4, temperature: float = 0.0, layer_map=None,
+                 selection: Optional[SelectionConfig] = None, use_specattn: bool = False,
+                 eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 cuda_graphs: Optional[bool] = None):
+        if draft is not None and gamma < 1:
+            raise ValueError(f"gamma (draft tokens per step) must be >= 1, got {gamma}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if use_specattn and (draft is None or layer_map is None):
+            raise ValueError("SpecAttn needs a draft and a layer map (see calibrate.py)")
+        self.cfg = selection or SelectionConfig()
+        if use_specattn and self.cfg.per_head:
+            raise ValueError("per-head selection is an evaluation option (eval_pg19.py); generation selects once "
+                             "per layer")
+        self.target, self.draft = target, draft
+        self.gamma = gamma if draft is not None else 0
+        self.temperature, self.eos_id, self.generator = temperature, eos_id, generator
+        self.use_specattn = use_specattn
+        self.B, self.max_len = batch_size, max_len
+        device = target.output.weight.device
+        self.device = device
+        self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.t_cache = target.new_cache(batch_size=batch_size, max_len=max_len)
+        self.d_cache = draft.new_cache(batch_size=batch_size, max_len=max_len) if draft is not None else None
+        # The host's bound on any row's length: the engine sized the buffers, so it holds
+        # (a row stops at max_new_tokens, at most γ + 1 positions before the end).
+        self._bound = max_len - (self.gamma + 2)
+        B, G, V = batch_size, self.gamma, target.args.vocab_size
+        i64 = dict(device=device, dtype=torch.long)
+        self.prev, self.last = torch.zeros(B, **i64), torch.zeros(B, **i64)
+        self.drafted = torch.zeros(B, G, **i64)  # [B, γ]
+        self.q_dists = torch.zeros(B, G, V, device=device) if temperature > 0 and G else None  # draft's q
+        self.out = torch.zeros(B, max_len, **i64)  # [B, tokens]: each row's new tokens
+        self.n_out = torch.zeros(B, **i64)
+        self.max_new = torch.zeros((), **i64)
+        self.done = torch.ones(B, device=device, dtype=torch.bool)
+        # Counters per row: steps, accepted, kv_read, kv_dense, kv_read_sparse, kv_dense_sparse, then
+        # how many steps accepted 0, 1, ..., γ draft tokens.
+        self.counters = torch.zeros(6 + G + 1, B, **i64)
+        if use_specattn:
+            n_t = target.args.n_layers
+            self.layer_map = list(layer_map)
+            if len(self.layer_map) != n_t:
+                raise ValueError(f"layer map has {len(self.layer_map)} entries; the target has {n_t} layers")
+            sparse = range(self.cfg.dense_layers, n_t)
+            # The draft layers the sparse target layers read: one contiguous range (the map is monotone,
+            # calibrate.py), selected in one topp call; `uses[u]` target layers read draft layer first + u.
+            self.first_used = min(self.layer_map[j] for j in sparse)
+            n_used = max(self.layer_map[j] for j in sparse) - self.first_used + 1
+            self.uses = torch.zeros(n_used, **i64)
+            for j in sparse:
+                self.uses[self.layer_map[j] - self.first_used] += 1
+            self.draft_rows = torch.zeros(n_used, B, G, max_len, device=device)  # [used, B, γ, S]
+        self.graphs: dict = {}
+        self.captures = 0  # CUDA graphs captured (a test checks it stays at one per phase)
+        self.phase_events: list = []
+
+    # -- the four phases ------------------------------------------------------------------
+
+    def _draft_phase(self):
+        """γ draft tokens per row, greedy or sampled; with SpecAttn each step's attention row."""
+        self.d_cache.length = self._bound
+        inp = torch.stack([self.prev, self.last], 1)  # [B, 2]: re-read prev, then the newest token
+        for i in range(self.gamma):
+            if self.use_specattn:
+                logits, rows = self.draft(inp, cache=self.d_cache, return_attn=True, attend=attention_slot)  # rows: per layer [B, S]
+                used = rows[self.first_used:self.first_used + self.draft_rows.shape[0]]
+                self.draft_rows[:, :, i].copy_(torch.stack(used))
+            else:
+                logits = self.draft(inp, cache=self.d_cache, attend=attention_slot)
+            logits = logits[:, -1]  # [B, V]
+            if self.temperature == 0:
+                tok = logits.argmax(-1)
+            else:
+                q = torch.softmax(logits / self.temperature, -1)
+                self.q_dists[:, i].copy_(q)
+                tok = _sample(q, self.generator)
+            self.drafted[:, i].copy_(tok)
+            inp = tok[:, None]
+
+    def _select_phase(self):
+        """The draft rows -> per used draft layer, the cached positions the target reads,
+        compacted (idx [used, B, S], count [used, B]). Only the target's cached positions
+        count: the rows' entries at and past each row's target length (the draft's own
+        block) are zeroed before the top-p cut."""
+        cfg, S = self.cfg, self.max_len
+        cached = torch.arange(S, device=self.device) < self.t_cache.lengths[:, None]  # [B, S]
+        rows = self.draft_rows * cached[:, None]  # [used, B, γ, S]
+        if cfg.combine == "mean" and not cfg.sinks:  # one cut of the rows' mean: one launch
+            self.sel_idx, self.sel_count = topp_select(rows.mean(2), cfg.topp)
+            return
+        rows = rows.mean(2, keepdim=True) if cfg.combine == "mean" else rows
+        keep = topp_mask(rows, cfg.topp).any(2)  # [used, B, S]: union of the rows' top-p sets
+        if cfg.sinks:
+            keep[..., :cfg.sinks] = True
+        keep &= cached
+        # Compaction of a mask through the top-p kernel: every kept weight is 1, so θ = 1 and
+        # exactly the kept positions are listed (ascending), with no sort.
+        self.sel_idx, self.sel_count = topp_select(keep.float(), 0.5)
+
+    def _verify_phase(self):
+        """The target reads [last, d1..dγ] in one forward: logits [B, γ + 1, V]. With
+        SpecAttn, sparse layers read only the selected positions; this makes verification
+        approximate (the target's distribution now depends on the draft through the selection)."""
+        self.t_cache.length = self._bound
+        select = None
+        if self.use_specattn:
+            first, idx, count = self.first_used, self.sel_idx, self.sel_count
+            chosen = {j: (idx[i - first][:, None], count[i - first][:, None])  # one list for every KV head
+                      for j, i in enumerate(self.layer_map) if j >= self.cfg.dense_layers}
+            select = lambda layer, q, k: chosen.get(layer)  # noqa: E731
+        block = torch.cat([self.last[:, None], self.drafted], 1)  # [B, γ + 1]
+        self.t_logits = self.target(block, cache=self.t_cache, select=select, attend=attention_slot)
+
+    def _accept_phase(self):
+        """Keep the longest agreeing prefix of each row's draft, emit one token of the target's,
+        rewind both caches by what was rejected, count."""
+        G, logits, drafted = self.gamma, self.t_logits, self.drafted  # [B, γ + 1, V], [B, γ]
+        if self.temperature == 0:  # greedy: keep d_i while it is the target's argmax
+            choice = logits.argmax(-1)  # [B, γ + 1]
+            agree = drafted == choice[:, :G]
+            candidates = choice  # what to emit after k accepted tokens
+        else:
+            # Sampling (Leviathan et al. 2023): keep d_i with probability min(1, p(d_i) / q(d_i));
+            # at the first rejection draw from norm(max(0, p - q)). Then P(emit x) = min(p(x), q(x))
+            # [accepted] + (1 - Σ min(p, q)) · max(0, p(x) - q(x)) / Σ max(0, p - q) [resampled]
+            # = p(x), since Σ max(0, p - q) = 1 - Σ min(p, q). If all γ pass, the target's own
+            # distribution after dγ gives one bonus token. Every position's fallback is drawn;
+            # position k's is used.
+            p = torch.softmax(logits / self.temperature, -1)  # [B, γ + 1, V]
+            candidates = _sample(p[:, G:], self.generator)  # [B, 1]: the bonus token
+            if G:
+                q = self.q_dists
+                p_d, q_d = (d.gather(-1, drafted[..., None])[..., 0] for d in (p[:, :G], q))  # [B, γ]
+                u = torch.rand(p_d.shape, device=p.device, generator=self.generator)
+                agree = u * q_d <= p_d
+                residual = (p[:, :G] - q).clamp(min=0)
+                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :G])  # p == q: never used
+                candidates = torch.cat([_sample(residual, self.generator), candidates], 1)  # [B, γ + 1]
+            else:
+                agree = drafted.bool()  # [B, 0]
+        k = agree.long().cumprod(1).sum(1)  # [B]: accepted draft tokens
+        new = candidates.gather(1, k[:, None])[:, 0]  # [B]
+        j = torch.arange(G + 1, device=self.device)
+        emitted = torch.where(j < k[:, None], F.pad(drafted, (0, 1)), new[:, None])  # [B, γ + 1], first k + 1 real
+        n_new = k + 1
+        active = ~self.done
+        if self.eos_id is not None:  # a row ends at its first EOS
+            eos = (emitted == self.eos_id) & (j <= k[:, None])
+            n_new = torch.where(eos.any(1), eos.long().argmax(1) + 1, n_new)
+            self.done |= eos.any(1)
+        # A finished row writes past its end (never read) and stops counting.
+        self.out.scatter_(1, self.n_out[:, None] + j, emitted)
+        past = self.t_cache.lengths.long() - (G + 1)  # [B]: cached positions this step verified against
+        self.n_out += torch.where(active, n_new, 0)
+        self.done |= self.n_out >= self.max_new
+        # Rewind. The target cached [last, d1..dγ] and keeps [last, d1..dk]; the draft cached
+        # [prev, last, d1..d(γ-1)] and keeps one position fewer than the target, so both drop
+        # γ - k. A row that had finished keeps none of this step's positions.
+        drop = torch.where(active, G - k, G + 1).int()
+        self.t_cache.rewind_rows(drop)
+        if self.draft is not None:
+            self.d_cache.rewind_rows(drop)
+        if G:  # prev: the newest token the target keeps cached, d_k (or `last` if none was accepted)
+            newest_kept = torch.where(k > 0, drafted.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0], self.last)
+            self.prev.copy_(torch.where(active, newest_kept, self.prev))
+        self.last.copy_(torch.where(active, new, self.last))
+        # Counters (see the module doc's KV accounting).
+        args, a = self.target.args, active.long()
+        dense_all = args.n_layers * args.n_kv_heads * past
+        dense_sparse = (args.n_layers - self.cfg.dense_layers) * args.n_kv_heads * past
+        if self.use_specattn:
+            read_sparse = args.n_kv_heads * (self.uses[:, None] * self.sel_count.long()).sum(0)
+            read_all = dense_all - dense_sparse + read_sparse
+        else:
+            read_sparse, read_all = dense_sparse, dense_all
+        step = torch.stack([torch.ones_like(k), k, read_all, dense_all, read_sparse, dense_sparse])  # [6, B]
+        self.counters += torch.cat([step, F.one_hot(k, G + 1).T]) * a
+
+    # -- running the phases -----------------------------------------------------------------
+
+    def _phases(self):
+        phases = [("draft", self._draft_phase)] if self.draft is not None else []
+        phases += [("select", self._select_phase)] if self.use_specattn else []
+        return phases + [("verify", self._verify_phase), ("accept", self._accept_phase)]
+
+    def _state(self) -> list[torch.Tensor]:
+        """Every tensor a phase may change that must survive between steps."""
+        state = [self.t_cache.lengths, self.prev, self.last, self.drafted, self.out, self.n_out, self.done,
+                 self.counters]
+        return state + ([self.d_cache.lengths] if self.draft is not None else [])
+
+    def _capture(self, fn) -> torch.cuda.CUDAGraph:
+        """Warm fn up (Triton and Inductor compile, the kernels' buffers are allocated) on a
+        side stream, put the engine's state back as it was, then capture fn as a graph."""
+        saved = [t.clone() for t in self._state()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, s in zip(self._state(), saved):
+            t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None and hasattr(graph, "register_generator_state"):
+            graph.register_generator_state(self.generator)  # replays draw fresh numbers from it
+        with torch.cuda.graph(graph):
+            fn()
+        self.captures += 1
+        return graph
+
+    def step(self, timed: bool = False) -> None:
+        """One speculative step for every row (replayed graphs on CUDA; eager elsewhere).
+        No host synchronisation here. timed: record a CUDA event after each phase."""
+        events = [self._mark()] if timed else []
+        for name, fn in self._phases():
+            if self.cuda_graphs:
+                if name not in self.graphs:
+                    self.graphs[name] = self._capture(fn)
+                self.graphs[name].replay()
+            else:
+                fn()
+            if timed:
+                events.append(self._mark())
+        if timed:
+            self.phase_events.append(events)
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """Read the prompts (right-padded into one batch, PyTorch attention) into both caches,
+        and take each row's first token from the target's last prompt position."""
+        B = self.B
+        lengths = [len(p) for p in prompts]
+        if len(prompts) != B:
+            raise ValueError(f"this engine holds {B} rows; got {len(prompts)} prompts")
+        if min(lengths) < 1:
+            raise ValueError("every prompt needs at least one token")
+        if max(lengths) + max_new_tokens + 2 * self.gamma + 2 > self.max_len:
+            raise ValueError(f"a prompt of {max(lengths)} tokens + {max_new_tokens} new tokens does not fit this "
+                             f"engine's {self.max_len}-position cache; use shorter prompts or fewer new tokens")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        tokens = torch.zeros(B, max(lengths), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+        tokens = tokens.to(self.device)
+        last_pos = torch.tensor(lengths, device=self.device) - 1
+        rows_per_chunk = max(1, 65536 // max(lengths))  # bounds the prefill's activations
+        logits = []
+        for model, cache in ((self.target, self.t_cache), (self.draft, self.d_cache)):
+            if model is None:
+                continue
+            cache.reset()
+            for b0 in range(0, B, rows_per_chunk):
+                rows = cache.rows(b0, b0 + rows_per_chunk)
+                # every row starts at 0: plain causal PyTorch attention (SDPA), right padding unread
+                out = model(tokens[b0:b0 + rows_per_chunk], cache=rows, logits_at=last_pos[b0:b0 + rows_per_chunk],
+                            attend=cache_attention)
+                if model is self.target:
+                    logits.append(out[:, 0])
+            cache.set_lengths(lengths)
+        logits = torch.cat(logits)  # [B, V]
+        first = (logits.argmax(-1) if self.temperature == 0 else
+                 _sample(torch.softmax(logits / self.temperature, -1), self.generator))
+        self.prev.copy_(tokens.gather(1, last_pos[:, None])[:, 0])
+        self.last.copy_(first)
+        self.out[:, 0] = first
+        self.n_out.fill_(1)
+        self.max_new.fill_(max_new_tokens)
+        self.done.copy_(first == self.eos_id if self.eos_id is not None else torch.zeros_like(self.done))
+        self.done |= self.n_out >= self.max_new
+        self.counters.zero_()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, progress: bool = False):
+        """New tokens for each prompt (a list per row, each stopping at its EOS or
+        max_new_tokens) and the SpecStats. The one host synchronisation per step is the
+        read of the rows' `done` flags (and the token count, for the progress bar)."""
+        t0 = time.perf_counter()
+        self.prefill(prompts, max_new_tokens)
+        self.phase_events = []
+        _sync(self.device)
+        t1 = time.perf_counter()
+        bar = tqdm(total=self.B * max_new_tokens, unit="tok", disable=not progress, leave=False)
+        for _ in range(max_new_tokens):  # every step emits >= 1 token per running row
+            self.step(timed=True)
+            all_done, n_tokens = torch.stack([self.done.all().long(), self.n_out.clamp(max=max_new_tokens).sum()]).tolist()
+            bar.update(n_tokens - bar.n)
+            if all_done:
+                break
+        bar.close()
+        t2 = time.perf_counter()
+        n_out = self.n_out.clamp(max=max_new_tokens).tolist()
+        out = [row[:n] for row, n in zip(self.out.tolist(), n_out)]
+        c = self.counters.sum(1).tolist()
+        stats = SpecStats(steps=c[0], accepted=c[1], tokens=sum(n_out), kv_read=c[2], kv_dense=c[3],
+                          kv_read_sparse_layers=c[4], kv_dense_sparse_layers=c[5], accepted_hist=c[6:])
+        stats.seconds = {"prefill": t1 - t0, "decode": t2 - t1, **self._phase_seconds()}
+        return out, stats
+
+    def _mark(self):
+        """A point in the step's timeline: a CUDA event on the GPU's stream, else the host clock."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _phase_seconds(self) -> dict:
+        """Time per phase, summed over the steps (read after the last step)."""
+        total = {name: 0.0 for name, _ in self._phases()}
+        for marks in self.phase_events:
+            for name, a, b in zip(total, marks, marks[1:]):
+                total[name] += a.elapsed_time(b) / 1e3 if self.device.type == "cuda" else b - a
+        return total
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _as_batch(prompt_ids) -> tuple[list[list[int]], bool]:
+    """A flat list of ids (one prompt) or a list of such lists -> (prompts, was one)."""
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.tolist()
+    prompt_ids = list(prompt_ids)
+    single = not prompt_ids or not isinstance(prompt_ids[0], (list, tuple, torch.Tensor))
+    prompts = [list(map(int, p)) for p in ([prompt_ids] if single else prompt_ids)]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (an empty prompt was given)")
+    return prompts, single
+
+
+def engine_max_len(model: Transformer, prompts: list[list[int]], max_new_tokens: int, gamma: int) -> int:
+    """The cache length a generation needs (a step writes up to γ + 1 positions past a row's end)."""
+    need = max(len(p) for p in prompts) + max_new_tokens + 2 * gamma + 2
+    if need > model.args.max_seq_len:
+        raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new tokens needs "
+                         f"{need} positions; the model has {model.args.max_seq_len}: use a shorter prompt or "
+                         f"fewer new tokens")
+    return need
 
 
 @torch.no_grad()
 def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, max_new_tokens: int, gamma: int = 4,
                          temperature: float = 0.0, topp: Optional[float] = None, layer_map=None,
                          selection: Optional[SelectionConfig] = None, generator: Optional[torch.Generator] = None,
-                         eos_id: Optional[int] = None):
-    """Generate up to max_new_tokens after prompt_ids (batch 1). Returns (new token ids, SpecStats).
+                         eos_id: Optional[int] = None, engine: Optional[SpecEngine] = None, progress: bool = False):
+    """Generate up to max_new_tokens after each prompt. prompt_ids: one list of ids, or a list
+    of lists (a batch; rows may differ in length, and each accepts, stops and counts on its
+    own). Returns (new ids: a list, or a list per row for a batch, SpecStats).
 
-    temperature 0 is greedy: the output equals the target's own greedy decoding exactly
-    (with SpecAttn off, or topp=1). topp < 1 turns SpecAttn on (needs layer_map).
+    temperature 0 is greedy: every row's output equals the target's own greedy decoding of
+    it (with SpecAttn off, or topp=1). topp < 1 turns SpecAttn on (needs layer_map).
+    engine: a SpecEngine to reuse (its captured graphs too); None builds one for this call.
     """
-    device = target.output.weight.device
-    prompt = torch.as_tensor(prompt_ids, device=device).view(1, -1)
-    if prompt.shape[1] < 1:
-        raise ValueError("the prompt needs at least one token")
+    prompts, single = _as_batch(prompt_ids)
     if topp is not None and layer_map is None:
         raise ValueError("SpecAttn (topp) needs a layer map: pass layer_map (see calibrate.py)")
-    cfg = selection or SelectionConfig()
-    if topp is not None:
-        cfg = replace(cfg, topp=topp)  # a copy: the caller's config is left as it was
-    use_specattn = topp is not None and topp < 1
-    max_len = prompt.shape[1] + max_new_tokens + gamma + 2
-    t_cache, d_cache = target.new_cache(max_len=max_len), draft.new_cache(max_len=max_len)
-    args = target.args
-    stats = SpecStats()
-
-    # Prefill everything but the last prompt token: the loop feeds one "pending" token.
-    if prompt.shape[1] > 1:
-        target(prompt[:, :-1], cache=t_cache)
-        draft(prompt[:, :-1], cache=d_cache)
-    last = prompt[:, -1:]  # [1, 1]: the newest token, in neither cache yet
-    draft_pending = last  # what the draft must read before proposing (1 or 2 tokens)
-    out = []
-
-    while len(out) < max_new_tokens:
-        past_len = t_cache.length  # cached positions the target may select among
-
-        # 1. Draft proposes γ tokens, one step at a time, keeping each step's attention.
-        proposals, q_dists, rows = [], [], []
-        inp = draft_pending
-        for _ in range(gamma):
-            if use_specattn:
-                logits, probs = draft(inp, cache=d_cache, return_attn=True)
-                rows.append([p[:, :, -1:, :past_len] for p in probs])  # per layer [1, Hd, 1, past_len]
-            else:
-                logits = draft(inp, cache=d_cache)
-            logits = logits[:, -1]  # [1, V]
-            if temperature == 0:
-                tok = logits.argmax(-1, keepdim=True)
-            else:
-                q = _probs(logits, temperature)
-                q_dists.append(q)
-                tok = torch.multinomial(q, 1, generator=generator)
-            proposals.append(tok)
-            inp = tok
-        drafted = torch.cat(proposals, dim=1)  # [1, γ]
-
-        # 2. Target verifies [last, d1..dγ] in one forward. With SpecAttn, sparse layers read
-        #    only what the draft's attention selects. This makes verification approximate:
-        #    the target's distribution now depends on the draft's proposals through the
-        #    selection, so at topp < 1 the output is no longer exactly the target's.
-        select = None
-        if use_specattn:
-            draft_rows = [torch.cat([r[i] for r in rows], dim=2) for i in range(len(rows[0]))]  # [1, Hd, γ, past]
-            chosen = draft_selection(draft_rows, past_len, layer_map, args.n_kv_heads, cfg)
-            select = lambda layer, q, k: chosen.get(layer)  # noqa: E731
-        else:
-            chosen = {}
-        block = torch.cat([last, drafted], dim=1)  # [1, γ+1]
-        t_logits = target(block, cache=t_cache, select=select)[0]  # [γ+1, V]
-        read, dense, read_sp, dense_sp = count_kv_reads(chosen, args.n_layers, args.n_kv_heads, past_len,
-                                                        sparse_layers=range(cfg.dense_layers, args.n_layers))
-        stats.kv_read += read
-        stats.kv_dense += dense
-        stats.kv_read_sparse_layers += read_sp
-        stats.kv_dense_sparse_layers += dense_sp
-
-        # 3. Accept. Greedy: keep d_i while it is the target's argmax. Sampling (Leviathan et
-        #    al. 2023): keep d_i with probability min(1, p(d_i) / q(d_i)); at the first
-        #    rejection draw from norm(max(0, p - q)). Then P(emit x) = min(p(x), q(x))
-        #    [accepted] + (1 - Σ min(p, q)) · max(0, p(x) - q(x)) / Σ max(0, p - q) [resampled]
-        #    = p(x), since Σ max(0, p - q) = 1 - Σ min(p, q). If all γ pass, the target's
-        #    own distribution after dγ gives one bonus token.
-        k = 0
-        new_token = None
-        while k < gamma:
-            d = drafted[0, k]
-            if temperature == 0:
-                if t_logits[k].argmax() != d:
-                    new_token = t_logits[k].argmax().view(1, 1)
-                    break
-            else:
-                p, q = _probs(t_logits[k], temperature), q_dists[k][0]
-                if torch.rand((), generator=generator, device=p.device) * q[d] > p[d]:
-                    residual = (p - q).clamp(min=0)
-                    new_token = torch.multinomial(residual / residual.sum(), 1, generator=generator).view(1, 1)
-                    break
-            k += 1
-        if new_token is None:  # all γ accepted: a bonus token from the last target position
-            bonus = t_logits[gamma]
-            new_token = (bonus.argmax().view(1, 1) if temperature == 0 else
-                         torch.multinomial(_probs(bonus, temperature), 1, generator=generator).view(1, 1))
-        stats.steps += 1
-        stats.accepted.append(k)
-
-        # 4. Rewind. The target cached [last, d1..dγ]: keep [last, d1..dk], drop γ - k.
-        #    The draft cached [pending.., d1..d(γ-1)]: keep through dk, drop γ-1-k; if all
-        #    γ were accepted it never read dγ, so dγ goes into its next pending block.
-        t_cache.rewind(gamma - k)
-        if k < gamma:
-            d_cache.rewind(gamma - 1 - k)
-            draft_pending = new_token
-        else:
-            draft_pending = torch.cat([drafted[:, -1:], new_token], dim=1)
-        emitted = drafted[0, :k].tolist() + [new_token.item()]
-        for tok in emitted:
-            out.append(tok)
-            if tok == eos_id or len(out) == max_new_tokens:
-                return out, stats
-        last = new_token
-    return out, stats
+    cfg = replace(selection or SelectionConfig(), **({"topp": topp} if topp is not None else {}))  # a copy
+    if engine is None:
+        engine = SpecEngine(target, draft, batch_size=len(prompts),
+                            max_len=engine_max_len(target, prompts, max_new_tokens, gamma), gamma=gamma,
+                            temperature=temperature, layer_map=layer_map, selection=cfg,
+                            use_specattn=topp is not None and topp < 1, eos_id=eos_id, generator=generator)
+    out, stats = engine.generate(prompts, max_new_tokens, progress=progress)
+    return (out[0] if single else out), stats
 
 
 @torch.no_grad()
-def greedy_generate(model: Transformer, prompt_ids, max_new_tokens: int) -> list[int]:
-    """Plain greedy decoding with a cache: the reference speculative decoding must equal."""
-    device = model.output.weight.device
-    prompt = torch.as_tensor(prompt_ids, device=device).view(1, -1)
-    cache = model.new_cache(max_len=prompt.shape[1] + max_new_tokens)
-    logits = model(prompt, cache=cache)[:, -1]
-    out = []
-    for _ in range(max_new_tokens):
-        tok = logits.argmax(-1, keepdim=True)
-        out.append(tok.item())
-        logits = model(tok, cache=cache)[:, -1]
-    return out
+def greedy_generate(model: Transformer, prompt_ids, max_new_tokens: int, eos_id: Optional[int] = None):
+    """Plain greedy decoding by the model alone, through the same engine (a 1-token verify
+    step, no draft): the reference speculative decoding must equal, row by row."""
+    prompts, single = _as_batch(prompt_ids)
+    engine = SpecEngine(model, None, batch_size=len(prompts), max_len=engine_max_len(model, prompts, max_new_tokens, 0),
+                        eos_id=eos_id)
+    out, _ = engine.generate(prompts, max_new_tokens)
+    return out[0] if single else out
 
 
 # ----------------------------------------------------------------------------------------
 # CLI
 
 
+MODES = ("plain", "dense", "specattn")  # target alone; speculative, dense verification; SpecAttn
+
+
+def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[int]]:
+    """`batch` prompts of `context` tokens cut from the demo books, at evenly spread offsets."""
+    from demo import demo_books
+
+    books = sorted((demo_books() / "test").glob("*.txt"))
+    ids = [i for book in books for i in tokenizer.encode(book.read_text(encoding="utf-8"))]
+    if context > len(ids):
+        raise ValueError(f"--context {context} is longer than the demo books ({len(ids)} tokens)")
+    stride = (len(ids) - context) // max(1, batch - 1)
+    return [ids[b * stride:b * stride + context] for b in range(batch)]
+
+
+def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float,
+                layer_map, selection: SelectionConfig, eos_id=None, generator=None, cuda_graphs=None) -> SpecEngine:
+    """The engine for one of MODES, sized for these prompts."""
+    g = gamma if mode != "plain" else 0
+    return SpecEngine(target, draft if mode != "plain" else None, batch_size=len(prompts),
+                      max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=max(g, 1) if g else 0,
+                      temperature=temperature, layer_map=layer_map, selection=selection,
+                      use_specattn=mode == "specattn", eos_id=eos_id, generator=generator, cuda_graphs=cuda_graphs)
+
+
+def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float, layer_map,
+              selection: SelectionConfig, modes=MODES, eos_id=None, seed: int = 0, progress: bool = False,
+              warmup_tokens: int = 8) -> dict:
+    """Each mode's engine: a short warm-up generation (captures the CUDA graphs, compiles), then
+    the timed one. Returns {mode: (ids per row, SpecStats)}."""
+    results = {}
+    device = target.output.weight.device
+    for mode in modes:
+        gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, selection,
+                             eos_id, gen)
+        engine.generate(prompts, min(warmup_tokens, max_new_tokens))
+        results[mode] = engine.generate(prompts, max_new_tokens, progress=progress)
+    return results
+
+
+def results_table(results: dict, batch: int, context) -> list[str]:
+    """A markdown table of run_modes' results: speed, acceptance, KV reads, time per phase."""
+    lines = ["| mode | batch | context | new tokens | tokens/s | vs plain | tokens/step/row | KV reads saved "
+             "| draft ms | select ms | verify ms | accept ms | prefill s |", "|" + "---|" * 13]
+    rates = {mode: st.tokens / st.seconds["decode"] for mode, (_, st) in results.items()}
+    for mode, (_, st) in results.items():
+        steps_per_row = max(1, st.steps) / batch
+        phase = [f"{st.seconds[k] / steps_per_row * 1e3:.3f}" if k in st.seconds else ""
+                 for k in ("draft", "select", "verify", "accept")]
+        vs_plain = f"{rates[mode] / rates['plain']:.2f}x" if "plain" in rates else ""
+        saved = f"{st.summary()['kv_saved_all_layers']:.1%}" if mode != "plain" else ""
+        lines.append(f"| {mode} | {batch} | {context} | {st.tokens} | {rates[mode]:.1f} | {vs_plain} | "
+                     f"{st.mean_accepted + 1:.2f} | {saved} | {' | '.join(phase)} | {st.seconds['prefill']:.2f} |")
+    return lines + ["tokens/s: new tokens of all rows over the decode wall time (prefill apart); tokens/step/row: "
+                    "tokens a row gains per step; draft..accept: time per step (GPU time on CUDA)"]
+
+
+def check_engine(target, draft, tokenizer_prompts, layer_map, selection: SelectionConfig, gamma: int,
+                 label: str) -> None:
+    """The graphed engine against the same engine run eagerly, on ragged prompts, every mode,
+    greedy: token for token, and the same counters. Also reports how far the speculative
+    modes follow plain decoding (bf16 may part them at near-ties)."""
+    device = target.output.weight.device
+    if device.type != "cuda":
+        raise ValueError("--check compares CUDA graphs with eager runs: it needs --device cuda")
+    prompts = tokenizer_prompts
+    plain = None
+    for mode in MODES:
+        outs = []
+        for graphs in (False, True):
+            engine = make_engine(mode, target, draft, prompts, 48, gamma, 0.0, layer_map, selection,
+                                 cuda_graphs=graphs)
+            outs.append(engine.generate(prompts, 48))
+        (eager, st_e), (graphed, st_g) = outs
+        if eager != graphed or st_e.summary() != st_g.summary():
+            raise AssertionError(f"{label} {mode}: the graphed engine differs from the eager one: "
+                                 f"{sum(a != b for a, b in zip(eager, graphed))} of {len(prompts)} rows")
+        if engine.captures != len(engine._phases()):
+            raise AssertionError(f"{label} {mode}: {engine.captures} captures for {len(engine._phases())} phases")
+        plain = plain or graphed
+        same = [next((i for i, (a, b) in enumerate(zip(r, p)) if a != b), len(r)) for r, p in zip(graphed, plain)]
+        print(f"check {label} {mode}: graphed == eager on {len(prompts)} rows of {[len(p) for p in prompts]} "
+              f"tokens; tokens equal to plain decoding before the first difference: {same}", flush=True)
+
+
+def random_pair_like(target: Transformer, draft: Transformer):
+    """Random-weight models of the pair's shapes (timing and checks need no trained weights)."""
+    models = []
+    for m in (target, draft):
+        torch.manual_seed(len(models))
+        w = m.output.weight
+        with torch.device(w.device):
+            r = Transformer(m.args).to(w.dtype)
+        r.init_rope(w.device)
+        if m.args.tie_word_embeddings:
+            r.output.weight = r.tok_embeddings.weight
+        models.append(r.eval())
+    return models
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Speculative decoding with SpecAttn sparse verification. "
-                                     "Defaults run the offline demo (SmolLM2-135M and its trained 4-layer draft).")
-    parser.add_argument("--prompt", default="Alice was beginning to get very tired of sitting by her sister on the "
-                        "bank, and of having nothing to do:", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+    parser = argparse.ArgumentParser(
+        description="Speculative decoding with SpecAttn sparse verification, side by side with plain decoding and "
+                    "dense speculative decoding. Defaults run the offline demo (SmolLM2-135M and its trained 4-layer "
+                    "draft).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--prompt", action="append", help="text to continue; repeat for a batch of different "
+                        "prompts (default: the opening of Alice's Adventures in Wonderland)")
+    parser.add_argument("--context", type=int, help="instead of --prompt: prompts of this many tokens cut from the "
+                        "demo books, one per batch row")
+    parser.add_argument("--batch", type=int, default=1, help="batch rows (a single --prompt is repeated)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per row")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per step")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p in (0, 1]; 1 = dense verification")
+    parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p in (0, 1]")
     parser.add_argument("--dense-layers", type=int, default=2, help="first target layers that always stay dense")
     parser.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
                         help="SpecAttn: always read the first N positions (attention sinks), whatever the draft says")
     parser.add_argument("--combine", choices=["union", "mean"], default="union",
                         help="union of the draft rows' top-p sets, or top-p of their mean")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="which to run, comma-separated: plain (the target alone), dense (speculative, dense "
+                             "verification), specattn")
     add_pair_arguments(parser)
     parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: calibrate once, cached)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--show", type=int, default=1, help="print the text of this many rows per mode")
+    parser.add_argument("--check", action="store_true", help="GPU: check the graphed engine against the eager one "
+                        "(this pair and a random-weight pair of its shapes), then exit")
+    parser.add_argument("--out", help="also write the table and each mode's stats as JSON into this directory")
     args = parser.parse_args(argv)
     try:
+        modes = [m for m in args.modes.split(",") if m]
+        if not modes or any(m not in MODES for m in modes):
+            raise ValueError(f"--modes takes a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
         if not (0 < args.topp <= 1):
             raise ValueError(f"--topp must be in (0, 1], got {args.topp}")
+        if args.gamma < 1:
+            raise ValueError(f"--gamma must be >= 1, got {args.gamma}")
+        if args.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
                                              device=args.device)
         from calibrate import layer_map_for
 
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
+        selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, combine=args.combine,
+                                    sinks=args.sinks)
+        if args.context:
+            prompts = book_prompts(tokenizer, args.batch, args.context)
+        else:
+            texts = args.prompt or ["Alice was beginning to get very tired of sitting by her sister on the bank, "
+                                    "and of having nothing to do:"]
+            texts = texts * args.batch if len(texts) == 1 else texts
+            prompts = [tokenizer.encode(t) for t in texts]
+            if any(not p for p in prompts):
+                raise ValueError("an empty --prompt: give some text to continue")
+        if args.check:
+            fast = target.output.weight.is_cuda
+            if fast:
+                compile_pointwise(True)
+                fuse_projections(target), fuse_projections(draft)
+            ragged = [p[:max(1, len(p) - 7 * b)] for b, p in enumerate((prompts * 3)[:3])]
+            check_engine(target, draft, ragged, layer_map, selection, args.gamma, "pair")
+            check_engine(*random_pair_like(target, draft), ragged, layer_map, selection, args.gamma, "random pair")
+            print("engine check passed")
+            return
+        if target.output.weight.is_cuda:  # decode-ready: fused pointwise kernels, stacked projections
+            compile_pointwise(True)
+            fuse_projections(target), fuse_projections(draft)
+        results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature, layer_map,
+                            selection, modes, eos_id=tokenizer.eos_id, seed=args.seed, progress=True)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    prompt_ids = tokenizer.encode(args.prompt)
-    device = target.output.weight.device
-    results = {}
-    for name, topp in (("dense verification", None), (f"SpecAttn p={args.topp}", args.topp)):
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        t0 = time.perf_counter()
-        ids, stats = speculative_generate(target, draft, prompt_ids, args.max_new_tokens, gamma=args.gamma,
-                                          temperature=args.temperature, topp=topp, layer_map=layer_map,
-                                          selection=SelectionConfig(topp=args.topp, dense_layers=args.dense_layers,
-                                                                    combine=args.combine, sinks=args.sinks),
-                                          generator=gen, eos_id=tokenizer.eos_id)
-        results[name] = (ids, stats, time.perf_counter() - t0)
-    for name, (ids, stats, secs) in results.items():
-        print(f"=== {name}")
-        print(args.prompt + tokenizer.decode(ids))
-        print(json.dumps({**stats.summary(), "tokens": len(ids), "tokens_per_s": round(len(ids) / secs, 2)}))
+    for mode, (ids, stats) in results.items():
+        for b in range(min(args.show, len(ids))):
+            print(f"=== {mode}, row {b}")
+            print(tokenizer.decode(prompts[b][-200:]) + tokenizer.decode(ids[b]))
+    table = results_table(results, len(prompts), args.context or "prompt")
+    print("\n".join(table))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {mode: {**st.summary(), "tokens": st.tokens, "accepted_hist": st.accepted_hist,
+                          "seconds": st.seconds} for mode, (_, st) in results.items()}
+        write_atomic(out / "generate.json", json.dumps(payload, indent=1))
+        write_atomic(out / "generate.md", "\n".join(table) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary name beside path, then rename: a kill leaves the old file or the new."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
