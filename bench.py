@@ -14,8 +14,8 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
 (c) the peer: Hugging Face transformers `generate` with a static cache on the same demo
     target, batch 1 (transformers is on the GPU image; imported only here, optional).
 
-    python bench.py --out DIR           # (a) + (c), then (b); about N minutes on one H200
-    python bench.py --only demo|8b|hf   # one part
+    python bench.py --out DIR               # (a), (c), then (b)
+    python bench.py --parts demo,hf         # some parts
 """
 
 from __future__ import annotations
@@ -122,12 +122,12 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 
 
 @torch.no_grad()
-def bench_demo(say, batches, contexts, max_new_tokens: int, gamma: int, topp: float) -> dict:
+def bench_demo(say, batches, contexts, max_new_tokens: int, gamma: int, topp: float, layer_map_path=None) -> dict:
     """(a): the demo pair through run_modes, every (batch, context)."""
     target, draft, tokenizer = SA.load_pair(device="cuda")
     from calibrate import layer_map_for
 
-    layer_map = layer_map_for(target, draft, tokenizer)
+    layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
     fuse_projections(target), fuse_projections(draft)
     selection = SA.SelectionConfig(topp=topp)
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, γ={gamma}, SpecAttn p={topp}, "
@@ -159,7 +159,7 @@ def bench_hf(say, contexts, max_new_tokens: int) -> dict:
     from demo import demo_target
 
     path = demo_target()
-    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).cuda().eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     tokenizer = SA.Tokenizer.from_pretrained(path)
     say("## (c) peer: transformers generate(cache_implementation=\"static\"), same target, batch 1, greedy")
     say("| context | new tokens | tokens/s |")
@@ -185,15 +185,20 @@ def bench_hf(say, contexts, max_new_tokens: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description="Time the generation engine (specattn.SpecEngine) on a GPU.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--only", choices=["demo", "8b", "hf"], help="run one part only")
+    parser.add_argument("--parts", default="demo,hf,8b", help="which parts to run, comma-separated: demo (a), "
+                        "8b (b), hf (c)")
     parser.add_argument("--batches", default="1,8,32,64", help="demo batch sizes")
     parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens); the demo "
                         "model has 8192 positions, which also hold the new tokens")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per row")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per step")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
+    parser.add_argument("--layer-map", help="the demo pair's layer map JSON (default: calibrated once, cached)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench.md")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"demo", "8b", "hf"}:
+        raise SystemExit(f"error: --parts takes a comma-separated subset of demo,8b,hf, got {args.parts!r}")
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.py times the engine on a CUDA GPU; none is visible here")
     compile_pointwise(True)
@@ -207,9 +212,9 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     demo, hf = {}, {}
-    if args.only in (None, "demo"):
-        demo = bench_demo(say, batches, contexts, args.max_new_tokens, args.gamma, args.topp)
-    if args.only in (None, "hf"):
+    if "demo" in parts:
+        demo = bench_demo(say, batches, contexts, args.max_new_tokens, args.gamma, args.topp, args.layer_map)
+    if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens)
     if demo and hf:
         say("## ratios at batch 1: engine plain decoding vs transformers (static cache)")
@@ -220,7 +225,7 @@ def main():
                 r = demo[(1, c)]
                 say(f"| {c} | {r['plain'] / hf[c]:.2f}x | {r['dense'] / r['plain']:.2f}x | "
                     f"{r['specattn'] / r['dense']:.2f}x |")
-    if args.only in (None, "8b"):
+    if "8b" in parts:
         bench_8b(say)
     if args.out:
         out = Path(args.out)
