@@ -194,6 +194,7 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
 class SpecStats:
     """What a generation did, summed over its batch rows (device counters, read once at the end)."""
     steps: int = 0  # speculative steps, summed over rows (a finished row takes no more)
+    engine_steps: int = 0  # steps the engine ran: until the batch's last row finished
     accepted: int = 0  # draft tokens accepted, summed over rows and steps
     tokens: int = 0  # tokens generated, all rows
     kv_read: int = 0  # entries read by the target in verification (see module doc)
@@ -562,7 +563,8 @@ class SpecEngine:
         out = [row[:n] for row, n in zip(self.out.tolist(), n_out)]
         c = self.counters.sum(1).tolist()
         stats = SpecStats(steps=c[0], accepted=c[1], tokens=sum(n_out), kv_read=c[2], kv_dense=c[3],
-                          kv_read_sparse_layers=c[4], kv_dense_sparse_layers=c[5], accepted_hist=c[6:])
+                          kv_read_sparse_layers=c[4], kv_dense_sparse_layers=c[5], accepted_hist=c[6:],
+                          engine_steps=len(self.phase_events))
         stats.seconds = {"prefill": t1 - t0, "decode": t2 - t1, **self._phase_seconds()}
         return out, stats
 
@@ -694,19 +696,19 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
 
 def results_table(results: dict, batch: int, context) -> list[str]:
     """A markdown table of run_modes' results: speed, acceptance, KV reads, time per phase."""
-    lines = ["| mode | batch | context | new tokens | tokens/s | vs plain | tokens/step/row | KV reads saved "
-             "| draft ms | select ms | verify ms | accept ms | prefill s |", "|" + "---|" * 13]
+    lines = ["| mode | batch | context | new tokens | tokens/s | vs plain | tokens/step/row | steps | KV reads saved "
+             "| draft ms | select ms | verify ms | accept ms | prefill s |", "|" + "---|" * 14]
     rates = {mode: st.tokens / st.seconds["decode"] for mode, (_, st) in results.items()}
     for mode, (_, st) in results.items():
-        steps_per_row = max(1, st.steps) / batch
-        phase = [f"{st.seconds[k] / steps_per_row * 1e3:.3f}" if k in st.seconds else ""
+        phase = [f"{st.seconds[k] / max(1, st.engine_steps) * 1e3:.3f}" if k in st.seconds else ""
                  for k in ("draft", "select", "verify", "accept")]
         vs_plain = f"{rates[mode] / rates['plain']:.2f}x" if "plain" in rates else ""
         saved = f"{st.summary()['kv_saved_all_layers']:.1%}" if mode != "plain" else ""
         lines.append(f"| {mode} | {batch} | {context} | {st.tokens} | {rates[mode]:.1f} | {vs_plain} | "
-                     f"{st.mean_accepted + 1:.2f} | {saved} | {' | '.join(phase)} | {st.seconds['prefill']:.2f} |")
+                     f"{st.mean_accepted + 1:.2f} | {st.engine_steps} | {saved} | {' | '.join(phase)} | {st.seconds['prefill']:.2f} |")
     return lines + ["tokens/s: new tokens of all rows over the decode wall time (prefill apart); tokens/step/row: "
-                    "tokens a row gains per step; draft..accept: time per step (GPU time on CUDA)"]
+                    "tokens a running row gains per step; steps: steps the engine ran, until the batch's last row "
+                    "was done; draft..accept: time per engine step (GPU time on CUDA)"]
 
 
 def check_engine(target, draft, tokenizer_prompts, layer_map, selection: SelectionConfig, gamma: int,

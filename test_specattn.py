@@ -891,6 +891,13 @@ def test_ragged_cache_forward_and_rewind_rows_equal_fresh_prefill():
         m(x[:, :1], cache=cache)  # the PyTorch slot refuses ragged rows rather than misreading them
 
 
+@pytest.fixture
+def references(monkeypatch):
+    """The engine's CPU path: kernels.attention_slot and topp_* run their PyTorch references
+    (the Triton interpreter is exercised by the kernel tests above, and is slow)."""
+    monkeypatch.setattr(K, "_use_triton", lambda x: x.is_cuda)
+
+
 def naive_greedy(model, prompt, n):
     """Greedy decoding by full forwards without a cache: an independent reference."""
     seq = list(prompt)
@@ -899,14 +906,14 @@ def naive_greedy(model, prompt, n):
     return seq[len(prompt):]
 
 
-def test_engine_plain_decoding_equals_full_forwards():
+def test_engine_plain_decoding_equals_full_forwards(references):
     target, _ = tiny_pair(4)
     prompts = [[3, 1, 4, 1, 5], [9], list(range(20, 47))]
     assert SA.greedy_generate(target, prompts, 17) == [naive_greedy(target, p, 17) for p in prompts]
 
 
 @pytest.mark.parametrize("mode", ["plain", "dense", "specattn", "specattn_mean_sinks"])
-def test_ragged_batch_equals_each_row_alone(mode):
+def test_ragged_batch_equals_each_row_alone(mode, references):
     """A batch of prompts of different lengths: every row's tokens, accepted counts and KV
     reads equal that row run alone (its own acceptances, no row waits for another); at p=1
     (dense) and in plain decoding they equal the target's greedy decoding row by row."""
@@ -933,7 +940,7 @@ def test_ragged_batch_equals_each_row_alone(mode):
         assert batch_engine.counters[2].sum() < batch_engine.counters[3].sum()  # it did skip reads
 
 
-def test_rows_stop_at_their_own_eos():
+def test_rows_stop_at_their_own_eos(references):
     target, _ = tiny_pair(7)
     draft = self_draft(target)
     prompts = [[1, 2, 3], [50, 51, 52, 53, 54, 55]]
@@ -946,7 +953,7 @@ def test_rows_stop_at_their_own_eos():
     assert stats.tokens == sum(len(r) for r in got)
 
 
-def test_speculative_sampling_keeps_target_distribution_in_a_batch():
+def test_speculative_sampling_keeps_target_distribution_in_a_batch(references):
     """Sampling: the first two tokens of every row follow the target's own joint distribution
     p(x1) p(x2 | x1), for rows of two different prompts in one batch (each row draws its own
     numbers). The second token is the speculative step's (accepted draft token or resampled)."""
@@ -998,7 +1005,8 @@ def test_cli_bad_arguments(argv, message, capsys):
     assert str(info.value).startswith("error: ") and message in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="CUDA graphs need a GPU and compiled kernels: TRITON_INTERPRET=0 pytest -k graphs_captured")
 def test_engine_graphs_captured_once_while_context_grows():
     """On a GPU: after the first step, no phase is captured again and nothing is recompiled,
     while a generation grows every row's context by thousands of tokens."""
