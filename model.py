@@ -425,14 +425,15 @@ class Transformer(nn.Module):
         return KVCache(self.args, batch_size, max_len or self.args.max_seq_len, device=w.device, dtype=w.dtype)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
-                select: Optional[SelectFn] = None, return_attn: bool = False,
+                select: Optional[SelectFn] = None, return_attn=False,
                 logits_at: Optional[torch.Tensor] = None, attend: Optional[AttentionFn] = None):
         """tokens [B, T] -> logits [B, T, vocab] (fp32).
 
         With `cache`, row b's tokens sit at positions [cache.lengths[b], + T) and read
         every cached position of that row before them; the cache then grows by T.
         `select` chooses, per layer, the cached positions each KV head reads (see SelectFn).
-        `return_attn=True` returns (logits, probs), probs a list with one entry per layer:
+        `return_attn=True` returns (logits, probs), probs a list with one entry per layer
+        (a set of layer indices instead of True: only those layers' entries, None elsewhere):
         whatever the attention slot returns ([B, Hq, T, cache.length + T] fp32 from
         cache_attention; the last query's head-averaged row [B, S_max] from
         kernels.attention_slot). logits_at (int [B]): only the logits of position
@@ -461,7 +462,8 @@ class Transformer(nn.Module):
         x = norms[0](h)
         probs_per_layer = []
         for i, layer in enumerate(self.layers):
-            a, probs = layer.attention(x, cos, sin, i, cache, lengths, start, select, return_attn, attend)
+            want_probs = return_attn if isinstance(return_attn, bool) else i in return_attn
+            a, probs = layer.attention(x, cos, sin, i, cache, lengths, start, select, want_probs, attend)
             h, x = norms[2 * i + 1].add_and_norm(h, a)
             h, x = norms[2 * i + 2].add_and_norm(h, layer.feed_forward(x))
             probs_per_layer.append(probs)
@@ -470,7 +472,7 @@ class Transformer(nn.Module):
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, dim]
         logits = self.output(x).float()
-        return (logits, probs_per_layer) if return_attn else logits
+        return (logits, probs_per_layer) if return_attn is not False else logits
 
 
 def _stacked(linears: list[nn.Linear]) -> nn.Linear:

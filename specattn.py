@@ -1,27 +1,29 @@
 """Speculative decoding with draft-guided sparse verification (SpecAttn).
 
-The loop, in one picture (γ = gamma):
+The loop, in one picture (γ = gamma), run for every row of a batch at once:
 
-    draft : last -> d1 -> d2 -> ... -> dγ        γ cheap single-token steps; each step's
-                                                attention over the context is kept
+    draft : [prev, last] -> d1 -> ... -> dγ     γ cheap draft steps; each step's attention row
+                                                over the context is kept (SpecAttn)
     select: for target layer j, draft layer layer_map[j]'s head-averaged attention,
             cut at top-p, says which cached positions the target reads
     target: [last, d1, ..., dγ] in ONE forward  (γ+1 queries, sparse in layers >= dense_layers)
-    accept: the longest prefix of d1..dγ the target agrees with, plus one token of its own
-    rewind: both caches forget the rejected positions, explicitly
+    accept: per row, the longest prefix of d1..dγ the target agrees with, plus one token of its own
+    rewind: both caches forget each row's rejected positions, explicitly
 
-`speculative_generate` is the loop; `draft_selection` turns draft attention into the
-target's KV selection (also used by eval_pg19.py); `load_pair` loads a target and a
-draft that share a tokenizer. Layer maps come from calibrate.py; the attention hooks
-from model.py; `kernels.py` can serve the sparse attention on a GPU.
+`SpecEngine` runs that loop on fixed buffers with each row's cache length on the device, so on a
+GPU every phase is a CUDA graph captured once (see its docstring); `speculative_generate` and
+`greedy_generate` are the functions on top. `draft_selection` turns draft attention into the
+target's KV selection for teacher-forced evaluation (eval_pg19.py); `load_pair` loads a target
+and a draft that share a tokenizer. Layer maps come from calibrate.py; the attention hooks from
+model.py; the kernels from kernels.py.
 
-KV accounting, defined once: an "entry" is one (target layer, KV head, cached
-position) that the target reads during a verification forward. The new block's own
-γ+1 positions are always read and are not counted. Dense verification reads
-n_layers × n_kv_heads × past_len entries per step; we report the fraction saved over all
-layers and over the sparse layers alone.
+KV accounting, defined once: an "entry" is one (target layer, KV head, cached position) that
+the target reads during a verification forward. The new block's own γ+1 positions are always
+read and are not counted. Dense verification reads n_layers × n_kv_heads × past_len entries per
+step and row; we report the fraction saved over all layers and over the sparse layers alone.
 
-Run `python specattn.py --prompt "..." --topp 0.9` (defaults: the offline demo).
+    python specattn.py --prompt "..." --topp 0.9            # the offline demo, batch 1
+    python specattn.py --device cuda --batch 8 --context 4096
 """
 
 from __future__ import annotations
@@ -331,9 +333,9 @@ class SpecEngine:
         inp = torch.stack([self.prev, self.last], 1)  # [B, 2]: re-read prev, then the newest token
         for i in range(self.gamma):
             if self.use_specattn:
-                logits, rows = self.draft(inp, cache=self.d_cache, return_attn=True, attend=attention_slot)  # rows: per layer [B, S]
-                used = rows[self.first_used:self.first_used + self.draft_rows.shape[0]]
-                self.draft_rows[:, :, i].copy_(torch.stack(used))
+                used = range(self.first_used, self.first_used + self.draft_rows.shape[0])  # the layers the map reads
+                logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used), attend=attention_slot)
+                self.draft_rows[:, :, i].copy_(torch.stack([rows[u] for u in used]))  # rows: [B, S] per used layer
             else:
                 logits = self.draft(inp, cache=self.d_cache, attend=attention_slot)
             logits = logits[:, -1]  # [B, V]
