@@ -394,12 +394,13 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=No
         cached = cached[:, None].expand(B, Hkv, S)
     block = (s[None, None, :] >= lengths[:, None, None]) & (s[None, None, :] <= pos[:, :, None])  # [B, T, S]
     allowed = cached[:, :, None, :] | block[:, None]  # [B, Hkv, T, S]
-    k = k_cache[:, :, :S].float().repeat_interleave(group, 1)  # [B, Hq, S, D]
-    v = v_cache[:, :, :S].float().repeat_interleave(group, 1)
-    scores = q.float() @ k.transpose(-1, -2) * (scale or 1 / math.sqrt(D))  # [B, Hq, T, S]
-    scores = scores.masked_fill(~allowed.repeat_interleave(group, 1), float("-inf"))
-    probs = scores.softmax(-1)  # [B, Hq, T, S]
-    out = (probs @ v).to(q.dtype)
+    # A KV head's G query heads x T queries as the rows of one matmul (no copy of K or V).
+    k, v = k_cache[:, :, :S].float(), v_cache[:, :, :S].float()  # [B, Hkv, S, D]
+    qg = q.float().reshape(B, Hkv, group * T, D)
+    scores = (qg @ k.transpose(-1, -2)).view(B, Hkv, group, T, S) * (scale or 1 / math.sqrt(D))
+    scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
+    probs = scores.softmax(-1).view(B, Hq, T, S)
+    out = (probs.view(B, Hkv, group * T, S) @ v).view(B, Hq, T, D).to(q.dtype)
     if return_last_row:  # last query, cached positions
         W = S if isinstance(past_len, torch.Tensor) else past_len
         row = (probs[:, :, -1, :W] * (s[:W] < lengths[:, None])[:, None]).float()  # [B, Hq, W]

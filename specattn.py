@@ -675,7 +675,7 @@ def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: i
     """The engine for one of MODES, sized for these prompts."""
     g = gamma if mode != "plain" else 0
     return SpecEngine(target, draft if mode != "plain" else None, batch_size=len(prompts),
-                      max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=max(g, 1) if g else 0,
+                      max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=g,
                       temperature=temperature, layer_map=layer_map, selection=selection,
                       use_specattn=mode == "specattn", eos_id=eos_id, generator=generator, cuda_graphs=cuda_graphs)
 
