@@ -430,7 +430,7 @@ def _sparse_attn_split_kernel(
         skn_b, skn_h, skn_t, svn_b, svn_h, svn_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, FUSED_MERGE: tl.constexpr,
-        PREFETCH: tl.constexpr, WRITE_NEW: tl.constexpr, PARTS: tl.constexpr):
+        PREFETCH: tl.constexpr, WRITE_NEW: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
@@ -515,36 +515,38 @@ def _sparse_attn_split_kernel(
         if arrived == n_parts - 1:  # this head's last program: all partials are written
             tl.debug_barrier()
             _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_parts,
-                        b * so_b + h * G * so_h, so_h, so_t, bh, rows, T, G, D, BLOCK_M, STORE_SCORES, PARTS)
+                        b * so_b + h * G * so_h, so_h, so_t, bh, rows, T, G, D, BLOCK_M, STORE_SCORES)
             tl.store(lock_ptr + bh, 0)  # ready for the next launch
 
 
 @triton.jit
 def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_parts, o_off, so_h, so_t, bh, rows,
-                T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_STATS: tl.constexpr,
-                PARTS: tl.constexpr):
+                T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_STATS: tl.constexpr):
     """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s, for every row at
-    once. The parts are folded in PARTS at a time: one round trip to L2 brings PARTS partials,
-    so a head split 32 ways waits for 32 / PARTS loads in a row, not 32 (the same rescaling as
-    the main loop, over a [PARTS, rows] block). Loads bypass L1 (.cg): other multiprocessors
-    wrote these partials."""
+    once, folding the parts in one at a time (the same rescaling as the main loop).
+    Loads bypass L1 (.cg): other multiprocessors wrote these partials."""
     real = rows < G * T
     d = tl.arange(0, D)
     m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
     num = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    p = tl.arange(0, PARTS)
-    for s in range(0, n_parts, PARTS):
-        ok = ((s + p) < n_parts)[:, None] & real[None, :]  # [PARTS, M]
-        part = first + (s + p)[:, None] * (G * T) + rows[None, :]
-        m_s = tl.load(m_ptr + part, mask=ok, other=-1.0e30, cache_modifier=".cg")
-        l_s = tl.load(l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
-        acc_s = tl.load(acc_ptr + part[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0,
-                        cache_modifier=".cg").to(tl.float32)  # [PARTS, M, D]
-        m_new = tl.maximum(m, tl.max(m_s, axis=0))
-        old, new = tl.exp2(m - m_new), tl.exp2(m_s - m_new[None, :])  # [M], [PARTS, M]
-        num = num * old[:, None] + tl.sum(acc_s * new[:, :, None], axis=0)
-        den = den * old + tl.sum(l_s * new, axis=0)
+    # Each part's loads are issued one iteration ahead, so that the round trip to L2
+    # overlaps the fold of the part before (the last iteration re-reads the last part).
+    part = first + rows
+    m_next = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
+    l_next = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
+    acc_next = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0, cache_modifier=".cg")
+    for s in range(0, n_parts):
+        m_s, l_s, acc_s = m_next, l_next, acc_next.to(tl.float32)
+        part = first + tl.minimum(s + 1, n_parts - 1) * (G * T) + rows
+        m_next = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
+        l_next = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
+        acc_next = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0,
+                           cache_modifier=".cg")
+        m_new = tl.maximum(m, m_s)
+        old, new = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
+        num = num * old[:, None] + acc_s * new[:, None]
+        den = den * old + l_s * new
         m = m_new
     den = tl.where(real, den, 1.0)  # padding rows hold nothing
     dst = o_ptr + o_off + (rows // T) * so_h + (rows % T) * so_t
@@ -557,12 +559,12 @@ def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_parts, o_off, 
 @triton.jit
 def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, n_parts, H_KV, so_b, so_h, so_t,
                   T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  WRITE_STATS: tl.constexpr, PARTS: tl.constexpr):
+                  WRITE_STATS: tl.constexpr):
     """The merge as its own launch, one program per (batch, KV head) (for comparison)."""
     bh = tl.program_id(0)
     b, h = bh // H_KV, bh % H_KV
     _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_parts, b * so_b + h * G * so_h,
-                so_h, so_t, bh, tl.arange(0, BLOCK_M), T, G, D, BLOCK_M, WRITE_STATS, PARTS)
+                so_h, so_t, bh, tl.arange(0, BLOCK_M), T, G, D, BLOCK_M, WRITE_STATS)
 
 
 @triton.jit
@@ -672,8 +674,6 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     block_n = max(block_n or 128, triton.next_power_of_2(T))  # also covers the new block in one tile
     n_splits = max(1, min(n_splits, triton.cdiv(capacity, block_n))) if capacity else 0
     parts = n_splits + 1
-    # Partials the merge folds per load: ~8192 fp32 values in flight ([PARTS, G*T rows, D]).
-    merge_parts = max(1, min(8, triton.next_power_of_2(parts), 8192 // (block_m * D)))
     # The partial outputs are what the merge reads back, so for 16-bit inputs they are kept
     # in bf16 (half the bytes; relative error 2^-9 per partial, the same as rounding the
     # output itself); their max and sum stay fp32. fp32 inputs keep fp32 partials.
@@ -698,12 +698,10 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
           if new_kv is not None else (0,) * 6),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, PRECISION=precision,
         STORE_SCORES=return_last_row, FUSED_MERGE=fused_merge, PREFETCH=prefetch, WRITE_NEW=new_kv is not None,
-        PARTS=merge_parts,
         num_warps=num_warps, num_stages=num_stages)
     if not fused_merge:
         _merge_kernel[(B * Hkv,)](acc, m, l, out, stats, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
-                                  T=T, G=G, D=D, BLOCK_M=block_m, WRITE_STATS=return_last_row, PARTS=merge_parts,
-                                  num_warps=num_warps)
+                                  T=T, G=G, D=D, BLOCK_M=block_m, WRITE_STATS=return_last_row, num_warps=num_warps)
     if not return_last_row:
         return out
     heads = Hq if last_row_mean else G  # query heads summed into each output row
