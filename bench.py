@@ -40,16 +40,8 @@ LAYER_MAP_8B = [j // 2 for j in range(32)]  # a monotone 32 -> 16 map, as calibr
 
 
 def random_model(args: ModelArgs, seed: int) -> Transformer:
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = Transformer(args)
-    torch.set_default_dtype(default)
-    if args.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.init_rope("cuda")
-    return fuse_projections(model.eval())
+    """A decode-ready random-weight model of these shapes, bf16 on the GPU."""
+    return fuse_projections(SA.random_model(args, "cuda", torch.bfloat16, seed))
 
 
 def topp_for_fraction(rows: torch.Tensor, fraction: float) -> float:

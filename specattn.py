@@ -614,6 +614,16 @@ def engine_max_len(model: Transformer, prompts: list[list[int]], max_new_tokens:
     return need
 
 
+def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float,
+                layer_map, selection: SelectionConfig, eos_id=None, generator=None, cuda_graphs=None) -> SpecEngine:
+    """The engine for one of MODES, sized for these prompts."""
+    g = gamma if mode != "plain" else 0
+    return SpecEngine(target, draft if mode != "plain" else None, batch_size=len(prompts),
+                      max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=g,
+                      temperature=temperature, layer_map=layer_map, selection=selection,
+                      use_specattn=mode == "specattn", eos_id=eos_id, generator=generator, cuda_graphs=cuda_graphs)
+
+
 @torch.no_grad()
 def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, max_new_tokens: int, gamma: int = 4,
                          temperature: float = 0.0, topp: Optional[float] = None, layer_map=None,
@@ -632,10 +642,9 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
         raise ValueError("SpecAttn (topp) needs a layer map: pass layer_map (see calibrate.py)")
     cfg = replace(selection or SelectionConfig(), **({"topp": topp} if topp is not None else {}))  # a copy
     if engine is None:
-        engine = SpecEngine(target, draft, batch_size=len(prompts),
-                            max_len=engine_max_len(target, prompts, max_new_tokens, gamma), gamma=gamma,
-                            temperature=temperature, layer_map=layer_map, selection=cfg,
-                            use_specattn=topp is not None and topp < 1, eos_id=eos_id, generator=generator)
+        mode = "specattn" if topp is not None and topp < 1 else "dense"
+        engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, cfg,
+                             eos_id, generator)
     out, stats = engine.generate(prompts, max_new_tokens, progress=progress)
     return (out[0] if single else out), stats
 
@@ -645,8 +654,7 @@ def greedy_generate(model: Transformer, prompt_ids, max_new_tokens: int, eos_id:
     """Plain greedy decoding by the model alone, through the same engine (a 1-token verify
     step, no draft): the reference speculative decoding must equal, row by row."""
     prompts, single = _as_batch(prompt_ids)
-    engine = SpecEngine(model, None, batch_size=len(prompts), max_len=engine_max_len(model, prompts, max_new_tokens, 0),
-                        eos_id=eos_id)
+    engine = make_engine("plain", model, None, prompts, max_new_tokens, 0, 0.0, None, SelectionConfig(), eos_id)
     out, _ = engine.generate(prompts, max_new_tokens)
     return out[0] if single else out
 
@@ -668,16 +676,6 @@ def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[in
         raise ValueError(f"--context {context} is longer than the demo books ({len(ids)} tokens)")
     stride = (len(ids) - context) // max(1, batch - 1)
     return [ids[b * stride:b * stride + context] for b in range(batch)]
-
-
-def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float,
-                layer_map, selection: SelectionConfig, eos_id=None, generator=None, cuda_graphs=None) -> SpecEngine:
-    """The engine for one of MODES, sized for these prompts."""
-    g = gamma if mode != "plain" else 0
-    return SpecEngine(target, draft if mode != "plain" else None, batch_size=len(prompts),
-                      max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=g,
-                      temperature=temperature, layer_map=layer_map, selection=selection,
-                      use_specattn=mode == "specattn", eos_id=eos_id, generator=generator, cuda_graphs=cuda_graphs)
 
 
 def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float, layer_map,
@@ -741,19 +739,24 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
               f"tokens; tokens equal to plain decoding before the first difference: {same}", flush=True)
 
 
+def random_model(args, device, dtype, seed: int) -> Transformer:
+    """A random-weight model of these shapes (timing and checks need no trained weights)."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(args)  # ties the head to the embedding when args say so
+    finally:
+        torch.set_default_dtype(default)
+    model.init_rope(device)
+    return model.eval()
+
+
 def random_pair_like(target: Transformer, draft: Transformer):
-    """Random-weight models of the pair's shapes (timing and checks need no trained weights)."""
-    models = []
-    for m in (target, draft):
-        torch.manual_seed(len(models))
-        w = m.output.weight
-        with torch.device(w.device):
-            r = Transformer(m.args).to(w.dtype)
-        r.init_rope(w.device)
-        if m.args.tie_word_embeddings:
-            r.output.weight = r.tok_embeddings.weight
-        models.append(r.eval())
-    return models
+    """Random-weight models of the pair's shapes, on its device and in its dtype."""
+    w = target.output.weight
+    return [random_model(m.args, w.device, w.dtype, seed) for seed, m in enumerate((target, draft))]
 
 
 def main(argv=None):
