@@ -161,7 +161,7 @@ def _topp_row_kernel(w_ptr, p_ptr, mask_ptr, idx_ptr, count_ptr, n, stride_row,
     # Invariant: mass(key >= lo) >= target > mass(key >= hi). Each step halves [lo, hi).
     # (Stopping once a single key is left in [lo, hi) would take about 20 steps on attention
     # rows instead of 31, but it needs the keys counted as well, and on an H200 the counting
-    # made the whole search slower; README, "tried and not kept".)
+    # made the whole search slower; docs/performance.md, "tried and not kept".)
     lo = 0
     hi = KEY_END
     for _ in range(31):
