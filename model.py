@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -63,11 +64,22 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None  # {"rope_type": "llama3", "factor": ..., ...} or None
     max_seq_len: int = 8192
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2; Llama's attention_bias)
+    output_bias: bool = False  # the attention's output projection too (Llama's attention_bias; not Qwen2)
+    mlp_bias: bool = False  # gate/up/down projections carry a bias (Llama's mlp_bias)
+    # Mistral-style sliding-window attention: max_seq_len is capped at the window, the
+    # longest context at which it equals the full causal attention this model computes.
+    sliding_window: Optional[int] = None
     # Which original decoder layers this model holds (None: all). Set by load_model(layers=...).
     layer_ids: Optional[list] = field(default=None)
 
     SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+
+    def max_positions_text(self) -> str:
+        """"max positions N", and why N when a sliding window sets it (for error messages)."""
+        window = (f", the checkpoint's sliding window: attention past it is not implemented"
+                  if self.sliding_window else "")
+        return f"max positions {self.max_seq_len}{window}"
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
@@ -78,10 +90,8 @@ class ModelArgs:
                              f"expected one of {cls.SUPPORTED_TYPES} (a Llama-style decoder)")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json field 'hidden_act'={cfg['hidden_act']!r} is not supported (only 'silu')")
-        if cfg.get("mlp_bias", False):
-            raise ValueError("config.json field 'mlp_bias'=true is not supported")
-        if cfg.get("use_sliding_window", False) or (model_type == "mistral" and cfg.get("sliding_window")):
-            raise ValueError("config.json field 'sliding_window' is set: sliding-window attention is not supported")
+        # Mistral applies its window whenever "sliding_window" is set; Qwen2 only with use_sliding_window.
+        window = cfg.get("sliding_window") if model_type == "mistral" or cfg.get("use_sliding_window") else None
         # transformers 5 nests theta and scaling in "rope_parameters"; 4.x has "rope_theta" + "rope_scaling".
         rope = dict(cfg.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -97,6 +107,7 @@ class ModelArgs:
                     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
         try:
             n_heads = cfg["num_attention_heads"]
+            max_positions = cfg.get("max_position_embeddings", 2048)
             return cls(
                 dim=cfg["hidden_size"],
                 n_layers=cfg["num_hidden_layers"],
@@ -108,10 +119,14 @@ class ModelArgs:
                 norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 rope_theta=float(theta),
                 rope_scaling=scaling,
-                max_seq_len=cfg.get("max_position_embeddings", 2048),
+                max_seq_len=min(max_positions, window) if window else max_positions,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                # Qwen2 always has q/k/v biases and does not write the field.
+                # Qwen2 always has q/k/v biases (never on o_proj) and does not write the field;
+                # Llama's attention_bias puts one on q, k, v and o_proj.
                 attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+                output_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                sliding_window=window if window and window < max_positions else None,
             )
         except KeyError as e:
             raise ValueError(f"config.json lacks the required field {e.args[0]!r}") from None
@@ -217,7 +232,7 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         if max_len > args.max_seq_len:
-            raise ValueError(f"cache length {max_len} exceeds the model's max positions {args.max_seq_len}")
+            raise ValueError(f"cache length {max_len} exceeds the model's {args.max_positions_text()}")
         shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, Hkv, S_max, D]
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -340,7 +355,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.output_bias)
         self.wqkv: Optional[nn.Linear] = None  # wq|wk|wv in one matrix, after fuse_projections()
 
     def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], lengths: torch.Tensor,
@@ -367,9 +382,10 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        bias = args.mlp_bias
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=bias)  # gate
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=bias)  # up
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=bias)  # down
         self.w13: Optional[nn.Linear] = None  # w1|w3 in one matrix, after fuse_projections()
 
     def forward(self, x):
@@ -447,12 +463,13 @@ class Transformer(nn.Module):
             limit = min(self.args.max_seq_len, cache.max_len)
             if cache.length + T > limit:
                 raise ValueError(f"positions up to {cache.length + T} exceed the limit of {limit} "
-                                 f"(model max positions {self.args.max_seq_len}); use a shorter context")
+                                 f"(model {self.args.max_positions_text()}); use a shorter context")
             lengths = cache.lengths  # [B] int32, on the device
         else:
             start, lengths = 0, torch.zeros(B, dtype=torch.int32, device=tokens.device)
             if T > self.args.max_seq_len:
-                raise ValueError(f"{T} positions exceed the model's max positions {self.args.max_seq_len}")
+                raise ValueError(f"{T} positions exceed the model's {self.args.max_positions_text()}; "
+                                 f"use a shorter context")
         positions = lengths[:, None].long() + torch.arange(T, device=tokens.device)  # [B, T]
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
         h = self.tok_embeddings(tokens)  # [B, T, dim]: the residual stream
@@ -525,6 +542,11 @@ def hf_key_map(args: ModelArgs, hf_layer_ids: list[int]) -> dict[str, str]:
     if args.attention_bias:
         per_layer.update({"attention.wq.bias": "self_attn.q_proj.bias", "attention.wk.bias": "self_attn.k_proj.bias",
                           "attention.wv.bias": "self_attn.v_proj.bias"})
+    if args.output_bias:
+        per_layer["attention.wo.bias"] = "self_attn.o_proj.bias"
+    if args.mlp_bias:
+        per_layer.update({"feed_forward.w1.bias": "mlp.gate_proj.bias", "feed_forward.w3.bias": "mlp.up_proj.bias",
+                          "feed_forward.w2.bias": "mlp.down_proj.bias"})
     for i, hf_i in enumerate(hf_layer_ids):
         for ours, theirs in per_layer.items():
             names[f"layers.{i}.{ours}"] = f"model.layers.{hf_i}.{theirs}"
@@ -727,17 +749,20 @@ def _pattern_from_pre_tokenizer(pre: Optional[dict]) -> tuple[str, bool]:
 
 
 class Tokenizer:
-    """tiktoken over a Llama-3 `tokenizer.model` or a byte-level BPE `tokenizer.json`.
+    """tiktoken over a Llama-3 `tokenizer.model` or a byte-level BPE `tokenizer.json`
+    (GPT-2 / SmolLM2 / Qwen2); `SentencePieceTokenizer` below reads the Llama-2 family's.
 
     Both are byte-pair encodings whose token ids are also their merge ranks, which is
     what tiktoken runs on: a rank table (bytes -> id), a pre-tokenizer regex, specials.
+    `add_bos`: whether the checkpoint wants BOS in front of a text (encode's default).
     """
 
     # tiktoken recurses on long runs; pieces longer than this are split first.
     MAX_RUN = 25_000
 
     def __init__(self, ranks: dict[bytes, int], pattern: str, special: dict[str, int],
-                 bos: Optional[str], eos: Optional[str], name: str = "specattn", add_prefix_space: bool = False):
+                 bos: Optional[str], eos: Optional[str], name: str = "specattn", add_prefix_space: bool = False,
+                 add_bos: bool = False):
         import tiktoken
 
         # A byte-level BPE needs a token for every byte. Some vocabularies lack a few
@@ -753,23 +778,33 @@ class Tokenizer:
         self.bos_id = special.get(bos) if bos else None
         self.eos_id = special.get(eos) if eos else None
         self.add_prefix_space = add_prefix_space
+        self.add_bos = add_bos and self.bos_id is not None
 
     @classmethod
     def from_pretrained(cls, path) -> "Tokenizer":
+        """The tokenizer of a checkpoint directory: tokenizer.json if there is one, else tokenizer.model."""
         path = Path(path)
         try:
+            config = _tokenizer_config(path)
             if (path / "tokenizer.json").exists():
-                return cls._from_tokenizer_json(path)
+                tj = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+                if SentencePieceTokenizer.reads(tj):
+                    return SentencePieceTokenizer.from_tokenizer_json(tj, config, name=path.name)
+                return cls._from_tokenizer_json(tj, config, name=path.name)
             if (path / "tokenizer.model").exists():
-                return cls._from_llama3_model(path / "tokenizer.model")
-        except (ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError, base64.binascii.Error) as e:
+                data = (path / "tokenizer.model").read_bytes()
+                if _is_tiktoken_rank_file(data):
+                    return cls._from_llama3_model(data, name=path.name)
+                return SentencePieceTokenizer.from_sentencepiece_model(data, config, name=path.name)
+        except (ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError, UnicodeDecodeError,
+                base64.binascii.Error) as e:
             raise ValueError(f"cannot read the tokenizer in {path}: {e}") from None
         raise FileNotFoundError(f"{path} has neither tokenizer.json nor tokenizer.model")
 
     @classmethod
-    def _from_llama3_model(cls, file: Path) -> "Tokenizer":
+    def _from_llama3_model(cls, data: bytes, name: str) -> "Tokenizer":
         ranks = {}
-        for line in file.read_text().splitlines():
+        for line in data.decode("ascii").splitlines():
             if line.strip():
                 token, rank = line.split()
                 ranks[base64.b64decode(token)] = int(rank)
@@ -778,11 +813,11 @@ class Tokenizer:
                  "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
         names += [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
         special = {name: len(ranks) + i for i, name in enumerate(names)}  # 128000, 128001, ...
-        return cls(ranks, LLAMA3_PATTERN, special, "<|begin_of_text|>", "<|end_of_text|>", name=file.parent.name)
+        # Llama 3's reference code puts BOS before every prompt.
+        return cls(ranks, LLAMA3_PATTERN, special, "<|begin_of_text|>", "<|end_of_text|>", name=name, add_bos=True)
 
     @classmethod
-    def _from_tokenizer_json(cls, path: Path) -> "Tokenizer":
-        tj = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    def _from_tokenizer_json(cls, tj: dict, config: dict, name: str) -> "Tokenizer":
         model = tj["model"]
         if model.get("type") != "BPE":
             raise ValueError(f"model type {model.get('type')!r} is not a byte-pair encoding")
@@ -794,19 +829,15 @@ class Tokenizer:
                 continue
             ranks[bytes(decoder[c] for c in token)] = idx
         pattern, prefix = _pattern_from_pre_tokenizer(tj.get("pre_tokenizer"))
-        bos = eos = None
-        config_file = path / "tokenizer_config.json"
-        if config_file.exists():
-            tc = json.loads(config_file.read_text())
-            as_text = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
-            bos, eos = as_text(tc.get("bos_token")), as_text(tc.get("eos_token"))
-        return cls(ranks, pattern, special, bos, eos, name=path.name, add_prefix_space=prefix)
+        return cls(ranks, pattern, special, config.get("bos_token"), config.get("eos_token"), name=name,
+                   add_prefix_space=prefix, add_bos=_wants_bos(tj, config))
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        """Text -> ids. Special-token text is encoded as plain text, never as a special."""
+    def encode(self, text: str, bos: Optional[bool] = None) -> list[int]:
+        """Text -> ids, with BOS in front if `bos` (default: as the checkpoint says, `add_bos`).
+        Special-token text is encoded as plain text, never as a special."""
         if self.add_prefix_space and not text.startswith(" "):
             text = " " + text
-        ids = [self.bos_id] if bos and self.bos_id is not None else []
+        ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
         for piece in self._split_long_runs(text):
             ids.extend(self.enc.encode(piece, disallowed_special=()))
         return [i for i in ids if i not in self._dropped] if self._dropped else ids
@@ -830,3 +861,261 @@ class Tokenizer:
                 yield text[start:i]
                 start = run_start = i
         yield text[start:]
+
+
+def _tokenizer_config(path: Path) -> dict:
+    """tokenizer_config.json's BOS/EOS names and add_bos_token ({} without the file)."""
+    file = path / "tokenizer_config.json"
+    if not file.exists():
+        return {}
+    tc = json.loads(file.read_text(encoding="utf-8"))
+    as_text = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
+    return {"bos_token": as_text(tc.get("bos_token")), "eos_token": as_text(tc.get("eos_token")),
+            "add_bos_token": tc.get("add_bos_token")}
+
+
+def _wants_bos(tj: dict, config: dict) -> bool:
+    """Does the checkpoint put BOS before a text? tokenizer_config.json's add_bos_token
+    if it says, else whether tokenizer.json's post-processor template starts with a special."""
+    if config.get("add_bos_token") is not None:
+        return bool(config["add_bos_token"])
+    post = tj.get("post_processor") or {}
+    steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    return any(s.get("type") == "TemplateProcessing" and s.get("single") and "SpecialToken" in s["single"][0]
+               for s in steps)
+
+
+def _is_tiktoken_rank_file(data: bytes) -> bool:
+    """Llama 3's tokenizer.model is text ("<base64> <rank>" lines); SentencePiece's is a protobuf."""
+    first = data[:200].split(b"\n", 1)[0]
+    return bool(first) and all(32 <= c < 127 for c in first) and len(first.split()) == 2
+
+
+# ----------------------------------------------------------------------------------------
+# SentencePiece-style BPE (Llama-2, TinyLlama, Mistral, Vicuna, CodeLlama)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece BPE vocabulary (pieces with a '▁' word marker, `<0xNN>` byte tokens)
+    run by tiktoken, with the ids Hugging Face `tokenizers` gives.
+
+    Three tricks map it onto tiktoken's byte-level BPE:
+    * '▁' becomes the space byte, so a piece is the bytes of the text it stands for.
+    * SentencePiece starts from whole characters; tiktoken from bytes. So the bytes of
+      each multi-byte character in the vocabulary (and their prefixes) get the lowest
+      ranks: they fuse into the character before any real merge. A character outside the
+      vocabulary keeps its bytes, which are the `<0xNN>` tokens (byte fallback).
+    * tiktoken ranks a merge by the merged token; Hugging Face by the merge's line in
+      `merges`. Private ranks in merge order, mapped back to token ids, make them agree.
+    Without a pre-tokenizer, SentencePiece treats a whole text as one word. tiktoken needs
+    pieces, and cuts only where no vocabulary piece could span the cut (see _split_pattern),
+    so the cut changes nothing and long texts stay linear.
+    """
+
+    def __init__(self, pieces: dict[str, int], merge_order: list[str], special: dict[str, int],
+                 unk: Optional[str], bos: Optional[str], eos: Optional[str], prepend: str,
+                 split_at_spaces: bool, strip_decoded: int, add_bos: bool, name: str = "specattn"):
+        import tiktoken
+
+        self.special = special
+        self.vocab_size = max([*pieces.values(), *special.values()]) + 1
+        self.bos_id = special.get(bos) if bos else None
+        self.eos_id = special.get(eos) if eos else None
+        self.add_bos = add_bos and self.bos_id is not None
+        self.prepend, self.strip_decoded = prepend, strip_decoded  # prepend: "always", "unless-space", "never"
+        text_of = lambda piece: piece.replace("\u2581", " ").encode("utf-8")  # noqa: E731
+        byte_ids = {int(p[3:5], 16): i for p, i in pieces.items() if len(p) == 6 and p.startswith("<0x")
+                    and p.endswith(">") and p not in special}
+        normal = {p: i for p, i in pieces.items() if p not in special and i not in byte_ids.values()}
+        unk_id = special.get(unk, pieces.get(unk)) if unk else None
+        if len(byte_ids) < 256 and unk_id is None:
+            raise ValueError(f"the vocabulary has {len(byte_ids)} of the 256 byte tokens <0x00>..<0xFF> and no "
+                             f"unknown token; characters outside it cannot be encoded")
+
+        # Private ranks: the 256 single bytes; then multi-byte characters and their byte
+        # prefixes; then multi-character pieces in merge order. `ids_of_rank[r]`: the ids a
+        # rank stands for (a prefix of an unknown character: its byte tokens).
+        ranks: dict[bytes, int] = {}
+        ids_of_rank: list[tuple[int, ...]] = []
+
+        def add(data: bytes, ids: tuple[int, ...]):
+            if data not in ranks:
+                ranks[data] = len(ids_of_rank)
+                ids_of_rank.append(ids)
+
+        as_bytes = lambda data: tuple(byte_ids.get(b, unk_id) for b in data)  # noqa: E731
+        one_byte = {text_of(p): i for p, i in normal.items() if len(text_of(p)) == 1}  # ASCII pieces, '▁'
+        for b in range(256):
+            add(bytes([b]), (one_byte.get(bytes([b]), byte_ids.get(b, unk_id)),))
+        for piece, idx in normal.items():
+            if len(piece) == 1 and len(text_of(piece)) > 1:
+                data = text_of(piece)
+                for n in range(2, len(data)):
+                    add(data[:n], as_bytes(data[:n]))
+                add(data, (idx,))
+        for piece in merge_order:
+            if len(piece) > 1 and piece in normal:
+                add(text_of(piece), (normal[piece],))
+        self._ids_of_rank = ids_of_rank
+        self._bytes_of_id = {i: text_of(p) for p, i in normal.items()}
+        self._bytes_of_id.update({i: bytes([b]) for b, i in byte_ids.items()})
+        self._bytes_of_id.update({i: p.encode("utf-8") for p, i in special.items()})
+        pattern = _split_pattern([p for p in merge_order if len(p) > 1 and p in normal], split_at_spaces)
+        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        self.add_prefix_space, self._dropped = False, set()
+
+    def encode(self, text: str, bos: Optional[bool] = None) -> list[int]:
+        text = text.replace("\u2581", " ")  # a literal '▁' is a space to SentencePiece
+        if text and (self.prepend == "always" or (self.prepend == "unless-space" and not text.startswith(" "))):
+            text = " " + text
+        ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
+        # The split pattern has no look-around, so tiktoken takes texts of any length whole.
+        for r in self.enc.encode_ordinary(text):
+            ids.extend(self._ids_of_rank[r])
+        return ids
+
+    def decode(self, ids) -> str:
+        text = b"".join(self._bytes_of_id.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
+        n = self.strip_decoded
+        return text[n:] if n and text.startswith(" " * n) else text
+
+    @classmethod
+    def reads(cls, tj: dict) -> bool:
+        """Is this tokenizer.json SentencePiece-style ('▁' marker) rather than byte-level?"""
+        model, pre, norm = tj.get("model", {}), tj.get("pre_tokenizer") or {}, tj.get("normalizer") or {}
+        steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+        marks_spaces = any(s.get("type") == "Replace" and s.get("content") == "\u2581" for s in steps)
+        return model.get("byte_fallback", False) or pre.get("type") == "Metaspace" or marks_spaces
+
+    @classmethod
+    def from_tokenizer_json(cls, tj: dict, config: dict, name: str) -> "SentencePieceTokenizer":
+        """Hugging Face's two layouts of a SentencePiece BPE: the older one (normalizer
+        Prepend('▁') + Replace(' ', '▁'), no pre-tokenizer) and the newer one (a Metaspace
+        pre-tokenizer with prepend_scheme first/always/never)."""
+        model = tj["model"]
+        if model.get("type") != "BPE":
+            raise ValueError(f"model type {model.get('type')!r} is not a byte-pair encoding")
+        for field in ("continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(field):
+                raise ValueError(f"BPE field {field}={model[field]!r} is not supported")
+        norm, pre = tj.get("normalizer") or {}, tj.get("pre_tokenizer") or {}
+        prepend, split_at_spaces = "never", False
+        for step in norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm] if norm else []:
+            if step.get("type") == "Prepend" and step.get("prepend") == "\u2581":
+                prepend = "always"
+            elif not (step.get("type") == "Replace" and step.get("content") == "\u2581"
+                      and step.get("pattern", {}).get("String") == " "):
+                raise ValueError(f"normalizer {step.get('type')!r} {step} is not supported")
+        if pre:
+            if pre.get("type") != "Metaspace" or pre.get("replacement", "\u2581") != "\u2581":
+                raise ValueError(f"pre-tokenizer {pre.get('type')!r} is not supported with a '▁' vocabulary")
+            scheme = pre.get("prepend_scheme", "always" if pre.get("add_prefix_space", True) else "never")
+            prepend = "never" if scheme == "never" else "unless-space"  # 'first' == 'always' for one text
+            split_at_spaces = pre.get("split", True)
+        dec = tj.get("decoder") or {}
+        dec_steps = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
+        strip = sum(s.get("start", 0) for s in dec_steps if s.get("type") == "Strip" and s.get("content") == " ")
+        if any(s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never" for s in dec_steps):
+            strip = 1
+        special = {t["content"]: t["id"] for t in tj.get("added_tokens", []) if t.get("special", True)}
+        merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+        return cls(model["vocab"], [a + b for a, b in merges], special, model.get("unk_token"),
+                   config.get("bos_token"), config.get("eos_token"), prepend, split_at_spaces, strip,
+                   _wants_bos(tj, config), name=name)
+
+    @classmethod
+    def from_sentencepiece_model(cls, data: bytes, config: dict, name: str) -> "SentencePieceTokenizer":
+        """A SentencePiece `tokenizer.model` (a protobuf), read as Hugging Face's LlamaConverter
+        reads it: pieces in id order; a piece is formed in order of its score (SentencePiece
+        BPE's merge order); CONTROL/UNKNOWN pieces are specials; BOS by default."""
+        pieces, scores, types = [], [], []
+        model_type, byte_fallback, add_dummy_prefix = 1, False, True  # the proto's defaults
+        for field, value in _protobuf_fields(data):
+            if field == 1:  # SentencePiece {string piece = 1; float score = 2; Type type = 3}
+                entry = {f: v for f, v in _protobuf_fields(value)}
+                pieces.append(entry.get(1, b"").decode("utf-8"))
+                scores.append(struct.unpack("<f", entry[2])[0] if 2 in entry else 0.0)
+                types.append(entry.get(3, 1))
+            elif field == 2:  # TrainerSpec {ModelType model_type = 3; bool byte_fallback = 35}
+                spec = {f: v for f, v in _protobuf_fields(value)}
+                model_type, byte_fallback = spec.get(3, 1), bool(spec.get(35, 0))
+            elif field == 3:  # NormalizerSpec {bool add_dummy_prefix = 3}
+                add_dummy_prefix = bool({f: v for f, v in _protobuf_fields(value)}.get(3, 1))
+        if model_type != 2:
+            raise ValueError(f"tokenizer.model is a SentencePiece model of type {model_type} (only BPE, type 2, "
+                             f"is supported); pass a tokenizer.json")
+        if not pieces:
+            raise ValueError("tokenizer.model holds no pieces")
+        unknown, control, user_defined = 2, 3, 4
+        if user_defined in types:
+            raise ValueError("tokenizer.model has user-defined pieces; pass the checkpoint's tokenizer.json")
+        special = {p: i for i, (p, t) in enumerate(zip(pieces, types)) if t in (unknown, control)}
+        unk = next((p for p, t in zip(pieces, types) if t == unknown), None)
+        order = sorted(range(len(pieces)), key=lambda i: (-scores[i], i))
+        bos = config.get("bos_token") or ("<s>" if "<s>" in special else None)
+        eos = config.get("eos_token") or ("</s>" if "</s>" in special else None)
+        add_bos = config["add_bos_token"] if config.get("add_bos_token") is not None else True
+        del byte_fallback  # the <0xNN> pieces themselves say whether bytes fall back
+        return cls({p: i for i, p in enumerate(pieces)}, [pieces[i] for i in order], special, unk, bos, eos,
+                   "always" if add_dummy_prefix else "never", False, 1 if add_dummy_prefix else 0, add_bos,
+                   name=name)
+
+
+def _split_pattern(multi_char_pieces: list[str], split_at_spaces: bool) -> str:
+    """A tiktoken split regex that cuts a text only where no vocabulary piece can span the cut.
+
+    Let C be the characters that occur in multi-character pieces (space for '▁' aside). A
+    character outside C is never merged with a neighbour: it stands alone. A run of C
+    characters (with the spaces in front of it) is one piece; so the cuts fall before each
+    space that follows a non-space, which is safe when no piece has '▁' after another
+    character (true of SentencePiece vocabularies trained with split_by_whitespace, the
+    default). If one does, spaces join the runs instead. A Metaspace pre-tokenizer with
+    split=True already cuts before every space, so every space starts a piece.
+    """
+    texts = [p.replace("\u2581", " ") for p in multi_char_pieces]
+    word = _char_class({c for t in texts for c in t} - {" "})
+    if split_at_spaces:
+        return rf" ?{word}+| |[\s\S]"
+    if any(a != " " and b == " " for t in texts for a, b in zip(t, t[1:])):
+        return rf"(?:{word}| )+|[\s\S]"
+    return rf" *{word}+| +|[\s\S]"
+
+
+def _char_class(chars) -> str:
+    """A regex character class of `chars`, written as code point ranges."""
+    codes = sorted(ord(c) for c in chars)
+    if not codes:
+        return "(?!)"  # matches nothing
+    ranges, first = [], codes[0]
+    for prev, cur in zip(codes, codes[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            ranges.append(f"\\x{{{first:x}}}" + (f"-\\x{{{prev:x}}}" if prev > first else ""))
+            first = cur
+    return "[" + "".join(ranges) + "]"
+
+
+def _protobuf_fields(data: bytes):
+    """Yield (field number, value) of a protobuf message: an int for varints, bytes otherwise."""
+    def varint(i):
+        value = shift = 0
+        while True:
+            b = data[i]
+            value, shift, i = value | (b & 0x7F) << shift, shift + 7, i + 1
+            if b < 0x80:
+                return value, i
+
+    i = 0
+    while i < len(data):
+        key, i = varint(i)
+        wire = key & 7
+        if wire == 0:
+            value, i = varint(i)
+        elif wire == 2:
+            n, i = varint(i)
+            value, i = data[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = data[i:i + n], i + n
+        else:
+            raise ValueError(f"tokenizer.model is not a SentencePiece protobuf (wire type {wire})")
+        yield key >> 3, value

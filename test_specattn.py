@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import struct
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -69,9 +70,19 @@ def tiny_model(seed=0, **kw):
 # model.py: logits against transformers
 
 
-@pytest.mark.parametrize("case", ["llama_gqa_llama3_rope", "llama_tied", "qwen2_bias", "sharded"])
+@pytest.mark.parametrize("case", ["llama_gqa_llama3_rope", "llama_tied", "qwen2_bias", "sharded",
+                                  "llama_attention_bias", "llama_mlp_bias", "mistral"])
 def test_logits_match_transformers(tmp_path, case):
-    if case == "llama_gqa_llama3_rope":
+    if case == "llama_attention_bias":  # biases on q, k, v and o_proj
+        cfg = hf_llama_config(attention_bias=True)
+    elif case == "llama_mlp_bias":
+        cfg = hf_llama_config(mlp_bias=True)
+    elif case == "mistral":  # a window no shorter than the context: full causal attention
+        from transformers import MistralConfig
+
+        cfg = MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=96, vocab_size=300, max_position_embeddings=128, sliding_window=40)
+    elif case == "llama_gqa_llama3_rope":
         cfg = hf_llama_config(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
     elif case == "llama_tied":
@@ -92,6 +103,28 @@ def test_logits_match_transformers(tmp_path, case):
     got = ours(tokens)
     err = (got - ref).abs().max().item()
     assert err <= 1e-4, f"{case}: max abs logit error {err:.2e}"
+
+
+def test_sliding_window_caps_the_context(tmp_path):
+    """A Mistral window shorter than max positions caps the context at the window (where the
+    windowed attention still equals full attention), with a one-line error past it."""
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=96, vocab_size=300, max_position_embeddings=128, sliding_window=16)
+    hf, path = save_hf(tmp_path, cfg)
+    ours = M.load_model(path, device="cpu", dtype=torch.float32)
+    assert ours.args.max_seq_len == 16 and ours.args.sliding_window == 16
+    tokens = torch.randint(0, 300, (1, 24))
+    assert (ours(tokens[:, :16]) - hf(tokens[:, :16]).logits).abs().max() <= 1e-4
+    # Past the window, windowed and full attention differ, so ours refuses rather than answer wrongly.
+    windowed = hf(tokens).logits
+    hf.config.sliding_window = None
+    assert (hf(tokens).logits[:, 16:] - windowed[:, 16:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="sliding window"):
+        ours(tokens)
+    with pytest.raises(ValueError, match="sliding window"):
+        ours.new_cache(max_len=24)
 
 
 def test_layer_subset_matches_truncated_hf(tmp_path):
@@ -343,6 +376,145 @@ def test_llama3_tokenizer_model_specials(tmp_path):
     text = "Hello, world: 12345 café 🙂"
     ids = tok.encode(text, bos=True)
     assert ids[0] == 128000 and tok.decode(ids[1:]) == text
+
+
+def sentencepiece_vocab(extra_pieces=()):
+    """A Llama-2-style vocabulary: (pieces in id order, their scores). Trained with HF's BPE
+    trainer on '▁'-marked words (space runs kept whole, as SentencePiece's
+    allow_whitespace_only_pieces does), then laid out as SentencePiece does: <unk> <s> </s>,
+    the 256 byte tokens, merged pieces in merge order, single characters last."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581*[^\u2581\\n]+|\u2581+|\\n"), behavior="isolated")
+    corpus = TOKENIZER_TEXT * 20 + [" ".join(str(i) for i in range(300)), "the quick brown fox " * 50,
+                                    "    indented code\n        more\n"] * 5
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=500, show_progress=False))
+    learned = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    merged = [p for p, _ in learned if len(p) > 1]
+    singles = [p for p, _ in learned if len(p) == 1 and p != "\n"]  # '\n' falls back to <0x0A>, as in Llama-2
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list(extra_pieces) + merged + singles
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces) - 259)]
+    return pieces, scores
+
+
+def write_sentencepiece_tokenizer(directory, layout, add_bos=True, extra_pieces=()):
+    """tokenizer.json as transformers' LlamaConverter writes it (layout "old": Prepend +
+    Replace normalizer; "new": Metaspace pre-tokenizer; "split": Metaspace with split=True),
+    plus tokenizer_config.json; extra_pieces go first among the merged pieces. Returns the HF tokenizer."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+    pieces, scores = sentencepiece_vocab(extra_pieces)
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = []  # every split of a piece into two pieces, in the order of the merged piece's score
+    for piece in sorted(pieces[259:], key=lambda p: -scores[vocab[p]]):
+        merges += sorted(((piece[:i], piece[i:]) for i in range(1, len(piece))
+                          if piece[:i] in vocab and piece[i:] in vocab), key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
+    if layout == "old":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                     split=layout == "split")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": add_bos, "bos_token": "<s>", "eos_token": "</s>"}))
+    return tok
+
+
+def write_sentencepiece_model(file, pieces, scores, model_type=2):
+    """A SentencePiece tokenizer.model protobuf: the pieces, model_type (2: BPE), add_dummy_prefix."""
+    def varint(n):
+        out = b""
+        while True:
+            out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
+            n >>= 7
+            if not n:
+                return out
+
+    def field(number, payload):  # a length-delimited field
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 259)  # UNKNOWN, CONTROL, BYTE, NORMAL
+    data = b"".join(field(1, field(1, p.encode()) + varint(2 << 3 | 5) + struct.pack("<f", s) + varint(3 << 3)
+                             + varint(t)) for p, s, t in zip(pieces, scores, types))
+    data += field(2, varint(3 << 3) + varint(model_type) + varint(35 << 3) + varint(1))  # model_type, byte_fallback
+    data += field(3, field(1, b"identity") + varint(3 << 3) + varint(1))  # add_dummy_prefix
+    file.write_bytes(data)
+
+
+SENTENCEPIECE_TEXT = TOKENIZER_TEXT + [
+    " leading space", "  two leading", "\n\nnewlines first", "runs:  2   3    4     5\t\t\n \n", "Ω ∑ 𝔘 ☃ ünknown chars",
+    "literal \u2581 marker", "\x00\x01\x7f control bytes", "trailing  ", "", " ", "    indented code\n        more\n"]
+
+
+@pytest.mark.parametrize("layout", ["old", "new", "split", "model", "marker_inside_pieces"])
+def test_sentencepiece_tokenizer_matches_hf_tokenizers(tmp_path, layout):
+    # marker_inside_pieces: pieces with '▁' after a letter, which SentencePiece's default
+    # training never makes; the split pattern must then keep spaces inside its pieces.
+    extra = ("s\u2581", "e\u2581\u2581", "s\u2581t") if layout == "marker_inside_pieces" else ()
+    hf = write_sentencepiece_tokenizer(tmp_path / "json", layout if layout in ("new", "split") else "old",
+                                       extra_pieces=extra)
+    path = tmp_path / "json"
+    if layout == "model":  # tokenizer.model alone (older Llama-2 repos) reads as the old layout
+        path = tmp_path / "model"
+        path.mkdir()
+        write_sentencepiece_model(path / "tokenizer.model", *sentencepiece_vocab())
+    ours = M.Tokenizer.from_pretrained(path)
+    assert isinstance(ours, M.SentencePieceTokenizer)
+    assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.add_bos) == (hf.get_vocab_size(), 1, 2, True)
+    rng = random.Random(0)
+    samples = SENTENCEPIECE_TEXT + ["".join(rng.choice(" \n\t0123456789abcXYZé你🙂Ω.,'") for _ in range(200))
+                                    for _ in range(30)]
+    fell_back = 0
+    for text in samples:
+        if "<|endoftext|>" in text:
+            continue
+        ids = ours.encode(text, bos=False)
+        assert ids == hf.encode(text, add_special_tokens=False).ids, repr(text)
+        assert ours.decode(ids) == hf.decode(ids), repr(text)
+        fell_back += sum(3 <= i < 259 for i in ids)
+    assert fell_back > 0  # the samples exercise byte fallback
+    if layout in ("old", "model"):  # this layout round-trips every text
+        assert all(ours.decode(ours.encode(t, bos=False)) == t.replace("\u2581", " ") for t in samples)
+    assert ours.encode("hi")[0] == 1 and ours.encode("hi", bos=False)[0] != 1  # BOS as the checkpoint says
+
+
+def test_sentencepiece_tokenizer_long_inputs_are_exact_and_linear(tmp_path):
+    import time
+
+    hf = write_sentencepiece_tokenizer(tmp_path, "old")
+    ours = M.Tokenizer.from_pretrained(tmp_path)
+    long_text = "a" * 50_000 + " " * 30_000 + "the quick brown fox " * 3_000 + "你" * 10_000
+    assert ours.encode(long_text, bos=False) == hf.encode(long_text, add_special_tokens=False).ids
+    small, big = long_text[:20_000], long_text * 10
+    t0 = time.perf_counter()
+    ours.encode(small)
+    t1 = time.perf_counter()
+    ours.encode(big)
+    t2 = time.perf_counter()
+    # 70x the text; a quadratic tokenizer would take ~5000x as long. Generous for noisy CI.
+    assert t2 - t1 < 400 * (t1 - t0) + 1.0, f"{t1 - t0:.3f} s for 20k chars, {t2 - t1:.3f} s for 1.4M"
+
+
+def test_sentencepiece_bos_follows_the_checkpoint(tmp_path):
+    write_sentencepiece_tokenizer(tmp_path, "old", add_bos=False)
+    tok = M.Tokenizer.from_pretrained(tmp_path)
+    assert not tok.add_bos and tok.encode("hi")[0] != 1 and tok.encode("hi", bos=True)[0] == 1
+
+
+def test_sentencepiece_model_errors(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\xff\xff\xff")  # a truncated protobuf
+    with pytest.raises(ValueError, match="cannot read the tokenizer"):
+        M.Tokenizer.from_pretrained(tmp_path)
+    write_sentencepiece_model(tmp_path / "tokenizer.model", *sentencepiece_vocab(), model_type=1)  # Unigram
+    with pytest.raises(ValueError, match="only BPE"):
+        M.Tokenizer.from_pretrained(tmp_path)
 
 
 def test_tokenizer_errors(tmp_path):
