@@ -77,13 +77,17 @@ def kl_matrix(target: Transformer, draft: Transformer, tokens: torch.Tensor, chu
 
 
 def calibration_tokens(tokenizer: Tokenizer, text_path, n_tokens: int, skip_tokens: int) -> torch.Tensor:
+    """n_tokens of the text from skip_tokens on; BOS first where the tokenizer adds one, so the
+    window starts the way every evaluated book and prompt does."""
     text = Path(text_path).read_text(encoding="utf-8", errors="replace")
-    ids = tokenizer.encode(text)
-    if len(ids) < skip_tokens + n_tokens:
-        if len(ids) < n_tokens:
+    ids = tokenizer.encode(text, bos=False)
+    head = [tokenizer.bos_id] if tokenizer.add_bos else []
+    n = n_tokens - len(head)
+    if len(ids) < skip_tokens + n:
+        if len(ids) < n:
             raise ValueError(f"{text_path} has {len(ids)} tokens; calibration needs {n_tokens} (--tokens)")
-        skip_tokens = len(ids) - n_tokens
-    return torch.tensor(ids[skip_tokens:skip_tokens + n_tokens])
+        skip_tokens = len(ids) - n
+    return torch.tensor(head + ids[skip_tokens:skip_tokens + n])
 
 
 def calibrate(target, draft, tokens: torch.Tensor, chunk: int = 256) -> dict:
@@ -109,7 +113,8 @@ def layer_map_for(target, draft, tokenizer, path=None, text=None, n_tokens: int 
     shapes = [tuple(p.shape) for p in draft.parameters()] + [tuple(p.shape) for p in target.parameters()]
     fingerprint = json.dumps([str(shapes), float(target.norm.weight.detach().float().sum()),
                               float(draft.norm.weight.detach().float().sum()),
-                              draft.args.layer_ids, str(text), n_tokens, skip_tokens])
+                              draft.args.layer_ids, str(text), n_tokens, skip_tokens]
+                             + (["bos"] if tokenizer.add_bos else []))  # BOS shifts the calibration window
     cache_file = Path(cache_dir or CACHE) / f"layer_map_{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}.json"
     if cache_file.exists():
         return load_layer_map(cache_file, target.args.n_layers, draft.args.n_layers)
@@ -151,13 +156,11 @@ def plot_kl(kl, mapping, path):
 
 
 def main(argv=None):
-    from specattn import load_pair, parse_layers
+    from specattn import add_pair_arguments, load_pair, parse_layers
 
     parser = argparse.ArgumentParser(description="Map each target layer to the draft layer whose attention best "
                                      "predicts it (least KL, monotone). Defaults: the offline demo.")
-    parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
-    parser.add_argument("--draft", help="draft HF checkpoint directory (default: the target)")
-    parser.add_argument("--draft-layers", help="keep only these draft layers, e.g. 0-11 (default for the demo)")
+    add_pair_arguments(parser)
     parser.add_argument("--text", help="calibration text file (default: demo book 11, past the evaluated part)")
     parser.add_argument("--tokens", type=int, default=2048, help="calibration tokens")
     parser.add_argument("--skip-tokens", type=int, default=16384,
@@ -169,13 +172,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
-                                             device=args.device)
+                                             device=args.device, bos=args.bos)
         if args.text is None:
             from demo import demo_books
 
             args.text = demo_books() / "test" / "11.txt"
         if args.tokens > target.args.max_seq_len:
-            raise ValueError(f"--tokens {args.tokens} exceeds the model's max positions {target.args.max_seq_len}")
+            raise ValueError(f"--tokens {args.tokens} exceeds the model's {target.args.max_positions_text()}")
         tokens = calibration_tokens(tokenizer, args.text, args.tokens, args.skip_tokens)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")

@@ -421,7 +421,6 @@ def parse_args(argv=None):
                         help="SpecAttn: running union of the draft rows' top-p sets, or top-p of their running mean")
     parser.add_argument("--per-head", action="store_true", help="select per KV head (draft heads must group into "
                         "the target's KV heads)")
-    parser.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS token to each book")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on cuda, float32 on cpu")
@@ -478,10 +477,10 @@ def main(argv=None):
         books = load_books(args.data, args.split, args.books)
         dtype = getattr(torch, args.dtype) if args.dtype else None
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
-                                             device=args.device, dtype=dtype)
+                                             device=args.device, dtype=dtype, bos=args.bos)
         if args.max_tokens > target.args.max_seq_len:
-            raise ValueError(f"--max-tokens {args.max_tokens} exceeds the target's max positions "
-                             f"{target.args.max_seq_len}; use --max-tokens {target.args.max_seq_len} or less")
+            raise ValueError(f"--max-tokens {args.max_tokens} exceeds the target's "
+                             f"{target.args.max_positions_text()}; use --max-tokens {target.args.max_seq_len} or less")
         from calibrate import layer_map_for
 
         if rank != 0:  # rank 0 calibrates (and caches) first; the others then read its cache
@@ -498,13 +497,15 @@ def main(argv=None):
                           per_head=args.per_head)
     runs = make_runs(args.methods, args.topp)
     min_tokens = args.max_tokens if args.protocol == "paper" else 16 * args.gamma
-    results = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config["bos"] = tokenizer.add_bos  # what --bos resolved to: was BOS put before each book
+    results = {"config": config,
                "layer_map": layer_map, "books": [], "summary": []}
     # With several processes, process r scores books r, r + N, ... and writes its own file as
     # it goes; rank 0 merges them at the end (NLL and counts summed over books, in book order).
     out = Path(args.out) if world == 1 else Path(args.out).with_suffix(f".rank{rank}.json")
     for order, book in tqdm(list(enumerate(books))[rank::world], desc="books", file=sys.stderr, disable=rank > 0):
-        ids = ([tokenizer.bos_id] if args.bos and tokenizer.bos_id is not None else []) + tokenizer.encode(book["text"])
+        ids = tokenizer.encode(book["text"])  # with BOS in front where the checkpoint (or --bos) says
         if len(ids) < min_tokens:
             tqdm.write(f"warning: skipping book {book['id']} ({book['title']}): {len(ids)} tokens, the "
                        f"{args.protocol} protocol needs {min_tokens}", file=sys.stderr)

@@ -71,12 +71,17 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
                                         "the target)")
     parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no --draft, of the "
                                                "target: 0-11 is the demo's self-speculative first-12-layers draft)")
+    parser.add_argument("--bos", choices=["auto", "on", "off"], default="auto",
+                        help="put the tokenizer's BOS token before each text; auto: as the checkpoint says "
+                             "(tokenizer_config.json add_bos_token: on for Llama-2, TinyLlama, Mistral; off for "
+                             "SmolLM2)")
 
 
-def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None, dtype=None):
+def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None, dtype=None, bos="auto"):
     """(target, draft, tokenizer). Defaults: the demo target and its trained draft (draft/,
     made by train_draft.py); with draft_layers and no draft_path, the draft is the target's
-    own first layers instead (the self-speculative draft, for comparison)."""
+    own first layers instead (the self-speculative draft, for comparison). `bos` (auto, on,
+    off) sets `tokenizer.add_bos`, which every encode follows."""
     if target_path is None:
         from demo import demo_target
 
@@ -91,6 +96,12 @@ def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None,
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{name} {path}: no such directory; pass a Hugging Face checkpoint directory")
     tokenizer = Tokenizer.from_pretrained(target_path)
+    if bos not in ("auto", "on", "off"):
+        raise ValueError(f"--bos takes auto, on or off, got {bos!r}")
+    if bos == "on" and tokenizer.bos_id is None:
+        raise ValueError(f"--bos on, but the tokenizer in {target_path} names no BOS token; use --bos off")
+    if bos != "auto":
+        tokenizer.add_bos = bos == "on"
     target = load_model(target_path, device=device, dtype=dtype)
     if draft_info(draft_path) is not None:  # shares the target's embedding, and so its tokenizer
         if draft_layers is not None:
@@ -108,7 +119,7 @@ def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None,
 
 def check_same_tokenizer(a: Tokenizer, b: Tokenizer, path_a, path_b) -> None:
     probe = "Speculative decoding, 2025: naïve café ☕ — 12345 tokens.\n\tEnd."
-    if a.vocab_size != b.vocab_size or a.encode(probe) != b.encode(probe) or a.special != b.special:
+    if a.vocab_size != b.vocab_size or a.encode(probe, bos=False) != b.encode(probe, bos=False) or a.special != b.special:
         raise ValueError(f"draft tokenizer ({path_b}) differs from the target's ({path_a}); "
                          f"SpecAttn needs a draft that shares the target's tokenizer")
 
@@ -667,15 +678,18 @@ MODES = ("plain", "dense", "specattn")  # target alone; speculative, dense verif
 
 
 def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[int]]:
-    """`batch` prompts of `context` tokens cut from the demo books, at evenly spread offsets."""
+    """`batch` prompts of `context` tokens cut from the demo books, at evenly spread offsets
+    (each starting with BOS where the tokenizer adds one)."""
     from demo import demo_books
 
     books = sorted((demo_books() / "test").glob("*.txt"))
-    ids = [i for book in books for i in tokenizer.encode(book.read_text(encoding="utf-8"))]
-    if context > len(ids):
-        raise ValueError(f"--context {context} is longer than the demo books ({len(ids)} tokens)")
-    stride = (len(ids) - context) // max(1, batch - 1)
-    return [ids[b * stride:b * stride + context] for b in range(batch)]
+    ids = [i for book in books for i in tokenizer.encode(book.read_text(encoding="utf-8"), bos=False)]
+    head = [tokenizer.bos_id] if tokenizer.add_bos else []
+    n = context - len(head)
+    if n < 1 or n > len(ids):
+        raise ValueError(f"--context {context} must be in 1..{len(ids) + len(head)} (the demo books' tokens)")
+    stride = (len(ids) - n) // max(1, batch - 1)
+    return [head + ids[b * stride:b * stride + n] for b in range(batch)]
 
 
 def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float, layer_map,
@@ -805,7 +819,7 @@ def main(argv=None):
         if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
-                                             device=args.device)
+                                             device=args.device, bos=args.bos)
         from calibrate import layer_map_for
 
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
@@ -817,9 +831,9 @@ def main(argv=None):
             texts = args.prompt or ["Alice was beginning to get very tired of sitting by her sister on the bank, "
                                     "and of having nothing to do:"]
             texts = texts * args.batch if len(texts) == 1 else texts
-            prompts = [tokenizer.encode(t) for t in texts]
-            if any(not p for p in prompts):
+            if any(not t for t in texts):
                 raise ValueError("an empty --prompt: give some text to continue")
+            prompts = [tokenizer.encode(t) for t in texts]
         if args.check:
             fast = target.output.weight.is_cuda
             if fast:

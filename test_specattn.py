@@ -1439,6 +1439,64 @@ def test_eval_bad_input(tiny_checkpoint, tmp_path, capsys):
                                                                          "--device", "cpu", "--out", "x.json"])
 
 
+@pytest.fixture(scope="module")
+def llama2_style_pair(tmp_path_factory):
+    """A tiny random Llama-2-style pair: separate target and draft checkpoints sharing a
+    SentencePiece-style tokenizer (add_bos_token true), a book and a layer map."""
+    tmp = tmp_path_factory.mktemp("llama2")
+    hf_tok = write_sentencepiece_tokenizer(tmp / "tok", "old")
+    cfg = dict(vocab_size=hf_tok.get_vocab_size(), max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    _, target = save_hf(tmp, hf_llama_config(**cfg), seed=5, name="llama-2-tiny")
+    _, draft = save_hf(tmp, hf_llama_config(num_hidden_layers=2, **cfg), seed=6, name="tinyllama-tiny")
+    for ckpt in (target, draft):
+        for f in (tmp / "tok").iterdir():
+            (ckpt / f.name).write_bytes(f.read_bytes())
+    book = tmp / "book.txt"
+    book.write_text(BOOK_TEXT)
+    layer_map = tmp / "map.json"
+    layer_map.write_text(json.dumps({"map": [0, 1, 1]}))
+    return target, draft, book, layer_map
+
+
+@pytest.mark.parametrize("bos", ["auto", "off"])
+def test_eval_end_to_end_llama2_style_pair(llama2_style_pair, tmp_path, bos):
+    target, draft, book, layer_map = llama2_style_pair
+    out = tmp_path / "results.json"
+    E.main(["--data", str(book), "--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map),
+            "--max-tokens", "80", "--topp", "0.7", "--methods", "dense", "specattn", "--device", "cpu", "--bos", bos,
+            "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["config"]["bos"] is (bos == "auto")  # Llama-2's tokenizer_config says add_bos_token
+    rows = {(r["method"], r["topp"]): r for r in res["summary"]}
+    # Dense perplexity equals the target's own forward over the book's first 80 tokens, BOS first or not.
+    model = M.load_model(target, device="cpu", dtype=torch.float32)
+    tok = M.Tokenizer.from_pretrained(target)
+    tokens = torch.tensor(tok.encode(BOOK_TEXT, bos=bos == "auto")[:80])
+    assert (tokens[0].item() == 1) is (bos == "auto")
+    prefill = res["books"][0]["prefill"]
+    nll = F.cross_entropy(model(tokens[None])[0][prefill:79], tokens[prefill + 1:80]).item()
+    assert abs(rows[("dense", None)]["ppl"] - math.exp(nll)) < 1e-3 * math.exp(nll)
+    assert rows[("specattn", 0.7)]["kv_saved"] > 0
+
+
+def test_specattn_generation_cli_llama2_style_pair(llama2_style_pair, tmp_path, capsys):
+    target, draft, _, layer_map = llama2_style_pair
+    SA.main(["--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map), "--device", "cpu",
+             "--prompt", "The king of the north", "--prompt", "Chapter 3. The fox", "--max-new-tokens", "6",
+             "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "<s> The king of the north" in printed  # BOS in front (decoded as HF decodes it)
+    stats = json.loads((tmp_path / "generate.json").read_text())
+    assert set(stats) == set(SA.MODES) and all(s["tokens"] == 12 for s in stats.values())
+    # Greedy speculative decoding (p = 1) reproduces the target's greedy text row by row.
+    model = M.load_model(target, device="cpu", dtype=torch.float32)
+    small = M.load_model(draft, device="cpu", dtype=torch.float32)
+    tok = M.Tokenizer.from_pretrained(target)
+    prompts = [tok.encode("The king of the north"), tok.encode("Chapter 3. The fox")]
+    greedy = SA.greedy_generate(model, prompts, 6)
+    assert SA.speculative_generate(model, small, prompts, 6, layer_map=[0, 1, 1], topp=1.0)[0] == greedy
+
+
 def test_load_books_formats(tmp_path):
     pg = tmp_path / "pg19"
     (pg / "test").mkdir(parents=True)
