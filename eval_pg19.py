@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -60,44 +61,106 @@ SINKS = 4
 # Data
 
 
-def load_books(data, split: str = "test", limit=None) -> list[dict]:
-    """[{id, title, text}] from a PG-19 directory, a .txt file, or a .jsonl/.parquet file."""
+def load_books(data, split: str = "test", limit=None) -> tuple[list[dict], list[dict]]:
+    """(books [{id, title, text, sha1}], skipped [{id, title, reason}]) from a PG-19
+    directory (split/*.txt + metadata.csv), a .txt file, or a .jsonl/.parquet file with a
+    'text' column. Books that cannot be evaluated (empty, not UTF-8 text, a duplicate) are
+    skipped with a one-line warning, never an exception; `limit` counts books kept."""
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: not found; pass a PG-19 directory or a .txt/.jsonl/.parquet file")
+    entries = []  # (id, title, text or bytes or None, where)
     if path.is_dir():
         folder = path / split if (path / split).is_dir() else path
         files = sorted(folder.glob("*.txt"), key=lambda f: (not f.stem.isdigit(), int(f.stem) if f.stem.isdigit()
                                                              else 0, f.stem))
         if not files:
             raise FileNotFoundError(f"--data {path}: no {split}/*.txt books found")
-        titles = {}
-        meta = path / "metadata.csv"
-        if meta.exists():
-            with open(meta, newline="", encoding="utf-8") as f:
-                for row in csv.reader(f):
-                    if len(row) >= 2 and row[0] != "id":
-                        titles[row[0]] = row[1]
-        books = [{"id": f.stem, "title": titles.get(f.stem, f.stem),
-                  "text": f.read_text(encoding="utf-8", errors="replace")} for f in files]
+        titles = _pg19_titles(path / "metadata.csv")
+        entries = [(f.stem, titles.get(f.stem, f.stem), f.read_bytes(), f.name) for f in files]
     elif path.suffix == ".txt":
-        books = [{"id": path.stem, "title": path.stem, "text": path.read_text(encoding="utf-8", errors="replace")}]
+        entries = [(path.stem, path.stem, path.read_bytes(), path.name)]
     elif path.suffix in (".jsonl", ".parquet"):
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise RuntimeError("reading .parquet needs pyarrow: pip install pyarrow") from None
-            rows = pq.read_table(path).to_pylist()
-        if rows and "text" not in rows[0]:
-            raise ValueError(f"--data {path}: rows have no 'text' column (columns: {sorted(rows[0])})")
-        books = [{"id": str(r.get("id", i)), "title": str(r.get("short_book_title", r.get("title", i))),
-                  "text": r["text"]} for i, r in enumerate(rows)]
+        for i, row in enumerate(_table_rows(path)):
+            if isinstance(row, str):  # a line that is not a JSON object: its reason
+                entries.append((str(i), str(i), None, row))
+                continue
+            text = row.get("text")
+            entries.append((str(row.get("id", i)), str(row.get("short_book_title", row.get("title", i))),
+                            text if isinstance(text, str) else None,
+                            f"row {i}" + ("" if isinstance(text, str) else " has no 'text' string")))
     else:
         raise ValueError(f"--data {path}: expected a directory, .txt, .jsonl or .parquet")
-    return books[:limit] if limit else books
+
+    books, skipped, seen_ids, seen_text = [], [], set(), {}
+    for book_id, title, text, where in entries:
+        if limit and len(books) >= limit:
+            break
+        reason = None
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                reason = f"{where} is not UTF-8 text (byte {e.start}); convert it to UTF-8"
+        if reason is None and text is None:
+            reason = where
+        elif reason is None:
+            text = text.lstrip("\ufeff")  # a byte-order mark is not text
+            sha = hashlib.sha1(text.encode("utf-8")).hexdigest()
+            if "\x00" in text:
+                reason = f"{where} holds NUL bytes: binary data, not a book"
+            elif not text.strip():
+                reason = f"{where} is empty"
+            elif book_id in seen_ids:
+                reason = f"a second book with id {book_id}"
+            elif sha in seen_text:
+                reason = f"the same text as book {seen_text[sha]}"
+        if reason:
+            print(f"warning: skipping book {book_id} ({title}): {reason}", file=sys.stderr)
+            skipped.append({"id": book_id, "title": title, "reason": reason})
+            continue
+        seen_ids.add(book_id)
+        seen_text[sha] = book_id
+        books.append({"id": book_id, "title": title, "text": text, "sha1": sha})
+    return books, skipped
+
+
+def _pg19_titles(meta: Path) -> dict:
+    """{id: title} from PG-19's metadata.csv (id, title, ...); {} with a warning if unreadable."""
+    if not meta.exists():
+        return {}
+    try:
+        with open(meta, newline="", encoding="utf-8") as f:
+            return {row[0]: row[1] for row in csv.reader(f) if len(row) >= 2 and row[0] != "id"}
+    except (csv.Error, UnicodeDecodeError, OSError) as e:
+        print(f"warning: {meta} is unreadable ({type(e).__name__}: {e}); books are titled by their ids",
+              file=sys.stderr)
+        return {}
+
+
+def _table_rows(path: Path) -> list:
+    """The rows of a .jsonl or .parquet file as dicts (a line that is not a JSON object: a
+    string saying so, for load_books to skip)."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise RuntimeError("reading .parquet needs pyarrow: pip install pyarrow") from None
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's errors for a file that is not parquet
+            raise ValueError(f"--data {path}: not a readable parquet file ({type(e).__name__})") from None
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            rows.append(row if isinstance(row, dict) else f"line {n} is not a JSON object")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -342,21 +405,22 @@ def summarize(books: list[dict], runs: list[Run]) -> list[dict]:
     rows, dense_ppl = [], None
     for r in runs:
         tot = {k: sum(b["runs"][r.name][k] for b in books)
-               for k in ("nll", "tokens", "kv_read", "kv_dense", "kv_read_sparse", "kv_dense_sparse", "select_s")}
+               for k in ("nll", "tokens", "kv_read", "kv_dense", "kv_read_sparse", "kv_dense_sparse")}
         ppl = math.exp(tot["nll"] / tot["tokens"])
         if r.method == "dense":
             dense_ppl = ppl
         rows.append({"method": r.method, "topp": r.topp, "ppl": ppl, "tokens": tot["tokens"],
                      "kv_saved": 1 - tot["kv_read"] / tot["kv_dense"],
                      "kv_saved_sparse_layers": 1 - tot["kv_read_sparse"] / tot["kv_dense_sparse"]
-                     if tot["kv_dense_sparse"] else 0.0,
-                     "select_s": tot["select_s"]})
+                     if tot["kv_dense_sparse"] else 0.0})
     for row in rows:
         row["ppl_increase_pct"] = 100 * (row["ppl"] / dense_ppl - 1) if dense_ppl else None
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], select_s: dict | None = None) -> str:
+    """The summary as a markdown table; select_s: {run name: seconds choosing positions} in this run."""
+    select_s = select_s or {}
     lines = ["| method | p | perplexity | Δ vs dense | KV reads saved (all / sparse layers) | tokens | "
              "selection time (s) |",
              "|---|---|---|---|---|---|---|"]
@@ -364,7 +428,7 @@ def format_table(rows: list[dict]) -> str:
         delta = "" if r["ppl_increase_pct"] is None else f"{r['ppl_increase_pct']:+.2f}%"
         lines.append(f"| {r['method']} | {'' if r['topp'] is None else r['topp']} | {r['ppl']:.3f} | {delta} | "
                      f"{100 * r['kv_saved']:.1f}% / {100 * r['kv_saved_sparse_layers']:.1f}% | {r['tokens']} | "
-                     f"{r['select_s']:.1f} |")
+                     f"{select_s.get(Run(r['method'], r['topp']).name, 0.0):.1f} |")
     return "\n".join(lines)
 
 
@@ -424,7 +488,12 @@ def parse_args(argv=None):
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--out", default="results.json", help="results JSON, rewritten after every book")
+    parser.add_argument("--out", default="results.json",
+                        help="results JSON, rewritten (atomically) after every book. Rerunning the same command "
+                             "resumes it: books already in it are not scored again. Timings go to "
+                             "<out>.timings.json, so that the results of equal runs are identical")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds results of other settings (default: refuse)")
     parser.add_argument("--plot", help="save perplexity increase vs KV reads saved to this PNG (needs matplotlib)")
     args = parser.parse_args(argv)
     for p in args.topp:
@@ -466,21 +535,102 @@ def init_distributed(device):
     return rank, world, device or "cpu", store
 
 
+def checkpoint_identity(path) -> str:
+    """A checkpoint's name and a digest of its config.json and weight files' names and sizes
+    (cheap, and enough to tell one checkpoint from another)."""
+    path = Path(path).resolve()
+    digest = hashlib.sha1((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"{path.name}@{digest.hexdigest()[:12]}"
+
+
+def run_settings(args, target, layer_map, tokenizer) -> dict:
+    """Everything a book's results depend on. A results file is resumed only under equal settings."""
+    from specattn import DEMO_DRAFT
+
+    target_dir = args.target or __import__("demo").demo_target()
+    draft_dir = args.draft or (DEMO_DRAFT if args.target is None and args.draft_layers is None else target_dir)
+    keys = ("draft_layers", "protocol", "max_tokens", "prefill_frac", "gamma", "dense_layers", "sinks", "combine",
+            "per_head", "methods", "topp", "quest_page", "quest_pin", "split")
+    return {"target": checkpoint_identity(target_dir), "draft": checkpoint_identity(draft_dir),
+            "layer_map": layer_map, **{k: getattr(args, k) for k in keys},
+            "dtype": str(target.output.weight.dtype).removeprefix("torch."), "bos": tokenizer.add_bos}
+
+
+def previous_results(out: Path, settings: dict, books: list[dict]) -> list[dict]:
+    """Books already scored in `out` (and in the per-process files of an interrupted torchrun)
+    under these settings. Results written under other settings are never mixed in: that is
+    a one-line error naming the first setting that differs."""
+    found = {}
+    for file in [out] + sorted(out.parent.glob(f"{out.stem}.rank*.json")):
+        if not file.exists():
+            continue
+        try:
+            prev = json.loads(file.read_text(encoding="utf-8"))
+            prev_settings, prev_books = prev["settings"], prev["books"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{file} is not a results file of this program ({type(e).__name__}); pass --overwrite "
+                             f"to replace it, or another --out") from None
+        for key in settings:
+            if prev_settings.get(key) != settings[key]:
+                raise ValueError(f"{file} holds results with {key}={prev_settings.get(key)!r}, and this run has "
+                                 f"{key}={settings[key]!r}; pass --overwrite to replace them, or another --out")
+        found.update({b["id"]: b for b in prev_books})
+    by_id = {b["id"]: b for b in books}
+    for book_id, b in found.items():
+        if book_id in by_id and b.get("sha1") != by_id[book_id]["sha1"]:
+            raise ValueError(f"{out}: book {book_id} was scored from another text than --data now holds; pass "
+                             f"--overwrite to replace the results, or another --out")
+    return [found[b["id"]] for b in books if b["id"] in found]
+
+
+def eval_memory(target, draft, n_runs: int, max_tokens: int, gamma: int, has_h2o: bool) -> int:
+    """Bytes score_book allocates: the KV caches (a target row per run, one draft row), H2O's
+    score tables, and a block's logits and attention maps."""
+    from model import kv_cache_bytes
+
+    elem = target.output.weight.element_size()
+    caches = kv_cache_bytes(target.args, n_runs, max_tokens, target.output.weight.dtype) + \
+        kv_cache_bytes(draft.args, 1, max_tokens, draft.output.weight.dtype)
+    h2o = 4 * target.args.n_layers * n_runs * target.args.n_kv_heads * max_tokens if has_h2o else 0
+    block = 4 * (n_runs + 1) * gamma * target.args.vocab_size * 3 + \
+        4 * target.args.n_layers * (n_runs + 1) * target.args.n_heads * gamma * max_tokens
+    return caches + h2o + block + 2 * elem * n_runs * gamma * target.args.hidden_dim
+
+
 def main(argv=None):
+    from model import check_memory, write_atomic
+
     args = parse_args(argv)
     rank, world, args.device, store = init_distributed(args.device)
+    out = Path(args.out)
     try:
+        if args.device is not None:
+            try:
+                device = torch.device(args.device)
+            except RuntimeError:
+                raise ValueError(f"--device {args.device!r} is not a device; use cpu or cuda") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
         if args.data is None:
             from demo import demo_books
 
             args.data = demo_books()
-        books = load_books(args.data, args.split, args.books)
+        books, skipped = load_books(args.data, args.split, args.books)
         dtype = getattr(torch, args.dtype) if args.dtype else None
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
                                              device=args.device, dtype=dtype, bos=args.bos)
         if args.max_tokens > target.args.max_seq_len:
             raise ValueError(f"--max-tokens {args.max_tokens} exceeds the target's "
                              f"{target.args.max_positions_text()}; use --max-tokens {target.args.max_seq_len} or less")
+        runs = make_runs(args.methods, args.topp)
+        has_h2o = any(r.method == "h2o" for r in runs)
+        need = eval_memory(target, draft, len(runs), args.max_tokens, args.gamma, has_h2o)
+        fits = next((n for n in (16384, 8192, 4096, 2048, 1024, 512) if n < args.max_tokens and
+                     eval_memory(target, draft, len(runs), n, args.gamma, has_h2o) <= need / 2), None)
+        check_memory(need, target.output.weight.device, f"scoring {len(runs)} runs over {args.max_tokens} tokens",
+                     f"use fewer --topp values or --methods{f', or --max-tokens {fits}' if fits else ''}")
         from calibrate import layer_map_for
 
         if rank != 0:  # rank 0 calibrates (and caches) first; the others then read its cache
@@ -488,57 +638,88 @@ def main(argv=None):
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
         if rank == 0 and world > 1:
             store.set("layer_map", "ready")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        settings = run_settings(args, target, layer_map, tokenizer)
+        done = [] if args.overwrite else previous_results(out, settings, books)
+    except (ValueError, FileNotFoundError, RuntimeError, MemoryError, OSError) as e:
         sys.exit(f"error: {e}")
 
     from tqdm import tqdm
 
     cfg = SelectionConfig(topp=args.topp[0], dense_layers=args.dense_layers, combine=args.combine, sinks=args.sinks,
                           per_head=args.per_head)
-    runs = make_runs(args.methods, args.topp)
     min_tokens = args.max_tokens if args.protocol == "paper" else 16 * args.gamma
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "overwrite"}
     config["bos"] = tokenizer.add_bos  # what --bos resolved to: was BOS put before each book
-    results = {"config": config,
-               "layer_map": layer_map, "books": [], "summary": []}
+    results = {"config": config, "settings": settings, "layer_map": layer_map, "books": [], "skipped": [],
+               "summary": []}
+    timings = {}  # book id -> seconds; kept apart from the results, so that reruns give identical JSON
+    done_ids = {b["id"] for b in done}
+    if done and rank == 0:
+        print(f"resuming {out}: {len(done)} of {len(books)} books already scored", file=sys.stderr)
     # With several processes, process r scores books r, r + N, ... and writes its own file as
     # it goes; rank 0 merges them at the end (NLL and counts summed over books, in book order).
-    out = Path(args.out) if world == 1 else Path(args.out).with_suffix(f".rank{rank}.json")
-    for order, book in tqdm(list(enumerate(books))[rank::world], desc="books", file=sys.stderr, disable=rank > 0):
-        ids = tokenizer.encode(book["text"])  # with BOS in front where the checkpoint (or --bos) says
-        if len(ids) < min_tokens:
-            tqdm.write(f"warning: skipping book {book['id']} ({book['title']}): {len(ids)} tokens, the "
-                       f"{args.protocol} protocol needs {min_tokens}", file=sys.stderr)
-            continue
-        tokens = torch.tensor(ids[:args.max_tokens])
-        prefill = max(1, int(args.prefill_frac * len(tokens)))
-        stats = score_book(target, draft, tokens, runs, layer_map, cfg, args.gamma, prefill,
-                           progress=lambda it: tqdm(it, desc=f"book {book['id']}", leave=False, file=sys.stderr,
-                                                    disable=rank > 0),
-                           quest=QuestConfig(page=args.quest_page, pin=args.quest_pin))
-        results["books"].append({"id": book["id"], "title": book["title"], "order": order, "tokens": len(tokens),
-                                 "prefill": prefill, "expected_acceptance": stats.pop("_acceptance"),
-                                 "forward_s": stats.pop("_forward_s"), "runs": stats})
-        results["summary"] = summarize(results["books"], runs)
-        out.write_text(json.dumps(results, indent=1))
+    own = out if world == 1 else out.with_name(f"{out.stem}.rank{rank}.json")
+    results["books"] = list(done) if world == 1 else []
+    todo = [(order, b) for order, b in list(enumerate(books))[rank::world] if b["id"] not in done_ids]
+    try:
+        for order, book in tqdm(todo, desc="books", file=sys.stderr, disable=rank > 0):
+            ids = tokenizer.encode(book["text"])  # with BOS in front where the checkpoint (or --bos) says
+            if len(ids) < min_tokens:
+                reason = f"{len(ids)} tokens, the {args.protocol} protocol needs {min_tokens}"
+                tqdm.write(f"warning: skipping book {book['id']} ({book['title']}): {reason}", file=sys.stderr)
+                results["skipped"].append({"id": book["id"], "title": book["title"], "reason": reason})
+                continue
+            tokens = torch.tensor(ids[:args.max_tokens])
+            prefill = max(1, int(args.prefill_frac * len(tokens)))
+            stats = score_book(target, draft, tokens, runs, layer_map, cfg, args.gamma, prefill,
+                               progress=lambda it: tqdm(it, desc=f"book {book['id']}", leave=False, file=sys.stderr,
+                                                        disable=rank > 0),
+                               quest=QuestConfig(page=args.quest_page, pin=args.quest_pin))
+            timings[book["id"]] = {"forward_s": stats.pop("_forward_s"),
+                                   "select_s": {name: st.pop("select_s") for name, st in stats.items()
+                                                if isinstance(st, dict)}}
+            results["books"].append({"id": book["id"], "title": book["title"], "sha1": book["sha1"], "order": order,
+                                     "tokens": len(tokens), "prefill": prefill,
+                                     "expected_acceptance": stats.pop("_acceptance"), "runs": stats})
+            results["books"].sort(key=lambda b: b["order"])
+            results["summary"] = summarize(results["books"], runs)
+            write_atomic(own, json.dumps(results, indent=1))
+    except KeyboardInterrupt:
+        n = len(results["books"]) if world == 1 else len(done) + len(results["books"])
+        sys.exit(f"interrupted: {n} book(s) scored are saved in {own}; rerun the same command to resume")
     if world > 1:  # every rank posts its books; rank 0 waits for all of them and merges
-        store.set(f"books/{rank}", json.dumps(results["books"]))
+        store.set(f"books/{rank}", json.dumps({"books": results["books"], "skipped": results["skipped"],
+                                               "timings": timings, "device": str(args.device)}))
         if rank != 0:
             return
         keys = [f"books/{r}" for r in range(world)]
         store.wait(keys)
         parts = [json.loads(store.get(key)) for key in keys]
-        results["books"] = sorted((b for part in parts for b in part), key=lambda b: b["order"])
-        if results["books"]:
-            results["summary"] = summarize(results["books"], runs)
-            Path(args.out).write_text(json.dumps(results, indent=1))
+        merged = {b["id"]: b for b in done} | {b["id"]: b for part in parts for b in part["books"]}
+        results["books"] = sorted(merged.values(), key=lambda b: b["order"])
+        results["skipped"] = [s for part in parts for s in part["skipped"]]
+        timings = {k: v for part in parts for k, v in part["timings"].items()}
+        results["config"]["device"] = [part["device"] for part in parts]  # rank r's device
+    results["skipped"] = skipped + sorted(results["skipped"], key=lambda s: s["id"])
+    if results["books"]:
+        results["summary"] = summarize(results["books"], runs)
+    write_atomic(out, json.dumps(results, indent=1))
+    if timings:
+        write_atomic(out.with_name(f"{out.stem}.timings.json"), json.dumps(timings, indent=1))
+    for f in out.parent.glob(f"{out.stem}.rank*.json") if world > 1 else []:
+        f.unlink(missing_ok=True)  # merged into out
     if not results["books"]:
         sys.exit(f"error: no book has the {min_tokens} tokens the {args.protocol} protocol needs; "
                  f"use longer books or a smaller --max-tokens")
     acc = [b["expected_acceptance"] for b in results["books"]]
-    print(format_table(results["summary"]))
-    forward = sum(b["forward_s"] for b in results["books"])
-    print(f"\n{len(results['books'])} book(s), {args.protocol} protocol, {args.max_tokens} tokens, "
+    select_s = {}
+    for t in timings.values():
+        for name, sec in t["select_s"].items():
+            select_s[name] = select_s.get(name, 0.0) + sec
+    print(format_table(results["summary"], select_s))
+    forward = sum(t["forward_s"] for t in timings.values())
+    print(f"\n{len(results['books'])} book(s) ({len(timings)} scored in this run, {len(results['skipped'])} skipped), "
+          f"{args.protocol} protocol, {args.max_tokens} tokens, "
           f"prefill {args.prefill_frac:.0%}, γ={args.gamma}; draft/target expected acceptance "
           f"Σmin(p,q) = {sum(acc) / len(acc):.3f}; shared draft + target forwards {forward:.0f} s "
           f"(all runs batched){f', {world} processes' if world > 1 else ''}"

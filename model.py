@@ -36,7 +36,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
+import shutil
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -524,6 +527,68 @@ def fuse_projections(model: Transformer) -> Transformer:
 
 
 # ----------------------------------------------------------------------------------------
+# Memory and files
+
+
+def kv_cache_bytes(args: ModelArgs, batch_size: int, max_len: int, dtype=torch.bfloat16) -> int:
+    """Bytes of a KVCache(args, batch_size, max_len): K and V for every layer."""
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * args.n_layers * batch_size * args.n_kv_heads * max_len * args.head_dim * elem
+
+
+def free_memory(device) -> Optional[int]:
+    """Bytes free for new tensors on `device`: the GPU's free memory, or the host's
+    MemAvailable on Linux; None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(need: int, device, what: str, fix: str) -> None:
+    """Refuse, in one line, a job whose estimated memory `need` exceeds 90% of what is free."""
+    free = free_memory(device)
+    if free is not None and need > 0.9 * free:
+        raise MemoryError(f"{what} needs about {need / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is free on "
+                          f"{torch.device(device)}; {fix}")
+
+
+def write_atomic(path, data: Union[str, bytes]) -> None:
+    """Write to a temporary name beside `path`, then rename it over `path`: a kill at any
+    moment leaves the old file or the new one, never part of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_directory(out):
+    """`with atomic_directory(out) as tmp:` fill `tmp`; it replaces `out` only once the block
+    ends without error, so a half-written directory is never found at `out`."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------
 # Loading Hugging Face checkpoints
 
 
@@ -560,8 +625,15 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {index} ({type(e).__name__}: {e}); the file is broken: fetch it again") \
+                from None
         files = {name: path / f for name, f in weight_map.items()}
+        absent = sorted({f for f in files.values() if not f.exists()})
+        if absent:
+            raise FileNotFoundError(f"{index} names {absent[0].name}, which is missing; the checkpoint is incomplete")
     elif single.exists():
         files = {}
     else:
@@ -644,13 +716,17 @@ def load_model(path, device=None, dtype=None, layers=None, shared=None) -> Trans
         else:
             by_file.setdefault(files[theirs], []).append(ours)
     for file, ours_list in by_file.items():
-        with safe_open(str(file), framework="pt") as f:
-            for ours in ours_list:
-                t = f.get_tensor(names[ours])
-                if t.shape != expected[ours]:
-                    raise ValueError(f"{file.name}: tensor {names[ours]} has shape {tuple(t.shape)}, "
-                                     f"config.json implies {tuple(expected[ours])}")
-                state[ours] = t.to(device=device, dtype=dtype)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                tensors = {ours: f.get_tensor(names[ours]) for ours in ours_list}
+        except Exception as e:  # safetensors' own errors: truncated, not a safetensors file, ...
+            raise ValueError(f"cannot read {file} ({type(e).__name__}: {str(e)[:120]}); the file is broken or "
+                             f"incomplete: fetch it again") from None
+        for ours, t in tensors.items():
+            if t.shape != expected[ours]:
+                raise ValueError(f"{file.name}: tensor {names[ours]} has shape {tuple(t.shape)}, "
+                                 f"config.json implies {tuple(expected[ours])}")
+            state[ours] = t.to(device=device, dtype=dtype)
     if args.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
