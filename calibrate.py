@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from model import Tokenizer, Transformer
+from model import Tokenizer, Transformer, write_atomic
 
 
 def align_layers(cost) -> list[int]:
@@ -117,12 +117,15 @@ def layer_map_for(target, draft, tokenizer, path=None, text=None, n_tokens: int 
                              + (["bos"] if tokenizer.add_bos else []))  # BOS shifts the calibration window
     cache_file = Path(cache_dir or CACHE) / f"layer_map_{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}.json"
     if cache_file.exists():
-        return load_layer_map(cache_file, target.args.n_layers, draft.args.n_layers)
+        try:
+            return load_layer_map(cache_file, target.args.n_layers, draft.args.n_layers)
+        except ValueError as e:  # a broken cache is rebuilt, not reported
+            print(f"[specattn] {e}: calibrating again", file=sys.stderr)
     print(f"[specattn] calibrating the layer map on {n_tokens} tokens of {text} (once; cached in {cache_file})",
           file=sys.stderr)
     result = calibrate(target, draft, calibration_tokens(tokenizer, text, n_tokens, skip_tokens))
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(result))
+    write_atomic(cache_file, json.dumps(result))
     return result["map"]
 
 
@@ -185,7 +188,7 @@ def main(argv=None):
     result = calibrate(target, draft, tokens, chunk=args.chunk)
     result.update(target=str(args.target or "demo"), draft=str(args.draft or args.target or "demo"),
                   text=str(args.text))
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_atomic(args.out, json.dumps(result, indent=1))
     print("target layer -> draft layer:", " ".join(f"{j}:{i}" for j, i in enumerate(result["map"])))
     print(f"wrote {args.out}")
     if args.plot:

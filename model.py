@@ -549,11 +549,15 @@ def free_memory(device) -> Optional[int]:
         return None
 
 
+def format_bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def check_memory(need: int, device, what: str, fix: str) -> None:
     """Refuse, in one line, a job whose estimated memory `need` exceeds 90% of what is free."""
     free = free_memory(device)
     if free is not None and need > 0.9 * free:
-        raise MemoryError(f"{what} needs about {need / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is free on "
+        raise MemoryError(f"{what} needs about {format_bytes(need)}, and {format_bytes(free)} is free on "
                           f"{torch.device(device)}; {fix}")
 
 

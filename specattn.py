@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kernels import attention_slot, topp_mask, topp_select
-from model import (Tokenizer, Transformer, cache_attention, compile_pointwise, draft_info, fuse_projections, load_draft,
-                   load_model)
+from model import (Tokenizer, Transformer, cache_attention, compile_pointwise, draft_info, format_bytes,
+                   free_memory, fuse_projections, kv_cache_bytes, load_draft, load_model, write_atomic)
 
 # ----------------------------------------------------------------------------------------
 # Loading a target/draft pair
@@ -75,6 +75,22 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
                         help="put the tokenizer's BOS token before each text; auto: as the checkpoint says "
                              "(tokenizer_config.json add_bos_token: on for Llama-2, TinyLlama, Mistral; off for "
                              "SmolLM2)")
+
+
+def check_device(name: Optional[str]) -> None:
+    """A one-line error for a --device that is not cpu/cuda[:n], or cuda where there is no GPU."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None, dtype=None, bos="auto"):
@@ -301,6 +317,7 @@ class SpecEngine:
         device = target.output.weight.device
         self.device = device
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        check_engine_memory(target, draft, batch_size, max_len, self.gamma, temperature)
         self.t_cache = target.new_cache(batch_size=batch_size, max_len=max_len)
         self.d_cache = draft.new_cache(batch_size=batch_size, max_len=max_len) if draft is not None else None
         # The host's bound on any row's length: the engine sized the buffers, so it holds
@@ -625,6 +642,34 @@ def engine_max_len(model: Transformer, prompts: list[list[int]], max_new_tokens:
     return need
 
 
+def engine_memory(target: Transformer, draft: Optional[Transformer], batch: int, max_len: int, gamma: int,
+                  temperature: float) -> int:
+    """Bytes a SpecEngine allocates (an upper bound): both KV caches, the draft attention rows
+    SpecAttn keeps (every draft layer), the draft's distributions when sampling, and a verify
+    step's logits and activations."""
+    w = target.output.weight
+    need = kv_cache_bytes(target.args, batch, max_len, w.dtype)
+    step = (gamma + 2) * batch * (target.args.vocab_size * 4 * 3 + target.args.hidden_dim * w.element_size() * 2)
+    if draft is not None:
+        need += kv_cache_bytes(draft.args, batch, max_len, w.dtype)
+        need += 4 * draft.args.n_layers * batch * gamma * max_len  # draft rows [used, B, γ, S]
+        need += 4 * batch * gamma * target.args.vocab_size if temperature > 0 else 0
+    return need + step + 8 * batch * max_len
+
+
+def check_engine_memory(target, draft, batch: int, max_len: int, gamma: int, temperature: float) -> None:
+    """A one-line MemoryError naming a batch that fits, before an engine that would not fit allocates."""
+    device = target.output.weight.device
+    need, free = engine_memory(target, draft, batch, max_len, gamma, temperature), free_memory(device)
+    if free is None or need <= 0.9 * free:
+        return
+    per_row = engine_memory(target, draft, 1, max_len, gamma, temperature)
+    fits = int(0.9 * free // per_row)
+    raise MemoryError(f"a batch of {batch} with {max_len}-position caches needs about {format_bytes(need)} and "
+                      f"{format_bytes(free)} is free on {device}; "
+                      + (f"--batch {fits} fits at this context" if fits >= 1 else "use a shorter --context"))
+
+
 def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float,
                 layer_map, selection: SelectionConfig, eos_id=None, generator=None, cuda_graphs=None) -> SpecEngine:
     """The engine for one of MODES, sized for these prompts."""
@@ -816,8 +861,7 @@ def main(argv=None):
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
+        check_device(args.device)
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
                                              device=args.device, bos=args.bos)
         from calibrate import layer_map_for
@@ -849,7 +893,7 @@ def main(argv=None):
             fuse_projections(target), fuse_projections(draft)
         results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature, layer_map,
                             selection, modes, eos_id=tokenizer.eos_id, seed=args.seed, progress=True)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         sys.exit(f"error: {e}")
     for mode, (ids, stats) in results.items():
         for b in range(min(args.show, len(ids))):
@@ -864,13 +908,6 @@ def main(argv=None):
                           "seconds": st.seconds} for mode, (_, st) in results.items()}
         write_atomic(out / "generate.json", json.dumps(payload, indent=1))
         write_atomic(out / "generate.md", "\n".join(table) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary name beside path, then rename: a kill leaves the old file or the new."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

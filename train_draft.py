@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import Tokenizer, Transformer, embedding_probe, hf_key_map, load_draft, load_model
+from model import Tokenizer, Transformer, atomic_directory, embedding_probe, hf_key_map, load_draft, load_model
 
 # ----------------------------------------------------------------------------------------
 # The draft
@@ -75,8 +75,6 @@ def save_draft(draft: Transformer, target_config: dict, out_dir, info: dict, sha
     safetensors files by layer (so that no file is large)."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     n = draft.args.n_layers
     own = {ours: theirs for ours, theirs in hf_key_map(draft.args, list(range(n))).items()
            if ours != "tok_embeddings.weight"}  # the embedding (and tied head) is the target's
@@ -88,12 +86,14 @@ def save_draft(draft: Transformer, target_config: dict, out_dir, info: dict, sha
         fname = f"model-{layer * shards // n + 1:05d}-of-{shards:05d}.safetensors"
         files.setdefault(fname, {})[theirs] = weights[ours].detach().to("cpu", torch.bfloat16).contiguous()
         weight_map[theirs] = fname
-    for fname, tensors in files.items():
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     config = dict(target_config, num_hidden_layers=n, torch_dtype="bfloat16", specattn_draft=info)
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    return out
+    with atomic_directory(out_dir) as tmp:  # a kill mid-save leaves the previous draft whole
+        for fname, tensors in files.items():
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                     indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    return Path(out_dir)
 
 
 def autocast(device: torch.device):
