@@ -15,7 +15,7 @@ when it speculates for this target). For the attention term, g maps the target's
 layers (the ones SpecAttn selects for) onto the draft's layers in equal contiguous
 groups, a monotone map like the one calibrate.py later finds. It matters: trained on tokens
 alone, the demo draft learned no attention sink, so top-p on its attention dropped the
-position the target's deep layers attend to most (README, "The demo draft").
+position the target's deep layers attend to most (docs/results.md, "The demo draft").
 
 Held out of training: the first --holdout tokens of every book, which covers every scored
 token of eval_pg19.py's protocols (paper: 2048, long: 8192), and the measurement of
@@ -363,4 +363,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the draft is written when training ends, so nothing was saved")
