@@ -13,6 +13,9 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     rows' positions. Random weights accept nothing, so this row times a step, not tokens.
 (c) the peer: Hugging Face transformers `generate` with a static cache on the same demo
     target, batch 1 (transformers is on the GPU image; imported only here, optional).
+(d) the kernels alone (`--parts kernels`, not in the default): top-p against the sort
+    reference, the sparse attention against SDPA, the attention's launch choices; after
+    `kernels.check_on_gpu`.
 
     python bench.py --out DIR               # (a), (c), then (b)
     python bench.py --parts demo,hf         # some parts
@@ -22,16 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import specattn as SA
+import kernels as K
 from kernels import topp_mask_reference
-from model import ModelArgs, Transformer, compile_pointwise, fuse_projections
+from model import ModelArgs, Transformer, compile_pointwise, fuse_projections, write_atomic
 
 TARGET_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                       vocab_size=128256, rope_theta=500000.0, max_seq_len=131072 + 512)
@@ -175,11 +179,164 @@ def bench_hf(say, contexts, max_new_tokens: int) -> dict:
     return rates
 
 
+def hbm_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus written."""
+    from triton.testing import do_bench
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), return_mode="median")
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+
+def graphed(fn):
+    """Capture fn's launches in a CUDA graph; returns a replay function. Timing replays
+    measures the GPU work alone, without Python's per-launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+
+def bench_kernels(out_dir=None):
+    """(d): the kernels alone: top-p against the sort reference, the sparse attention against SDPA,
+    and the attention's launch choices. Checks the kernels first (kernels.check_on_gpu)."""
+    from triton.testing import do_bench
+
+    assert torch.cuda.is_available(), "--parts kernels needs a CUDA GPU"
+    dev = "cuda"
+    lines = []
+
+    def say(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    bw = hbm_bandwidth()
+    say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {K.triton.__version__}")
+    say(f"# HBM copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
+
+    topp_shapes = ((32, 4096), (32, 32768), (32, 131072), (120, 32768), (15, 131072))  # (rows, N)
+    K.check_on_gpu(topp_shapes)
+    say("# correctness: top-p (mask, counts) and sparse attention (bf16, rel err < 1e-2) match the references")
+
+    say()
+    say("## top-p, fp32, p=0.9: ms, median; eager (Python launches) / CUDA graph (GPU work alone)")
+    say("120 rows of 32k and 15 of 128k are what bench.py selects on at batch 8 / 32k and batch 1 / 128k")
+    say("| rows | N | sort reference | Triton mask | Triton select (idx+count) | speed-up, graph (mask / select) "
+        "| read-once floor |")
+    say("|---|---|---|---|---|---|---|")
+    for rows, n in topp_shapes:
+        w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
+        times = []
+        for fn in (lambda: K.topp_mask_reference(w, 0.9), lambda: K.topp_mask(w, 0.9), lambda: K.topp_select(w, 0.9)):
+            times.append((do_bench(fn, return_mode="median"), do_bench(graphed(fn), return_mode="median")))
+        floor = w.numel() * 4 / bw * 1e3
+        cells = " | ".join(f"{e:.4f} / {g:.4f}" for e, g in times)
+        say(f"| {rows} | {n} | {cells} | {times[0][1] / times[1][1]:.1f}x / {times[0][1] / times[2][1]:.1f}x "
+            f"| {floor:.4f} |")
+
+    say()
+    say("## top-p paths: select, µs, CUDA graph; one program per row vs the chunked search (a star marks topp_select's pick)")
+    say("| rows | N | one program per row | chunked |")
+    say("|---|---|---|---|")
+    for rows, n in ((15, 8192), (15, 16384), (120, 16384), (15, 32768), (120, 32768), (120, 65536)):
+        w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
+        picked = K._one_program_per_row(rows, n, w.device)
+        cells = []
+        for single in (True, False):
+            fn = lambda: K._topp_triton(w, 0.9, write_mask=False, write_idx=True, one_program_per_row=single)  # noqa: E731
+            got = fn()
+            K.check_topp_definition(w, K._selected_mask(*got[1:], n), 0.9, rel_tol=1e-6)
+            cells.append(f"{do_bench(graphed(fn), return_mode='median') * 1e3:.1f}{' *' if single == picked else ''}")
+        say(f"| {rows} | {n} | {cells[0]} | {cells[1]} |")
+
+    say()
+    say("## verification attention: 8 queries, 32 q-heads / 8 KV heads, D=128, bf16, batch 1")
+    say("ms, median, CUDA graph replays; GB/s on the bytes each variant must read (K+V rows read, idx)")
+    say("| S | SDPA dense | kernel dense | kernel 25% | kernel 10% | 25% vs kernel dense | 25% vs SDPA | "
+        "GB/s dense | GB/s 25% | GB/s 10% |")
+    say("|---|---|---|---|---|---|---|---|---|---|")
+    T, Hq, Hkv, D = 8, 32, 8, 128
+    for S in (8192, 32768, 131072):
+        q = torch.randn(1, Hq, T, D, device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(1, Hkv, S + T, D, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        mask = torch.ones(T, S + T, dtype=torch.bool, device=dev)
+        mask[:, S:] = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q, kc, vc, attn_mask=mask, enable_gqa=True)
+        row = [do_bench(graphed(sdpa), return_mode="median"),
+               do_bench(graphed(lambda: K.sparse_attention(q, kc, vc, S)), return_mode="median")]
+        gbs = [(S + T) * Hkv * D * 2 * 2 / (row[1] * 1e-3) / 1e9]
+        for frac in (0.25, 0.10):
+            idx, count = K._random_selection(1, Hkv, S, frac, dev)
+            t = do_bench(graphed(lambda: K.sparse_attention(q, kc, vc, S, idx, count)), return_mode="median")
+            read = (count.sum().item() + Hkv * T) * D * 2 * 2 + count.sum().item() * 4
+            row.append(t)
+            gbs.append(read / (t * 1e-3) / 1e9)
+        say(f"| {S} | {row[0]:.4f} | {row[1]:.4f} | {row[2]:.4f} | {row[3]:.4f} | {row[1] / row[2]:.1f}x | "
+            f"{row[0] / row[2]:.1f}x | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} |")
+    say()
+    say("## launch choices: 5 queries (γ=4), 32 q-heads / 8 KV heads, D=128, bf16; one selection per batch row")
+    say("µs, median, CUDA graph replays. default = the choices sparse_attention makes; splits per head from")
+    say("programs per multiprocessor (/SM), then block_n; `own launch` = the merge as a second kernel instead")
+    say("of by each head's last program; `no prefetch` = indices loaded in the iteration that uses them")
+    say("| B | S | kept | default | own launch | no prefetch | " + " | ".join(
+        f"{ps:g}/SM, {bn}" for ps in (0.5, 1, 2, 8) for bn in (64, 128)) + " |")
+    say("|---|---|---|---|---|---|" + "---|" * 8)
+    sm = K._sm_count(torch.device(dev))
+    for B, S, frac in ((1, 8192, 1.0), (1, 8192, 0.25), (1, 32768, 0.25), (1, 131072, 0.25), (8, 8192, 0.25),
+                        (8, 32768, 0.25)):
+        q = torch.randn(B, Hq, 5, D, device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(B, Hkv, S + 5, D, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        sel = K._random_selection(B, 1, S, frac, dev) if frac < 1 else (None, None)
+        variants = [{}, {"fused_merge": False}, {"prefetch": False}] + [
+            {"n_splits": K.triton.cdiv(int(ps * sm), B * Hkv), "block_n": bn}
+            for ps in (0.5, 1, 2, 8) for bn in (64, 128)]
+        cells = [do_bench(graphed(lambda: K.sparse_attention(q, kc, vc, S, *sel, **kw)), return_mode="median") * 1e3
+                 for kw in variants]
+        say(f"| {B} | {S} | {frac:.0%} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(out_dir) / "kernels_bench.md", "\n".join(lines) + "\n")
+
+
+def for_profiler():
+    """The verification attention at batch 8 (5 queries, 32 query heads / 8 KV heads, D=128,
+    bf16) on 25% of a 32k row, on a dense 8k row (the same bytes, read contiguously) and on
+    a dense 32k row, each called twice, for a profiler that reads hardware counters:
+
+        ncu --clock-control none -k regex:_sparse_attn_split --section SpeedOfLight \\
+            --section MemoryWorkloadAnalysis --section Occupancy python kernels.py --for-profiler
+    """
+    assert torch.cuda.is_available(), "--for-profiler needs a CUDA GPU"
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, D = 8, 32, 8, 5, 128
+    for S, frac in ((32768, 0.25), (8192, 1.0), (32768, 1.0)):
+        q = torch.randn(B, Hq, T, D, device="cuda", dtype=torch.bfloat16)
+        k_cache = torch.randn(B, Hkv, S + T, D, device="cuda", dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        idx, count = K._random_selection(B, 1, S, frac, "cuda") if frac < 1 else (None, None)
+        for _ in range(2):  # the first call also compiles; both launches are the same work
+            K.sparse_attention(q, k_cache, v_cache, S, idx, count)
+        torch.cuda.synchronize()
+        print(f"batch {B}, {S} cached positions, {frac:.0%} kept: 2 calls", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description="Time the generation engine (specattn.SpecEngine) on a GPU.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--parts", default="demo,hf,8b", help="which parts to run, comma-separated: demo (a), "
-                        "8b (b), hf (c)")
+                        "8b (b), hf (c), kernels (d: the kernels alone, written to kernels_bench.md)")
     parser.add_argument("--batches", default="1,8,32,64", help="demo batch sizes")
     parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens); the demo "
                         "model has 8192 positions, which also hold the new tokens")
@@ -190,8 +347,8 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench.md")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    if not parts or parts - {"demo", "8b", "hf"}:
-        raise SystemExit(f"error: --parts takes a comma-separated subset of demo,8b,hf, got {args.parts!r}")
+    if not parts or parts - {"demo", "8b", "hf", "kernels"}:
+        raise SystemExit(f"error: --parts takes a comma-separated subset of demo,8b,hf,kernels, got {args.parts!r}")
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.py times the engine on a CUDA GPU; none is visible here")
     compile_pointwise(True)
@@ -220,11 +377,13 @@ def main():
                     f"{r['specattn'] / r['dense']:.2f}x |")
     if "8b" in parts:
         bench_8b(say)
+    if "kernels" in parts:
+        bench_kernels(out_dir=args.out)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        SA.write_atomic(out / "bench.md", "\n".join(lines) + "\n")
-        SA.write_atomic(out / "bench.json", json.dumps({"demo": {f"{b}x{c}": r for (b, c), r in demo.items()},
+        write_atomic(out / "bench.md", "\n".join(lines) + "\n")
+        write_atomic(out / "bench.json", json.dumps({"demo": {f"{b}x{c}": r for (b, c), r in demo.items()},
                                                         "hf": hf}, indent=1))
 
 

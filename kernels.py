@@ -26,9 +26,10 @@ Works copied alone (torch + triton). Two pieces:
    and values (`new_kv`), the same launch also appends them to the cache.
 
 `topp_mask_reference`, `topp_select_reference` and `sparse_attention_reference` are the
-definitions, used by the tests and as the CPU fallback. On a GPU, `python kernels.py
---check` compares the kernels with them (bf16 included, which the CPU interpreter cannot
-run), and `--bench` checks, then times both.
+definitions, used by the tests and as the CPU fallback (also where triton is not
+installed). On a GPU, `python kernels.py --check` compares the kernels with them (bf16
+included, which the CPU interpreter cannot run); `python bench.py --parts kernels` checks,
+then times them.
 """
 
 from __future__ import annotations
@@ -38,12 +39,27 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # no triton (it installs on Linux only): the PyTorch references still work
+    HAS_TRITON = False
+
+    class triton:  # noqa: N801 - stands in for the module, so that the kernel definitions below parse
+        jit = staticmethod(lambda fn: fn)
+        cdiv = staticmethod(lambda a, b: -(-a // b))
+        next_power_of_2 = staticmethod(lambda n: 1 << max(0, int(n) - 1).bit_length())
+
+    class tl:  # noqa: N801
+        constexpr = staticmethod(lambda value: value)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Run the Triton kernel (on a GPU, or under TRITON_INTERPRET=1), or else the reference."""
+    return HAS_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _sm_count(device) -> int:
@@ -110,7 +126,7 @@ def _selected_mask(idx: torch.Tensor, count: torch.Tensor, n: int) -> torch.Tens
 # times, in one launch. Long rows: the row is cut into chunks, one program per (row,
 # chunk), and the search runs as a few launches; each launch narrows [lo, hi) 16-fold by
 # counting, per chunk, the mass at 16 pivot keys. Which is faster depends on how many
-# programs there are to fill the GPU (measured on an H200, `python kernels.py --bench`):
+# programs there are to fill the GPU (measured on an H200, `python bench.py --parts kernels`):
 # one program per row wins up to 16k entries whatever the row count, and up to 32k when
 # the rows alone occupy half the multiprocessors (the "top-p paths" table).
 
@@ -662,7 +678,7 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     if n_splits is None:
         # Every split leaves a partial that the merging program folds in one after another,
         # so fewer splits are better as long as the multiprocessors stay busy. Measured on
-        # an H200 (`python kernels.py --bench`, launch choices): about one program per two
+        # an H200 (`python bench.py --parts kernels`, launch choices): about one program per two
         # multiprocessors, 128 keys per block; with few heads and long rows, more splits of
         # >= 4096 positions each, up to two programs per multiprocessor, 64 keys per block
         # (batch 1 at 128k: 32 splits per head, not 9).
@@ -734,17 +750,7 @@ def attention_slot(q, k_new, v_new, k_cache, v_cache, lengths, start=None, keep=
 
 
 # ----------------------------------------------------------------------------------------
-# Benchmark: python kernels.py --bench  (GPU)
-
-
-def _hbm_bandwidth() -> float:
-    """Bytes/s of a large device-to-device copy, counting bytes read plus written."""
-    from triton.testing import do_bench
-
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), return_mode="median")
-    return 2 * x.numel() / (ms * 1e-3)
+# Checks (tests, and python kernels.py --check on a GPU)
 
 
 def _random_selection(B, Hkv, S, frac, device):
@@ -780,21 +786,6 @@ def check_topp_definition(w, keep, p, rel_tol: float):
             f"kept {keep[r].sum().item()}, smallest kept {smallest[r].item():.4e} vs largest dropped "
             f"{largest_dropped[r].item():.4e}, kept mass {kept_mass[r].item():.9f}, without smallest "
             f"{without_smallest[r].item():.9f}, target {p_rows[r].item() * total[r].item():.9f}")
-
-
-def _graphed(fn):
-    """Capture fn's launches in a CUDA graph; returns a replay function. Timing replays
-    measures the GPU work alone, without Python's per-launch overhead."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
@@ -864,146 +855,11 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
                 f"last row B={B} Hq={Hq} S={S} mean={mean}: max rel err {err:.2e}"
 
 
-def bench(out_dir=None):
-    from triton.testing import do_bench
-
-    assert torch.cuda.is_available(), "--bench needs a CUDA GPU"
-    dev = "cuda"
-    lines = []
-
-    def say(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
-    bw = _hbm_bandwidth()
-    say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    say(f"# HBM copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
-
-    topp_shapes = ((32, 4096), (32, 32768), (32, 131072), (120, 32768), (15, 131072))  # (rows, N)
-    check_on_gpu(topp_shapes)
-    say("# correctness: top-p (mask, counts) and sparse attention (bf16, rel err < 1e-2) match the references")
-
-    say()
-    say("## top-p, fp32, p=0.9: ms, median; eager (Python launches) / CUDA graph (GPU work alone)")
-    say("120 rows of 32k and 15 of 128k are what bench.py selects on at batch 8 / 32k and batch 1 / 128k")
-    say("| rows | N | sort reference | Triton mask | Triton select (idx+count) | speed-up, graph (mask / select) "
-        "| read-once floor |")
-    say("|---|---|---|---|---|---|---|")
-    for rows, n in topp_shapes:
-        w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
-        times = []
-        for fn in (lambda: topp_mask_reference(w, 0.9), lambda: topp_mask(w, 0.9), lambda: topp_select(w, 0.9)):
-            times.append((do_bench(fn, return_mode="median"), do_bench(_graphed(fn), return_mode="median")))
-        floor = w.numel() * 4 / bw * 1e3
-        cells = " | ".join(f"{e:.4f} / {g:.4f}" for e, g in times)
-        say(f"| {rows} | {n} | {cells} | {times[0][1] / times[1][1]:.1f}x / {times[0][1] / times[2][1]:.1f}x "
-            f"| {floor:.4f} |")
-
-    say()
-    say("## top-p paths: select, µs, CUDA graph; one program per row vs the chunked search (a star marks topp_select's pick)")
-    say("| rows | N | one program per row | chunked |")
-    say("|---|---|---|---|")
-    for rows, n in ((15, 8192), (15, 16384), (120, 16384), (15, 32768), (120, 32768), (120, 65536)):
-        w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
-        picked = _one_program_per_row(rows, n, w.device)
-        cells = []
-        for single in (True, False):
-            fn = lambda: _topp_triton(w, 0.9, write_mask=False, write_idx=True, one_program_per_row=single)  # noqa: E731
-            got = fn()
-            check_topp_definition(w, _selected_mask(*got[1:], n), 0.9, rel_tol=1e-6)
-            cells.append(f"{do_bench(_graphed(fn), return_mode='median') * 1e3:.1f}{' *' if single == picked else ''}")
-        say(f"| {rows} | {n} | {cells[0]} | {cells[1]} |")
-
-    say()
-    say("## verification attention: 8 queries, 32 q-heads / 8 KV heads, D=128, bf16, batch 1")
-    say("ms, median, CUDA graph replays; GB/s on the bytes each variant must read (K+V rows read, idx)")
-    say("| S | SDPA dense | kernel dense | kernel 25% | kernel 10% | 25% vs kernel dense | 25% vs SDPA | "
-        "GB/s dense | GB/s 25% | GB/s 10% |")
-    say("|---|---|---|---|---|---|---|---|---|---|")
-    T, Hq, Hkv, D = 8, 32, 8, 128
-    for S in (8192, 32768, 131072):
-        q = torch.randn(1, Hq, T, D, device=dev, dtype=torch.bfloat16)
-        kc = torch.randn(1, Hkv, S + T, D, device=dev, dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        mask = torch.ones(T, S + T, dtype=torch.bool, device=dev)
-        mask[:, S:] = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-            q, kc, vc, attn_mask=mask, enable_gqa=True)
-        row = [do_bench(_graphed(sdpa), return_mode="median"),
-               do_bench(_graphed(lambda: sparse_attention(q, kc, vc, S)), return_mode="median")]
-        gbs = [(S + T) * Hkv * D * 2 * 2 / (row[1] * 1e-3) / 1e9]
-        for frac in (0.25, 0.10):
-            idx, count = _random_selection(1, Hkv, S, frac, dev)
-            t = do_bench(_graphed(lambda: sparse_attention(q, kc, vc, S, idx, count)), return_mode="median")
-            read = (count.sum().item() + Hkv * T) * D * 2 * 2 + count.sum().item() * 4
-            row.append(t)
-            gbs.append(read / (t * 1e-3) / 1e9)
-        say(f"| {S} | {row[0]:.4f} | {row[1]:.4f} | {row[2]:.4f} | {row[3]:.4f} | {row[1] / row[2]:.1f}x | "
-            f"{row[0] / row[2]:.1f}x | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} |")
-    say()
-    say("## launch choices: 5 queries (γ=4), 32 q-heads / 8 KV heads, D=128, bf16; one selection per batch row")
-    say("µs, median, CUDA graph replays. default = the choices sparse_attention makes; splits per head from")
-    say("programs per multiprocessor (/SM), then block_n; `own launch` = the merge as a second kernel instead")
-    say("of by each head's last program; `no prefetch` = indices loaded in the iteration that uses them")
-    say("| B | S | kept | default | own launch | no prefetch | " + " | ".join(
-        f"{ps:g}/SM, {bn}" for ps in (0.5, 1, 2, 8) for bn in (64, 128)) + " |")
-    say("|---|---|---|---|---|---|" + "---|" * 8)
-    sm = _sm_count(torch.device(dev))
-    for B, S, frac in ((1, 8192, 1.0), (1, 8192, 0.25), (1, 32768, 0.25), (1, 131072, 0.25), (8, 8192, 0.25),
-                        (8, 32768, 0.25)):
-        q = torch.randn(B, Hq, 5, D, device=dev, dtype=torch.bfloat16)
-        kc = torch.randn(B, Hkv, S + 5, D, device=dev, dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        sel = _random_selection(B, 1, S, frac, dev) if frac < 1 else (None, None)
-        variants = [{}, {"fused_merge": False}, {"prefetch": False}] + [
-            {"n_splits": triton.cdiv(int(ps * sm), B * Hkv), "block_n": bn}
-            for ps in (0.5, 1, 2, 8) for bn in (64, 128)]
-        cells = [do_bench(_graphed(lambda: sparse_attention(q, kc, vc, S, *sel, **kw)), return_mode="median") * 1e3
-                 for kw in variants]
-        say(f"| {B} | {S} | {frac:.0%} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "kernels_bench.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-
-
-def for_profiler():
-    """The verification attention at batch 8 (5 queries, 32 query heads / 8 KV heads, D=128,
-    bf16) on 25% of a 32k row, on a dense 8k row (the same bytes, read contiguously) and on
-    a dense 32k row, each called twice, for a profiler that reads hardware counters:
-
-        ncu --clock-control none -k regex:_sparse_attn_split --section SpeedOfLight \\
-            --section MemoryWorkloadAnalysis --section Occupancy python kernels.py --for-profiler
-    """
-    assert torch.cuda.is_available(), "--for-profiler needs a CUDA GPU"
-    torch.manual_seed(0)
-    B, Hq, Hkv, T, D = 8, 32, 8, 5, 128
-    for S, frac in ((32768, 0.25), (8192, 1.0), (32768, 1.0)):
-        q = torch.randn(B, Hq, T, D, device="cuda", dtype=torch.bfloat16)
-        k_cache = torch.randn(B, Hkv, S + T, D, device="cuda", dtype=torch.bfloat16)
-        v_cache = torch.randn_like(k_cache)
-        idx, count = _random_selection(B, 1, S, frac, "cuda") if frac < 1 else (None, None)
-        for _ in range(2):  # the first call also compiles; both launches are the same work
-            sparse_attention(q, k_cache, v_cache, S, idx, count)
-        torch.cuda.synchronize()
-        print(f"batch {B}, {S} cached positions, {frac:.0%} kept: 2 calls", flush=True)
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="SpecAttn Triton kernels: check against the references and time.")
-    parser.add_argument("--bench", action="store_true", help="check, then time top-p and sparse attention (GPU)")
-    parser.add_argument("--check", action="store_true",
-                        help="only check the kernels against their references on the GPU (bf16 attention included)")
-    parser.add_argument("--for-profiler", action="store_true",
-                        help="only run the attention at batch 8, each configuration twice, for ncu (see for_profiler)")
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the markdown table "
-                        "(default: $OUT if set)")
-    cli = parser.parse_args()
-    if cli.bench:
-        bench(out_dir=cli.out)
-    elif cli.for_profiler:
-        for_profiler()
-    elif cli.check:
+    parser = argparse.ArgumentParser(description="SpecAttn Triton kernels: check them against their PyTorch "
+                                     "references on the GPU (bf16 attention included). Timing: bench.py --parts kernels")
+    parser.add_argument("--check", action="store_true", help="run the check (needs a CUDA GPU)")
+    if parser.parse_args().check:
         check_on_gpu()
         print("kernels match their references on the GPU")
     else:

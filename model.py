@@ -80,7 +80,7 @@ class ModelArgs:
 
     def max_positions_text(self) -> str:
         """"max positions N", and why N when a sliding window sets it (for error messages)."""
-        window = (f", the checkpoint's sliding window: attention past it is not implemented"
+        window = (", the checkpoint's sliding window: attention past it is not implemented"
                   if self.sliding_window else "")
         return f"max positions {self.max_seq_len}{window}"
 
@@ -1075,9 +1075,9 @@ class SentencePieceTokenizer(Tokenizer):
         model = tj["model"]
         if model.get("type") != "BPE":
             raise ValueError(f"model type {model.get('type')!r} is not a byte-pair encoding")
-        for field in ("continuing_subword_prefix", "end_of_word_suffix"):
-            if model.get(field):
-                raise ValueError(f"BPE field {field}={model[field]!r} is not supported")
+        for name in ("continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(name):
+                raise ValueError(f"BPE field {name}={model[name]!r} is not supported")
         norm, pre = tj.get("normalizer") or {}, tj.get("pre_tokenizer") or {}
         prepend, split_at_spaces = "never", False
         for step in norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm] if norm else []:
@@ -1110,16 +1110,16 @@ class SentencePieceTokenizer(Tokenizer):
         BPE's merge order); CONTROL/UNKNOWN pieces are specials; BOS by default."""
         pieces, scores, types = [], [], []
         model_type, byte_fallback, add_dummy_prefix = 1, False, True  # the proto's defaults
-        for field, value in _protobuf_fields(data):
-            if field == 1:  # SentencePiece {string piece = 1; float score = 2; Type type = 3}
+        for number, value in _protobuf_fields(data):
+            if number == 1:  # SentencePiece {string piece = 1; float score = 2; Type type = 3}
                 entry = {f: v for f, v in _protobuf_fields(value)}
                 pieces.append(entry.get(1, b"").decode("utf-8"))
                 scores.append(struct.unpack("<f", entry[2])[0] if 2 in entry else 0.0)
                 types.append(entry.get(3, 1))
-            elif field == 2:  # TrainerSpec {ModelType model_type = 3; bool byte_fallback = 35}
+            elif number == 2:  # TrainerSpec {ModelType model_type = 3; bool byte_fallback = 35}
                 spec = {f: v for f, v in _protobuf_fields(value)}
                 model_type, byte_fallback = spec.get(3, 1), bool(spec.get(35, 0))
-            elif field == 3:  # NormalizerSpec {bool add_dummy_prefix = 3}
+            elif number == 3:  # NormalizerSpec {bool add_dummy_prefix = 3}
                 add_dummy_prefix = bool({f: v for f, v in _protobuf_fields(value)}.get(3, 1))
         if model_type != 2:
             raise ValueError(f"tokenizer.model is a SentencePiece model of type {model_type} (only BPE, type 2, "

@@ -682,6 +682,23 @@ def test_topp_per_row_p_and_half_precision(topp_path):
         assert got[0, 2].all() and got[1, 2].sum() < got[1, 1].sum()
 
 
+def test_kernels_work_without_triton():
+    """kernels.py copied where triton is not installed: the PyTorch references answer."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+            "import torch, kernels as K\n"
+            "assert not K.HAS_TRITON\n"
+            "w = torch.rand(3, 50); assert torch.equal(K.topp_mask(w, 0.5), K.topp_mask_reference(w, 0.5))\n"
+            "q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 12, 8)\n"
+            "out = K.sparse_attention(q, k, k, 9)[0]\n"
+            "assert torch.equal(out, K.sparse_attention_reference(q, k, k, 9)[0])\n"
+            "import eval_pg19, specattn")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_topp_rejects_bad_p():
     w = torch.rand(2, 10)
     for p in (0.0, -0.5, float("nan")):
