@@ -34,6 +34,7 @@ import torch
 
 import specattn as SA
 import kernels as K
+from calibrate import layer_map_for, load_pair
 from kernels import topp_mask_reference
 from model import ModelArgs, Transformer, compile_pointwise, fuse_projections, write_atomic
 
@@ -121,8 +122,7 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 @torch.no_grad()
 def bench_demo(say, batches, contexts, max_new_tokens: int, gamma: int, topp: float, layer_map_path=None) -> dict:
     """(a): the demo pair through run_modes, every (batch, context)."""
-    target, draft, tokenizer = SA.load_pair(device="cuda")
-    from calibrate import layer_map_for
+    target, draft, tokenizer = load_pair(device="cuda")
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
     fuse_projections(target), fuse_projections(draft)

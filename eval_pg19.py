@@ -50,10 +50,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from calibrate import DEMO_DRAFT, add_pair_arguments, check_device, layer_map_for, load_pair, parse_layers
+from demo import demo_books, demo_target
 from kernels import topp_mask
 from model import check_memory, kv_cache_bytes, write_atomic
-from specattn import (SelectionConfig, add_pair_arguments, check_device, count_kv_reads, draft_selection, load_pair,
-                      parse_layers)
+from specattn import SelectionConfig, count_kv_reads, draft_selection
 
 METHODS = ("dense", "specattn", "oracle", "quest", "streamingllm", "h2o")
 BUDGETED = ("quest", "streamingllm", "h2o")
@@ -549,9 +550,7 @@ def checkpoint_identity(path) -> str:
 
 def run_settings(args, target, layer_map, tokenizer) -> dict:
     """Everything a book's results depend on. A results file is resumed only under equal settings."""
-    from specattn import DEMO_DRAFT
-
-    target_dir = args.target or __import__("demo").demo_target()
+    target_dir = args.target or demo_target()
     draft_dir = args.draft or (DEMO_DRAFT if args.target is None and args.draft_layers is None else target_dir)
     keys = ("draft_layers", "protocol", "max_tokens", "prefill_frac", "gamma", "dense_layers", "sinks", "combine",
             "per_head", "methods", "topp", "quest_page", "quest_pin", "split")
@@ -606,8 +605,6 @@ def main(argv=None):
     try:
         check_device(args.device)
         if args.data is None:
-            from demo import demo_books
-
             args.data = demo_books()
         books, skipped = load_books(args.data, args.split, args.books)
         if not books:
@@ -626,8 +623,6 @@ def main(argv=None):
                      eval_memory(target, draft, len(runs), n, args.gamma, has_h2o) <= need / 2), None)
         check_memory(need, target.output.weight.device, f"scoring {len(runs)} runs over {args.max_tokens} tokens",
                      f"use fewer --topp values or --methods{f', or --max-tokens {fits}' if fits else ''}")
-        from calibrate import layer_map_for
-
         if rank != 0:  # rank 0 calibrates (and caches) first; the others then read its cache
             store.wait(["layer_map"])
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)

@@ -13,9 +13,9 @@ The loop, in one picture (γ = gamma), run for every row of a batch at once:
 `SpecEngine` runs that loop on fixed buffers with each row's cache length on the device, so on a
 GPU every phase is a CUDA graph captured once (see its docstring); `speculative_generate` and
 `greedy_generate` are the functions on top. `draft_selection` turns draft attention into the
-target's KV selection for teacher-forced evaluation (eval_pg19.py); `load_pair` loads a target
-and a draft that share a tokenizer. Layer maps come from calibrate.py; the attention hooks from
-model.py; the kernels from kernels.py.
+target's KV selection for teacher-forced evaluation (eval_pg19.py). Pairs and layer maps come
+from calibrate.py (`load_pair`, `layer_map_for`); the attention hooks from model.py; the
+kernels from kernels.py.
 
 KV accounting, defined once: an "entry" is one (target layer, KV head, cached position) that
 the target reads during a verification forward. The new block's own γ+1 positions are always
@@ -41,115 +41,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from calibrate import add_pair_arguments, check_device, layer_map_for, load_pair, parse_layers
+from demo import demo_books
 from kernels import attention_slot, topp_mask, topp_select
-from model import (Tokenizer, Transformer, cache_attention, compile_pointwise, draft_info, format_bytes,
-                   free_memory, fuse_projections, kv_cache_bytes, load_draft, load_model, write_atomic)
+from model import (Tokenizer, Transformer, cache_attention, compile_pointwise, format_bytes, free_memory,
+                   fuse_projections, kv_cache_bytes, write_atomic)
 
 # ----------------------------------------------------------------------------------------
 # Loading a target/draft pair
 
-
-def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
-    """'0-11' or '0,2,4' or '0-3,8' -> list of ints; None -> None (all layers)."""
-    if not spec:
-        return None
-    out = []
-    for part in spec.split(","):
-        a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b) + 1) if b else [int(a)])
-    return out
-
-
-DEMO_DRAFT = Path(__file__).resolve().parent / "draft"  # train_draft.py's draft for the demo target
-
-
-def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
-    """--target, --draft, --draft-layers: the command-line face of load_pair (here and in eval_pg19.py)."""
-    parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
-    parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by train_draft.py "
-                                        "(default with the demo target: its trained draft in draft/; otherwise "
-                                        "the target)")
-    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no --draft, of the "
-                                               "target: 0-11 is the demo's self-speculative first-12-layers draft)")
-    parser.add_argument("--bos", choices=["auto", "on", "off"], default="auto",
-                        help="put the tokenizer's BOS token before each text; auto: as the checkpoint says "
-                             "(tokenizer_config.json add_bos_token: on for Llama-2, TinyLlama, Mistral; off for "
-                             "SmolLM2)")
-
-
-def check_device(name: Optional[str]) -> None:
-    """A one-line error for a --device that is not cpu/cuda[:n], or cuda where there is no GPU."""
-    if name is None:
-        return
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-
-
-def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None, dtype=None, bos="auto"):
-    """(target, draft, tokenizer). Defaults: the demo target and its trained draft (draft/,
-    made by train_draft.py); with draft_layers and no draft_path, the draft is the target's
-    own first layers instead (the self-speculative draft, for comparison). `bos` (auto, on,
-    off) sets `tokenizer.add_bos`, which every encode follows."""
-    if target_path is None:
-        from demo import demo_target
-
-        target_path = demo_target()
-        if draft_path is None and draft_layers is None:
-            draft_path = DEMO_DRAFT
-            if not (DEMO_DRAFT / "config.json").exists():
-                raise FileNotFoundError(f"the demo's trained draft {DEMO_DRAFT} is missing: restore the repo's "
-                                        f"draft/ folder, make one with train_draft.py, or pass --draft-layers 0-11")
-    draft_path = draft_path or target_path
-    for name, path in (("--target", target_path), ("--draft", draft_path)):
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"{name} {path}: no such directory; pass a Hugging Face checkpoint directory")
-    tokenizer = Tokenizer.from_pretrained(target_path)
-    if bos not in ("auto", "on", "off"):
-        raise ValueError(f"--bos takes auto, on or off, got {bos!r}")
-    if bos == "on" and tokenizer.bos_id is None:
-        raise ValueError(f"--bos on, but the tokenizer in {target_path} names no BOS token; use --bos off")
-    if bos != "auto":
-        tokenizer.add_bos = bos == "on"
-    target = load_model(target_path, device=device, dtype=dtype)
-    if draft_info(draft_path) is not None:  # shares the target's embedding, and so its tokenizer
-        if draft_layers is not None:
-            raise ValueError("--draft-layers picks layers of a full checkpoint; a draft from train_draft.py "
-                             "is used whole")
-        return target, load_draft(draft_path, target), tokenizer
-    if Path(draft_path).resolve() != Path(target_path).resolve():
-        check_same_tokenizer(tokenizer, Tokenizer.from_pretrained(draft_path), target_path, draft_path)
-    draft = load_model(draft_path, device=device, dtype=dtype, layers=draft_layers)
-    if draft.args.vocab_size != target.args.vocab_size:
-        raise ValueError(f"draft vocab {draft.args.vocab_size} != target vocab {target.args.vocab_size}: "
-                         f"use a draft trained with the target's tokenizer")
-    return target, draft, tokenizer
-
-
-def check_same_tokenizer(a: Tokenizer, b: Tokenizer, path_a, path_b) -> None:
-    probe = "Speculative decoding, 2025: naïve café ☕ — 12345 tokens.\n\tEnd."
-    if a.vocab_size != b.vocab_size or a.encode(probe, bos=False) != b.encode(probe, bos=False) or a.special != b.special:
-        raise ValueError(f"draft tokenizer ({path_b}) differs from the target's ({path_a}); "
-                         f"SpecAttn needs a draft that shares the target's tokenizer")
-
-
-def load_layer_map(path, n_target_layers: int, n_draft_layers: int) -> list[int]:
-    try:
-        layer_map = json.loads(Path(path).read_text())["map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read the layer map {path} ({e}); make one with calibrate.py") from None
-    if len(layer_map) != n_target_layers or not all(0 <= i < n_draft_layers for i in layer_map):
-        raise ValueError(f"layer map {path} has {len(layer_map)} entries over draft layers "
-                         f"{min(layer_map)}..{max(layer_map)}; this pair needs {n_target_layers} entries "
-                         f"in 0..{n_draft_layers - 1} (recalibrate with calibrate.py)")
-    return layer_map
 
 
 # ----------------------------------------------------------------------------------------
@@ -725,8 +625,6 @@ MODES = ("plain", "dense", "specattn")  # target alone; speculative, dense verif
 def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[int]]:
     """`batch` prompts of `context` tokens cut from the demo books, at evenly spread offsets
     (each starting with BOS where the tokenizer adds one)."""
-    from demo import demo_books
-
     books = sorted((demo_books() / "test").glob("*.txt"))
     ids = [i for book in books for i in tokenizer.encode(book.read_text(encoding="utf-8"), bos=False)]
     head = [tokenizer.bos_id] if tokenizer.add_bos else []
@@ -864,8 +762,6 @@ def main(argv=None):
         check_device(args.device)
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
                                              device=args.device, bos=args.bos)
-        from calibrate import layer_map_for
-
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
         selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, combine=args.combine,
                                     sinks=args.sinks)

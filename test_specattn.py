@@ -1855,7 +1855,7 @@ def test_train_draft_learns_saves_and_reloads(tied_checkpoint, tmp_path):
     assert "model.embed_tokens.weight" not in names and "lm_head.weight" not in names
     assert "model.layers.1.mlp.down_proj.weight" in names and "model.norm.weight" in names
 
-    target, draft, tok = SA.load_pair(ckpt, out, device="cpu", dtype=torch.float32)
+    target, draft, tok = C.load_pair(ckpt, out, device="cpu", dtype=torch.float32)
     assert draft.args.n_layers == 2 and draft.tok_embeddings.weight is target.tok_embeddings.weight
     assert draft.output.weight is target.tok_embeddings.weight
     # Its predictions match the draft as trained, up to the bf16 storage.
@@ -1908,7 +1908,7 @@ def test_load_draft_rejects_another_target(tied_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="not a draft saved by train_draft.py"):
         M.load_draft(ckpt, target)
     with pytest.raises(ValueError, match="--draft-layers picks layers"):
-        SA.load_pair(ckpt, out, draft_layers=[0], device="cpu", dtype=torch.float32)
+        C.load_pair(ckpt, out, draft_layers=[0], device="cpu", dtype=torch.float32)
 
 
 def test_compile_pointwise_matches_eager():

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from calibrate import parse_layers
 from model import Tokenizer, Transformer, atomic_directory, embedding_probe, hf_key_map, load_draft, load_model
 
 # ----------------------------------------------------------------------------------------
@@ -314,7 +315,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from specattn import parse_layers
 
     if args.target is None:
         from demo import demo_target
