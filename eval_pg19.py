@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from calibrate import DEMO_DRAFT, add_pair_arguments, check_device, layer_map_for, load_pair, parse_layers
 from demo import demo_books, demo_target
-from kernels import topp_mask
+from kernels import check_topp, topp_mask
 from model import check_memory, kv_cache_bytes, write_atomic
 from specattn import SelectionConfig, count_kv_reads, draft_selection
 
@@ -500,8 +500,10 @@ def parse_args(argv=None):
     parser.add_argument("--plot", help="save perplexity increase vs KV reads saved to this PNG (needs matplotlib)")
     args = parser.parse_args(argv)
     for p in args.topp:
-        if not (0 < p <= 1):
-            parser.error(f"--topp must be in (0, 1], got {p}")
+        try:
+            check_topp(p, "--topp")
+        except ValueError as err:
+            parser.error(str(err))
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {' '.join(METHODS)}")

@@ -70,6 +70,13 @@ def _sm_count(device) -> int:
 # Top-p selection: reference
 
 
+def check_topp(p: float, name: str = "top-p") -> float:
+    """p itself if it is a top-p value, in (0, 1]; else a one-line ValueError naming `name`."""
+    if not (0 < p <= 1):  # NaN fails too
+        raise ValueError(f"{name} must be in (0, 1], got {p}")
+    return p
+
+
 def _p_per_row(p, rows_shape, device) -> torch.Tensor:
     """p as a float32 tensor of shape rows_shape; checks a Python float."""
     if isinstance(p, torch.Tensor):

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from calibrate import add_pair_arguments, check_device, layer_map_for, load_pair, parse_layers
 from demo import demo_books
-from kernels import attention_slot, topp_mask, topp_select
+from kernels import attention_slot, check_topp, topp_mask, topp_select
 from model import (Tokenizer, Transformer, cache_attention, compile_pointwise, format_bytes, free_memory,
                    fuse_projections, kv_cache_bytes, write_atomic)
 
@@ -62,12 +62,10 @@ class SelectionConfig:
     dense_layers: int = 2  # the first layers always read everything
     combine: str = "union"  # how the draft's rows become one selection: "union" of top-p sets, or "mean" rows
     sinks: int = 0  # always read the first `sinks` positions
-    recent: int = 0  # always read the last `recent` cached positions
     per_head: bool = False  # select per target KV head (needs draft heads == target heads)
 
     def __post_init__(self):
-        if not (0 < self.topp <= 1):
-            raise ValueError(f"top-p must be in (0, 1], got {self.topp}")
+        check_topp(self.topp)
         if self.combine not in ("union", "mean"):
             raise ValueError(f"combine must be 'union' or 'mean', got {self.combine!r}")
 
@@ -110,8 +108,6 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
         keep = keep.cummax(2).values if causal else keep.any(2, keepdim=True)
     if cfg.sinks:
         keep[..., :cfg.sinks] = True
-    if cfg.recent:
-        keep[..., max(0, S - cfg.recent):] = True
     return keep.expand(B, n_kv_heads, keep.shape[2], S)
 
 
@@ -751,8 +747,7 @@ def main(argv=None):
         modes = [m for m in args.modes.split(",") if m]
         if not modes or any(m not in MODES for m in modes):
             raise ValueError(f"--modes takes a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
-        if not (0 < args.topp <= 1):
-            raise ValueError(f"--topp must be in (0, 1], got {args.topp}")
+        check_topp(args.topp, "--topp")
         if args.gamma < 1:
             raise ValueError(f"--gamma must be >= 1, got {args.gamma}")
         if args.batch < 1:
