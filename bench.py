@@ -36,7 +36,7 @@ import specattn as SA
 import kernels as K
 from calibrate import layer_map_for, load_pair
 from kernels import topp_mask_reference
-from model import ModelArgs, Transformer, compile_pointwise, fuse_projections, write_atomic
+from model import ModelArgs, Transformer, compile_pointwise, write_atomic
 
 TARGET_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                       vocab_size=128256, rope_theta=500000.0, max_seq_len=131072 + 512)
@@ -47,7 +47,7 @@ LAYER_MAP_8B = [j // 2 for j in range(32)]  # a monotone 32 -> 16 map, as calibr
 
 def random_model(args: ModelArgs, seed: int) -> Transformer:
     """A decode-ready random-weight model of these shapes, bf16 on the GPU."""
-    return fuse_projections(SA.random_model(args, "cuda", torch.bfloat16, seed))
+    return SA.random_model(args, "cuda", torch.bfloat16, seed)
 
 
 def topp_for_fraction(rows: torch.Tensor, fraction: float) -> float:
@@ -125,7 +125,6 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gamma: int, topp: fl
     target, draft, tokenizer = load_pair(device="cuda")
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
-    fuse_projections(target), fuse_projections(draft)
     selection = SA.SelectionConfig(topp=topp)
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, γ={gamma}, SpecAttn p={topp}, "
         f"{max_new_tokens} new tokens per row")
@@ -244,21 +243,6 @@ def bench_kernels(out_dir=None):
             f"| {floor:.4f} |")
 
     say()
-    say("## top-p paths: select, µs, CUDA graph; one program per row vs the chunked search (a star marks topp_select's pick)")
-    say("| rows | N | one program per row | chunked |")
-    say("|---|---|---|---|")
-    for rows, n in ((15, 8192), (15, 16384), (120, 16384), (15, 32768), (120, 32768), (120, 65536)):
-        w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
-        picked = K._one_program_per_row(rows, n, w.device)
-        cells = []
-        for single in (True, False):
-            fn = lambda: K._topp_triton(w, 0.9, write_mask=False, write_idx=True, one_program_per_row=single)  # noqa: E731
-            got = fn()
-            K.check_topp_definition(w, K._selected_mask(*got[1:], n), 0.9, rel_tol=1e-6)
-            cells.append(f"{do_bench(graphed(fn), return_mode='median') * 1e3:.1f}{' *' if single == picked else ''}")
-        say(f"| {rows} | {n} | {cells[0]} | {cells[1]} |")
-
-    say()
     say("## verification attention: 8 queries, 32 q-heads / 8 KV heads, D=128, bf16, batch 1")
     say("ms, median, CUDA graph replays; GB/s on the bytes each variant must read (K+V rows read, idx)")
     say("| S | SDPA dense | kernel dense | kernel 25% | kernel 10% | 25% vs kernel dense | 25% vs SDPA | "
@@ -277,7 +261,7 @@ def bench_kernels(out_dir=None):
                do_bench(graphed(lambda: K.sparse_attention(q, kc, vc, S)), return_mode="median")]
         gbs = [(S + T) * Hkv * D * 2 * 2 / (row[1] * 1e-3) / 1e9]
         for frac in (0.25, 0.10):
-            idx, count = K._random_selection(1, Hkv, S, frac, dev)
+            idx, count = K.random_selection(1, Hkv, S, frac, dev)
             t = do_bench(graphed(lambda: K.sparse_attention(q, kc, vc, S, idx, count)), return_mode="median")
             read = (count.sum().item() + Hkv * T) * D * 2 * 2 + count.sum().item() * 4
             row.append(t)
@@ -287,19 +271,18 @@ def bench_kernels(out_dir=None):
     say()
     say("## launch choices: 5 queries (γ=4), 32 q-heads / 8 KV heads, D=128, bf16; one selection per batch row")
     say("µs, median, CUDA graph replays. default = the choices sparse_attention makes; splits per head from")
-    say("programs per multiprocessor (/SM), then block_n; `own launch` = the merge as a second kernel instead")
-    say("of by each head's last program; `no prefetch` = indices loaded in the iteration that uses them")
-    say("| B | S | kept | default | own launch | no prefetch | " + " | ".join(
+    say("programs per multiprocessor (/SM), then block_n")
+    say("| B | S | kept | default | " + " | ".join(
         f"{ps:g}/SM, {bn}" for ps in (0.5, 1, 2, 8) for bn in (64, 128)) + " |")
-    say("|---|---|---|---|---|---|" + "---|" * 8)
+    say("|---|---|---|---|" + "---|" * 8)
     sm = K._sm_count(torch.device(dev))
     for B, S, frac in ((1, 8192, 1.0), (1, 8192, 0.25), (1, 32768, 0.25), (1, 131072, 0.25), (8, 8192, 0.25),
                         (8, 32768, 0.25)):
         q = torch.randn(B, Hq, 5, D, device=dev, dtype=torch.bfloat16)
         kc = torch.randn(B, Hkv, S + 5, D, device=dev, dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
-        sel = K._random_selection(B, 1, S, frac, dev) if frac < 1 else (None, None)
-        variants = [{}, {"fused_merge": False}, {"prefetch": False}] + [
+        sel = K.random_selection(B, 1, S, frac, dev) if frac < 1 else (None, None)
+        variants = [{}] + [
             {"n_splits": K.triton.cdiv(int(ps * sm), B * Hkv), "block_n": bn}
             for ps in (0.5, 1, 2, 8) for bn in (64, 128)]
         cells = [do_bench(graphed(lambda: K.sparse_attention(q, kc, vc, S, *sel, **kw)), return_mode="median") * 1e3
@@ -308,28 +291,6 @@ def bench_kernels(out_dir=None):
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(out_dir) / "kernels_bench.md", "\n".join(lines) + "\n")
-
-
-def for_profiler():
-    """The verification attention at batch 8 (5 queries, 32 query heads / 8 KV heads, D=128,
-    bf16) on 25% of a 32k row, on a dense 8k row (the same bytes, read contiguously) and on
-    a dense 32k row, each called twice, for a profiler that reads hardware counters:
-
-        ncu --clock-control none -k regex:_sparse_attn_split --section SpeedOfLight \\
-            --section MemoryWorkloadAnalysis --section Occupancy python kernels.py --for-profiler
-    """
-    assert torch.cuda.is_available(), "--for-profiler needs a CUDA GPU"
-    torch.manual_seed(0)
-    B, Hq, Hkv, T, D = 8, 32, 8, 5, 128
-    for S, frac in ((32768, 0.25), (8192, 1.0), (32768, 1.0)):
-        q = torch.randn(B, Hq, T, D, device="cuda", dtype=torch.bfloat16)
-        k_cache = torch.randn(B, Hkv, S + T, D, device="cuda", dtype=torch.bfloat16)
-        v_cache = torch.randn_like(k_cache)
-        idx, count = K._random_selection(B, 1, S, frac, "cuda") if frac < 1 else (None, None)
-        for _ in range(2):  # the first call also compiles; both launches are the same work
-            K.sparse_attention(q, k_cache, v_cache, S, idx, count)
-        torch.cuda.synchronize()
-        print(f"batch {B}, {S} cached positions, {frac:.0%} kept: 2 calls", flush=True)
 
 
 def main():

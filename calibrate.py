@@ -10,8 +10,9 @@ eval_pg19.py.
 
 This file is also the home of a pair and its map: `load_pair` loads a target and a draft
 that share a tokenizer (`add_pair_arguments` is its command-line face), `load_layer_map`
-reads a map, `layer_map_for` reads one or calibrates it once (cached). It imports only
-model.py; specattn.py and eval_pg19.py build on it.
+reads a map, `layer_map_for` reads one or calibrates it once (cached); `load_draft` reads
+the drafts train_draft.py saves (their own layers; the target's embedding borrowed). It
+imports only model.py and demo.py; specattn.py, eval_pg19.py and train_draft.py build on it.
 
     python calibrate.py --out layer_map.json            # the offline demo
     python calibrate.py --target T --draft D --text book.txt --out map.json --plot kl.png
@@ -29,7 +30,7 @@ from typing import Optional
 import torch
 
 from demo import CACHE, demo_books, demo_target
-from model import Tokenizer, Transformer, draft_info, load_draft, load_model, write_atomic
+from model import Tokenizer, Transformer, load_model, write_atomic
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,6 +117,42 @@ def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None,
         raise ValueError(f"draft vocab {draft.args.vocab_size} != target vocab {target.args.vocab_size}: "
                          f"use a draft trained with the target's tokenizer")
     return target, draft, tokenizer
+
+
+def embedding_probe(model: Transformer) -> list[float]:
+    """64 entries of the token embedding: enough to tell one checkpoint's embedding from
+    another's, and stable under fp16/bf16/fp32 casts (compare with a loose tolerance)."""
+    w = model.tok_embeddings.weight
+    rows = torch.linspace(0, w.shape[0] - 1, 16).long().tolist()
+    return [round(float(x), 6) for r in rows for x in w[r, :4].float().tolist()]
+
+
+def draft_info(path) -> Optional[dict]:
+    """The "specattn_draft" entry of path/config.json, which marks a draft saved by
+    train_draft.py (own layers only, the target's embedding borrowed); None otherwise."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("specattn_draft")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def load_draft(path, target: Transformer) -> Transformer:
+    """A draft saved by train_draft.py: its own decoder layers and final norm from `path`,
+    and the target's token embedding (and so its tied head) shared, not copied.
+
+    config.json's "specattn_draft" entry names the target it extends, with an embedding
+    probe that must match `target`'s."""
+    info = draft_info(path)
+    if info is None:
+        raise ValueError(f"{path} is not a draft saved by train_draft.py (no readable config.json with a "
+                         f"'specattn_draft' entry); load ordinary checkpoints with load_model")
+    probe = torch.tensor(embedding_probe(target))
+    if probe.shape != torch.Size([len(info["embedding_probe"])]) or not torch.allclose(
+            probe, torch.tensor(info["embedding_probe"]), rtol=1e-2, atol=1e-3):
+        raise ValueError(f"the draft in {path} extends {info['target']}, and this target's embedding is not "
+                         f"that one's; pass the matching --target, or train a draft for it with train_draft.py")
+    w = target.tok_embeddings.weight
+    return load_model(path, device=w.device, dtype=w.dtype, shared={"model.embed_tokens.weight": w})
 
 
 def check_same_tokenizer(a: Tokenizer, b: Tokenizer, path_a, path_b) -> None:

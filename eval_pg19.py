@@ -22,8 +22,7 @@ Methods (the first --dense-layers target layers stay dense for all of them):
   specattn      the mapped draft layer's attention, top-p (one run per --topp value)
   oracle        top-p on the target's own attention in that layer: the ceiling for any predictor
   quest         pages of 16 tokens (--quest-page) ranked by the min/max key bound on q·k
-                (Quest, 2024); --quest-pin first|first-last takes the sink's page (and the
-                newest) first, a diagnostic
+                (Quest, 2024)
   streamingllm  4 attention sinks + the most recent positions (StreamingLLM, 2023)
   h2o           heavy hitters by accumulated attention + the most recent positions (H2O, 2023);
                 re-chosen every block from the target's own accumulated attention, never
@@ -54,7 +53,7 @@ from calibrate import DEMO_DRAFT, add_pair_arguments, check_device, layer_map_fo
 from demo import demo_books, demo_target
 from kernels import check_topp, topp_mask
 from model import check_memory, kv_cache_bytes, write_atomic
-from specattn import SelectionConfig, count_kv_reads, draft_selection
+from specattn import SelectionConfig, acceptance_probability, count_kv_reads, draft_selection
 
 METHODS = ("dense", "specattn", "oracle", "quest", "streamingllm", "h2o")
 BUDGETED = ("quest", "streamingllm", "h2o")
@@ -190,22 +189,16 @@ def streaming_selection(budget: torch.Tensor, past: int) -> torch.Tensor:
     return (pos < sinks) | (pos >= past - recent)
 
 
-QUEST_PINS = ("none", "first", "first-last")
-
-
 @dataclass(frozen=True)
 class QuestConfig:
     page: int = 16  # keys per page, as in the Quest paper
-    pin: str = "none"  # a diagnostic, not Quest: see quest_selection
 
 
 def quest_selection(q: torch.Tensor, k_past: torch.Tensor, budget: torch.Tensor,
                     cfg: QuestConfig = QuestConfig()) -> torch.Tensor:
     """Quest: per page of cfg.page keys, the upper bound sum_d max(q_d min_d, q_d max_d) of
     q·k; the top round(budget / page) pages per KV head and query (bounds summed over the
-    group). cfg.pin: pages taken first, inside the same page budget, whatever their bound:
-    "first" (the attention sink's page), "first-last" (and then the newest page).
-    Reading each page's min and max costs 2 / page of the keys' bytes on top of the pages
+    group). Reading each page's min and max costs 2 / page of the keys' bytes on top of the pages
     read; the KV reads we report leave it out."""
     B, Hq, T, D = q.shape
     Hkv, past = k_past.shape[1], k_past.shape[2]
@@ -220,10 +213,6 @@ def quest_selection(q: torch.Tensor, k_past: torch.Tensor, budget: torch.Tensor,
     n_sel = (budget.float() / page).round().clamp(min=1).long()
     n_sel = torch.where(budget >= past, n_pages, n_sel)  # a full budget reads every page, the partial last too
     bound = bound.sum(2)  # [B, Hkv, T, P]
-    if cfg.pin in ("first", "first-last"):
-        bound[..., 0] = float("inf")
-    if cfg.pin == "first-last":  # after the first page, before every other
-        bound[..., -1] = torch.finfo(bound.dtype).max
     pages = budget_mask(bound, n_sel)  # [B, Hkv, T, P]
     return pages.repeat_interleave(page, dim=-1)[..., :past]
 
@@ -377,8 +366,7 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
             if keep_logits:
                 st["logits"].append(logits[b].cpu())
             if r.method == "dense":
-                p_t, q_d = logits[b].softmax(-1), d_logits[0].float().softmax(-1)
-                acceptance_sum += torch.minimum(p_t, q_d).sum().item()
+                acceptance_sum += acceptance_probability(logits[b], d_logits[0]).sum().item()
                 acceptance_n += T
     for st in stats.values():
         if keep_logits:
@@ -481,9 +469,6 @@ def parse_args(argv=None):
     parser.add_argument("--quest-page", type=int, default=QuestConfig.page,
                         help="Quest: keys per page (its paper: 16); each page's min and max cost 2/page of the "
                              "keys' bytes, not counted in the KV reads")
-    parser.add_argument("--quest-pin", choices=QUEST_PINS, default="none",
-                        help="diagnostic: Quest always takes its first page (first) or its first and newest "
-                             "pages (first-last) inside the same page budget; none is Quest as published")
     parser.add_argument("--combine", choices=["union", "mean"], default="union",
                         help="SpecAttn: running union of the draft rows' top-p sets, or top-p of their running mean")
     parser.add_argument("--per-head", action="store_true", help="select per KV head (draft heads must group into "
@@ -555,7 +540,7 @@ def run_settings(args, target, layer_map, tokenizer) -> dict:
     target_dir = args.target or demo_target()
     draft_dir = args.draft or (DEMO_DRAFT if args.target is None and args.draft_layers is None else target_dir)
     keys = ("draft_layers", "protocol", "max_tokens", "prefill_frac", "gamma", "dense_layers", "sinks", "combine",
-            "per_head", "methods", "topp", "quest_page", "quest_pin", "split")
+            "per_head", "methods", "topp", "quest_page", "split")
     return {"target": checkpoint_identity(target_dir), "draft": checkpoint_identity(draft_dir),
             "layer_map": layer_map, **{k: getattr(args, k) for k in keys},
             "dtype": str(target.output.weight.dtype).removeprefix("torch."), "bos": tokenizer.add_bos}
@@ -666,7 +651,7 @@ def main(argv=None):
             stats = score_book(target, draft, tokens, runs, layer_map, cfg, args.gamma, prefill,
                                progress=lambda it: tqdm(it, desc=f"book {book['id']}", leave=False, file=sys.stderr,
                                                         disable=rank > 0),
-                               quest=QuestConfig(page=args.quest_page, pin=args.quest_pin))
+                               quest=QuestConfig(page=args.quest_page))
             timings[book["id"]] = {"forward_s": stats.pop("_forward_s"),
                                    "select_s": {name: st.pop("select_s") for name, st in stats.items()
                                                 if isinstance(st, dict)}}
@@ -715,8 +700,7 @@ def main(argv=None):
           f"prefill {args.prefill_frac:.0%}, γ={args.gamma}; draft/target expected acceptance "
           f"Σmin(p,q) = {sum(acc) / len(acc):.3f}; shared draft + target forwards {forward:.0f} s "
           f"(all runs batched){f', {world} processes' if world > 1 else ''}"
-          f"{f'; Quest pages of {args.quest_page}' if args.quest_page != QuestConfig.page else ''}"
-          f"{f'; Quest with --quest-pin {args.quest_pin} (a diagnostic)' if args.quest_pin != 'none' else ''}. "
+          f"{f'; Quest pages of {args.quest_page}' if args.quest_page != QuestConfig.page else ''}. "
           f"Results: {args.out}")
     if args.plot:
         plot_pareto(results["summary"], args.plot)

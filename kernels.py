@@ -300,8 +300,7 @@ def _one_program_per_row(rows: int, n: int, device) -> bool:
     return n <= SINGLE_PROGRAM_MAX or (n <= SINGLE_PROGRAM_MAX_MANY_ROWS and 2 * rows >= _sm_count(device))
 
 
-def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, one_program_per_row=None):
-    """one_program_per_row: None picks the path by shape (see above); True/False forces one."""
+def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
     shape, n = w.shape, w.shape[-1]
     w2 = w.reshape(-1, n)
     if w2.stride(-1) != 1:
@@ -312,11 +311,9 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, one_prog
     mask = torch.empty((rows, n), device=dev, dtype=torch.int8) if write_mask else None
     idx = torch.empty((rows, n), device=dev, dtype=torch.int32) if write_idx else None
     count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None  # (the row kernel adds to 0)
-    if one_program_per_row is None:
-        one_program_per_row = _one_program_per_row(rows, n, dev)
     if rows == 0 or n == 0:
         pass
-    elif one_program_per_row:
+    elif _one_program_per_row(rows, n, dev):
         block = triton.next_power_of_2(n)
         _topp_row_kernel[(rows,)](w2, p_rows, mask, idx, count, n, w2.stride(0), BLOCK=block,
                                   WRITE_MASK=write_mask, WRITE_IDX=write_idx,
@@ -452,8 +449,7 @@ def _sparse_attn_split_kernel(
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
         skn_b, skn_h, skn_t, svn_b, svn_h, svn_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, FUSED_MERGE: tl.constexpr,
-        PREFETCH: tl.constexpr, WRITE_NEW: tl.constexpr):
+        DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, WRITE_NEW: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
@@ -474,21 +470,18 @@ def _sparse_attn_split_kernel(
         j = split * BLOCK_N + tl.arange(0, BLOCK_N)
         if DENSE:
             n_sel = past_len
-        else:  # with PREFETCH, the next block's indices are fetched one iteration ahead
+        else:  # the next block's indices are fetched one iteration ahead, hiding that load's latency
             n_sel = tl.load(count_ptr + b * sc_b + h * sc_h)
             idx_row = idx_ptr + b * si_b + h * si_h
-            if PREFETCH:
-                next_pos = tl.load(idx_row + j, mask=j < n_sel, other=0)
+            next_pos = tl.load(idx_row + j, mask=j < n_sel, other=0)
         for start in range(split * BLOCK_N, n_sel, stride):
             j = start + tl.arange(0, BLOCK_N)
             valid = j < n_sel
             if DENSE:
                 pos = j
-            elif PREFETCH:
+            else:
                 pos = next_pos
                 next_pos = tl.load(idx_row + j + stride, mask=j + stride < n_sel, other=0)
-            else:
-                pos = tl.load(idx_row + j, mask=valid, other=0)
             kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
             s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N]
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -531,15 +524,14 @@ def _sparse_attn_split_kernel(
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=real[:, None])
     tl.store(m_ptr + out, m_i, mask=real)
     tl.store(l_ptr + out, l_i, mask=real)
-    if FUSED_MERGE:
-        # Release: every thread's partial stores happen before the counter moves.
+    # Release: every thread's partial stores happen before the counter moves.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(lock_ptr + bh, 1, sem="acq_rel")
+    if arrived == n_parts - 1:  # this head's last program: all partials are written
         tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + bh, 1, sem="acq_rel")
-        if arrived == n_parts - 1:  # this head's last program: all partials are written
-            tl.debug_barrier()
-            _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_parts,
-                        b * so_b + h * G * so_h, so_h, so_t, bh, rows, T, G, D, BLOCK_M, STORE_SCORES)
-            tl.store(lock_ptr + bh, 0)  # ready for the next launch
+        _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_parts,
+                    b * so_b + h * G * so_h, so_h, so_t, bh, rows, T, G, D, BLOCK_M, STORE_SCORES)
+        tl.store(lock_ptr + bh, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -577,17 +569,6 @@ def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_parts, o_off, 
     if WRITE_STATS:  # each row's softmax max and sum, for _last_row_kernel: [B*Hkv, G*T, 2]
         tl.store(stats_ptr + (bh * (G * T) + rows) * 2, m, mask=real)
         tl.store(stats_ptr + (bh * (G * T) + rows) * 2 + 1, den, mask=real)
-
-
-@triton.jit
-def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, n_parts, H_KV, so_b, so_h, so_t,
-                  T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  WRITE_STATS: tl.constexpr):
-    """The merge as its own launch, one program per (batch, KV head) (for comparison)."""
-    bh = tl.program_id(0)
-    b, h = bh // H_KV, bh % H_KV
-    _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_parts, b * so_b + h * G * so_h,
-                so_h, so_t, bh, tl.arange(0, BLOCK_M), T, G, D, BLOCK_M, WRITE_STATS)
 
 
 @triton.jit
@@ -631,8 +612,8 @@ def _locks(device, n: int) -> torch.Tensor:
 
 
 def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=None, n_splits=None,
-                     block_n=None, num_warps=4, num_stages=3, fused_merge=True, prefetch=True,
-                     return_last_row=False, new_kv=None, last_row_mean=False):
+                     block_n=None, num_warps=4, num_stages=3, return_last_row=False, new_kv=None,
+                     last_row_mean=False):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). past_len: an int, or an int32 tensor [B] of per-row lengths on the device:
     then nothing here reads it on the host, so the launch can be captured in a CUDA graph
@@ -648,9 +629,8 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     that attend to the block write into the cache at [past_len, past_len + T) in the same
     launch (a decode step then needs no separate cache-write kernels).
     n_splits, block_n, num_warps, num_stages: launch choices (None: the measured defaults
-    below); fused_merge=False merges in a second launch and prefetch=False loads each
-    block's indices in the iteration that uses them, both for comparison. The merge counters
-    are one buffer per device: do not run calls on several CUDA streams at once.
+    below). The merge counters are one buffer per device: do not run calls on several CUDA
+    streams at once.
     Falls back to the reference on a CPU without the interpreter."""
     if not _use_triton(q):
         return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row, new_kv,
@@ -708,7 +688,7 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     # With return_last_row: the last token's scores [B*Hq, width] and each row's softmax (max, sum).
     scores = torch.empty((B * Hq, width), device=q.device, dtype=torch.float32) if return_last_row else None
     stats = torch.empty((B * Hkv, G * T, 2), device=q.device, dtype=torch.float32) if return_last_row else None
-    locks = _locks(q.device, B * Hkv) if fused_merge else None
+    locks = _locks(q.device, B * Hkv)
     scale = (scale or 1 / math.sqrt(D)) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _sparse_attn_split_kernel[(B * Hkv, parts)](
@@ -720,11 +700,7 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
         *((k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2))
           if new_kv is not None else (0,) * 6),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, PRECISION=precision,
-        STORE_SCORES=return_last_row, FUSED_MERGE=fused_merge, PREFETCH=prefetch, WRITE_NEW=new_kv is not None,
-        num_warps=num_warps, num_stages=num_stages)
-    if not fused_merge:
-        _merge_kernel[(B * Hkv,)](acc, m, l, out, stats, parts, Hkv, out.stride(0), out.stride(1), out.stride(2),
-                                  T=T, G=G, D=D, BLOCK_M=block_m, WRITE_STATS=return_last_row, num_warps=num_warps)
+        STORE_SCORES=return_last_row, WRITE_NEW=new_kv is not None, num_warps=num_warps, num_stages=num_stages)
     if not return_last_row:
         return out
     heads = Hq if last_row_mean else G  # query heads summed into each output row
@@ -756,15 +732,26 @@ def attention_slot(q, k_new, v_new, k_cache, v_cache, lengths, start=None, keep=
     return sparse_attention(q, k_cache, v_cache, lengths, idx, count, new_kv=(k_new, v_new)), None
 
 
+attention_slot.writes_cache = True  # model.Attention leaves the cache write to this slot (new_kv above)
+
+
 # ----------------------------------------------------------------------------------------
 # Checks (tests, and python kernels.py --check on a GPU)
 
 
-def _random_selection(B, Hkv, S, frac, device):
-    """Every position kept with probability frac; kept positions compacted, ascending."""
-    keep = torch.rand(B, Hkv, S, device=device) < frac
+def random_selection(B, Hkv, S, frac, device="cpu", generator=None, shuffled=False):
+    """A compacted selection (idx int32 [B, Hkv, S], count int32 [B, Hkv]) keeping every position
+    with probability frac, kept positions first, ascending as topp_select writes them. With
+    shuffled, the kept part is in random order and the rest -7: the attention must read only
+    idx[..., :count], in any order (what the tests check)."""
+    keep = torch.rand(B, Hkv, S, device=device, generator=generator) < frac
     count = keep.sum(-1, dtype=torch.int32)
-    idx = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    order = (~keep).float()  # kept first, then dropped; within each, ascending or random
+    if shuffled:
+        order = order + 0.5 * torch.rand(B, Hkv, S, device=device, generator=generator)
+    idx = torch.argsort(order, dim=-1, stable=True).to(torch.int32)
+    if shuffled:
+        idx = torch.where(torch.arange(S, device=device) < count[..., None], idx, -7)
     return idx, count
 
 
@@ -821,7 +808,7 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         q = torch.randn(B, Hq, T, D, device=dev, dtype=torch.bfloat16)
         kc = torch.randn(B, Hkv, S + T + 3, D, device=dev, dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
-        idx, count = _random_selection(B, Hkv, S, frac, dev)
+        idx, count = random_selection(B, Hkv, S, frac, dev)
         for new_kv in (None, torch.randn(2, B, T, Hkv, D, device=dev, dtype=torch.bfloat16).transpose(2, 3)):
             kr, vr = kc.clone(), vc.clone()  # the reference's own cache (new_kv writes into it)
             got = sparse_attention(q, kc, vc, S, idx, count, new_kv=new_kv).float()
@@ -838,7 +825,7 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         vc = torch.randn_like(kc)
         lengths = torch.randint(1, S - T, (B,), device=dev, dtype=torch.int32)
         new_kv = torch.randn(2, B, Hkv, T, D, device=dev, dtype=torch.bfloat16)
-        for sel in ((None, None), _random_selection(B, 1, S, 0.2, dev)):
+        for sel in ((None, None), random_selection(B, 1, S, 0.2, dev)):
             if sel[0] is not None:  # keep only positions each row has cached
                 keep = _selected_mask(*sel, S) & (torch.arange(S, device=dev) < lengths[:, None, None])
                 sel = topp_select_reference(keep.float(), 0.5)

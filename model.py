@@ -5,11 +5,13 @@ This file is the base the rest of specattn stands on, and it works copied alone
 
 * `ModelArgs`   - one config dataclass, built from a Hugging Face `config.json`.
 * `Transformer` - RMSNorm, RoPE (Hugging Face half-split layout, so HF weights load
-                  as they are), grouped-query attention, SwiGLU MLP, tied or untied head.
+                  as they are), grouped-query attention, SwiGLU MLP, tied or untied head;
+                  q|k|v and gate|up each one matrix (a decode step reads each weight once).
 * `KVCache`     - fixed K/V buffers per layer plus each batch row's length (a device
                   tensor), with explicit `rewind` / `rewind_rows` for speculative decoding.
 * `load_model`  - reads an HF-layout directory (single or sharded safetensors) and
-                  checks every tensor; `layers=` keeps a subset of decoder layers.
+                  checks every tensor; `layers=` keeps a subset of decoder layers;
+                  `hf_state_dict` gives the tensors back under their HF names.
 * `Tokenizer`   - tiktoken over a Llama-3 `tokenizer.model` or a byte-level BPE
                   `tokenizer.json` (GPT-2 / SmolLM2 / Qwen2 style).
 
@@ -27,8 +29,8 @@ The attention itself sits in one slot, `Transformer.attend` (see AttentionFn). T
 default, `cache_attention`, is plain PyTorch for caches whose rows hold the same number
 of positions (evaluation, calibration, prefill). Generation puts `kernels.attention_slot`
 there: per-row cache lengths read on the device and the Triton kernels (their PyTorch
-references on a CPU). Whatever fills the slot also writes the new block's keys and values
-into the cache, so a kernel can do it in the launch that attends.
+references on a CPU). `Attention.forward` writes the new block's keys and values into the
+cache (`KVCache.write`) before attending, unless the slot does it in its own launch.
 """
 
 from __future__ import annotations
@@ -269,6 +271,16 @@ class KVCache:
         self.lengths.copy_(torch.as_tensor(lengths, dtype=torch.int32))
         self.length, self.uniform = max(lengths), len(set(lengths)) == 1
 
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put a block's keys and values k, v [B, Hkv, T, D] of `layer` at positions
+        [lengths[b], lengths[b] + T) of row b (the forward advances the lengths once, after
+        every layer has written)."""
+        B, Hkv, T, D = k.shape
+        slots = self.lengths[:, None].long() + torch.arange(T, device=k.device)  # [B, T]
+        index = slots[:, None, :, None].expand(B, Hkv, T, D)
+        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
+
     def rows(self, start: int, stop: int) -> "KVCache":
         """Rows [start, stop) of this cache as a cache of their own (views: writes land here)."""
         part = KVCache.__new__(KVCache)
@@ -323,19 +335,15 @@ def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len
 
 def cache_attention(q, k_new, v_new, k_cache, v_cache, lengths, start, keep=None, return_probs=False):
     """The model's default attention slot, in PyTorch, for caches whose rows all hold
-    `start` positions (evaluation, calibration, prefill): append the block at [start,
-    start + T) by slicing, then `subset_attention`. Without a cache (k_cache None) the
-    block attends to itself. `kernels.attention_slot` fills the same slot with per-row
-    lengths read on the device (generation)."""
-    if k_cache is None:
-        return subset_attention(q, k_new, v_new, 0, keep, return_probs)
+    `start` positions before this block (evaluation, calibration, prefill): the block is
+    already in the cache (Attention.forward wrote it), so this is `subset_attention` over
+    the first start + T positions. `kernels.attention_slot` fills the same slot with
+    per-row lengths read on the device (generation)."""
     if start is None:
         raise ValueError("the PyTorch attention slot needs every cache row at the same length; "
                          "generation with ragged rows uses kernels.attention_slot")
-    T = q.shape[2]
-    k_cache[:, :, start:start + T] = k_new
-    v_cache[:, :, start:start + T] = v_new
-    return subset_attention(q, k_cache[:, :, :start + T], v_cache[:, :, :start + T], start, keep, return_probs)
+    end = start + q.shape[2]
+    return subset_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], start, keep, return_probs)
 
 
 # A `select` hook: (layer index, q [B, Hq, T, D], cached keys [B, Hkv, past_len, D], or the
@@ -354,45 +362,43 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        bias = args.attention_bias
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        # q, k and v in one matrix: a decode step's matmul is a read of its weight, and the small
+        # k and v matrices (1/4 of q's under GQA) alone are too short to reach full bandwidth.
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim,
+                              bias=args.attention_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.output_bias)
-        self.wqkv: Optional[nn.Linear] = None  # wq|wk|wv in one matrix, after fuse_projections()
 
     def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], lengths: torch.Tensor,
                 start: Optional[int], select: Optional[SelectFn], return_probs: bool, attend: AttentionFn):
         B, T, _ = x.shape
         Hq, Hkv = self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x) if self.wqkv is not None else torch.cat([self.wq(x), self.wk(x), self.wv(x)], -1)
-        qkv = qkv.view(B, T, Hq + 2 * Hkv, self.head_dim)  # heads: Hq queries, Hkv keys, Hkv values
+        qkv = self.wqkv(x).view(B, T, Hq + 2 * Hkv, self.head_dim)  # heads: Hq queries, Hkv keys, Hkv values
         qk = Pointwise.rope(qkv[:, :, :Hq + Hkv], cos[:, :, None], sin[:, :, None])  # queries and keys in one pass
         q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, T, D]
         k = qk[:, :, Hq:].transpose(1, 2)  # [B, Hkv, T, D]
         v = qkv[:, :, Hq + Hkv:].transpose(1, 2)
-        # The block's keys and values belong at cache positions [lengths[b], lengths[b] + T)
-        # of row b. The attention slot writes them there before reading them: a GPU kernel
-        # does it in the launch that attends (kernels.sparse_attention), two copy kernels fewer.
-        k_cache, v_cache = (cache.k[layer], cache.v[layer]) if cache is not None else (None, None)  # [B, Hkv, S, D]
-        keep = None
-        if select is not None:
-            keep = select(layer, q, k_cache[:, :, :start] if start is not None else k_cache)
-        out, probs = attend(q, k, v, k_cache, v_cache, lengths, start, keep, return_probs)
+        if cache is None:  # the block attends to itself alone
+            out, probs = subset_attention(q, k, v, 0, None, return_probs)
+        else:
+            k_cache, v_cache = cache.k[layer], cache.v[layer]  # [B, Hkv, S_max, D]
+            # The block's keys and values go to positions [lengths[b], lengths[b] + T) of row b,
+            # and the attention reads them from there. kernels.attention_slot writes them in the
+            # launch that attends (two copy kernels fewer per layer in a decode step).
+            if not getattr(attend, "writes_cache", False):
+                cache.write(layer, k, v)
+            keep = select(layer, q, k_cache[:, :, :start] if start is not None else k_cache) if select else None
+            out, probs = attend(q, k, v, k_cache, v_cache, lengths, start, keep, return_probs)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1)), probs
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        bias = args.mlp_bias
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=bias)  # gate
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=bias)  # up
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=bias)  # down
-        self.w13: Optional[nn.Linear] = None  # w1|w3 in one matrix, after fuse_projections()
+        self.w13 = nn.Linear(args.dim, 2 * args.hidden_dim, bias=args.mlp_bias)  # gate | up, one read
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, -1) if self.w13 is not None else (self.w1(x), self.w3(x))
+        gate, up = self.w13(x).chunk(2, -1)
         return self.w2(Pointwise.swiglu(gate, up))
 
 
@@ -417,6 +423,17 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, h, x, next_norm: RMSNorm, cos, sin, layer, cache, lengths, start, select, return_probs,
+                attend):
+        """Pre-norm block: h += attention(attention_norm(h)); h += feed_forward(ffn_norm(h)).
+        h [B, T, dim] is the residual stream and x = attention_norm(h), which the block before
+        computed: each residual add comes with the norm that reads its result (one fused kernel
+        under compile_pointwise), so the block returns (h, next_norm(h), attention probs)."""
+        a, probs = self.attention(x, cos, sin, layer, cache, lengths, start, select, return_probs, attend)
+        h, x = self.ffn_norm.add_and_norm(h, a)
+        h, x = next_norm.add_and_norm(h, self.feed_forward(x))
+        return h, x, probs
 
 
 class Transformer(nn.Module):
@@ -476,54 +493,19 @@ class Transformer(nn.Module):
         positions = lengths[:, None].long() + torch.arange(T, device=tokens.device)  # [B, T]
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
         h = self.tok_embeddings(tokens)  # [B, T, dim]: the residual stream
-        # Pre-norm blocks, h += attention(norm(h)); h += feed_forward(norm(h)), written so that
-        # each residual add comes with the norm that reads it (x: the normed h).
-        norms = [n for layer in self.layers for n in (layer.attention_norm, layer.ffn_norm)] + [self.norm]
-        x = norms[0](h)
+        x = self.layers[0].attention_norm(h)
+        next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
         probs_per_layer = []
-        for i, layer in enumerate(self.layers):
+        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
             want_probs = return_attn if isinstance(return_attn, bool) else i in return_attn
-            a, probs = layer.attention(x, cos, sin, i, cache, lengths, start, select, want_probs, attend)
-            h, x = norms[2 * i + 1].add_and_norm(h, a)
-            h, x = norms[2 * i + 2].add_and_norm(h, layer.feed_forward(x))
+            h, x, probs = layer(h, x, next_norm, cos, sin, i, cache, lengths, start, select, want_probs, attend)
             probs_per_layer.append(probs)
         if cache is not None:
             cache.advance(T)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, dim]
-        logits = self.output(x).float()
+        logits = self.output(x).float()  # x is self.norm(h), from the last block
         return (logits, probs_per_layer) if return_attn is not False else logits
-
-
-def _stacked(linears: list[nn.Linear]) -> nn.Linear:
-    """One Linear whose output is the outputs of `linears` side by side."""
-    bias = linears[0].bias is not None
-    fused = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears), bias=bias,
-                      device="meta")
-    fused.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
-    if bias:
-        fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
-    return fused
-
-
-@torch.no_grad()
-def fuse_projections(model: Transformer) -> Transformer:
-    """Stack wq|wk|wv into one matrix and w1|w3 into another, in every layer (in place).
-
-    A decode step multiplies a handful of rows by every weight matrix: each matmul is a
-    read of its weight, and the small ones (wk, wv: 1/4 of wq under GQA) are too short to
-    reach full memory bandwidth. Three reads become one, two become one. For inference
-    only: the separate matrices are dropped, so state_dict names change (load first, then
-    fuse); outputs are the same up to the matmul's summation order."""
-    for layer in model.layers:
-        attn, ffn = layer.attention, layer.feed_forward
-        if attn.wqkv is None:
-            attn.wqkv = _stacked([attn.wq, attn.wk, attn.wv])
-            del attn.wq, attn.wk, attn.wv
-        if ffn.w13 is None:
-            ffn.w13 = _stacked([ffn.w1, ffn.w3])
-            del ffn.w1, ffn.w3
-    return model
 
 
 # ----------------------------------------------------------------------------------------
@@ -596,30 +578,54 @@ def atomic_directory(out):
 # Loading Hugging Face checkpoints
 
 
-def hf_key_map(args: ModelArgs, hf_layer_ids: list[int]) -> dict[str, str]:
-    """Our parameter name -> HF parameter name. Layer i of ours is HF layer hf_layer_ids[i]."""
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+def hf_key_map(args: ModelArgs, hf_layer_ids: list[int]) -> dict[str, list[str]]:
+    """Our parameter name -> the HF tensors it holds, stacked along dim 0 in that order
+    (wqkv = q|k|v, w13 = gate|up; one tensor for the rest). Layer i of ours is HF layer
+    hf_layer_ids[i]."""
+    names = {"tok_embeddings.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
     if not args.tie_word_embeddings:
-        names["output.weight"] = "lm_head.weight"
-    per_layer = {
-        "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-        "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-        "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
-        "feed_forward.w2.weight": "mlp.down_proj.weight",
-        "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-    }
+        names["output.weight"] = ["lm_head.weight"]
+    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    gate_up = ["mlp.gate_proj", "mlp.up_proj"]
+    per_layer = {"attention.wqkv.weight": [f"{n}.weight" for n in qkv],
+                 "attention.wo.weight": ["self_attn.o_proj.weight"],
+                 "feed_forward.w13.weight": [f"{n}.weight" for n in gate_up],
+                 "feed_forward.w2.weight": ["mlp.down_proj.weight"],
+                 "attention_norm.weight": ["input_layernorm.weight"],
+                 "ffn_norm.weight": ["post_attention_layernorm.weight"]}
     if args.attention_bias:
-        per_layer.update({"attention.wq.bias": "self_attn.q_proj.bias", "attention.wk.bias": "self_attn.k_proj.bias",
-                          "attention.wv.bias": "self_attn.v_proj.bias"})
+        per_layer["attention.wqkv.bias"] = [f"{n}.bias" for n in qkv]
     if args.output_bias:
-        per_layer["attention.wo.bias"] = "self_attn.o_proj.bias"
+        per_layer["attention.wo.bias"] = ["self_attn.o_proj.bias"]
     if args.mlp_bias:
-        per_layer.update({"feed_forward.w1.bias": "mlp.gate_proj.bias", "feed_forward.w3.bias": "mlp.up_proj.bias",
-                          "feed_forward.w2.bias": "mlp.down_proj.bias"})
+        per_layer["feed_forward.w13.bias"] = [f"{n}.bias" for n in gate_up]
+        per_layer["feed_forward.w2.bias"] = ["mlp.down_proj.bias"]
     for i, hf_i in enumerate(hf_layer_ids):
         for ours, theirs in per_layer.items():
-            names[f"layers.{i}.{ours}"] = f"model.layers.{hf_i}.{theirs}"
+            names[f"layers.{i}.{ours}"] = [f"model.layers.{hf_i}.{t}" for t in theirs]
     return names
+
+
+def _stack_rows(args: ModelArgs, name: str) -> list[int]:
+    """How many rows each HF tensor fills in our parameter `name` (see hf_key_map; -1: all)."""
+    D = args.head_dim
+    if ".wqkv." in name:
+        return [args.n_heads * D, args.n_kv_heads * D, args.n_kv_heads * D]
+    if ".w13." in name:
+        return [args.hidden_dim, args.hidden_dim]
+    return [-1]
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """{HF tensor name: tensor} of `model`, the stacked parameters split again (views), its
+    layers numbered from 0: a checkpoint in Hugging Face's layout that load_model reads back."""
+    args = model.args
+    state = model.state_dict()
+    out = {}
+    for ours, theirs in hf_key_map(args, list(range(args.n_layers))).items():
+        parts = state[ours].split(_stack_rows(args, ours)) if len(theirs) > 1 else [state[ours]]
+        out.update(zip(theirs, parts))
+    return out
 
 
 def _safetensors_files(path: Path) -> dict[str, Path]:
@@ -687,16 +693,19 @@ def load_model(path, device=None, dtype=None, layers=None, shared=None) -> Trans
 
     with torch.device("meta"):
         model = Transformer(args)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("rope_")}
-    if args.tie_word_embeddings:
-        expected.pop("output.weight", None)
     names = hf_key_map(args, hf_layer_ids)
+    # The shape config.json implies for every HF tensor (a stacked parameter split by rows).
+    expected = {}
+    for ours, tensor in model.state_dict().items():
+        shape = tensor.shape
+        for theirs, rows in zip(names.get(ours, []), _stack_rows(args, ours)):
+            expected[theirs] = (rows if rows > 0 else shape[0], *shape[1:])
     files = _safetensors_files(path)
     shared = shared or {}
 
     # Tensors of dropped layers are expected leftovers; so are tied heads saved twice and
     # the rotary inv_freq buffers some old checkpoints carry.
-    wanted = set(names.values())
+    wanted = set(expected)
     dropped = {f"model.layers.{i}." for i in all_layers if i not in hf_layer_ids}
     leftover = sorted(n for n in files if n not in wanted and not n.endswith("rotary_emb.inv_freq")
                       and not any(n.startswith(p) for p in dropped)
@@ -709,28 +718,29 @@ def load_model(path, device=None, dtype=None, layers=None, shared=None) -> Trans
         raise ValueError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                          f"the checkpoint is incomplete")
 
-    state = {}
+    hf = {}  # HF name -> tensor on `device` in `dtype` (shared tensors as they are)
+    for theirs in sorted(wanted & set(shared)):
+        if tuple(shared[theirs].shape) != tuple(expected[theirs]):
+            raise ValueError(f"shared tensor {theirs} has shape {tuple(shared[theirs].shape)}, "
+                             f"{config_file} implies {tuple(expected[theirs])}")
+        hf[theirs] = shared[theirs]
     by_file: dict[Path, list[str]] = {}
-    for ours, theirs in names.items():
-        if theirs in shared:
-            if tuple(shared[theirs].shape) != tuple(expected[ours]):
-                raise ValueError(f"shared tensor {theirs} has shape {tuple(shared[theirs].shape)}, "
-                                 f"{config_file} implies {tuple(expected[ours])}")
-            state[ours] = shared[theirs]
-        else:
-            by_file.setdefault(files[theirs], []).append(ours)
-    for file, ours_list in by_file.items():
+    for theirs in sorted(wanted - set(shared)):
+        by_file.setdefault(files[theirs], []).append(theirs)
+    for file, file_names in by_file.items():
         try:
             with safe_open(str(file), framework="pt") as f:
-                tensors = {ours: f.get_tensor(names[ours]) for ours in ours_list}
+                tensors = {theirs: f.get_tensor(theirs) for theirs in file_names}
         except Exception as e:  # safetensors' own errors: truncated, not a safetensors file, ...
             raise ValueError(f"cannot read {file} ({type(e).__name__}: {str(e)[:120]}); the file is broken or "
                              f"incomplete: fetch it again") from None
-        for ours, t in tensors.items():
-            if t.shape != expected[ours]:
-                raise ValueError(f"{file.name}: tensor {names[ours]} has shape {tuple(t.shape)}, "
-                                 f"config.json implies {tuple(expected[ours])}")
-            state[ours] = t.to(device=device, dtype=dtype)
+        for theirs, t in tensors.items():
+            if tuple(t.shape) != tuple(expected[theirs]):
+                raise ValueError(f"{file.name}: tensor {theirs} has shape {tuple(t.shape)}, "
+                                 f"config.json implies {tuple(expected[theirs])}")
+            hf[theirs] = t.to(device=device, dtype=dtype)
+    state = {ours: hf[theirs[0]] if len(theirs) == 1 else torch.cat([hf[t] for t in theirs])
+             for ours, theirs in names.items()}
     if args.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -738,42 +748,6 @@ def load_model(path, device=None, dtype=None, layers=None, shared=None) -> Trans
         model.output.weight = model.tok_embeddings.weight
     model.init_rope(device)
     return model.eval()
-
-
-def embedding_probe(model: Transformer) -> list[float]:
-    """64 entries of the token embedding: enough to tell one checkpoint's embedding from
-    another's, and stable under fp16/bf16/fp32 casts (compare with a loose tolerance)."""
-    w = model.tok_embeddings.weight
-    rows = torch.linspace(0, w.shape[0] - 1, 16).long().tolist()
-    return [round(float(x), 6) for r in rows for x in w[r, :4].float().tolist()]
-
-
-def draft_info(path) -> Optional[dict]:
-    """The "specattn_draft" entry of path/config.json, which marks a draft saved by
-    train_draft.py (own layers only, the target's embedding borrowed); None otherwise."""
-    try:
-        return json.loads((Path(path) / "config.json").read_text()).get("specattn_draft")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-
-
-def load_draft(path, target: Transformer) -> Transformer:
-    """A draft saved by train_draft.py: its own decoder layers and final norm from `path`,
-    and the target's token embedding (and so its tied head) shared, not copied.
-
-    config.json's "specattn_draft" entry names the target it extends, with an embedding
-    probe that must match `target`'s."""
-    info = draft_info(path)
-    if info is None:
-        raise ValueError(f"{path} is not a draft saved by train_draft.py (no readable config.json with a "
-                         f"'specattn_draft' entry); load ordinary checkpoints with load_model")
-    probe = torch.tensor(embedding_probe(target))
-    if probe.shape != torch.Size([len(info["embedding_probe"])]) or not torch.allclose(
-            probe, torch.tensor(info["embedding_probe"]), rtol=1e-2, atol=1e-3):
-        raise ValueError(f"the draft in {path} extends {info['target']}, and this target's embedding is not "
-                         f"that one's; pass the matching --target, or train a draft for it with train_draft.py")
-    w = target.tok_embeddings.weight
-    return load_model(path, device=w.device, dtype=w.dtype, shared={"model.embed_tokens.weight": w})
 
 
 # ----------------------------------------------------------------------------------------

