@@ -157,7 +157,8 @@ def load_draft(path, target: Transformer) -> Transformer:
 
 def check_same_tokenizer(a: Tokenizer, b: Tokenizer, path_a, path_b) -> None:
     probe = "Speculative decoding, 2025: naïve café ☕ — 12345 tokens.\n\tEnd."
-    if a.vocab_size != b.vocab_size or a.encode(probe, bos=False) != b.encode(probe, bos=False) or a.special != b.special:
+    same_ids = a.encode(probe, bos=False) == b.encode(probe, bos=False)
+    if a.vocab_size != b.vocab_size or not same_ids or a.special != b.special:
         raise ValueError(f"draft tokenizer ({path_b}) differs from the target's ({path_a}); "
                          f"SpecAttn needs a draft that shares the target's tokenizer")
 

@@ -154,7 +154,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float16") -> Path:
         "rope_theta": meta.get("llama.rope.freq_base", 10000.0),
         "max_position_embeddings": meta["llama.context_length"],
         "vocab_size": meta.get("llama.vocab_size", len(tokens)), "tie_word_embeddings": tied,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "hidden_act": "silu", "torch_dtype": dtype,
     }
 

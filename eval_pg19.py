@@ -66,8 +66,9 @@ SINKS = 4
 def load_books(data, split: str = "test", limit=None) -> tuple[list[dict], list[dict]]:
     """(books [{id, title, text, sha1}], skipped [{id, title, reason}]) from a PG-19
     directory (split/*.txt + metadata.csv), a .txt file, or a .jsonl/.parquet file with a
-    'text' column. Books that cannot be evaluated (empty, not UTF-8 text, a duplicate) are
-    skipped with a one-line warning, never an exception; `limit` counts books kept."""
+    'text' column. Files are read as Python reads text (universal newlines: the demo books'
+    \r\n line ends become \n). Books that cannot be evaluated (empty, not UTF-8 text, a
+    duplicate) are skipped with a one-line warning, never an exception; `limit` counts books kept."""
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: not found; pass a PG-19 directory or a .txt/.jsonl/.parquet file")
@@ -100,8 +101,8 @@ def load_books(data, split: str = "test", limit=None) -> tuple[list[dict], list[
             break
         reason = None
         if isinstance(text, bytes):
-            try:
-                text = text.decode("utf-8")
+            try:  # as Python reads text files: \r\n and \r line ends become \n
+                text = text.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
             except UnicodeDecodeError as e:
                 reason = f"{where} is not UTF-8 text (byte {e.start}); convert it to UTF-8"
         if reason is None and text is None:
@@ -464,15 +465,19 @@ def parse_args(argv=None):
     parser.add_argument("--prefill-frac", type=float, default=0.1, help="leading fraction read densely, not scored")
     parser.add_argument("--gamma", type=int, default=4, help="block size (draft tokens per speculative step)")
     parser.add_argument("--dense-layers", type=int, default=2, help="first target layers kept dense for all methods")
-    parser.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
-                        help="SpecAttn: always read the first N positions (attention sinks), whatever the draft says")
-    parser.add_argument("--quest-page", type=int, default=QuestConfig.page,
-                        help="Quest: keys per page (its paper: 16); each page's min and max cost 2/page of the "
-                             "keys' bytes, not counted in the KV reads")
-    parser.add_argument("--combine", choices=["union", "mean"], default="union",
-                        help="SpecAttn: running union of the draft rows' top-p sets, or top-p of their running mean")
-    parser.add_argument("--per-head", action="store_true", help="select per KV head (draft heads must group into "
-                        "the target's KV heads)")
+    experiments = parser.add_argument_group(
+        "experiments", "variants of SpecAttn's selection and of a baseline; the defaults are the methods as described")
+    experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
+                             help="SpecAttn: always read the first N positions (attention sinks), whatever the "
+                                  "draft says")
+    experiments.add_argument("--quest-page", type=int, default=QuestConfig.page,
+                             help="Quest: keys per page (its paper: 16); each page's min and max cost 2/page of "
+                                  "the keys' bytes, not counted in the KV reads")
+    experiments.add_argument("--combine", choices=["union", "mean"], default="union",
+                             help="SpecAttn: running union of the draft rows' top-p sets, or top-p of their "
+                                  "running mean")
+    experiments.add_argument("--per-head", action="store_true",
+                             help="SpecAttn: select per KV head (draft heads must group into the target's KV heads)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on cuda, float32 on cpu")

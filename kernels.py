@@ -133,9 +133,11 @@ def _selected_mask(idx: torch.Tensor, count: torch.Tensor, n: int) -> torch.Tens
 # times, in one launch. Long rows: the row is cut into chunks, one program per (row,
 # chunk), and the search runs as a few launches; each launch narrows [lo, hi) 16-fold by
 # counting, per chunk, the mass at 16 pivot keys. Which is faster depends on how many
-# programs there are to fill the GPU (measured on an H200, `python bench.py --parts kernels`):
-# one program per row wins up to 16k entries whatever the row count, and up to 32k when
-# the rows alone occupy half the multiprocessors (the "top-p paths" table).
+# programs there are to fill the GPU: one program per row (one launch, no round trips
+# between launches) wins while a row fits in registers, up to 16k entries whatever the
+# row count and up to 32k when the rows alone occupy half the multiprocessors; past that,
+# or with few rows, the chunks spread one row over many multiprocessors
+# (docs/performance.md has the timings).
 
 SINGLE_PROGRAM_MAX = 16384
 SINGLE_PROGRAM_MAX_MANY_ROWS = 32768
@@ -182,9 +184,8 @@ def _topp_row_kernel(w_ptr, p_ptr, mask_ptr, idx_ptr, count_ptr, n, stride_row,
     p = tl.load(p_ptr + row)
     target = p * tl.sum(x, axis=0)
     # Invariant: mass(key >= lo) >= target > mass(key >= hi). Each step halves [lo, hi).
-    # (Stopping once a single key is left in [lo, hi) would take about 20 steps on attention
-    # rows instead of 31, but it needs the keys counted as well, and on an H200 the counting
-    # made the whole search slower; docs/performance.md, "tried and not kept".)
+    # A fixed 31 steps: stopping once a single key is left in [lo, hi) needs the keys
+    # counted as well as weighed in every step, which costs more than the steps it saves.
     lo = 0
     hi = KEY_END
     for _ in range(31):
@@ -194,8 +195,8 @@ def _topp_row_kernel(w_ptr, p_ptr, mask_ptr, idx_ptr, count_ptr, n, stride_row,
         hi = tl.where(mass >= target, hi, mid)
     keep = _kept(key, offs, n, lo, p >= 1, target)
     first_slot = 0
-    if WRITE_IDX:  # the row is this program's alone: its list starts at slot 0. Adding to the
-        # zeroed count, rather than storing it, measured faster on an H200 with 32k entries.
+    if WRITE_IDX:  # the row is this program's alone: its list starts at slot 0 (an atomic add
+        # to the zeroed count is the cheapest way to write it from a reduced value).
         first_slot = tl.atomic_add(count_ptr + row, tl.sum(keep.to(tl.int32), axis=0))
     _write_selection(keep, offs, n, first_slot, row, mask_ptr, idx_ptr, WRITE_MASK, WRITE_IDX)
 
@@ -220,7 +221,7 @@ def _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, TARGET_FROM_PAR
         target = tl.load(target_ptr + row)
     pivots = lo + ((hi - lo).to(tl.int64) * i // K).to(tl.int32)
     # j: the last pivot before the first whose mass falls short of the target. Pivot 0 is lo,
-    # which an earlier pass already found to reach the target: trust that (j >= 0) rather
+    # which the pass before already found to reach the target: trust that (j >= 0) rather
     # than this pass's fp32 sum, which may round the same mass slightly lower.
     j = tl.maximum(tl.min(tl.where(mass < target, i, K), axis=0) - 1, 0)
     new_lo = tl.sum(tl.where(i == j, pivots, 0), axis=0)
@@ -851,7 +852,8 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="SpecAttn Triton kernels: check them against their PyTorch "
-                                     "references on the GPU (bf16 attention included). Timing: bench.py --parts kernels")
+                                     "references on the GPU (bf16 attention included). "
+                                     "Timing: bench.py --parts kernels")
     parser.add_argument("--check", action="store_true", help="run the check (needs a CUDA GPU)")
     if parser.parse_args().check:
         check_on_gpu()

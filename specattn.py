@@ -93,7 +93,8 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
     B, Hd, T, S = probs.shape
     if cfg.per_head:
         if Hd % n_kv_heads:
-            raise ValueError(f"per-head selection needs draft heads ({Hd}) to group into target KV heads ({n_kv_heads})")
+            raise ValueError(f"per-head selection needs draft heads ({Hd}) to group into target KV heads "
+                             f"({n_kv_heads})")
         rows = probs.float().view(B, n_kv_heads, Hd // n_kv_heads, T, S).mean(2)  # [B, Hkv, T, S]
     else:
         rows = probs.float().mean(1, keepdim=True)  # [B, 1, T, S]: one selection for all heads
@@ -492,7 +493,8 @@ class SpecEngine:
         bar = tqdm(total=self.B * max_new_tokens, unit="tok", disable=not progress, leave=False)
         for _ in range(max_new_tokens):  # every step emits >= 1 token per running row
             self.step(timed=True)
-            all_done, n_tokens = torch.stack([self.done.all().long(), self.n_out.clamp(max=max_new_tokens).sum()]).tolist()
+            n_tokens = self.n_out.clamp(max=max_new_tokens).sum()
+            all_done, n_tokens = torch.stack([self.done.all().long(), n_tokens]).tolist()  # the step's one sync
             bar.update(n_tokens - bar.n)
             if all_done:
                 break
@@ -671,7 +673,8 @@ def results_table(results: dict, batch: int, context) -> list[str]:
         vs_plain = f"{rates[mode] / rates['plain']:.2f}x" if "plain" in rates else ""
         saved = f"{st.summary()['kv_saved_all_layers']:.1%}" if mode != "plain" else ""
         lines.append(f"| {mode} | {batch} | {context} | {st.tokens} | {rates[mode]:.1f} | {vs_plain} | "
-                     f"{st.mean_accepted + 1:.2f} | {st.engine_steps} | {saved} | {' | '.join(phase)} | {st.seconds['prefill']:.2f} |")
+                     f"{st.mean_accepted + 1:.2f} | {st.engine_steps} | {saved} | {' | '.join(phase)} | "
+                     f"{st.seconds['prefill']:.2f} |")
     return lines + ["tokens/s: new tokens of all rows over the decode wall time (prefill apart); tokens/step/row: "
                     "tokens a running row gains per step; steps: steps the engine ran, until the batch's last row "
                     "was done; draft..accept: time per engine step (GPU time on CUDA)"]
@@ -740,10 +743,11 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p in (0, 1]")
     parser.add_argument("--dense-layers", type=int, default=2, help="first target layers that always stay dense")
-    parser.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
-                        help="SpecAttn: always read the first N positions (attention sinks), whatever the draft says")
-    parser.add_argument("--combine", choices=["union", "mean"], default="union",
-                        help="union of the draft rows' top-p sets, or top-p of their mean")
+    experiments = parser.add_argument_group("experiments", "variants of SpecAttn's selection")
+    experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
+                             help="always read the first N positions (attention sinks), whatever the draft says")
+    experiments.add_argument("--combine", choices=["union", "mean"], default="union",
+                             help="union of the draft rows' top-p sets, or top-p of their mean")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="which to run, comma-separated: plain (the target alone), dense (speculative, dense "
                              "verification), specattn")

@@ -461,7 +461,8 @@ def write_sentencepiece_model(file, pieces, scores, model_type=2):
 
 
 SENTENCEPIECE_TEXT = TOKENIZER_TEXT + [
-    " leading space", "  two leading", "\n\nnewlines first", "runs:  2   3    4     5\t\t\n \n", "Ω ∑ 𝔘 ☃ ünknown chars",
+    " leading space", "  two leading", "\n\nnewlines first", "runs:  2   3    4     5\t\t\n \n",
+    "Ω ∑ 𝔘 ☃ ünknown chars",
     "literal \u2581 marker", "\x00\x01\x7f control bytes", "trailing  ", "", " ", "    indented code\n        more\n"]
 
 
@@ -788,7 +789,8 @@ def test_sparse_attention_writes_new_block():
     torch.testing.assert_close(g2, w2, atol=1e-4, rtol=1e-4)
     # Layer 0's keys and values come from the same inputs on both paths: equal. Deeper layers
     # read the attention outputs, which differ by the kernels' summation order (~1e-6).
-    assert torch.equal(got.k[0, :, :, :12], want.k[0, :, :, :12]) and torch.equal(got.v[0, :, :, :12], want.v[0, :, :, :12])
+    assert torch.equal(got.k[0, :, :, :12], want.k[0, :, :, :12])
+    assert torch.equal(got.v[0, :, :, :12], want.v[0, :, :, :12])
     torch.testing.assert_close(got.k[:, :, :, :12], want.k[:, :, :, :12], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.v[:, :, :, :12], want.v[:, :, :, :12], atol=1e-5, rtol=1e-5)
 
@@ -1486,6 +1488,11 @@ def test_load_books_formats(tmp_path):
     assert [(b["title"], b["text"]) for b in E.load_books(jl)[0]] == [("A", "a"), ("1", "b")]
     with pytest.raises(FileNotFoundError, match="no test"):
         E.load_books(tmp_path)
+    # Line ends as Python reads text files (the demo books have \r\n): the text a book is scored
+    # on, and so its perplexity, does not depend on how its file ends its lines.
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"Line one\r\nline two\rline three\n\r\n")
+    assert E.load_books(crlf)[0][0]["text"] == crlf.read_text() == "Line one\nline two\nline three\n\n"
 
 
 def test_load_books_skips_bad_books_with_a_reason(tmp_path, capsys):
