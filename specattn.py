@@ -456,18 +456,22 @@ class SpecEngine:
         last_pos = torch.tensor(lengths, device=self.device) - 1
         rows_per_chunk = max(1, 65536 // max(lengths))  # bounds the prefill's activations
         logits = []
-        for model, cache in ((self.target, self.t_cache), (self.draft, self.d_cache)):
+        # The target caches the whole prompt; the draft all but its last token, `prev`, which
+        # its first step reads together with `last` (see the class docstring).
+        for model, cache, cached in ((self.target, self.t_cache, lengths),
+                                     (self.draft, self.d_cache, [n - 1 for n in lengths])):
             if model is None:
                 continue
             cache.reset()
-            for b0 in range(0, B, rows_per_chunk):
+            for b0 in range(0, B if max(cached) else 0, rows_per_chunk):  # (1-token prompts: none for the draft)
                 rows = cache.rows(b0, b0 + rows_per_chunk)
                 # every row starts at 0: plain causal PyTorch attention (SDPA), right padding unread
-                out = model(tokens[b0:b0 + rows_per_chunk], cache=rows, logits_at=last_pos[b0:b0 + rows_per_chunk],
-                            attend=cache_attention)
+                out = model(tokens[b0:b0 + rows_per_chunk, :max(cached)], cache=rows,
+                            logits_at=(last_pos[b0:b0 + rows_per_chunk] if model is self.target else
+                                       torch.zeros_like(last_pos[b0:b0 + rows_per_chunk])), attend=cache_attention)
                 if model is self.target:
                     logits.append(out[:, 0])
-            cache.set_lengths(lengths)
+            cache.set_lengths(cached)
         logits = torch.cat(logits)  # [B, V]
         first = (logits.argmax(-1) if self.temperature == 0 else
                  _sample(torch.softmax(logits / self.temperature, -1), self.generator))

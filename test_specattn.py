@@ -1123,6 +1123,30 @@ def test_ragged_batch_equals_each_row_alone(mode, references):
         assert batch_engine.counters[2].sum() < batch_engine.counters[3].sum()  # it did skip reads
 
 
+def test_draft_cache_holds_each_token_once(references):
+    """The draft caches every token the target caches but the newest (prev, which its next
+    step reads with last), each once and at the target's own position: after the prefill and
+    after every step its cached keys equal a fresh draft forward over that sequence, so its
+    attention rows index the target's positions."""
+    target, _ = tiny_pair(8)
+    draft = self_draft(target)
+    prompts = [list(range(3, 20)), [7], [11, 12, 13]]
+    engine = SA.make_engine("dense", target, draft, prompts, 40, 3, 0.0, None, SA.SelectionConfig())
+    engine.prefill(prompts, 40)
+    for step in range(4):
+        t_len, d_len, n_out = engine.t_cache.lengths.tolist(), engine.d_cache.lengths.tolist(), engine.n_out.tolist()
+        for b, p in enumerate(prompts):
+            seq = p + engine.out[b, :n_out[b]].tolist()  # its newest token (last) is in no cache yet
+            assert (t_len[b], d_len[b]) == (len(seq) - 1, len(seq) - 2), (step, b)
+            if d_len[b]:
+                fresh = draft.new_cache(max_len=64)
+                draft(torch.tensor([seq[:d_len[b]]]), cache=fresh)
+                torch.testing.assert_close(engine.d_cache.k[:, b, :, :d_len[b]], fresh.k[:, 0, :, :d_len[b]],
+                                           atol=1e-5, rtol=1e-5)
+        engine.step()
+    assert engine.counters[1].sum() > 0  # some draft tokens were accepted along the way
+
+
 def test_rows_stop_at_their_own_eos(references):
     target, _ = tiny_pair(7)
     draft = self_draft(target)
