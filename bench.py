@@ -120,8 +120,10 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 
 
 @torch.no_grad()
-def bench_demo(say, batches, contexts, max_new_tokens: int, gamma: int, topp: float, layer_map_path=None) -> dict:
-    """(a): the demo pair through run_modes, every (batch, context)."""
+def bench_demo(say, batches, contexts, max_new_tokens: int, gamma: int, topp: float, layer_map_path=None,
+               prompts_per_row: int = 1) -> dict:
+    """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
+    each batch row serves that many prompts in turn (continuous batching)."""
     target, draft, tokenizer = load_pair(device="cuda")
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
@@ -132,9 +134,10 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gamma: int, topp: fl
     rates = {}
     for context in contexts:
         for B in batches:
-            prompts = SA.book_prompts(tokenizer, B, context)
-            results = SA.run_modes(target, draft, prompts, max_new_tokens, gamma, 0.0, layer_map, selection)
-            table = SA.results_table(results, B, context)
+            prompts = SA.book_prompts(tokenizer, B * prompts_per_row, context)
+            results = SA.run_modes(target, draft, prompts, max_new_tokens, gamma, 0.0, layer_map, selection,
+                                   batch_size=B)
+            table = SA.results_table(results, B, context, len(prompts))
             for line in (table[:-1] if not header_done else table[2:-1]):
                 say(line)
             header_done = True
@@ -301,7 +304,9 @@ def main():
     parser.add_argument("--batches", default="1,8,32,64", help="demo batch sizes")
     parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens); the demo "
                         "model has 8192 positions, which also hold the new tokens")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per row")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
+    parser.add_argument("--prompts-per-row", type=int, default=1, help="demo: prompts each batch row serves in "
+                        "turn (continuous batching: a finished row takes the next waiting prompt)")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per step")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
     parser.add_argument("--layer-map", help="the demo pair's layer map JSON (default: calibrated once, cached)")
@@ -324,7 +329,8 @@ def main():
     contexts = [int(c) for c in args.contexts.split(",")]
     demo, hf = {}, {}
     if "demo" in parts:
-        demo = bench_demo(say, batches, contexts, args.max_new_tokens, args.gamma, args.topp, args.layer_map)
+        demo = bench_demo(say, batches, contexts, args.max_new_tokens, args.gamma, args.topp, args.layer_map,
+                          args.prompts_per_row)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens)
     if demo and hf:

@@ -472,9 +472,7 @@ class SpecEngine:
                 if model is self.target:
                     logits.append(out[:, 0])
             cache.set_lengths(cached)
-        logits = torch.cat(logits)  # [B, V]
-        first = (logits.argmax(-1) if self.temperature == 0 else
-                 _sample(torch.softmax(logits / self.temperature, -1), self.generator))
+        first = self._first_token(torch.cat(logits))  # [B]
         self.prev.copy_(tokens.gather(1, last_pos[:, None])[:, 0])
         self.last.copy_(first)
         self.out[:, 0] = first
@@ -486,32 +484,77 @@ class SpecEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, progress: bool = False):
-        """New tokens for each prompt (a list per row, each stopping at its EOS or
-        max_new_tokens) and the SpecStats. The one host synchronisation per step is the
-        read of the rows' `done` flags (and the token count, for the progress bar)."""
+        """New tokens for each prompt (a list per prompt, each stopping at its EOS or
+        max_new_tokens) and the SpecStats. With more prompts than the engine has rows, the
+        first B start and each row that finishes takes the next waiting prompt (`_refill`:
+        its own prefill, eager), so no row idles while prompts wait (continuous batching).
+        The one host synchronisation per step is the read of the rows' `done` flags and
+        token counts; a step on which rows finish also reads their tokens."""
+        if len(prompts) < self.B:
+            raise ValueError(f"this engine holds {self.B} rows; got {len(prompts)} prompts")
         t0 = time.perf_counter()
-        self.prefill(prompts, max_new_tokens)
+        self.prefill(prompts[:self.B], max_new_tokens)
         self.phase_events = []
         _sync(self.device)
         t1 = time.perf_counter()
-        bar = tqdm(total=self.B * max_new_tokens, unit="tok", disable=not progress, leave=False)
-        for _ in range(max_new_tokens):  # every step emits >= 1 token per running row
+        serving = list(range(self.B))  # serving[b]: the prompt row b generates for (None: idle)
+        waiting = list(range(self.B, len(prompts)))
+        outputs: list = [None] * len(prompts)
+        refill_s = 0.0
+        bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", disable=not progress, leave=False)
+        while any(i is not None for i in serving):  # every step emits >= 1 token per running row
             self.step(timed=True)
-            n_tokens = self.n_out.clamp(max=max_new_tokens).sum()
-            all_done, n_tokens = torch.stack([self.done.all().long(), n_tokens]).tolist()  # the step's one sync
-            bar.update(n_tokens - bar.n)
-            if all_done:
-                break
+            done, n_out = torch.stack([self.done.long(), self.n_out.clamp(max=max_new_tokens)]).tolist()  # sync
+            finished = [b for b in range(self.B) if done[b] and serving[b] is not None]
+            if finished:
+                for b, row in zip(finished, self.out[finished].tolist()):
+                    outputs[serving[b]], serving[b] = row[:n_out[b]], None
+                t_refill = time.perf_counter()
+                for b in finished[:len(waiting)]:
+                    serving[b] = waiting.pop(0)
+                    self._refill(b, prompts[serving[b]], max_new_tokens)
+                _sync(self.device)
+                refill_s += time.perf_counter() - t_refill
+            bar.update(sum(len(o) for o in outputs if o is not None) +
+                       sum(n for b, n in enumerate(n_out) if serving[b] is not None) - bar.n)
         bar.close()
         t2 = time.perf_counter()
-        n_out = self.n_out.clamp(max=max_new_tokens).tolist()
-        out = [row[:n] for row, n in zip(self.out.tolist(), n_out)]
         c = self.counters.sum(1).tolist()
-        stats = SpecStats(steps=c[0], accepted=c[1], tokens=sum(n_out), kv_read=c[2], kv_dense=c[3],
-                          kv_read_sparse_layers=c[4], kv_dense_sparse_layers=c[5], accepted_hist=c[6:],
-                          engine_steps=len(self.phase_events))
-        stats.seconds = {"prefill": t1 - t0, "decode": t2 - t1, **self._phase_seconds()}
-        return out, stats
+        stats = SpecStats(steps=c[0], accepted=c[1], tokens=sum(len(o) for o in outputs), kv_read=c[2],
+                          kv_dense=c[3], kv_read_sparse_layers=c[4], kv_dense_sparse_layers=c[5],
+                          accepted_hist=c[6:], engine_steps=len(self.phase_events))
+        stats.seconds = {"prefill": t1 - t0 + refill_s, "decode": t2 - t1 - refill_s, **self._phase_seconds()}
+        return outputs, stats
+
+    @torch.no_grad()
+    def _refill(self, b: int, prompt: list[int], max_new_tokens: int) -> None:
+        """Row b starts over on a new prompt, the other rows untouched: its rows of both caches
+        are prefilled as in `prefill` (eager PyTorch attention over this row alone) and its
+        state reset. Its counters keep adding up (they count the row's steps, whatever it serves)."""
+        if not prompt or len(prompt) + max_new_tokens + 2 * self.gamma + 2 > self.max_len:
+            raise ValueError(f"a prompt of {len(prompt)} tokens + {max_new_tokens} new tokens does not fit this "
+                             f"engine's {self.max_len}-position cache (or is empty)")
+        tokens = torch.tensor([prompt], device=self.device)  # [1, L]
+        for model, cache, cached in ((self.target, self.t_cache, len(prompt)),
+                                     (self.draft, self.d_cache, len(prompt) - 1)):
+            if model is None:
+                continue
+            row = cache.rows(b, b + 1)
+            row.reset()  # row b's length is 0 (a view of the cache's lengths)
+            if cached:
+                logits = model(tokens[:, :cached], cache=row, logits_at=tokens.new_tensor([cached - 1]),
+                               attend=cache_attention)
+                if model is self.target:
+                    first = self._first_token(logits[:, 0])  # [1]
+        self.prev[b], self.last[b], self.out[b, 0] = prompt[-1], first[0], first[0]
+        self.n_out[b] = 1
+        self.done[b] = max_new_tokens <= 1 or (self.eos_id is not None and int(first[0]) == self.eos_id)
+
+    def _first_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """The target's choice after a prompt, from its last position's logits [B, V] -> [B]."""
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        return _sample(torch.softmax(logits / self.temperature, -1), self.generator)
 
     def _mark(self):
         """A point in the step's timeline: a CUDA event on the GPU's stream, else the host clock."""
@@ -586,10 +629,12 @@ def check_engine_memory(target, draft, batch: int, max_len: int, gamma: int, tem
 
 
 def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float,
-                layer_map, selection: SelectionConfig, eos_id=None, generator=None, cuda_graphs=None) -> SpecEngine:
-    """The engine for one of MODES, sized for these prompts."""
+                layer_map, selection: SelectionConfig, eos_id=None, generator=None, cuda_graphs=None,
+                batch_size: Optional[int] = None) -> SpecEngine:
+    """The engine for one of MODES, sized for these prompts: one row each, or batch_size rows
+    that take the prompts in turn (continuous batching)."""
     g = gamma if mode != "plain" else 0
-    return SpecEngine(target, draft if mode != "plain" else None, batch_size=len(prompts),
+    return SpecEngine(target, draft if mode != "plain" else None, batch_size=batch_size or len(prompts),
                       max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=g,
                       temperature=temperature, layer_map=layer_map, selection=selection,
                       use_specattn=mode == "specattn", eos_id=eos_id, generator=generator, cuda_graphs=cuda_graphs)
@@ -652,31 +697,33 @@ def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[in
 
 def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float, layer_map,
               selection: SelectionConfig, modes=MODES, eos_id=None, seed: int = 0, progress: bool = False,
-              warmup_tokens: int = 8) -> dict:
-    """Each mode's engine: a short warm-up generation (captures the CUDA graphs, compiles), then
-    the timed one. Returns {mode: (ids per row, SpecStats)}."""
+              warmup_tokens: int = 8, batch_size: Optional[int] = None) -> dict:
+    """Each mode's engine (batch_size rows, default one per prompt): a short warm-up generation
+    (captures the CUDA graphs, compiles), then the timed one. Returns {mode: (ids per prompt,
+    SpecStats)}."""
     results = {}
     device = target.output.weight.device
     for mode in modes:
         gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, selection,
-                             eos_id, gen)
-        engine.generate(prompts, min(warmup_tokens, max_new_tokens))
+                             eos_id, gen, batch_size=batch_size)
+        engine.generate(prompts[:engine.B], min(warmup_tokens, max_new_tokens))
         results[mode] = engine.generate(prompts, max_new_tokens, progress=progress)
     return results
 
 
-def results_table(results: dict, batch: int, context) -> list[str]:
+def results_table(results: dict, batch: int, context, prompts: Optional[int] = None) -> list[str]:
     """A markdown table of run_modes' results: speed, acceptance, KV reads, time per phase."""
-    lines = ["| mode | batch | context | new tokens | tokens/s | vs plain | tokens/step/row | steps | KV reads saved "
-             "| draft ms | select ms | verify ms | accept ms | prefill s |", "|" + "---|" * 14]
+    lines = ["| mode | batch | prompts | context | new tokens | tokens/s | vs plain | tokens/step/row | steps "
+             "| KV reads saved | draft ms | select ms | verify ms | accept ms | prefill s |", "|" + "---|" * 15]
     rates = {mode: st.tokens / st.seconds["decode"] for mode, (_, st) in results.items()}
     for mode, (_, st) in results.items():
         phase = [f"{st.seconds[k] / max(1, st.engine_steps) * 1e3:.3f}" if k in st.seconds else ""
                  for k in ("draft", "select", "verify", "accept")]
         vs_plain = f"{rates[mode] / rates['plain']:.2f}x" if "plain" in rates else ""
         saved = f"{st.summary()['kv_saved_all_layers']:.1%}" if mode != "plain" else ""
-        lines.append(f"| {mode} | {batch} | {context} | {st.tokens} | {rates[mode]:.1f} | {vs_plain} | "
+        lines.append(f"| {mode} | {batch} | {prompts or batch} | {context} | {st.tokens} | {rates[mode]:.1f} | "
+                     f"{vs_plain} | "
                      f"{st.mean_accepted + 1:.2f} | {st.engine_steps} | {saved} | {' | '.join(phase)} | "
                      f"{st.seconds['prefill']:.2f} |")
     return lines + ["tokens/s: new tokens of all rows over the decode wall time (prefill apart); tokens/step/row: "
@@ -742,6 +789,8 @@ def main(argv=None):
     parser.add_argument("--context", type=int, help="instead of --prompt: prompts of this many tokens cut from the "
                         "demo books, one per batch row")
     parser.add_argument("--batch", type=int, default=1, help="batch rows (a single --prompt is repeated)")
+    parser.add_argument("--requests", type=int, help="prompts served through the --batch rows: a row that "
+                        "finishes takes the next waiting one (continuous batching); default: one per row")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per row")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per step")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
@@ -773,6 +822,8 @@ def main(argv=None):
             raise ValueError(f"--gamma must be >= 1, got {args.gamma}")
         if args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        if args.requests is not None and args.requests < args.batch:
+            raise ValueError(f"--requests must be >= --batch ({args.batch}), got {args.requests}")
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         check_device(args.device)
@@ -781,12 +832,13 @@ def main(argv=None):
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
         selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, combine=args.combine,
                                     sinks=args.sinks)
+        n_prompts = args.requests or args.batch
         if args.context:
-            prompts = book_prompts(tokenizer, args.batch, args.context)
+            prompts = book_prompts(tokenizer, n_prompts, args.context)
         else:
             texts = args.prompt or ["Alice was beginning to get very tired of sitting by her sister on the bank, "
                                     "and of having nothing to do:"]
-            texts = texts * args.batch if len(texts) == 1 else texts
+            texts = texts * n_prompts if len(texts) == 1 else texts
             if any(not t for t in texts):
                 raise ValueError("an empty --prompt: give some text to continue")
             prompts = [tokenizer.encode(t) for t in texts]
@@ -801,15 +853,17 @@ def main(argv=None):
             return
         if target.output.weight.is_cuda:  # fused pointwise kernels
             compile_pointwise(True)
+        batch = min(args.batch, len(prompts)) if args.requests else len(prompts)
         results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature, layer_map,
-                            selection, modes, eos_id=tokenizer.eos_id, seed=args.seed, progress=True)
+                            selection, modes, eos_id=tokenizer.eos_id, seed=args.seed, progress=True,
+                            batch_size=batch)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         sys.exit(f"error: {e}")
     for mode, (ids, stats) in results.items():
         for b in range(min(args.show, len(ids))):
             print(f"=== {mode}, row {b}")
             print(tokenizer.decode(prompts[b][-200:]) + tokenizer.decode(ids[b]))
-    table = results_table(results, len(prompts), args.context or "prompt")
+    table = results_table(results, batch, args.context or "prompt", len(prompts))
     print("\n".join(table))
     if args.out:
         out = Path(args.out)

@@ -1123,6 +1123,33 @@ def test_ragged_batch_equals_each_row_alone(mode, references):
         assert batch_engine.counters[2].sum() < batch_engine.counters[3].sum()  # it did skip reads
 
 
+@pytest.mark.parametrize("mode", ["plain", "dense", "specattn"])
+def test_continuous_batching_equals_each_prompt_alone(mode, references):
+    """Five prompts through two rows: a row that finishes (at its token limit or EOS) takes
+    the next waiting prompt. Each prompt's tokens equal that prompt run alone, and the
+    counters add up to the runs alone (a refilled row starts from a clean state)."""
+    target, _ = tiny_pair(9)
+    draft = self_draft(target)
+    prompts = [list(range(3, 30)), [7], list(range(40, 49)), [11, 12], list(range(60, 75))]
+    free = SA.greedy_generate(target, prompts[:1], 14)[0]
+    eos = free[5]  # prompt 0 stops early at its EOS: its row is refilled before the others
+    cfg = SA.SelectionConfig(topp=0.6, dense_layers=1)
+
+    def engine(rows, batch_size=None):
+        return SA.make_engine(mode, target, draft, rows, 14, 3, 0.0, [0, 1, 1], cfg, eos_id=eos,
+                              batch_size=batch_size)
+
+    shared = engine(prompts, batch_size=2)
+    got, stats = shared.generate(prompts, 14)
+    assert shared.B == 2 and len(got) == 5
+    alone = [engine([p]) for p in prompts]
+    want = [e.generate([p], 14)[0][0] for e, p in zip(alone, prompts)]
+    assert got == want
+    assert got[0] == free[:free.index(eos) + 1]  # stopped at its EOS
+    assert stats.tokens == sum(len(w) for w in want)
+    assert shared.counters.sum(1).tolist() == sum(e.counters.sum(1) for e in alone).tolist()
+
+
 def test_draft_cache_holds_each_token_once(references):
     """The draft caches every token the target caches but the newest (prev, which its next
     step reads with last), each once and at the target's own position: after the prefill and
