@@ -123,6 +123,7 @@ class SpecStats:
     engine_steps: int = 0  # steps the engine ran: until the batch's last row finished
     accepted: int = 0  # draft tokens accepted, summed over rows and steps
     tokens: int = 0  # tokens generated, all rows
+    prompts: int = 0  # prompts served (each one's first token comes from its prefill)
     kv_read: int = 0  # entries read by the target in verification (see module doc)
     kv_dense: int = 0  # entries dense verification would read
     kv_read_sparse_layers: int = 0
@@ -133,6 +134,12 @@ class SpecStats:
     @property
     def mean_accepted(self) -> float:
         return self.accepted / max(1, self.steps)
+
+    @property
+    def decode_rate(self) -> float:
+        """Tokens per second of decoding: the tokens the steps made (not each prompt's first,
+        which its prefill made) over the steps' wall time."""
+        return (self.tokens - self.prompts) / max(self.seconds.get("decode", 0.0), 1e-9)
 
     def summary(self) -> dict:
         return {
@@ -520,7 +527,8 @@ class SpecEngine:
         bar.close()
         t2 = time.perf_counter()
         c = self.counters.sum(1).tolist()
-        stats = SpecStats(steps=c[0], accepted=c[1], tokens=sum(len(o) for o in outputs), kv_read=c[2],
+        stats = SpecStats(steps=c[0], accepted=c[1], tokens=sum(len(o) for o in outputs), prompts=len(prompts),
+                          kv_read=c[2],
                           kv_dense=c[3], kv_read_sparse_layers=c[4], kv_dense_sparse_layers=c[5],
                           accepted_hist=c[6:], engine_steps=len(self.phase_events))
         stats.seconds = {"prefill": t1 - t0 + refill_s, "decode": t2 - t1 - refill_s, **self._phase_seconds()}
@@ -716,7 +724,7 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
     """A markdown table of run_modes' results: speed, acceptance, KV reads, time per phase."""
     lines = ["| mode | batch | prompts | context | new tokens | tokens/s | vs plain | tokens/step/row | steps "
              "| KV reads saved | draft ms | select ms | verify ms | accept ms | prefill s |", "|" + "---|" * 15]
-    rates = {mode: st.tokens / st.seconds["decode"] for mode, (_, st) in results.items()}
+    rates = {mode: st.decode_rate for mode, (_, st) in results.items()}
     for mode, (_, st) in results.items():
         phase = [f"{st.seconds[k] / max(1, st.engine_steps) * 1e3:.3f}" if k in st.seconds else ""
                  for k in ("draft", "select", "verify", "accept")]
@@ -726,7 +734,8 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
                      f"{vs_plain} | "
                      f"{st.mean_accepted + 1:.2f} | {st.engine_steps} | {saved} | {' | '.join(phase)} | "
                      f"{st.seconds['prefill']:.2f} |")
-    return lines + ["tokens/s: new tokens of all rows over the decode wall time (prefill apart); tokens/step/row: "
+    return lines + ["tokens/s: the tokens the decode steps made (each prompt's first comes from its prefill), "
+                    "all rows, over the steps' wall time; tokens/step/row: "
                     "tokens a running row gains per step; steps: steps the engine ran, until the batch's last row "
                     "was done; draft..accept: time per engine step (GPU time on CUDA)"]
 
