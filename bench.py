@@ -78,10 +78,10 @@ def filled_engine(target, draft, B: int, S: int, gamma: int, selection, use_spec
     """An engine whose rows already hold S random cached positions (as after a prefill)."""
     engine = SA.SpecEngine(target, draft, batch_size=B, max_len=S + 256, gamma=gamma, layer_map=LAYER_MAP_8B,
                            selection=selection, use_specattn=use_specattn, cuda_graphs=cuda_graphs)
-    for cache in (engine.t_cache, engine.d_cache):
+    for cache, n in ((engine.t_cache, S), (engine.d_cache, S - 1)):  # the draft: all but prev (see SpecEngine)
         cache.k.normal_()
         cache.v.normal_()
-        cache.set_lengths([S] * B)
+        cache.set_lengths([n] * B)
     engine.last.random_(0, TARGET_8B.vocab_size)
     engine.prev.random_(0, TARGET_8B.vocab_size)
     engine.done.zero_()
