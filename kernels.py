@@ -213,7 +213,8 @@ def _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, TARGET_FROM_PAR
     hi = tl.load(state_in + row * 2 + 1)
     c = tl.arange(0, CHUNKS_POW2)
     i = tl.arange(0, K)
-    part = tl.load(part_in + (row * n_chunks + c[:, None]) * K + i[None, :], mask=c[:, None] < n_chunks, other=0.0)
+    part = tl.load(part_in + (row * n_chunks + c[:, None]) * K + i[None, :], mask=c[:, None] < n_chunks,
+                   other=0.0)
     mass = tl.sum(part, axis=0)  # [K]: mass(key >= pivot_i), non-increasing in i
     if TARGET_FROM_PARTIALS:  # after the first pass: its pivot 0 is key 0, whose mass is the row sum
         target = tl.load(p_ptr + row) * tl.sum(tl.where(i == 0, mass, 0.0), axis=0)
@@ -231,8 +232,8 @@ def _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, TARGET_FROM_PAR
 
 
 @triton.jit
-def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, target_ptr, counts_out, n, stride_row,
-                      n_chunks, STAGE: tl.constexpr, K: tl.constexpr, CHUNK_: tl.constexpr,
+def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, target_ptr, counts_out, n,
+                      stride_row, n_chunks, STAGE: tl.constexpr, K: tl.constexpr, CHUNK_: tl.constexpr,
                       CHUNKS_POW2: tl.constexpr, COUNT: tl.constexpr):
     """One search pass over (row, chunk): narrow [lo, hi) (not on the first pass), then
     write this chunk's mass at the K pivots of the new interval (with COUNT, on the last
@@ -272,8 +273,8 @@ def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, targ
 
 @triton.jit
 def _topp_final_kernel(w_ptr, p_ptr, state_in, part_in, target_ptr, counts_in, mask_ptr, idx_ptr, count_ptr,
-                       n, stride_row, n_chunks, K: tl.constexpr, CHUNK_: tl.constexpr, CHUNKS_POW2: tl.constexpr,
-                       WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr):
+                       n, stride_row, n_chunks, K: tl.constexpr, CHUNK_: tl.constexpr,
+                       CHUNKS_POW2: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr):
     """Last narrowing (now hi = lo + 1, so θ's key is lo), then the mask and compacted indices."""
     row, chunk = tl.program_id(0), tl.program_id(1)
     lo, hi, target, j = _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, False, K, CHUNKS_POW2)
@@ -311,7 +312,7 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
     dev = w.device
     mask = torch.empty((rows, n), device=dev, dtype=torch.int8) if write_mask else None
     idx = torch.empty((rows, n), device=dev, dtype=torch.int32) if write_idx else None
-    count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None  # (the row kernel adds to 0)
+    count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None  # (kernels add to it)
     if rows == 0 or n == 0:
         pass
     elif _one_program_per_row(rows, n, dev):
@@ -330,9 +331,10 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
         grid = (rows, n_chunks)
         for d in range(PASSES):
             stage = min(d, 2)
-            _topp_pass_kernel[grid](w2, p_rows, state[(d - 1) % 2], state[d % 2], part[(d - 1) % 2], part[d % 2],
-                                    target, counts, n, w2.stride(0), n_chunks, STAGE=stage, K=PIVOTS, CHUNK_=CHUNK,
-                                    CHUNKS_POW2=chunks_pow2, COUNT=write_idx and d == PASSES - 1, num_warps=8)
+            _topp_pass_kernel[grid](w2, p_rows, state[(d - 1) % 2], state[d % 2], part[(d - 1) % 2],
+                                    part[d % 2], target, counts, n, w2.stride(0), n_chunks, STAGE=stage,
+                                    K=PIVOTS, CHUNK_=CHUNK, CHUNKS_POW2=chunks_pow2,
+                                    COUNT=write_idx and d == PASSES - 1, num_warps=8)
         last = (PASSES - 1) % 2
         _topp_final_kernel[grid](w2, p_rows, state[last], part[last], target, counts, mask, idx, count, n,
                                  w2.stride(0), n_chunks, K=PIVOTS, CHUNK_=CHUNK, CHUNKS_POW2=chunks_pow2,
@@ -445,8 +447,8 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=No
 
 @triton.jit
 def _sparse_attn_split_kernel(
-        q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, lock_ptr, scores_ptr,
-        kn_ptr, vn_ptr, len_ptr, row_width, scale_log2, n_splits, H_KV, si_b, si_h, sc_b, sc_h,
+        q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, lock_ptr,
+        scores_ptr, kn_ptr, vn_ptr, len_ptr, row_width, scale_log2, n_splits, H_KV, si_b, si_h, sc_b, sc_h,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
         skn_b, skn_h, skn_t, svn_b, svn_h, svn_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -503,8 +505,8 @@ def _sparse_attn_split_kernel(
         k_dst = k_base + (past_len + c[None, :]) * sk_s + d[:, None]  # [D, N]
         v_dst = v_base + (past_len + c[:, None]) * sv_s + d[None, :]  # [N, D]
         if WRITE_NEW:  # this program appends the block to the cache (no other program reads it)
-            kt = tl.load(kn_ptr + b * skn_b + h * skn_h + c[None, :] * skn_t + d[:, None], mask=c[None, :] < T,
-                         other=0.0).to(k_ptr.dtype.element_ty)
+            kt = tl.load(kn_ptr + b * skn_b + h * skn_h + c[None, :] * skn_t + d[:, None],
+                         mask=c[None, :] < T, other=0.0).to(k_ptr.dtype.element_ty)
             v = tl.load(vn_ptr + b * svn_b + h * svn_h + c[:, None] * svn_t + d[None, :], mask=c[:, None] < T,
                         other=0.0).to(v_ptr.dtype.element_ty)
             tl.store(k_dst, kt, mask=c[None, :] < T)
@@ -537,7 +539,8 @@ def _sparse_attn_split_kernel(
 
 @triton.jit
 def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_parts, o_off, so_h, so_t, bh, rows,
-                T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_STATS: tl.constexpr):
+                T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                WRITE_STATS: tl.constexpr):
     """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s, for every row at
     once, folding the parts in one at a time (the same rescaling as the main loop).
     Loads bypass L1 (.cg): other multiprocessors wrote these partials."""
@@ -551,7 +554,8 @@ def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_parts, o_off, 
     part = first + rows
     m_next = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
     l_next = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
-    acc_next = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0, cache_modifier=".cg")
+    acc_next = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0,
+                       cache_modifier=".cg")
     for s in range(0, n_parts):
         m_s, l_s, acc_s = m_next, l_next, acc_next.to(tl.float32)
         part = first + tl.minimum(s + 1, n_parts - 1) * (G * T) + rows
@@ -634,8 +638,8 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     streams at once.
     Falls back to the reference on a CPU without the interpreter."""
     if not _use_triton(q):
-        return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row, new_kv,
-                                          last_row_mean)
+        return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row,
+                                          new_kv, last_row_mean)
     if return_last_row and idx is not None:
         raise ValueError("sparse_attention: return_last_row needs dense attention (idx=None)")
     B, Hq, T, D = q.shape
@@ -644,14 +648,15 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     ragged = isinstance(past_len, torch.Tensor)
     if Hq % Hkv or k_cache.shape[2] < (T if ragged else past_len + T) or D not in (16, 32, 64, 128, 256):
         raise ValueError(f"sparse_attention: bad shapes q={tuple(q.shape)} k_cache={tuple(k_cache.shape)} "
-                         f"past_len={past_len} (need Hq % Hkv == 0, cache >= past_len + T, D a power of 2 >= 16)")
+                         f"past_len={past_len} (need Hq % Hkv == 0, cache >= past_len + T, D a power of 2 "
+                         f">= 16)")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("sparse_attention: q, k_cache and v_cache need a contiguous last dimension")
     k_new, v_new = new_kv if new_kv is not None else (None, None)
     if new_kv is not None and (k_new.shape != (B, Hkv, T, D) or v_new.shape != (B, Hkv, T, D)
                                or k_new.stride(-1) != 1 or v_new.stride(-1) != 1):
-        raise ValueError(f"sparse_attention: new_kv must be two [B, Hkv, T, D] = {(B, Hkv, T, D)} tensors with a "
-                         f"contiguous last dim, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+        raise ValueError(f"sparse_attention: new_kv must be two [B, Hkv, T, D] = {(B, Hkv, T, D)} tensors "
+                         f"with a contiguous last dim, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
     dense = idx is None
     if not dense:  # [B, Hkv, L] and [B, Hkv], any strides but a contiguous last dim (0 strides share a row)
         idx, count = idx.expand(B, Hkv, idx.shape[-1]), count.expand(B, Hkv)
@@ -688,7 +693,8 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     out = torch.empty_like(q)
     # With return_last_row: the last token's scores [B*Hq, width] and each row's softmax (max, sum).
     scores = torch.empty((B * Hq, width), device=q.device, dtype=torch.float32) if return_last_row else None
-    stats = torch.empty((B * Hkv, G * T, 2), device=q.device, dtype=torch.float32) if return_last_row else None
+    stats = (torch.empty((B * Hkv, G * T, 2), device=q.device, dtype=torch.float32) if return_last_row
+             else None)
     locks = _locks(q.device, B * Hkv)
     scale = (scale or 1 / math.sqrt(D)) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -698,10 +704,10 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
         *((0, 0, 0, 0) if dense else (idx.stride(0), idx.stride(1), count.stride(0), count.stride(1))),
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *((k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2))
-          if new_kv is not None else (0,) * 6),
+        *((*k_new.stride()[:3], *v_new.stride()[:3]) if new_kv is not None else (0,) * 6),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, PRECISION=precision,
-        STORE_SCORES=return_last_row, WRITE_NEW=new_kv is not None, num_warps=num_warps, num_stages=num_stages)
+        STORE_SCORES=return_last_row, WRITE_NEW=new_kv is not None, num_warps=num_warps,
+        num_stages=num_stages)
     if not return_last_row:
         return out
     heads = Hq if last_row_mean else G  # query heads summed into each output row
@@ -777,7 +783,8 @@ def check_topp_definition(w, keep, p, rel_tol: float):
     if not ok.all():
         r = (~ok).nonzero()[0].item()
         raise AssertionError(
-            f"top-p definition violated in {(~ok).sum().item()} rows (N={n}); row {r} (p={p_rows[r].item()}): "
+            f"top-p definition violated in {(~ok).sum().item()} rows (N={n}); "
+            f"row {r} (p={p_rows[r].item()}): "
             f"kept {keep[r].sum().item()}, smallest kept {smallest[r].item():.4e} vs largest dropped "
             f"{largest_dropped[r].item():.4e}, kept mass {kept_mass[r].item():.9f}, without smallest "
             f"{without_smallest[r].item():.9f}, target {p_rows[r].item() * total[r].item():.9f}")
@@ -800,11 +807,12 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
             idx, count = topp_select(w, p)
             check_topp_definition(w, _selected_mask(idx, count, n), p, rel_tol=1e-6)
             listed = torch.arange(1, n, device=dev) < count[:, None]  # [rows, n - 1]: idx[:, 1:] in the list
-            assert bool(((idx[:, 1:] > idx[:, :-1]) | ~listed).all()), f"top-p {rows}x{n}: indices not ascending"
+            ascending = ((idx[:, 1:] > idx[:, :-1]) | ~listed).all()
+            assert bool(ascending), f"top-p {rows}x{n}: indices not ascending"
     # (B, Hq, Hkv, T, S, kept, D): awkward sizes with GQA 4 and 3, then the benchmark's shapes.
     attention_cases = ((2, 8, 2, 5, 577, 0.25, 64), (3, 9, 3, 9, 63, 1.0, 128), (2, 12, 4, 1, 4099, 0.1, 128),
-                       (8, 32, 8, 5, 8192, 0.25, 128), (1, 32, 8, 8, 4099, 0.25, 128), (1, 32, 8, 8, 32768, 0.1, 128),
-                       (1, 32, 8, 9, 131072, 1.0, 128))
+                       (8, 32, 8, 5, 8192, 0.25, 128), (1, 32, 8, 8, 4099, 0.25, 128),
+                       (1, 32, 8, 8, 32768, 0.1, 128), (1, 32, 8, 9, 131072, 1.0, 128))
     for B, Hq, Hkv, T, S, frac, D in attention_cases:
         q = torch.randn(B, Hq, T, D, device=dev, dtype=torch.bfloat16)
         kc = torch.randn(B, Hkv, S + T + 3, D, device=dev, dtype=torch.bfloat16)

@@ -94,9 +94,11 @@ class ModelArgs:
             raise ValueError(f"config.json field 'model_type'={model_type!r} is not supported; "
                              f"expected one of {cls.SUPPORTED_TYPES} (a Llama-style decoder)")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json field 'hidden_act'={cfg['hidden_act']!r} is not supported (only 'silu')")
+            raise ValueError(f"config.json field 'hidden_act'={cfg['hidden_act']!r} is not supported "
+                             f"(only 'silu')")
         # Mistral applies its window whenever "sliding_window" is set; Qwen2 only with use_sliding_window.
-        window = cfg.get("sliding_window") if model_type == "mistral" or cfg.get("use_sliding_window") else None
+        windowed = model_type == "mistral" or cfg.get("use_sliding_window")
+        window = cfg.get("sliding_window") if windowed else None
         # transformers 5 nests theta and scaling in "rope_parameters"; 4.x has "rope_theta" + "rope_scaling".
         rope = dict(cfg.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -106,7 +108,8 @@ class ModelArgs:
             if rope_type == "default":
                 scaling = None
             elif rope_type != "llama3":
-                raise ValueError(f"config.json field 'rope_scaling' has type {rope_type!r}; only 'llama3' is supported")
+                raise ValueError(f"config.json field 'rope_scaling' has type {rope_type!r}; only 'llama3' is "
+                                 f"supported")
             else:
                 scaling = {"rope_type": "llama3", **{k: scaling[k] for k in (
                     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
@@ -143,7 +146,8 @@ class ModelArgs:
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies [head_dim/2], with Llama-3.1 long-context scaling when configured."""
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** exponents)
     s = args.rope_scaling
     if s is None:
         return inv_freq.float()
@@ -313,10 +317,12 @@ def subset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len
     # allowed[b, h, t, s]: may query t read key s? Past keys by `keep`, the block causally.
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     if keep is None:
-        allowed = torch.cat([torch.ones(T, past_len, dtype=torch.bool, device=q.device), causal], -1)[None, None]
+        past = torch.ones(T, past_len, dtype=torch.bool, device=q.device)
+        allowed = torch.cat([past, causal], -1)[None, None]
     else:
         allowed = torch.cat([keep.expand(B, Hkv, T, past_len), causal.expand(B, Hkv, T, T)], dim=-1)
-        allowed = allowed.repeat_interleave(group, dim=1)  # [B, Hq, T, S]: query head h reads KV head h // group
+        # [B, Hq, T, S]: query head h reads KV head h // group
+        allowed = allowed.repeat_interleave(group, dim=1)
     if not return_probs:
         # enable_gqa lets SDPA map query heads to KV heads without copying K and V.
         if keep is None and past_len == 0:
@@ -373,7 +379,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         Hq, Hkv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, T, Hq + 2 * Hkv, self.head_dim)  # heads: Hq queries, Hkv keys, Hkv values
-        qk = Pointwise.rope(qkv[:, :, :Hq + Hkv], cos[:, :, None], sin[:, :, None])  # queries and keys in one pass
+        qk = Pointwise.rope(qkv[:, :, :Hq + Hkv], cos[:, :, None], sin[:, :, None])  # q and k in one pass
         q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, T, D]
         k = qk[:, :, Hq:].transpose(1, 2)  # [B, Hkv, T, D]
         v = qkv[:, :, Hq + Hkv:].transpose(1, 2)
@@ -386,7 +392,8 @@ class Attention(nn.Module):
             # launch that attends (two copy kernels fewer per layer in a decode step).
             if not getattr(attend, "writes_cache", False):
                 cache.write(layer, k, v)
-            keep = select(layer, q, k_cache[:, :, :start] if start is not None else k_cache) if select else None
+            cached_keys = k_cache[:, :, :start] if start is not None else k_cache  # all slots if rows differ
+            keep = select(layer, q, cached_keys) if select else None
             out, probs = attend(q, k, v, k_cache, v_cache, lengths, start, keep, return_probs)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1)), probs
 
@@ -458,7 +465,8 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_len: Optional[int] = None) -> KVCache:
         w = self.output.weight
-        return KVCache(self.args, batch_size, max_len or self.args.max_seq_len, device=w.device, dtype=w.dtype)
+        max_len = max_len or self.args.max_seq_len
+        return KVCache(self.args, batch_size, max_len, device=w.device, dtype=w.dtype)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                 select: Optional[SelectFn] = None, return_attn=False,
@@ -498,7 +506,8 @@ class Transformer(nn.Module):
         probs_per_layer = []
         for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
             want_probs = return_attn if isinstance(return_attn, bool) else i in return_attn
-            h, x, probs = layer(h, x, next_norm, cos, sin, i, cache, lengths, start, select, want_probs, attend)
+            h, x, probs = layer(h, x, next_norm, cos, sin, i, cache, lengths, start, select, want_probs,
+                                attend)
             probs_per_layer.append(probs)
         if cache is not None:
             cache.advance(T)
@@ -638,12 +647,13 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read {index} ({type(e).__name__}: {e}); the file is broken: fetch it again") \
-                from None
+            raise ValueError(f"cannot read {index} ({type(e).__name__}: {e}); the file is broken: "
+                             f"fetch it again") from None
         files = {name: path / f for name, f in weight_map.items()}
         absent = sorted({f for f in files.values() if not f.exists()})
         if absent:
-            raise FileNotFoundError(f"{index} names {absent[0].name}, which is missing; the checkpoint is incomplete")
+            raise FileNotFoundError(f"{index} names {absent[0].name}, which is missing; the checkpoint is "
+                                    f"incomplete")
     elif single.exists():
         files = {}
     else:
@@ -732,8 +742,8 @@ def load_model(path, device=None, dtype=None, layers=None, shared=None) -> Trans
             with safe_open(str(file), framework="pt") as f:
                 tensors = {theirs: f.get_tensor(theirs) for theirs in file_names}
         except Exception as e:  # safetensors' own errors: truncated, not a safetensors file, ...
-            raise ValueError(f"cannot read {file} ({type(e).__name__}: {str(e)[:120]}); the file is broken or "
-                             f"incomplete: fetch it again") from None
+            raise ValueError(f"cannot read {file} ({type(e).__name__}: {str(e)[:120]}); the file is "
+                             f"broken or incomplete: fetch it again") from None
         for theirs, t in tensors.items():
             if tuple(t.shape) != tuple(expected[theirs]):
                 raise ValueError(f"{file.name}: tensor {theirs} has shape {tuple(t.shape)}, "
@@ -789,7 +799,8 @@ def _pattern_from_pre_tokenizer(pre: Optional[dict]) -> tuple[str, bool]:
         elif kind == "Digits":
             digits = step.get("individual_digits", False)
             if not digits:
-                raise ValueError("tokenizer.json: Digits(individual_digits=false) pre-tokenizer is not supported")
+                raise ValueError("tokenizer.json: Digits(individual_digits=false) pre-tokenizer is not "
+                                 "supported")
         elif kind == "ByteLevel":
             byte_level_regex = step.get("use_regex", True)
             prefix = step.get("add_prefix_space", False)
@@ -799,7 +810,8 @@ def _pattern_from_pre_tokenizer(pre: Optional[dict]) -> tuple[str, bool]:
         return split_pattern, prefix
     if byte_level_regex and not split_pattern:
         return (GPT2_DIGITS_PATTERN if digits else GPT2_PATTERN), prefix
-    raise ValueError(f"tokenizer.json: unsupported pre-tokenizer combination {[s.get('type') for s in steps]}")
+    kinds = [s.get("type") for s in steps]
+    raise ValueError(f"tokenizer.json: unsupported pre-tokenizer combination {kinds}")
 
 
 class Tokenizer:
@@ -815,8 +827,8 @@ class Tokenizer:
     MAX_RUN = 25_000
 
     def __init__(self, ranks: dict[bytes, int], pattern: str, special: dict[str, int],
-                 bos: Optional[str], eos: Optional[str], name: str = "specattn", add_prefix_space: bool = False,
-                 add_bos: bool = False):
+                 bos: Optional[str], eos: Optional[str], name: str = "specattn",
+                 add_prefix_space: bool = False, add_bos: bool = False):
         import tiktoken
 
         # A byte-level BPE needs a token for every byte. Some vocabularies lack a few
@@ -827,7 +839,8 @@ class Tokenizer:
         missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
         self._dropped = set(range(self.vocab_size, self.vocab_size + len(missing)))
         ranks = {**ranks, **{b: self.vocab_size + i for i, b in enumerate(missing)}}
-        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens=special)
         self.special = special
         self.bos_id = special.get(bos) if bos else None
         self.eos_id = special.get(eos) if eos else None
@@ -863,12 +876,14 @@ class Tokenizer:
                 token, rank = line.split()
                 ranks[base64.b64decode(token)] = int(rank)
         names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                 "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
-                 "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+                 "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
+                 "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
+                 "<|reserved_special_token_4|>", "<|eot_id|>"]
         names += [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
         special = {name: len(ranks) + i for i, name in enumerate(names)}  # 128000, 128001, ...
         # Llama 3's reference code puts BOS before every prompt.
-        return cls(ranks, LLAMA3_PATTERN, special, "<|begin_of_text|>", "<|end_of_text|>", name=name, add_bos=True)
+        return cls(ranks, LLAMA3_PATTERN, special, "<|begin_of_text|>", "<|end_of_text|>", name=name,
+                   add_bos=True)
 
     @classmethod
     def _from_tokenizer_json(cls, tj: dict, config: dict, name: str) -> "Tokenizer":
@@ -976,15 +991,16 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id = special.get(bos) if bos else None
         self.eos_id = special.get(eos) if eos else None
         self.add_bos = add_bos and self.bos_id is not None
-        self.prepend, self.strip_decoded = prepend, strip_decoded  # prepend: "always", "unless-space", "never"
+        self.prepend = prepend  # "always", "unless-space" or "never"
+        self.strip_decoded = strip_decoded
         text_of = lambda piece: piece.replace("\u2581", " ").encode("utf-8")  # noqa: E731
         byte_ids = {int(p[3:5], 16): i for p, i in pieces.items() if len(p) == 6 and p.startswith("<0x")
                     and p.endswith(">") and p not in special}
         normal = {p: i for p, i in pieces.items() if p not in special and i not in byte_ids.values()}
         unk_id = special.get(unk, pieces.get(unk)) if unk else None
         if len(byte_ids) < 256 and unk_id is None:
-            raise ValueError(f"the vocabulary has {len(byte_ids)} of the 256 byte tokens <0x00>..<0xFF> and no "
-                             f"unknown token; characters outside it cannot be encoded")
+            raise ValueError(f"the vocabulary has {len(byte_ids)} of the 256 byte tokens <0x00>..<0xFF> "
+                             f"and no unknown token; characters outside it cannot be encoded")
 
         # Private ranks: the 256 single bytes; then multi-byte characters and their byte
         # prefixes; then multi-character pieces in merge order. `ids_of_rank[r]`: the ids a
@@ -1020,7 +1036,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str, bos: Optional[bool] = None) -> list[int]:
         text = text.replace("\u2581", " ")  # a literal '▁' is a space to SentencePiece
-        if text and (self.prepend == "always" or (self.prepend == "unless-space" and not text.startswith(" "))):
+        unless_space = self.prepend == "unless-space" and not text.startswith(" ")
+        if text and (self.prepend == "always" or unless_space):
             text = " " + text
         ids = [self.bos_id] if (self.add_bos if bos is None else bos) and self.bos_id is not None else []
         # The split pattern has no look-around, so tiktoken takes texts of any length whole.
@@ -1068,8 +1085,10 @@ class SentencePieceTokenizer(Tokenizer):
             split_at_spaces = pre.get("split", True)
         dec = tj.get("decoder") or {}
         dec_steps = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
-        strip = sum(s.get("start", 0) for s in dec_steps if s.get("type") == "Strip" and s.get("content") == " ")
-        if any(s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never" for s in dec_steps):
+        strip = sum(s.get("start", 0) for s in dec_steps
+                    if s.get("type") == "Strip" and s.get("content") == " ")
+        if any(s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never"
+               for s in dec_steps):
             strip = 1
         special = {t["content"]: t["id"] for t in tj.get("added_tokens", []) if t.get("special", True)}
         merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
@@ -1096,8 +1115,8 @@ class SentencePieceTokenizer(Tokenizer):
             elif number == 3:  # NormalizerSpec {bool add_dummy_prefix = 3}
                 add_dummy_prefix = bool({f: v for f, v in _protobuf_fields(value)}.get(3, 1))
         if model_type != 2:
-            raise ValueError(f"tokenizer.model is a SentencePiece model of type {model_type} (only BPE, type 2, "
-                             f"is supported); pass a tokenizer.json")
+            raise ValueError(f"tokenizer.model is a SentencePiece model of type {model_type} (only BPE, "
+                             f"type 2, is supported); pass a tokenizer.json")
         if not pieces:
             raise ValueError("tokenizer.model holds no pieces")
         unknown, control, user_defined = 2, 3, 4
