@@ -231,13 +231,14 @@ def bench_kernels(out_dir=None):
 
     topp_shapes = ((32, 4096), (32, 32768), (32, 131072), (120, 32768), (15, 131072))  # (rows, N)
     K.check_on_gpu(topp_shapes)
-    say("# correctness: top-p (mask, counts) and sparse attention (bf16, rel err < 1e-2) match the references")
+    say("# correctness: top-p (mask, counts) and sparse attention (bf16, rel err < "
+        "1e-2) match the references")
 
     say()
     say("## top-p, fp32, p=0.9: ms, median; eager (Python launches) / CUDA graph (GPU work alone)")
     say("120 rows of 32k and 15 of 128k are what bench.py selects on at batch 8 / 32k and batch 1 / 128k")
-    say("| rows | N | sort reference | Triton mask | Triton select (idx+count) | speed-up, graph (mask / select) "
-        "| read-once floor |")
+    say("| rows | N | sort reference | Triton mask | Triton select (idx+count) | speed-up, graph (mask / "
+        "select) | read-once floor |")
     say("|---|---|---|---|---|---|---|")
     for rows, n in topp_shapes:
         w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
@@ -276,7 +277,8 @@ def bench_kernels(out_dir=None):
         say(f"| {S} | {row[0]:.4f} | {row[1]:.4f} | {row[2]:.4f} | {row[3]:.4f} | {row[1] / row[2]:.1f}x | "
             f"{row[0] / row[2]:.1f}x | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} |")
     say()
-    say("## launch choices: 5 queries (γ=4), 32 q-heads / 8 KV heads, D=128, bf16; one selection per batch row")
+    say("## launch choices: 5 queries (γ=4), 32 q-heads / 8 KV heads, D=128, bf16; "
+        "one selection per batch row")
     say("µs, median, CUDA graph replays. default = the choices sparse_attention makes; splits per head from")
     say("programs per multiprocessor (/SM), then block_n")
     say("| B | S | kept | default | " + " | ".join(
@@ -303,22 +305,24 @@ def bench_kernels(out_dir=None):
 def main():
     parser = argparse.ArgumentParser(description="Time the generation engine (specattn.SpecEngine) on a GPU.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--parts", default="demo,hf,8b", help="which parts to run, comma-separated: demo (a), "
-                        "8b (b), hf (c), kernels (d: the kernels alone, written to kernels_bench.md)")
+    parser.add_argument("--parts", default="demo,hf,8b", help="which parts to run, comma-separated: demo "
+                        "(a), 8b (b), hf (c), kernels (d: the kernels alone, written to kernels_bench.md)")
     parser.add_argument("--batches", default="1,8,32,64", help="demo batch sizes")
     parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens); the demo "
                         "model has 8192 positions, which also hold the new tokens")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
-    parser.add_argument("--prompts-per-row", type=int, default=1, help="demo: prompts each batch row serves in "
-                        "turn (continuous batching: a finished row takes the next waiting prompt)")
+    parser.add_argument("--prompts-per-row", type=int, default=1, help="demo: prompts each batch row serves "
+                        "in turn (continuous batching: a finished row takes the next waiting prompt)")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per step")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
-    parser.add_argument("--layer-map", help="the demo pair's layer map JSON (default: calibrated once, cached)")
+    parser.add_argument("--layer-map", help="the demo pair's layer map JSON (default: "
+                                            "calibrated once, cached)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench.md")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     if not parts or parts - {"demo", "8b", "hf", "kernels"}:
-        raise SystemExit(f"error: --parts takes a comma-separated subset of demo,8b,hf,kernels, got {args.parts!r}")
+        raise SystemExit("error: --parts takes a comma-separated subset of "
+                         f"demo,8b,hf,kernels, got {args.parts!r}")
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.py times the engine on a CUDA GPU; none is visible here")
     compile_pointwise(True)

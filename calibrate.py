@@ -54,15 +54,16 @@ DEMO_DRAFT = Path(__file__).resolve().parent / "draft"  # train_draft.py's draft
 def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     """--target, --draft, --draft-layers: the command-line face of load_pair (here and in eval_pg19.py)."""
     parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")
-    parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by train_draft.py "
-                                        "(default with the demo target: its trained draft in draft/; otherwise "
-                                        "the target)")
-    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no --draft, of the "
-                                               "target: 0-11 is the demo's self-speculative first-12-layers draft)")
+    parser.add_argument("--draft", help="draft: an HF checkpoint directory, or a draft saved by "
+                                        "train_draft.py (default with the demo target: its trained draft in "
+                                        "draft/; otherwise the target)")
+    parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no "
+                                               "--draft, of the target: 0-11 is the demo's "
+                                               "self-speculative first-12-layers draft)")
     parser.add_argument("--bos", choices=["auto", "on", "off"], default="auto",
                         help="put the tokenizer's BOS token before each text; auto: as the checkpoint says "
-                             "(tokenizer_config.json add_bos_token: on for Llama-2, TinyLlama, Mistral; off for "
-                             "SmolLM2)")
+                             "(tokenizer_config.json add_bos_token: on for Llama-2, TinyLlama, "
+                             "Mistral; off for SmolLM2)")
 
 
 def check_device(name: Optional[str]) -> None:
@@ -91,12 +92,14 @@ def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None,
         if draft_path is None and draft_layers is None:
             draft_path = DEMO_DRAFT
             if not (DEMO_DRAFT / "config.json").exists():
-                raise FileNotFoundError(f"the demo's trained draft {DEMO_DRAFT} is missing: restore the repo's "
-                                        f"draft/ folder, make one with train_draft.py, or pass --draft-layers 0-11")
+                raise FileNotFoundError(f"the demo's trained draft {DEMO_DRAFT} is missing: restore the "
+                                        "repo's draft/ folder, make one with train_draft.py, or "
+                                        "pass --draft-layers 0-11")
     draft_path = draft_path or target_path
     for name, path in (("--target", target_path), ("--draft", draft_path)):
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"{name} {path}: no such directory; pass a Hugging Face checkpoint directory")
+            raise FileNotFoundError(f"{name} {path}: no such directory; pass a Hugging "
+                                    "Face checkpoint directory")
     tokenizer = Tokenizer.from_pretrained(target_path)
     if bos not in ("auto", "on", "off"):
         raise ValueError(f"--bos takes auto, on or off, got {bos!r}")
@@ -150,7 +153,8 @@ def load_draft(path, target: Transformer) -> Transformer:
     if probe.shape != torch.Size([len(info["embedding_probe"])]) or not torch.allclose(
             probe, torch.tensor(info["embedding_probe"]), rtol=1e-2, atol=1e-3):
         raise ValueError(f"the draft in {path} extends {info['target']}, and this target's embedding is not "
-                         f"that one's; pass the matching --target, or train a draft for it with train_draft.py")
+                         "that one's; pass the matching --target, or train a draft "
+                         "for it with train_draft.py")
     w = target.tok_embeddings.weight
     return load_model(path, device=w.device, dtype=w.dtype, shared={"model.embed_tokens.weight": w})
 
@@ -274,7 +278,8 @@ def layer_map_for(target, draft, tokenizer, path=None, text=None, n_tokens: int 
             return load_layer_map(cache_file, target.args.n_layers, draft.args.n_layers)
         except ValueError as e:  # a broken cache is rebuilt, not reported
             print(f"[specattn] {e}: calibrating again", file=sys.stderr)
-    print(f"[specattn] calibrating the layer map on {n_tokens} tokens of {text} (once; cached in {cache_file})",
+    print(f"[specattn] calibrating the layer map on {n_tokens} tokens of {text} "
+          f"(once; cached in {cache_file})",
           file=sys.stderr)
     result = calibrate(target, draft, calibration_tokens(tokenizer, text, n_tokens, skip_tokens))
     cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -312,10 +317,11 @@ def plot_kl(kl, mapping, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Map each target layer to the draft layer whose attention best "
-                                     "predicts it (least KL, monotone). Defaults: the offline demo.")
+    parser = argparse.ArgumentParser(description="Map each target layer to the draft layer whose attention "
+                                     "best predicts it (least KL, monotone). Defaults: the offline demo.")
     add_pair_arguments(parser)
-    parser.add_argument("--text", help="calibration text file (default: demo book 11, past the evaluated part)")
+    parser.add_argument("--text", help="calibration text file (default: demo book 11, "
+                                       "past the evaluated part)")
     parser.add_argument("--tokens", type=int, default=2048, help="calibration tokens")
     parser.add_argument("--skip-tokens", type=int, default=16384,
                         help="start this far into the text (keeps calibration off the evaluated tokens)")

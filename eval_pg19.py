@@ -71,7 +71,8 @@ def load_books(data, split: str = "test", limit=None) -> tuple[list[dict], list[
     duplicate) are skipped with a one-line warning, never an exception; `limit` counts books kept."""
     path = Path(data)
     if not path.exists():
-        raise FileNotFoundError(f"--data {path}: not found; pass a PG-19 directory or a .txt/.jsonl/.parquet file")
+        raise FileNotFoundError(f"--data {path}: not found; pass a PG-19 directory or a "
+                                ".txt/.jsonl/.parquet file")
     entries = []  # (id, title, text or bytes or None, where)
     if path.is_dir():
         folder = path / split if (path / split).is_dir() else path
@@ -418,9 +419,9 @@ def format_table(rows: list[dict], select_s: dict | None = None) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = "" if r["ppl_increase_pct"] is None else f"{r['ppl_increase_pct']:+.2f}%"
-        lines.append(f"| {r['method']} | {'' if r['topp'] is None else r['topp']} | {r['ppl']:.3f} | {delta} | "
-                     f"{100 * r['kv_saved']:.1f}% / {100 * r['kv_saved_sparse_layers']:.1f}% | {r['tokens']} | "
-                     f"{select_s.get(Run(r['method'], r['topp']).name, 0.0):.1f} |")
+        lines.append(f"| {r['method']} | {'' if r['topp'] is None else r['topp']} | {r['ppl']:.3f} | {delta} "
+                     f"| {100 * r['kv_saved']:.1f}% / {100 * r['kv_saved_sparse_layers']:.1f}% "
+                     f"| {r['tokens']} | {select_s.get(Run(r['method'], r['topp']).name, 0.0):.1f} |")
     return "\n".join(lines)
 
 
@@ -455,46 +456,53 @@ def plot_pareto(rows: list[dict], path):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Perplexity vs KV reads on PG-19 for SpecAttn, the oracle and baselines. "
-                    "With no flags: the offline demo (SmolLM2-135M, its trained 4-layer draft, two Gutenberg books).")
-    parser.add_argument("--topp", type=float, nargs="+", default=[0.9], help="SpecAttn top-p value(s) in (0, 1]")
+        description="Perplexity vs KV reads on PG-19 for SpecAttn, the oracle and baselines. With no flags: "
+                    "the offline demo (SmolLM2-135M, its trained 4-layer draft, two Gutenberg books).")
+    parser.add_argument("--topp", type=float, nargs="+", default=[0.9], help="SpecAttn top-p "
+                                                                             "value(s) in (0, 1]")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {' '.join(METHODS)}")
-    parser.add_argument("--data", help="PG-19 directory (test/*.txt, metadata.csv), a .txt book, or .jsonl/.parquet "
-                        "with a 'text' column (default: the demo books)")
+    parser.add_argument("--data", help="PG-19 directory (test/*.txt, metadata.csv), a .txt book, or "
+                        ".jsonl/.parquet with a 'text' column (default: the demo books)")
     parser.add_argument("--split", default="test", help="PG-19 split folder")
     parser.add_argument("--books", type=int, help="evaluate only the first N books")
     add_pair_arguments(parser)
-    parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: calibrated once, cached)")
+    parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: "
+                                            "calibrated once, cached)")
     parser.add_argument("--protocol", choices=["paper", "long"], default="paper",
                         help="paper: first 2048 tokens per book, books shorter are skipped; long: up to "
                              "--max-tokens per book")
     parser.add_argument("--max-tokens", type=int, help="tokens per book (paper: 2048; long: 32768)")
-    parser.add_argument("--prefill-frac", type=float, default=0.1, help="leading fraction read densely, not scored")
+    parser.add_argument("--prefill-frac", type=float, default=0.1, help="leading fraction "
+                                                                        "read densely, not scored")
     parser.add_argument("--gamma", type=int, default=4, help="block size (draft tokens per speculative step)")
-    parser.add_argument("--dense-layers", type=int, default=2, help="first target layers kept dense for all methods")
+    parser.add_argument("--dense-layers", type=int, default=2, help="first target layers "
+                                                                    "kept dense for all methods")
     experiments = parser.add_argument_group(
-        "experiments", "variants of SpecAttn's selection and of a baseline; the defaults are the methods as described")
+        "experiments", "variants of SpecAttn's selection and of a baseline; the defaults are "
+                       "the methods as described")
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
-                             help="SpecAttn: always read the first N positions (attention sinks), whatever the "
-                                  "draft says")
+                             help="SpecAttn: always read the first N positions (attention "
+                                  "sinks), whatever the draft says")
     experiments.add_argument("--quest-page", type=int, default=QuestConfig.page,
-                             help="Quest: keys per page (its paper: 16); each page's min and max cost 2/page of "
-                                  "the keys' bytes, not counted in the KV reads")
+                             help="Quest: keys per page (its paper: 16); each page's min and max cost "
+                                  "2/page of the keys' bytes, not counted in the KV reads")
     experiments.add_argument("--combine", choices=["union", "mean"], default="union",
                              help="SpecAttn: running union of the draft rows' top-p sets, or top-p of their "
                                   "running mean")
     experiments.add_argument("--per-head", action="store_true",
-                             help="SpecAttn: select per KV head (draft heads must group into the target's KV heads)")
+                             help="SpecAttn: select per KV head (draft heads must group "
+                                  "into the target's KV heads)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--out", default="results.json",
-                        help="results JSON, rewritten (atomically) after every book. Rerunning the same command "
-                             "resumes it: books already in it are not scored again. Timings go to "
+                        help="results JSON, rewritten (atomically) after every book. Rerunning the same "
+                             "command resumes it: books already in it are not scored again. Timings go to "
                              "<out>.timings.json, so that the results of equal runs are identical")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out even if it holds results of other settings (default: refuse)")
-    parser.add_argument("--plot", help="save perplexity increase vs KV reads saved to this PNG (needs matplotlib)")
+    parser.add_argument("--plot", help="save perplexity increase vs KV reads saved to "
+                                       "this PNG (needs matplotlib)")
     args = parser.parse_args(argv)
     for p in args.topp:
         try:
@@ -570,18 +578,19 @@ def previous_results(out: Path, settings: dict, books: list[dict]) -> list[dict]
             prev = json.loads(file.read_text(encoding="utf-8"))
             prev_settings, prev_books = prev["settings"], prev["books"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{file} is not a results file of this program ({type(e).__name__}); pass --overwrite "
-                             f"to replace it, or another --out") from None
+            raise ValueError(f"{file} is not a results file of this program ({type(e).__name__}); pass "
+                             "--overwrite to replace it, or another --out") from None
         for key in settings:
             if prev_settings.get(key) != settings[key]:
-                raise ValueError(f"{file} holds results with {key}={prev_settings.get(key)!r}, and this run has "
-                                 f"{key}={settings[key]!r}; pass --overwrite to replace them, or another --out")
+                raise ValueError(f"{file} holds results with {key}={prev_settings.get(key)!r}, and this run "
+                                 f"has {key}={settings[key]!r}; pass --overwrite to "
+                                 "replace them, or another --out")
         found.update({b["id"]: b for b in prev_books})
     by_id = {b["id"]: b for b in books}
     for book_id, b in found.items():
         if book_id in by_id and b.get("sha1") != by_id[book_id]["sha1"]:
-            raise ValueError(f"{out}: book {book_id} was scored from another text than --data now holds; pass "
-                             f"--overwrite to replace the results, or another --out")
+            raise ValueError(f"{out}: book {book_id} was scored from another text than --data now holds; "
+                             "pass --overwrite to replace the results, or another --out")
     return [found[b["id"]] for b in books if b["id"] in found]
 
 
@@ -607,20 +616,22 @@ def main(argv=None):
             args.data = demo_books()
         books, skipped = load_books(args.data, args.split, args.books)
         if not books:
-            raise ValueError(f"--data {args.data}: no book to evaluate ({len(skipped)} skipped, the warnings above "
-                             f"say why)")
+            raise ValueError(f"--data {args.data}: no book to evaluate ({len(skipped)} skipped, "
+                             "the warnings above say why)")
         dtype = getattr(torch, args.dtype) if args.dtype else None
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
                                              device=args.device, dtype=dtype, bos=args.bos)
         if args.max_tokens > target.args.max_seq_len:
-            raise ValueError(f"--max-tokens {args.max_tokens} exceeds the target's "
-                             f"{target.args.max_positions_text()}; use --max-tokens {target.args.max_seq_len} or less")
+            raise ValueError(f"--max-tokens {args.max_tokens} exceeds the "
+                             f"target's {target.args.max_positions_text()}; use "
+                             f"--max-tokens {target.args.max_seq_len} or less")
         runs = make_runs(args.methods, args.topp)
         has_h2o = any(r.method == "h2o" for r in runs)
         need = eval_memory(target, draft, len(runs), args.max_tokens, args.gamma, has_h2o)
         fits = next((n for n in (16384, 8192, 4096, 2048, 1024, 512) if n < args.max_tokens and
                      eval_memory(target, draft, len(runs), n, args.gamma, has_h2o) <= need / 2), None)
-        check_memory(need, target.output.weight.device, f"scoring {len(runs)} runs over {args.max_tokens} tokens",
+        check_memory(need, target.output.weight.device, f"scoring {len(runs)} runs "
+                                                        f"over {args.max_tokens} tokens",
                      f"use fewer --topp values or --methods{f', or --max-tokens {fits}' if fits else ''}")
         if rank != 0:  # rank 0 calibrates (and caches) first; the others then read its cache
             store.wait(["layer_map"])
@@ -655,7 +666,8 @@ def main(argv=None):
             ids = tokenizer.encode(book["text"])  # with BOS in front where the checkpoint (or --bos) says
             if len(ids) < min_tokens:
                 reason = f"{len(ids)} tokens, the {args.protocol} protocol needs {min_tokens}"
-                tqdm.write(f"warning: skipping book {book['id']} ({book['title']}): {reason}", file=sys.stderr)
+                tqdm.write(f"warning: skipping book {book['id']} "
+                           f"({book['title']}): {reason}", file=sys.stderr)
                 results["skipped"].append({"id": book["id"], "title": book["title"], "reason": reason})
                 continue
             tokens = torch.tensor(ids[:args.max_tokens])

@@ -219,8 +219,8 @@ class SpecEngine:
             raise ValueError("SpecAttn needs a draft and a layer map (see calibrate.py)")
         self.cfg = selection or SelectionConfig()
         if use_specattn and self.cfg.per_head:
-            raise ValueError("per-head selection is an evaluation option (eval_pg19.py); generation selects once "
-                             "per layer")
+            raise ValueError("per-head selection is an evaluation option (eval_pg19.py); "
+                             "generation selects once per layer")
         self.target, self.draft = target, draft
         self.gamma = gamma if draft is not None else 0
         self.temperature, self.eos_id, self.generator = temperature, eos_id, generator
@@ -452,8 +452,9 @@ class SpecEngine:
         if min(lengths) < 1:
             raise ValueError("every prompt needs at least one token")
         if max(lengths) + max_new_tokens + 2 * self.gamma + 2 > self.max_len:
-            raise ValueError(f"a prompt of {max(lengths)} tokens + {max_new_tokens} new tokens does not fit this "
-                             f"engine's {self.max_len}-position cache; use shorter prompts or fewer new tokens")
+            raise ValueError(f"a prompt of {max(lengths)} tokens + {max_new_tokens} new tokens does not fit "
+                             f"this engine's {self.max_len}-position cache; use shorter "
+                             "prompts or fewer new tokens")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         tokens = torch.zeros(B, max(lengths), dtype=torch.long)
@@ -540,8 +541,8 @@ class SpecEngine:
         are prefilled as in `prefill` (eager PyTorch attention over this row alone) and its
         state reset. Its counters keep adding up (they count the row's steps, whatever it serves)."""
         if not prompt or len(prompt) + max_new_tokens + 2 * self.gamma + 2 > self.max_len:
-            raise ValueError(f"a prompt of {len(prompt)} tokens + {max_new_tokens} new tokens does not fit this "
-                             f"engine's {self.max_len}-position cache (or is empty)")
+            raise ValueError(f"a prompt of {len(prompt)} tokens + {max_new_tokens} new tokens does not fit "
+                             f"this engine's {self.max_len}-position cache (or is empty)")
         tokens = torch.tensor([prompt], device=self.device)  # [1, L]
         for model, cache, cached in ((self.target, self.t_cache, len(prompt)),
                                      (self.draft, self.d_cache, len(prompt) - 1)):
@@ -602,9 +603,9 @@ def engine_max_len(model: Transformer, prompts: list[list[int]], max_new_tokens:
     """The cache length a generation needs (a step writes up to γ + 1 positions past a row's end)."""
     need = max(len(p) for p in prompts) + max_new_tokens + 2 * gamma + 2
     if need > model.args.max_seq_len:
-        raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new tokens needs "
-                         f"{need} positions; the model has {model.args.max_seq_len}: use a shorter prompt or "
-                         f"fewer new tokens")
+        raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new tokens "
+                         f"needs {need} positions; the model has {model.args.max_seq_len}: use a shorter "
+                         "prompt or fewer new tokens")
     return need
 
 
@@ -631,8 +632,8 @@ def check_engine_memory(target, draft, batch: int, max_len: int, gamma: int, tem
         return
     per_row = engine_memory(target, draft, 1, max_len, gamma, temperature)
     fits = int(0.9 * free // per_row)
-    raise MemoryError(f"a batch of {batch} with {max_len}-position caches needs about {format_bytes(need)} and "
-                      f"{format_bytes(free)} is free on {device}; "
+    raise MemoryError(f"a batch of {batch} with {max_len}-position caches needs about {format_bytes(need)} "
+                      f"and {format_bytes(free)} is free on {device}; "
                       + (f"--batch {fits} fits at this context" if fits >= 1 else "use a shorter --context"))
 
 
@@ -722,22 +723,22 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
 
 def results_table(results: dict, batch: int, context, prompts: Optional[int] = None) -> list[str]:
     """A markdown table of run_modes' results: speed, acceptance, KV reads, time per phase."""
-    lines = ["| mode | batch | prompts | context | new tokens | tokens/s | vs plain | tokens/step/row | steps "
-             "| KV reads saved | draft ms | select ms | verify ms | accept ms | prefill s |", "|" + "---|" * 15]
+    lines = ["| mode | batch | prompts | context | new tokens | tokens/s | vs plain | tokens/step/row | "
+             "steps | KV reads saved | draft ms | select ms | verify ms "
+             "| accept ms | prefill s |", "|" + "---|" * 15]
     rates = {mode: st.decode_rate for mode, (_, st) in results.items()}
     for mode, (_, st) in results.items():
         phase = [f"{st.seconds[k] / max(1, st.engine_steps) * 1e3:.3f}" if k in st.seconds else ""
                  for k in ("draft", "select", "verify", "accept")]
         vs_plain = f"{rates[mode] / rates['plain']:.2f}x" if "plain" in rates else ""
         saved = f"{st.summary()['kv_saved_all_layers']:.1%}" if mode != "plain" else ""
-        lines.append(f"| {mode} | {batch} | {prompts or batch} | {context} | {st.tokens} | {rates[mode]:.1f} | "
-                     f"{vs_plain} | "
-                     f"{st.mean_accepted + 1:.2f} | {st.engine_steps} | {saved} | {' | '.join(phase)} | "
-                     f"{st.seconds['prefill']:.2f} |")
-    return lines + ["tokens/s: the tokens the decode steps made (each prompt's first comes from its prefill), "
-                    "all rows, over the steps' wall time; tokens/step/row: "
-                    "tokens a running row gains per step; steps: steps the engine ran, until the batch's last row "
-                    "was done; draft..accept: time per engine step (GPU time on CUDA)"]
+        lines.append(f"| {mode} | {batch} | {prompts or batch} | {context} | {st.tokens} | {rates[mode]:.1f} "
+                     f"| {vs_plain} | {st.mean_accepted + 1:.2f} | {st.engine_steps} | {saved} "
+                     f"| {' | '.join(phase)} | {st.seconds['prefill']:.2f} |")
+    return lines + ["tokens/s: the tokens the decode steps made (each prompt's first comes from its "
+                    "prefill), all rows, over the steps' wall time; tokens/step/row: tokens a running row "
+                    "gains per step; steps: steps the engine ran, until the batch's last row was done; "
+                    "draft..accept: time per engine step (GPU time on CUDA)"]
 
 
 def check_engine(target, draft, tokenizer_prompts, layer_map, selection: SelectionConfig, gamma: int,
@@ -761,7 +762,8 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
             raise AssertionError(f"{label} {mode}: the graphed engine differs from the eager one: "
                                  f"{sum(a != b for a, b in zip(eager, graphed))} of {len(prompts)} rows")
         if engine.captures != len(engine._phases()):
-            raise AssertionError(f"{label} {mode}: {engine.captures} captures for {len(engine._phases())} phases")
+            raise AssertionError(f"{label} {mode}: {engine.captures} captures "
+                                 f"for {len(engine._phases())} phases")
         plain = plain or graphed
         same = [next((i for i, (a, b) in enumerate(zip(r, p)) if a != b), len(r)) for r, p in zip(graphed, plain)]
         print(f"check {label} {mode}: graphed == eager on {len(prompts)} rows of {[len(p) for p in prompts]} "
@@ -790,13 +792,14 @@ def random_pair_like(target: Transformer, draft: Transformer):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Speculative decoding with SpecAttn sparse verification, side by side with plain decoding and "
-                    "dense speculative decoding. Defaults run the offline demo (SmolLM2-135M and its trained 4-layer "
-                    "draft).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Speculative decoding with SpecAttn sparse verification, side by side with plain "
+                    "decoding and dense speculative decoding. Defaults run the offline demo (SmolLM2-135M "
+                    "and its trained "
+                    "4-layer draft).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--prompt", action="append", help="text to continue; repeat for a batch of different "
                         "prompts (default: the opening of Alice's Adventures in Wonderland)")
-    parser.add_argument("--context", type=int, help="instead of --prompt: prompts of this many tokens cut from the "
-                        "demo books, one per batch row")
+    parser.add_argument("--context", type=int, help="instead of --prompt: prompts of this many tokens cut "
+                        "from the demo books, one per batch row")
     parser.add_argument("--batch", type=int, default=1, help="batch rows (a single --prompt is repeated)")
     parser.add_argument("--requests", type=int, help="prompts served through the --batch rows: a row that "
                         "finishes takes the next waiting one (continuous batching); default: one per row")
@@ -804,28 +807,33 @@ def main(argv=None):
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per step")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p in (0, 1]")
-    parser.add_argument("--dense-layers", type=int, default=2, help="first target layers that always stay dense")
+    parser.add_argument("--dense-layers", type=int, default=2, help="first target "
+                                                                    "layers that always stay dense")
     experiments = parser.add_argument_group("experiments", "variants of SpecAttn's selection")
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
-                             help="always read the first N positions (attention sinks), whatever the draft says")
+                             help="always read the first N positions (attention "
+                                  "sinks), whatever the draft says")
     experiments.add_argument("--combine", choices=["union", "mean"], default="union",
                              help="union of the draft rows' top-p sets, or top-p of their mean")
     parser.add_argument("--modes", default=",".join(MODES),
-                        help="which to run, comma-separated: plain (the target alone), dense (speculative, dense "
-                             "verification), specattn")
+                        help="which to run, comma-separated: plain (the target alone), dense (speculative, "
+                             "dense verification), specattn")
     add_pair_arguments(parser)
-    parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: calibrate once, cached)")
+    parser.add_argument("--layer-map", help="layer map JSON from calibrate.py "
+                                            "(default: calibrate once, cached)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--show", type=int, default=1, help="print the text of this many rows per mode")
-    parser.add_argument("--check", action="store_true", help="GPU: check the graphed engine against the eager one "
-                        "(this pair and a random-weight pair of its shapes), then exit")
-    parser.add_argument("--out", help="also write the table and each mode's stats as JSON into this directory")
+    parser.add_argument("--check", action="store_true", help="GPU: check the graphed engine against the "
+                        "eager one (this pair and a random-weight pair of its shapes), then exit")
+    parser.add_argument("--out", help="also write the table and each mode's stats as "
+                                      "JSON into this directory")
     args = parser.parse_args(argv)
     try:
         modes = [m for m in args.modes.split(",") if m]
         if not modes or any(m not in MODES for m in modes):
-            raise ValueError(f"--modes takes a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
+            raise ValueError("--modes takes a comma-separated subset "
+                             f"of {','.join(MODES)}, got {args.modes!r}")
         check_topp(args.topp, "--topp")
         if args.gamma < 1:
             raise ValueError(f"--gamma must be >= 1, got {args.gamma}")
@@ -845,8 +853,8 @@ def main(argv=None):
         if args.context:
             prompts = book_prompts(tokenizer, n_prompts, args.context)
         else:
-            texts = args.prompt or ["Alice was beginning to get very tired of sitting by her sister on the bank, "
-                                    "and of having nothing to do:"]
+            texts = args.prompt or ["Alice was beginning to get very tired of sitting by her sister on the "
+                                    "bank, and of having nothing to do:"]
             texts = texts * n_prompts if len(texts) == 1 else texts
             if any(not t for t in texts):
                 raise ValueError("an empty --prompt: give some text to continue")

@@ -463,7 +463,8 @@ def write_sentencepiece_model(file, pieces, scores, model_type=2):
 SENTENCEPIECE_TEXT = TOKENIZER_TEXT + [
     " leading space", "  two leading", "\n\nnewlines first", "runs:  2   3    4     5\t\t\n \n",
     "Ω ∑ 𝔘 ☃ ünknown chars",
-    "literal \u2581 marker", "\x00\x01\x7f control bytes", "trailing  ", "", " ", "    indented code\n        more\n"]
+    "literal \u2581 "
+    "marker", "\x00\x01\x7f control bytes", "trailing  ", "", " ", "    indented code\n        more\n"]
 
 
 @pytest.mark.parametrize("layout", ["old", "new", "split", "model", "marker_inside_pieces"])
@@ -1672,7 +1673,8 @@ def test_eval_bad_inputs_give_one_line_errors(tiny_checkpoint, tmp_path, monkeyp
         (common + ["--device", "tpu0"], "is not a device", 1),
         (common + ["--data", str(tmp_path / "missing")], "not found", 1),
         (common + ["--data", str(bad_dir)], "no book to evaluate (2 skipped", 1),
-        (common + ["--max-tokens", "400", "--data", str(tmp_path / "short")], "no book has the 400 tokens", 1),
+        (common + ["--max-tokens", "400", "--data", str(tmp_path / "short")], "no book has "
+                                                                              "the 400 tokens", 1),
         (common + ["--max-tokens", "4096"], "max positions", 1),
         (common + ["--out", str(tmp_path / "other.json")], "holds results with topp=[0.7]", 1),
         (common + ["--out", str(tmp_path / "corrupt.json")], "is not a results file", 1),
@@ -1708,7 +1710,8 @@ def test_generation_refuses_what_does_not_fit(monkeypatch):
     with pytest.raises(MemoryError, match=r"--batch 3 fits at this context") as info:
         SA.speculative_generate(target, draft, [[1, 2, 3]] * 8, 20)
     assert "\n" not in str(info.value)
-    for argv, message in ((["--device", "tpu0"], "is not a device"), (["--device", "mps"], "only cpu and cuda")):
+    for argv, message in ((["--device", "tpu0"], "is not a device"), (["--device", "mps"], "only cpu and "
+                                                                                           "cuda")):
         with pytest.raises(SystemExit, match=message):
             SA.main(argv)
 
@@ -1960,7 +1963,8 @@ def test_hf_state_dict_round_trips(tmp_path, case):
 # `python specattn.py --device cuda --check` run them.
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                               reason="needs a CUDA GPU and compiled kernels: TRITON_INTERPRET=0 pytest -k gpu")
+                               reason="needs a CUDA GPU and compiled kernels: "
+                                      "TRITON_INTERPRET=0 pytest -k gpu")
 
 
 @needs_gpu

@@ -54,8 +54,8 @@ def init_draft(target: Transformer, init_layers: list[int]) -> Transformer:
     """A draft whose layers are copies of target layers `init_layers` and whose token
     embedding (and tied head) is the target's own tensor, frozen."""
     if not target.args.tie_word_embeddings:
-        raise ValueError("train_draft.py shares the target's embedding as the draft's head: it needs a target "
-                         "with tied embeddings (tie_word_embeddings=true)")
+        raise ValueError("train_draft.py shares the target's embedding as the draft's head: it needs a "
+                         "target with tied embeddings (tie_word_embeddings=true)")
     if not init_layers or any(not 0 <= i < target.args.n_layers for i in init_layers):
         raise ValueError(f"--init-layers {init_layers} must name layers in 0..{target.args.n_layers - 1}")
     args = copy.deepcopy(target.args)
@@ -113,7 +113,8 @@ def book_tokens(tokenizer: Tokenizer, books: list[Path], holdout: int) -> tuple[
     for book in books:
         ids = tokenizer.encode(Path(book).read_text(encoding="utf-8", errors="replace"))
         if len(ids) <= holdout + 1024:
-            raise ValueError(f"{book} has {len(ids)} tokens; training needs more than --holdout {holdout} + 1024")
+            raise ValueError(f"{book} has {len(ids)} tokens; training needs more than "
+                             f"--holdout {holdout} + 1024")
         heads.append(torch.tensor(ids[:holdout]))
         train.append(torch.tensor(ids[holdout:]))
     return torch.cat(train), heads
@@ -273,7 +274,8 @@ def train(target: Transformer, draft: Transformer, batches: Batches, steps: int,
         if time_budget is not None and step == warmup:
             per_step = (time.time() - t0) / step
             steps = min(steps, max(step, int(time_budget / per_step)))
-            log(f"  {per_step * 1e3:.0f} ms/step over the first {step} steps -> {steps} steps in {time_budget:g} s")
+            log(f"  {per_step * 1e3:.0f} ms/step over the first {step} steps -> {steps} "
+                f"steps in {time_budget:g} s")
         if step % log_every == 0 or step == steps:
             history.append({"step": step, "token_kl": round(token_kl, 4), "attn_kl": round(attn_kl, 4)})
             log(f"  step {step}/{steps}  token KL {token_kl:.4f}  attention KL {attn_kl:.4f}  "
@@ -284,24 +286,28 @@ def train(target: Transformer, draft: Transformer, batches: Batches, steps: int,
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Distil a small draft (own decoder layers + the target's embedding "
-                                            "and tied head) from a target, for speculative decoding and SpecAttn.")
+    p = argparse.ArgumentParser(description="Distil a small draft (own decoder layers + the target's "
+                                            "embedding and tied head) from a target, for "
+                                            "speculative decoding and SpecAttn.")
     p.add_argument("--target", help="target HF checkpoint directory (default: the demo SmolLM2-135M)")
     p.add_argument("--books", nargs="+", help="training text files (default: the two demo books)")
     p.add_argument("--out", required=True, help="directory to write the draft to (config.json + safetensors)")
     p.add_argument("--init-layers", default="0,9,19,29",
                    help="target layers the draft's layers start from (their count is the draft's depth)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (an upper bound with --time-budget)")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (an upper "
+                                                           "bound with --time-budget)")
     p.add_argument("--time-budget", type=float, help="seconds: after warm-up, cut --steps to what fits")
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, betas 0.9/0.95, no decay)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, "
+                                                          "betas 0.9/0.95, no decay)")
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     p.add_argument("--attn-loss", type=float, default=0.0,
                    help="weight λ of the attention-alignment KL (0: token distillation alone)")
     p.add_argument("--dense-layers", type=int, default=2, help="first target layers SpecAttn keeps dense "
                                                                 "(no attention term for them)")
-    p.add_argument("--policy-frac", type=float, default=0.5, help="fraction of each batch sampled by the target")
+    p.add_argument("--policy-frac", type=float, default=0.5, help="fraction of each "
+                                                                  "batch sampled by the target")
     p.add_argument("--pool", type=int, default=1024, help="target samples generated at once")
     p.add_argument("--reuse", type=int, default=4, help="passes over each pool of samples")
     p.add_argument("--prompt-len", type=int, default=32, help="book tokens that start each target sample")
@@ -331,8 +337,8 @@ def main(argv=None):
     train_tokens, heads = book_tokens(tokenizer, args.books, args.holdout)
     init_layers = parse_layers(args.init_layers)
     draft = init_draft(target, init_layers)
-    print(f"[train_draft] target {args.target} ({target.args.n_layers} layers); draft layers from {init_layers}; "
-          f"{len(train_tokens)} training book tokens; {device}", file=sys.stderr)
+    print(f"[train_draft] target {args.target} ({target.args.n_layers} layers); draft layers "
+          f"from {init_layers}; {len(train_tokens)} training book tokens; {device}", file=sys.stderr)
     before = expected_acceptance(target, draft, heads, 2048)
     batches = Batches(target, train_tokens, args.batch, args.seq_len, args.policy_frac, args.pool, args.reuse,
                       args.prompt_len, g)
@@ -351,8 +357,9 @@ def main(argv=None):
             "history": result["history"]}
     target_config = json.loads((Path(args.target) / "config.json").read_text())
     out = save_draft(draft, target_config, args.out, info)
-    print(f"[train_draft] expected acceptance Σmin(p,q) on the held-out book heads: {before:.3f} -> {after:.3f}; "
-          f"{result['steps']} steps in {result['seconds']:.0f} s; saved to {out}", file=sys.stderr)
+    print(f"[train_draft] expected acceptance Σmin(p,q) on the held-out book heads: {before:.3f} "
+          f"-> {after:.3f}; {result['steps']} steps "
+          f"in {result['seconds']:.0f} s; saved to {out}", file=sys.stderr)
     reloaded = load_draft(out, target)  # the saved draft must load back and agree
     x = heads[0][:64].to(device)[None]
     with torch.no_grad(), autocast(device):
