@@ -89,7 +89,8 @@ def draft_selection(draft_probs: list, past_len: int, layer_map: list[int], n_kv
     return {j: per_draft_layer[layer_map[j]] for j in range(cfg.dense_layers, len(layer_map))}
 
 
-def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig, causal: bool) -> torch.Tensor:
+def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig,
+                      causal: bool) -> torch.Tensor:
     B, Hd, T, S = probs.shape
     if cfg.per_head:
         if Hd % n_kv_heads:
@@ -128,7 +129,7 @@ class SpecStats:
     kv_dense: int = 0  # entries dense verification would read
     kv_read_sparse_layers: int = 0
     kv_dense_sparse_layers: int = 0
-    accepted_hist: list = field(default_factory=list)  # [γ + 1]: steps that accepted 0, 1, ..., γ draft tokens
+    accepted_hist: list = field(default_factory=list)  # [γ + 1]: steps that accepted 0, 1, ..., γ tokens
     seconds: dict = field(default_factory=dict)  # wall time: prefill, decode; GPU time per step phase
 
     @property
@@ -273,9 +274,10 @@ class SpecEngine:
         inp = torch.stack([self.prev, self.last], 1)  # [B, 2]: re-read prev, then the newest token
         for i in range(self.gamma):
             if self.use_specattn:
-                used = range(self.first_used, self.first_used + self.draft_rows.shape[0])  # the layers the map reads
-                logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used), attend=attention_slot)
-                self.draft_rows[:, :, i].copy_(torch.stack([rows[u] for u in used]))  # rows: [B, S] per used layer
+                used = range(self.first_used, self.first_used + len(self.draft_rows))  # layers the map reads
+                logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used),
+                                          attend=attention_slot)
+                self.draft_rows[:, :, i].copy_(torch.stack([rows[u] for u in used]))  # [B, S] per used layer
             else:
                 logits = self.draft(inp, cache=self.d_cache, attend=attention_slot)
             logits = logits[:, -1]  # [B, V]
@@ -345,14 +347,15 @@ class SpecEngine:
                 u = torch.rand(p_d.shape, device=p.device, generator=self.generator)
                 agree = u * q_d <= p_d
                 residual = (p[:, :G] - q).clamp(min=0)
-                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :G])  # p == q: never used
+                # (where p == q the residual is empty, and never used: any distribution will do)
+                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :G])
                 candidates = torch.cat([_sample(residual, self.generator), candidates], 1)  # [B, γ + 1]
             else:
                 agree = drafted.bool()  # [B, 0]
         k = agree.long().cumprod(1).sum(1)  # [B]: accepted draft tokens
         new = candidates.gather(1, k[:, None])[:, 0]  # [B]
         j = torch.arange(G + 1, device=self.device)
-        emitted = torch.where(j < k[:, None], F.pad(drafted, (0, 1)), new[:, None])  # [B, γ + 1], first k + 1 real
+        emitted = torch.where(j < k[:, None], F.pad(drafted, (0, 1)), new[:, None])  # [B, γ + 1]: k + 1 real
         n_new = k + 1
         active = ~self.done
         if self.eos_id is not None:  # a row ends at its first EOS
@@ -372,7 +375,8 @@ class SpecEngine:
         if self.draft is not None:
             self.d_cache.rewind_rows(drop)
         if G:  # prev: the newest token the target keeps cached, d_k (or `last` if none was accepted)
-            newest_kept = torch.where(k > 0, drafted.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0], self.last)
+            d_k = drafted.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0]
+            newest_kept = torch.where(k > 0, d_k, self.last)
             self.prev.copy_(torch.where(active, newest_kept, self.prev))
         self.last.copy_(torch.where(active, new, self.last))
         self._count(k, past, active)
@@ -471,12 +475,11 @@ class SpecEngine:
             if model is None:
                 continue
             cache.reset()
-            for b0 in range(0, B if max(cached) else 0, rows_per_chunk):  # (1-token prompts: none for the draft)
-                rows = cache.rows(b0, b0 + rows_per_chunk)
+            for b0 in range(0, B if max(cached) else 0, rows_per_chunk):  # (none if every prompt is 1 token)
+                rows, b1 = cache.rows(b0, b0 + rows_per_chunk), b0 + rows_per_chunk
+                at = last_pos[b0:b1] if model is self.target else torch.zeros_like(last_pos[b0:b1])
                 # every row starts at 0: plain causal PyTorch attention (SDPA), right padding unread
-                out = model(tokens[b0:b0 + rows_per_chunk, :max(cached)], cache=rows,
-                            logits_at=(last_pos[b0:b0 + rows_per_chunk] if model is self.target else
-                                       torch.zeros_like(last_pos[b0:b0 + rows_per_chunk])), attend=cache_attention)
+                out = model(tokens[b0:b1, :max(cached)], cache=rows, logits_at=at, attend=cache_attention)
                 if model is self.target:
                     logits.append(out[:, 0])
             cache.set_lengths(cached)
@@ -512,7 +515,8 @@ class SpecEngine:
         bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", disable=not progress, leave=False)
         while any(i is not None for i in serving):  # every step emits >= 1 token per running row
             self.step(timed=True)
-            done, n_out = torch.stack([self.done.long(), self.n_out.clamp(max=max_new_tokens)]).tolist()  # sync
+            flags = torch.stack([self.done.long(), self.n_out.clamp(max=max_new_tokens)])
+            done, n_out = flags.tolist()  # the step's one host synchronisation
             finished = [b for b in range(self.B) if done[b] and serving[b] is not None]
             if finished:
                 for b, row in zip(finished, self.out[finished].tolist()):
@@ -528,10 +532,10 @@ class SpecEngine:
         bar.close()
         t2 = time.perf_counter()
         c = self.counters.sum(1).tolist()
-        stats = SpecStats(steps=c[0], accepted=c[1], tokens=sum(len(o) for o in outputs), prompts=len(prompts),
-                          kv_read=c[2],
-                          kv_dense=c[3], kv_read_sparse_layers=c[4], kv_dense_sparse_layers=c[5],
-                          accepted_hist=c[6:], engine_steps=len(self.phase_events))
+        stats = SpecStats(steps=c[0], accepted=c[1], tokens=sum(len(o) for o in outputs),
+                          prompts=len(prompts), kv_read=c[2], kv_dense=c[3], kv_read_sparse_layers=c[4],
+                          kv_dense_sparse_layers=c[5], accepted_hist=c[6:],
+                          engine_steps=len(self.phase_events))
         stats.seconds = {"prefill": t1 - t0 + refill_s, "decode": t2 - t1 - refill_s, **self._phase_seconds()}
         return outputs, stats
 
@@ -616,7 +620,8 @@ def engine_memory(target: Transformer, draft: Optional[Transformer], batch: int,
     step's logits and activations."""
     w = target.output.weight
     need = kv_cache_bytes(target.args, batch, max_len, w.dtype)
-    step = (gamma + 2) * batch * (target.args.vocab_size * 4 * 3 + target.args.hidden_dim * w.element_size() * 2)
+    per_token = target.args.vocab_size * 4 * 3 + target.args.hidden_dim * w.element_size() * 2
+    step = (gamma + 2) * batch * per_token
     if draft is not None:
         need += kv_cache_bytes(draft.args, batch, max_len, w.dtype)
         need += 4 * draft.args.n_layers * batch * gamma * max_len  # draft rows [used, B, γ, S]
@@ -646,14 +651,17 @@ def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: i
     return SpecEngine(target, draft if mode != "plain" else None, batch_size=batch_size or len(prompts),
                       max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=g,
                       temperature=temperature, layer_map=layer_map, selection=selection,
-                      use_specattn=mode == "specattn", eos_id=eos_id, generator=generator, cuda_graphs=cuda_graphs)
+                      use_specattn=mode == "specattn", eos_id=eos_id, generator=generator,
+                      cuda_graphs=cuda_graphs)
 
 
 @torch.no_grad()
-def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, max_new_tokens: int, gamma: int = 4,
-                         temperature: float = 0.0, topp: Optional[float] = None, layer_map=None,
-                         selection: Optional[SelectionConfig] = None, generator: Optional[torch.Generator] = None,
-                         eos_id: Optional[int] = None, engine: Optional[SpecEngine] = None, progress: bool = False):
+def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, max_new_tokens: int,
+                         gamma: int = 4, temperature: float = 0.0, topp: Optional[float] = None,
+                         layer_map=None,
+                         selection: Optional[SelectionConfig] = None,
+                         generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
+                         engine: Optional[SpecEngine] = None, progress: bool = False):
     """Generate up to max_new_tokens after each prompt. prompt_ids: one list of ids, or a list
     of lists (a batch; rows may differ in length, and each accepts, stops and counts on its
     own). Returns (new ids: a list, or a list per row for a batch, SpecStats).
@@ -679,7 +687,8 @@ def greedy_generate(model: Transformer, prompt_ids, max_new_tokens: int, eos_id:
     """Plain greedy decoding by the model alone, through the same engine (a 1-token verify
     step, no draft): the reference speculative decoding must equal, row by row."""
     prompts, single = _as_batch(prompt_ids)
-    engine = make_engine("plain", model, None, prompts, max_new_tokens, 0, 0.0, None, SelectionConfig(), eos_id)
+    engine = make_engine("plain", model, None, prompts, max_new_tokens, 0, 0.0, None, SelectionConfig(),
+                         eos_id)
     out, _ = engine.generate(prompts, max_new_tokens)
     return out[0] if single else out
 
@@ -714,8 +723,8 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
     device = target.output.weight.device
     for mode in modes:
         gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-        engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, selection,
-                             eos_id, gen, batch_size=batch_size)
+        engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map,
+                             selection, eos_id, gen, batch_size=batch_size)
         engine.generate(prompts[:engine.B], min(warmup_tokens, max_new_tokens))
         results[mode] = engine.generate(prompts, max_new_tokens, progress=progress)
     return results
@@ -765,7 +774,8 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
             raise AssertionError(f"{label} {mode}: {engine.captures} captures "
                                  f"for {len(engine._phases())} phases")
         plain = plain or graphed
-        same = [next((i for i, (a, b) in enumerate(zip(r, p)) if a != b), len(r)) for r, p in zip(graphed, plain)]
+        same = [next((i for i, (a, b) in enumerate(zip(r, p)) if a != b), len(r))
+                for r, p in zip(graphed, plain)]
         print(f"check {label} {mode}: graphed == eager on {len(prompts)} rows of {[len(p) for p in prompts]} "
               f"tokens; tokens equal to plain decoding before the first difference: {same}", flush=True)
 
@@ -865,15 +875,16 @@ def main(argv=None):
                 compile_pointwise(True)
             ragged = [p[:max(1, len(p) - 7 * b)] for b, p in enumerate((prompts * 3)[:3])]
             check_engine(target, draft, ragged, layer_map, selection, args.gamma, "pair")
-            check_engine(*random_pair_like(target, draft), ragged, layer_map, selection, args.gamma, "random pair")
+            check_engine(*random_pair_like(target, draft), ragged, layer_map, selection, args.gamma,
+                         "random pair")
             print("engine check passed")
             return
         if target.output.weight.is_cuda:  # fused pointwise kernels
             compile_pointwise(True)
         batch = min(args.batch, len(prompts)) if args.requests else len(prompts)
-        results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature, layer_map,
-                            selection, modes, eos_id=tokenizer.eos_id, seed=args.seed, progress=True,
-                            batch_size=batch)
+        results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature,
+                            layer_map, selection, modes, eos_id=tokenizer.eos_id, seed=args.seed,
+                            progress=True, batch_size=batch)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         sys.exit(f"error: {e}")
     for mode, (ids, stats) in results.items():
