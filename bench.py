@@ -41,7 +41,8 @@ from model import ModelArgs, Transformer, compile_pointwise, write_atomic
 TARGET_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                       vocab_size=128256, rope_theta=500000.0, max_seq_len=131072 + 512)
 DRAFT_1B = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=8192,
-                     vocab_size=128256, rope_theta=500000.0, max_seq_len=131072 + 512, tie_word_embeddings=True)
+                     vocab_size=128256, rope_theta=500000.0, max_seq_len=131072 + 512,
+                     tie_word_embeddings=True)
 LAYER_MAP_8B = [j // 2 for j in range(32)]  # a monotone 32 -> 16 map, as calibrate.py would give
 
 
@@ -78,7 +79,7 @@ def filled_engine(target, draft, B: int, S: int, gamma: int, selection, use_spec
     """An engine whose rows already hold S random cached positions (as after a prefill)."""
     engine = SA.SpecEngine(target, draft, batch_size=B, max_len=S + 256, gamma=gamma, layer_map=LAYER_MAP_8B,
                            selection=selection, use_specattn=use_specattn, cuda_graphs=cuda_graphs)
-    for cache, n in ((engine.t_cache, S), (engine.d_cache, S - 1)):  # the draft: all but prev (see SpecEngine)
+    for cache, n in ((engine.t_cache, S), (engine.d_cache, S - 1)):  # draft: all but prev (see SpecEngine)
         cache.k.normal_()
         cache.v.normal_()
         cache.set_lengths([n] * B)
@@ -243,7 +244,8 @@ def bench_kernels(out_dir=None):
     for rows, n in topp_shapes:
         w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
         times = []
-        for fn in (lambda: K.topp_mask_reference(w, 0.9), lambda: K.topp_mask(w, 0.9), lambda: K.topp_select(w, 0.9)):
+        for fn in (lambda: K.topp_mask_reference(w, 0.9), lambda: K.topp_mask(w, 0.9),
+                   lambda: K.topp_select(w, 0.9)):
             times.append((do_bench(fn, return_mode="median"), do_bench(graphed(fn), return_mode="median")))
         floor = w.numel() * 4 / bw * 1e3
         cells = " | ".join(f"{e:.4f} / {g:.4f}" for e, g in times)
@@ -294,8 +296,8 @@ def bench_kernels(out_dir=None):
         variants = [{}] + [
             {"n_splits": K.triton.cdiv(int(ps * sm), B * Hkv), "block_n": bn}
             for ps in (0.5, 1, 2, 8) for bn in (64, 128)]
-        cells = [do_bench(graphed(lambda: K.sparse_attention(q, kc, vc, S, *sel, **kw)), return_mode="median") * 1e3
-                 for kw in variants]
+        cells = [1e3 * do_bench(graphed(lambda: K.sparse_attention(q, kc, vc, S, *sel, **kw)),
+                                return_mode="median") for kw in variants]
         say(f"| {B} | {S} | {frac:.0%} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -209,7 +209,8 @@ def align_layers(cost) -> list[int]:
 
 
 @torch.no_grad()
-def head_averaged_rows(model: Transformer, tokens: torch.Tensor, start: int, end: int, cache) -> list[torch.Tensor]:
+def head_averaged_rows(model: Transformer, tokens: torch.Tensor, start: int, end: int,
+                       cache) -> list[torch.Tensor]:
     """Feed tokens[start:end] on top of `cache`; per layer the head-averaged attention rows
     [end - start, end] (fp32)."""
     _, probs = model(tokens[None, start:end], cache=cache, return_attn=True)
@@ -217,7 +218,8 @@ def head_averaged_rows(model: Transformer, tokens: torch.Tensor, start: int, end
 
 
 @torch.no_grad()
-def kl_matrix(target: Transformer, draft: Transformer, tokens: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def kl_matrix(target: Transformer, draft: Transformer, tokens: torch.Tensor,
+              chunk: int = 256) -> torch.Tensor:
     """[n_target_layers, n_draft_layers]: mean over query positions of KL(target_j || draft_i)."""
     n = tokens.shape[0]
     t_cache, d_cache = target.new_cache(max_len=n), draft.new_cache(max_len=n)
@@ -260,8 +262,8 @@ def calibration_book() -> Path:
     return demo_books() / "test" / "11.txt"
 
 
-def layer_map_for(target, draft, tokenizer, path=None, text=None, n_tokens: int = 2048, skip_tokens: int = 16384,
-                  cache_dir=None) -> list[int]:
+def layer_map_for(target, draft, tokenizer, path=None, text=None, n_tokens: int = 2048,
+                  skip_tokens: int = 16384, cache_dir=None) -> list[int]:
     """The layer map: read from `path`, or calibrated once on the demo text and cached."""
     if path is not None:
         return load_layer_map(path, target.args.n_layers, draft.args.n_layers)
@@ -272,7 +274,8 @@ def layer_map_for(target, draft, tokenizer, path=None, text=None, n_tokens: int 
                               float(draft.norm.weight.detach().float().sum()),
                               draft.args.layer_ids, str(text), n_tokens, skip_tokens]
                              + (["bos"] if tokenizer.add_bos else []))  # BOS shifts the calibration window
-    cache_file = Path(cache_dir or CACHE) / f"layer_map_{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}.json"
+    digest = hashlib.sha1(fingerprint.encode()).hexdigest()[:12]
+    cache_file = Path(cache_dir or CACHE) / f"layer_map_{digest}.json"
     if cache_file.exists():
         try:
             return load_layer_map(cache_file, target.args.n_layers, draft.args.n_layers)

@@ -164,7 +164,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float16") -> Path:
              "output.weight": "lm_head.weight"}
     per_block = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                  "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                 "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+                 "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+                 "ffn_norm": "post_attention_layernorm"}
     state = {}
     for name, t in tensors.items():
         part = None
@@ -214,16 +215,19 @@ def _write_tokenizer(meta: dict, out_dir: Path) -> None:
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: smollm, gpt2)")
     control = 3  # llama.cpp token type CONTROL: special tokens
     added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i, (tok, ty) in enumerate(zip(tokens, types)) if ty == control]
+              "normalized": False, "special": True}
+             for i, (tok, ty) in enumerate(zip(tokens, types)) if ty == control]
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "vocab": {tok: i for i, tok in enumerate(tokens)}, "merges": meta.get("tokenizer.ggml.merges", [])},
+                  "vocab": {tok: i for i, tok in enumerate(tokens)},
+                  "merges": meta.get("tokenizer.ggml.merges", [])},
     }
     (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
     bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": tokens[bos] if bos is not None else None, "eos_token": tokens[eos] if eos is not None else None}))
+        "bos_token": tokens[bos] if bos is not None else None,
+        "eos_token": tokens[eos] if eos is not None else None}))

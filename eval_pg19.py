@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -76,8 +77,9 @@ def load_books(data, split: str = "test", limit=None) -> tuple[list[dict], list[
     entries = []  # (id, title, text or bytes or None, where)
     if path.is_dir():
         folder = path / split if (path / split).is_dir() else path
-        files = sorted(folder.glob("*.txt"), key=lambda f: (not f.stem.isdigit(), int(f.stem) if f.stem.isdigit()
-                                                             else 0, f.stem))
+        # numbered books (PG-19 ids) first, in numeric order, then the rest by name
+        files = sorted(folder.glob("*.txt"),
+                       key=lambda f: (not f.stem.isdigit(), int(f.stem) if f.stem.isdigit() else 0, f.stem))
         if not files:
             raise FileNotFoundError(f"--data {path}: no {split}/*.txt books found")
         titles = _pg19_titles(path / "metadata.csv")
@@ -211,9 +213,10 @@ def quest_selection(q: torch.Tensor, k_past: torch.Tensor, budget: torch.Tensor,
     k_min = k.nan_to_num(float("inf")).amin(3)  # [B, Hkv, P, D]; padding never wins a min or max
     k_max = k.nan_to_num(float("-inf")).amax(3)
     qg = q.float().view(B, Hkv, Hq // Hkv, T, 1, D)
-    bound = torch.maximum(qg * k_min[:, :, None, None], qg * k_max[:, :, None, None]).sum(-1)  # [B, Hkv, G, T, P]
+    # [B, Hkv, G, T, P]: per query head and page, the largest q·k any key of the page could give
+    bound = torch.maximum(qg * k_min[:, :, None, None], qg * k_max[:, :, None, None]).sum(-1)
     n_sel = (budget.float() / page).round().clamp(min=1).long()
-    n_sel = torch.where(budget >= past, n_pages, n_sel)  # a full budget reads every page, the partial last too
+    n_sel = torch.where(budget >= past, n_pages, n_sel)  # a full budget reads every page, the last too
     bound = bound.sum(2)  # [B, Hkv, T, P]
     pages = budget_mask(bound, n_sel)  # [B, Hkv, T, P]
     return pages.repeat_interleave(page, dim=-1)[..., :past]
@@ -229,7 +232,8 @@ def h2o_selection(scores: torch.Tensor, budget: torch.Tensor, past: int) -> torc
     return is_recent | budget_mask(older, budget - recent)
 
 
-def oracle_selection(q: torch.Tensor, k_past: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig) -> torch.Tensor:
+def oracle_selection(q: torch.Tensor, k_past: torch.Tensor, n_kv_heads: int,
+                     cfg: SelectionConfig) -> torch.Tensor:
     """Top-p on the target's own attention of query t over the cached positions (head-averaged,
     or per KV head with cfg.per_head), as unnormalised weights exp(s - max)."""
     B, Hq, T, D = q.shape
@@ -264,8 +268,9 @@ def make_runs(methods, topps) -> list[Run]:
 
 
 @torch.no_grad()
-def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, cfg: SelectionConfig, gamma: int,
-               prefill: int, progress=None, keep_logits: bool = False, quest: QuestConfig = QuestConfig()) -> dict:
+def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, cfg: SelectionConfig,
+               gamma: int, prefill: int, progress=None, keep_logits: bool = False,
+               quest: QuestConfig = QuestConfig()) -> dict:
     """Teacher-forced NLL of tokens[prefill + 1:] for every run.
 
     The runs go through the target side by side as one batch (row b = runs[b], each with
@@ -359,8 +364,9 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
             st = stats[r.name]
             st["nll"] += nll[b].item()
             st["tokens"] += T
+            sparse = range(cfg.dense_layers, args.n_layers)
             read, dense, read_sp, dense_sp = count_kv_reads(selections[b], args.n_layers, hkv, past,
-                                                            sparse_layers=range(cfg.dense_layers, args.n_layers))
+                                                            sparse_layers=sparse)
             st["kv_read"] += read
             st["kv_dense"] += dense
             st["kv_read_sparse"] += read_sp
@@ -558,9 +564,10 @@ def checkpoint_identity(path) -> str:
 def run_settings(args, target, layer_map, tokenizer) -> dict:
     """Everything a book's results depend on. A results file is resumed only under equal settings."""
     target_dir = args.target or demo_target()
-    draft_dir = args.draft or (DEMO_DRAFT if args.target is None and args.draft_layers is None else target_dir)
-    keys = ("draft_layers", "protocol", "max_tokens", "prefill_frac", "gamma", "dense_layers", "sinks", "combine",
-            "per_head", "methods", "topp", "quest_page", "split")
+    demo_draft = args.target is None and args.draft_layers is None
+    draft_dir = args.draft or (DEMO_DRAFT if demo_draft else target_dir)
+    keys = ("draft_layers", "protocol", "max_tokens", "prefill_frac", "gamma", "dense_layers", "sinks",
+            "combine", "per_head", "methods", "topp", "quest_page", "split")
     return {"target": checkpoint_identity(target_dir), "draft": checkpoint_identity(draft_dir),
             "layer_map": layer_map, **{k: getattr(args, k) for k in keys},
             "dtype": str(target.output.weight.dtype).removeprefix("torch."), "bos": tokenizer.add_bos}
@@ -645,8 +652,8 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    cfg = SelectionConfig(topp=args.topp[0], dense_layers=args.dense_layers, combine=args.combine, sinks=args.sinks,
-                          per_head=args.per_head)
+    cfg = SelectionConfig(topp=args.topp[0], dense_layers=args.dense_layers, combine=args.combine,
+                          sinks=args.sinks, per_head=args.per_head)
     min_tokens = args.max_tokens if args.protocol == "paper" else 16 * args.gamma
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "overwrite"}
     config["bos"] = tokenizer.add_bos  # what --bos resolved to: was BOS put before each book
@@ -672,15 +679,15 @@ def main(argv=None):
                 continue
             tokens = torch.tensor(ids[:args.max_tokens])
             prefill = max(1, int(args.prefill_frac * len(tokens)))
-            stats = score_book(target, draft, tokens, runs, layer_map, cfg, args.gamma, prefill,
-                               progress=lambda it: tqdm(it, desc=f"book {book['id']}", leave=False, file=sys.stderr,
-                                                        disable=rank > 0),
+            bar = functools.partial(tqdm, desc=f"book {book['id']}", leave=False, file=sys.stderr,
+                                    disable=rank > 0)
+            stats = score_book(target, draft, tokens, runs, layer_map, cfg, args.gamma, prefill, progress=bar,
                                quest=QuestConfig(page=args.quest_page))
             timings[book["id"]] = {"forward_s": stats.pop("_forward_s"),
                                    "select_s": {name: st.pop("select_s") for name, st in stats.items()
                                                 if isinstance(st, dict)}}
-            results["books"].append({"id": book["id"], "title": book["title"], "sha1": book["sha1"], "order": order,
-                                     "tokens": len(tokens), "prefill": prefill,
+            results["books"].append({"id": book["id"], "title": book["title"], "sha1": book["sha1"],
+                                     "order": order, "tokens": len(tokens), "prefill": prefill,
                                      "expected_acceptance": stats.pop("_acceptance"), "runs": stats})
             results["books"].sort(key=lambda b: b["order"])
             results["summary"] = summarize(results["books"], runs)
@@ -719,7 +726,8 @@ def main(argv=None):
             select_s[name] = select_s.get(name, 0.0) + sec
     print(format_table(results["summary"], select_s))
     forward = sum(t["forward_s"] for t in timings.values())
-    print(f"\n{len(results['books'])} book(s) ({len(timings)} scored in this run, {len(results['skipped'])} skipped), "
+    print(f"\n{len(results['books'])} book(s) ({len(timings)} scored in this run, "
+          f"{len(results['skipped'])} skipped), "
           f"{args.protocol} protocol, {args.max_tokens} tokens, "
           f"prefill {args.prefill_frac:.0%}, γ={args.gamma}; draft/target expected acceptance "
           f"Σmin(p,q) = {sum(acc) / len(acc):.3f}; shared draft + target forwards {forward:.0f} s "

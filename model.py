@@ -676,7 +676,7 @@ def load_model(path, device=None, dtype=None, layers=None, shared=None) -> Trans
     model of the same checkpoint: the self-speculative draft the demo compares against.
     `shared`: {HF tensor name: tensor} for tensors the checkpoint leaves out because the
     model borrows them from another one (a trained draft borrows the target's embedding;
-    see load_draft). They are used as they are, not copied.
+    see calibrate.load_draft). They are used as they are, not copied.
     Every tensor's shape is checked; a missing or left-over tensor is an error.
     """
     from safetensors import safe_open

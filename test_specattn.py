@@ -99,7 +99,8 @@ def test_logits_match_transformers(tmp_path, case):
     elif case == "mistral":  # a window no shorter than the context: full causal attention
 
         cfg = MistralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=96, vocab_size=300, max_position_embeddings=128, sliding_window=40)
+                            intermediate_size=96, vocab_size=300, max_position_embeddings=128,
+                            sliding_window=40)
     elif case == "llama_gqa_llama3_rope":
         cfg = hf_llama_config(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
@@ -238,7 +239,8 @@ def test_select_hook_subset_attention(per_query):
     m(tokens[:, :35], cache=cache)
     dense = m(tokens[:, 35:], cache=cache)
     cache.rewind(5)
-    everything = m(tokens[:, 35:], cache=cache, select=lambda i, q, k: torch.ones(2, 2, 1, 35, dtype=torch.bool))
+    read_all = torch.ones(2, 2, 1, 35, dtype=torch.bool)
+    everything = m(tokens[:, 35:], cache=cache, select=lambda i, q, k: read_all)
     assert (everything - dense).abs().max() <= 1e-5
 
     # A random subset: compare the attention function itself against the gather reference.
@@ -298,7 +300,8 @@ def test_loading_errors_are_clear(tmp_path):
     (path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
     with pytest.raises(ValueError, match="model_type"):
         M.load_model(path, device="cpu")
-    (path / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}))
+    (path / "config.json").write_text(json.dumps({**cfg,
+                                                  "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}))
     with pytest.raises(ValueError, match="rope_scaling.*yarn"):
         M.load_model(path, device="cpu")
     del cfg["intermediate_size"]
@@ -328,7 +331,8 @@ def train_hf_tokenizer(tmp_path, pre):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     elif pre == "smollm":
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                              use_regex=True)])
     else:  # Qwen2 / Llama-3 style: an explicit Split regex, then byte-level without its own regex
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(M.LLAMA3_PATTERN), behavior="isolated"),
@@ -341,7 +345,8 @@ def train_hf_tokenizer(tmp_path, pre):
     out = tmp_path / f"tok_{pre}"
     out.mkdir()
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>"}))
+    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>",
+                                                           "eos_token": "<|endoftext|>"}))
     return tok, out
 
 
@@ -407,7 +412,8 @@ def sentencepiece_vocab(extra_pieces=()):
     learned = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     merged = [p for p, _ in learned if len(p) > 1]
     singles = [p for p, _ in learned if len(p) == 1 and p != "\n"]  # '\n' falls back to <0x0A>, as in Llama-2
-    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list(extra_pieces) + merged + singles
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    pieces = ["<unk>", "<s>", "</s>"] + byte_pieces + list(extra_pieces) + merged + singles
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces) - 259)]
     return pieces, scores
 
@@ -422,16 +428,19 @@ def write_sentencepiece_tokenizer(directory, layout, add_bos=True, extra_pieces=
     merges = []  # every split of a piece into two pieces, in the order of the merged piece's score
     for piece in sorted(pieces[259:], key=lambda p: -scores[vocab[p]]):
         merges += sorted(((piece[:i], piece[i:]) for i in range(1, len(piece))
-                          if piece[:i] in vocab and piece[i:] in vocab), key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+                          if piece[:i] in vocab and piece[i:] in vocab),
+                          key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
+                                 byte_fallback=True))
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
     if layout == "old":
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                               normalizers.Replace(" ", "\u2581")])
     else:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
                                                      split=layout == "split")
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(content=" ", left=1)])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(content=" ", left=1)])
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(
@@ -455,7 +464,8 @@ def write_sentencepiece_model(file, pieces, scores, model_type=2):
     types = [2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 259)  # UNKNOWN, CONTROL, BYTE, NORMAL
     data = b"".join(field(1, field(1, p.encode()) + varint(2 << 3 | 5) + struct.pack("<f", s) + varint(3 << 3)
                              + varint(t)) for p, s, t in zip(pieces, scores, types))
-    data += field(2, varint(3 << 3) + varint(model_type) + varint(35 << 3) + varint(1))  # model_type, byte_fallback
+    # trainer spec: model_type (field 3) and byte_fallback (field 35)
+    data += field(2, varint(3 << 3) + varint(model_type) + varint(35 << 3) + varint(1))
     data += field(3, field(1, b"identity") + varint(3 << 3) + varint(1))  # add_dummy_prefix
     file.write_bytes(data)
 
@@ -581,7 +591,8 @@ def test_gguf_conversion_roundtrip(tmp_path):
     hf_to_gguf = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}
     for name, w in sd.items():
         if name == "lm_head.weight":
             continue
@@ -608,7 +619,8 @@ def test_gguf_conversion_roundtrip(tmp_path):
     got = M.hf_state_dict(ours)
     for name, w in expected.items():
         assert np.abs(got[name].numpy() - w).max() <= 1e-6, name
-    q8_err = np.abs(expected["model.layers.0.mlp.up_proj.weight"] - sd["model.layers.0.mlp.up_proj.weight"]).max()
+    up = "model.layers.0.mlp.up_proj.weight"
+    q8_err = np.abs(expected[up] - sd[up]).max()
     assert 0 < q8_err < 0.02  # really quantized, and close
     tok = M.Tokenizer.from_pretrained(out)
     assert tok.decode(tok.encode("round trip 123")) == "round trip 123"
@@ -700,7 +712,8 @@ def test_kernels_work_without_triton():
             "out = K.sparse_attention(q, k, k, 9)[0]\n"
             "assert torch.equal(out, K.sparse_attention_reference(q, k, k, 9)[0])\n"
             "import eval_pg19, specattn")
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
+                         text=True)
     assert run.returncode == 0, run.stderr[-2000:]
 
 
@@ -763,7 +776,8 @@ def test_sparse_attention_writes_new_block():
     new = torch.randn(2, B, T, Hkv, D, generator=g).transpose(2, 3)  # k_new, v_new: [B, Hkv, T, D], strided
     idx, count = K.random_selection(B, Hkv, S, 0.3, generator=g, shuffled=True)
     for sel in ((idx, count), (None, None)):
-        kc, vc = torch.randn(B, Hkv, S + T + 2, D, generator=g), torch.randn(B, Hkv, S + T + 2, D, generator=g)
+        kc, vc = torch.randn(B, Hkv, S + T + 2, D, generator=g), torch.randn(B, Hkv, S + T + 2, D,
+                                                                             generator=g)
         kr, vr, k0 = kc.clone(), vc.clone(), kc.clone()  # the block's rows hold garbage until written
         got = K.sparse_attention(q, kc, vc, S, *sel, n_splits=3, new_kv=(new[0], new[1]))
         ref = K.sparse_attention_reference(q, kr, vr, S, *sel, new_kv=(new[0], new[1]))
@@ -774,7 +788,8 @@ def test_sparse_attention_writes_new_block():
     kc, vc = torch.randn(B, Hkv, S + T, D, generator=g), torch.randn(B, Hkv, S + T, D, generator=g)
     kr, vr = kc.clone(), vc.clone()
     out, row = K.sparse_attention(q, kc, vc, S, return_last_row=True, new_kv=(new[0], new[1]))
-    ref_out, ref_row = K.sparse_attention_reference(q, kr, vr, S, return_last_row=True, new_kv=(new[0], new[1]))
+    ref_out, ref_row = K.sparse_attention_reference(q, kr, vr, S, return_last_row=True,
+                                                    new_kv=(new[0], new[1]))
     assert (out - ref_out).norm() / ref_out.norm() < 1e-5 and (row - ref_row).abs().max() < 1e-6
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
@@ -784,7 +799,8 @@ def test_sparse_attention_writes_new_block():
     with torch.no_grad():
         for slot in (M.cache_attention, K.attention_slot):
             cache = m.new_cache(batch_size=2, max_len=16)
-            caches.append((cache, m(x[:, :7], cache=cache, attend=slot), m(x[:, 7:], cache=cache, attend=slot)))
+            caches.append((cache, m(x[:, :7], cache=cache, attend=slot),
+                           m(x[:, 7:], cache=cache, attend=slot)))
     (want, w1, w2), (got, g1, g2) = caches
     torch.testing.assert_close(g1, w1, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(g2, w2, atol=1e-4, rtol=1e-4)
@@ -839,7 +855,8 @@ def test_sparse_attention_last_row(T, Hq):
     _, mean_row = K.sparse_attention(q, kc, vc, 150, return_last_row=True, last_row_mean=True)
     _, ref_mean = K.sparse_attention_reference(q, kc, vc, 150, return_last_row=True, last_row_mean=True)
     err = (mean_row - ref_mean).abs()
-    assert err.max() < 1e-6 and mean_row.shape == (2, 150), f"mean row: max {err.max():.2e} mean {err.mean():.2e}"
+    assert mean_row.shape == (2, 150)
+    assert err.max() < 1e-6, f"mean row: max {err.max():.2e} mean {err.mean():.2e}"
     assert (ref_mean - probs[:, :, -1, :150].mean(1)).abs().max() < 1e-6
 
 
@@ -897,7 +914,8 @@ def test_greedy_speculative_equals_target_greedy(gamma, seed, prompt_len):
     got_p1, stats_p1 = SA.speculative_generate(target, draft, prompt, 30, gamma=gamma, topp=1.0,
                                                layer_map=[0, 1, 1])
     assert got_p1 == expected
-    assert stats.tokens == 30 and sum(stats.accepted_hist) == stats.steps and len(stats.accepted_hist) == gamma + 1
+    assert stats.tokens == 30 and sum(stats.accepted_hist) == stats.steps
+    assert len(stats.accepted_hist) == gamma + 1
     if gamma > 1:
         assert sum(stats.accepted_hist[1:]) >= 1  # the test exercised acceptance, not only rejection
 
@@ -905,7 +923,8 @@ def test_greedy_speculative_equals_target_greedy(gamma, seed, prompt_len):
 def test_greedy_speculative_with_unrelated_draft():
     target, draft = tiny_pair(3)
     prompt = [5, 6, 7]
-    assert SA.speculative_generate(target, draft, prompt, 25, gamma=4)[0] == SA.greedy_generate(target, prompt, 25)
+    want = SA.greedy_generate(target, prompt, 25)
+    assert SA.speculative_generate(target, draft, prompt, 25, gamma=4)[0] == want
 
 
 def test_rewind_after_rejection_equals_cache_of_accepted_prefix():
@@ -960,7 +979,8 @@ def test_selection_from_hand_built_attention():
     sel = SA.draft_selection([probs], past, layer_map=[0, 0, 0], n_kv_heads=1, cfg=cfg_mean)
     # mean row = [.25, .2, .1, .075, .125, .25]; top-p .45 keeps {0, 5} (the tie at .25); sink adds 0.
     assert sel[2][0, 0, 0].tolist() == [True, False, False, False, False, True]
-    causal = SA.draft_selection([probs], past, [0, 0], 1, SA.SelectionConfig(topp=0.75, dense_layers=1), causal=True)
+    causal = SA.draft_selection([probs], past, [0, 0], 1, SA.SelectionConfig(topp=0.75, dense_layers=1),
+                                causal=True)
     assert causal[1][0, 0].tolist() == [[True, True, False, False, False, False],
                                         [True, True, True, True, True, True]]
 
@@ -1006,7 +1026,7 @@ def test_specattn_generation_counts_match_selection():
             if done[b]:
                 continue
             past = int(lengths[b])
-            listed = idx[0, b, :count[0, b]]  # target layers 1 and 2 read draft layer 1's list (the first used)
+            listed = idx[0, b, :count[0, b]]  # target layers 1, 2 read draft layer 1's list (the first used)
             assert bool((listed < past).all()) and len(set(listed.tolist())) == len(listed)
             dense += 3 * hkv * past
             read += hkv * past + 2 * hkv * int(count[0, b])
@@ -1062,7 +1082,7 @@ def test_ragged_cache_forward_and_rewind_rows_equal_fresh_prefill():
     m(x[:, :12], cache=cache, attend=K.attention_slot)
     cache.rewind_rows(torch.tensor([2, 9, 0]))  # rows keep 10, 3, 12
     assert cache.lengths.tolist() == [10, 3, 12] and not cache.uniform
-    logits = m(x[:, 12:16], cache=cache, attend=K.attention_slot)  # row b's tokens 12..15 at its own positions
+    logits = m(x[:, 12:16], cache=cache, attend=K.attention_slot)  # row b's tokens 12..15 at its positions
     assert cache.lengths.tolist() == [14, 7, 16]
     for b, kept in enumerate((10, 3, 12)):
         alone = m.new_cache(batch_size=1, max_len=32)
@@ -1117,7 +1137,8 @@ def test_ragged_batch_equals_each_row_alone(mode, references):
         alone_engine = engine([p])
         alone, _ = alone_engine.generate([p], 21)
         assert batch[b] == alone[0], f"row {b}"
-        assert batch_engine.counters[:, b].tolist() == alone_engine.counters[:, 0].tolist(), f"row {b} counters"
+        want = alone_engine.counters[:, 0].tolist()
+        assert batch_engine.counters[:, b].tolist() == want, f"row {b} counters"
     if not use:
         assert batch == SA.greedy_generate(target, prompts, 21)
     else:
@@ -1162,7 +1183,8 @@ def test_draft_cache_holds_each_token_once(references):
     engine = SA.make_engine("dense", target, draft, prompts, 40, 3, 0.0, None, SA.SelectionConfig())
     engine.prefill(prompts, 40)
     for step in range(4):
-        t_len, d_len, n_out = engine.t_cache.lengths.tolist(), engine.d_cache.lengths.tolist(), engine.n_out.tolist()
+        t_len, d_len = engine.t_cache.lengths.tolist(), engine.d_cache.lengths.tolist()
+        n_out = engine.n_out.tolist()
         for b, p in enumerate(prompts):
             seq = p + engine.out[b, :n_out[b]].tolist()  # its newest token (last) is in no cache yet
             assert (t_len[b], d_len[b]) == (len(seq) - 1, len(seq) - 2), (step, b)
@@ -1223,7 +1245,8 @@ def test_generation_bad_input_errors():
              (lambda: SA.speculative_generate(target, draft, [[1, 2], []], 5), "at least one token"),
              (lambda: SA.speculative_generate(target, draft, [1, 2], 5, gamma=0), "gamma"),
              (lambda: SA.speculative_generate(target, draft, [1] * 250, 5), "positions"),
-             (lambda: SA.speculative_generate(target, draft, [1, 2], 5, topp=1.5, layer_map=[0, 1, 1]), "top-p"),
+             (lambda: SA.speculative_generate(target, draft, [1, 2], 5, topp=1.5, layer_map=[0, 1, 1]),
+              "top-p"),
              (lambda: SA.speculative_generate(target, draft, [1, 2], 0), "max_new_tokens")]
     for call, message in cases:
         with pytest.raises(ValueError, match=message) as info:
@@ -1237,7 +1260,8 @@ def test_generation_bad_input_errors():
 def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         SA.main(argv)
-    assert str(info.value).startswith("error: ") and message in str(info.value) and "\n" not in str(info.value)
+    said = str(info.value)
+    assert said.startswith("error: ") and message in said and "\n" not in said
 
 
 def test_topp_argument_errors():
@@ -1293,7 +1317,8 @@ LOOP_TESTS = ("test_eval", "test_greedy", "test_speculative", "test_rewind", "te
 
 BOOK_TEXT = " ".join(
     f"Chapter {i}. The {w} of the {v} went {u} over the hill, and {i * 7} birds sang."
-    for i, (w, v, u) in enumerate(zip(["king", "queen", "fox", "hare"] * 40, ["north", "south", "sea", "wood"] * 40,
+    for i, (w, v, u) in enumerate(zip(["king", "queen", "fox", "hare"] * 40,
+                                      ["north", "south", "sea", "wood"] * 40,
                                       ["slowly", "quickly", "twice", "home"] * 40)))
 
 
@@ -1302,7 +1327,8 @@ def tiny_checkpoint(tmp_path_factory):
     """A tiny HF Llama checkpoint with a trained byte-level tokenizer, a book and a layer map."""
     tmp = tmp_path_factory.mktemp("eval")
     hf_tok, tok_dir = train_hf_tokenizer(tmp, "gpt2")
-    _, ckpt = save_hf(tmp, hf_llama_config(vocab_size=hf_tok.get_vocab_size(), max_position_embeddings=512), seed=3)
+    _, ckpt = save_hf(tmp, hf_llama_config(vocab_size=hf_tok.get_vocab_size(), max_position_embeddings=512),
+                      seed=3)
     for f in tok_dir.iterdir():
         (ckpt / f.name).write_bytes(f.read_bytes())
     book = tmp / "book.txt"
@@ -1324,8 +1350,8 @@ def test_eval_end_to_end(tiny_checkpoint, tmp_path):
     ckpt, book, layer_map = tiny_checkpoint
     out = tmp_path / "results.json"
     E.main(["--data", str(book), "--target", str(ckpt), "--draft", str(ckpt), "--draft-layers", "0-1",
-            "--layer-map", str(layer_map), "--max-tokens", "96", "--topp", "0.6", "1.0", "--dense-layers", "1",
-            "--device", "cpu", "--out", str(out)])
+            "--layer-map", str(layer_map), "--max-tokens", "96", "--topp", "0.6", "1.0", "--dense-layers",
+            "1", "--device", "cpu", "--out", str(out)])
     res = json.loads(out.read_text())
     assert set(res) >= {"config", "layer_map", "books", "summary"}
     book_res = res["books"][0]
@@ -1416,7 +1442,8 @@ def test_quest_selection_matches_loop_reference(page):
             bounds = []
             for p in range(n_pages):
                 kp = k[0, h, p * page:(p + 1) * page]
-                bounds.append(sum(torch.maximum(q[0, hq, t] * kp.min(0).values, q[0, hq, t] * kp.max(0).values).sum()
+                bounds.append(sum(torch.maximum(q[0, hq, t] * kp.min(0).values,
+                                                q[0, hq, t] * kp.max(0).values).sum()
                                   for hq in (2 * h, 2 * h + 1)))
             b = budget[0, h, t].item()
             n_sel = n_pages if b >= 45 else max(1, round(b / page))
@@ -1440,8 +1467,8 @@ def test_streaming_and_h2o_selections():
 
 def test_eval_bad_input(tiny_checkpoint, tmp_path, capsys):
     ckpt, book, layer_map = tiny_checkpoint
-    common = ["--target", str(ckpt), "--draft", str(ckpt), "--draft-layers", "0-1", "--layer-map", str(layer_map),
-              "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    common = ["--target", str(ckpt), "--draft", str(ckpt), "--draft-layers", "0-1", "--layer-map",
+              str(layer_map), "--device", "cpu", "--out", str(tmp_path / "r.json")]
     with pytest.raises(SystemExit):
         E.main(["--data", str(book), "--topp", "1.5"] + common)
     with pytest.raises(SystemExit):
@@ -1460,12 +1487,12 @@ def test_eval_bad_input(tiny_checkpoint, tmp_path, capsys):
     for f in other_dir.iterdir():
         (other / f.name).write_bytes(f.read_bytes())
     with pytest.raises(SystemExit, match="tokenizer"):
-        E.main(["--data", str(book), "--target", str(ckpt), "--draft", str(other), "--layer-map", str(layer_map),
-                "--device", "cpu", "--out", str(tmp_path / "r.json")])
+        E.main(["--data", str(book), "--target", str(ckpt), "--draft", str(other), "--layer-map",
+                str(layer_map), "--device", "cpu", "--out", str(tmp_path / "r.json")])
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit, match="layer map"):
-        E.main(["--data", str(book), "--max-tokens", "96"] + common[:-6] + ["--layer-map", str(tmp_path / "bad.json"),
-                                                                         "--device", "cpu", "--out", "x.json"])
+        E.main(["--data", str(book), "--max-tokens", "96"] + common[:-6]
+               + ["--layer-map", str(tmp_path / "bad.json"), "--device", "cpu", "--out", "x.json"])
 
 
 @pytest.fixture(scope="module")
@@ -1474,7 +1501,8 @@ def llama2_style_pair(tmp_path_factory):
     SentencePiece-style tokenizer (add_bos_token true), a book and a layer map."""
     tmp = tmp_path_factory.mktemp("llama2")
     hf_tok = write_sentencepiece_tokenizer(tmp / "tok", "old")
-    cfg = dict(vocab_size=hf_tok.get_vocab_size(), max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    cfg = dict(vocab_size=hf_tok.get_vocab_size(), max_position_embeddings=512, bos_token_id=1,
+               eos_token_id=2)
     _, target = save_hf(tmp, hf_llama_config(**cfg), seed=5, name="llama-2-tiny")
     _, draft = save_hf(tmp, hf_llama_config(num_hidden_layers=2, **cfg), seed=6, name="tinyllama-tiny")
     for ckpt in (target, draft):
@@ -1491,9 +1519,9 @@ def llama2_style_pair(tmp_path_factory):
 def test_eval_end_to_end_llama2_style_pair(llama2_style_pair, tmp_path, bos):
     target, draft, book, layer_map = llama2_style_pair
     out = tmp_path / "results.json"
-    E.main(["--data", str(book), "--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map),
-            "--max-tokens", "80", "--topp", "0.7", "--methods", "dense", "specattn", "--device", "cpu", "--bos", bos,
-            "--out", str(out)])
+    E.main(["--data", str(book), "--target", str(target), "--draft", str(draft), "--layer-map",
+            str(layer_map), "--max-tokens", "80", "--topp", "0.7", "--methods", "dense", "specattn",
+            "--device", "cpu", "--bos", bos, "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["config"]["bos"] is (bos == "auto")  # Llama-2's tokenizer_config says add_bos_token
     rows = {(r["method"], r["topp"]): r for r in res["summary"]}
@@ -1533,10 +1561,12 @@ def test_load_books_formats(tmp_path):
     (pg / "test" / "9.txt").write_text("nine")
     (pg / "metadata.csv").write_text("9,Book Nine,1900,http://x\n10,Book Ten,1901,http://y\n")
     books, skipped = E.load_books(pg)
-    assert [(b["id"], b["title"], b["text"]) for b in books] == [("9", "Book Nine", "nine"), ("10", "Book Ten", "ten")]
+    assert [(b["id"], b["title"], b["text"]) for b in books] == [("9", "Book Nine", "nine"),
+                                                                 ("10", "Book Ten", "ten")]
     assert skipped == [] and len(E.load_books(pg, limit=1)[0]) == 1
     jl = tmp_path / "books.jsonl"
-    jl.write_text(json.dumps({"text": "a", "short_book_title": "A"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    jl.write_text(json.dumps({"text": "a", "short_book_title": "A"}) + "\n"
+                  + json.dumps({"text": "b"}) + "\n")
     assert [(b["title"], b["text"]) for b in E.load_books(jl)[0]] == [("A", "a"), ("1", "b")]
     with pytest.raises(FileNotFoundError, match="no test"):
         E.load_books(tmp_path)
@@ -1566,9 +1596,11 @@ def test_load_books_skips_bad_books_with_a_reason(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "metadata.csv is unreadable" in err and err.count("warning: skipping book") == 5
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("\n".join([json.dumps({"id": "a", "text": "some text"}), "{broken json", json.dumps([1, 2]),
-                                json.dumps({"id": "b"}), json.dumps({"id": "c", "text": ""}),
-                                json.dumps({"id": "a", "text": "other text"}), json.dumps({"id": "d", "text": 7})]))
+    rows.write_text("\n".join([json.dumps({"id": "a", "text": "some text"}), "{broken json",
+                               json.dumps([1, 2]), json.dumps({"id": "b"}),
+                               json.dumps({"id": "c", "text": ""}),
+                               json.dumps({"id": "a", "text": "other text"}),
+                               json.dumps({"id": "d", "text": 7})]))
     books, skipped = E.load_books(rows)
     assert [b["id"] for b in books] == ["a"]
     assert [s["reason"].split(" ")[0] for s in skipped] == ["line", "line", "row", "row", "a", "row"]
@@ -1605,7 +1637,7 @@ def test_eval_results_are_reproducible(tiny_checkpoint, tmp_path):
     E.main(eval_argv(ckpt, layer_map, data, out))
     assert out.read_bytes() == first  # byte for byte; timings live in r.timings.json
     assert set(json.loads((tmp_path / "r.timings.json").read_text())) == {"0", "1"}
-    E.main(eval_argv(ckpt, layer_map, data, out))  # a rerun of a finished run scores nothing and changes nothing
+    E.main(eval_argv(ckpt, layer_map, data, out))  # a rerun of a finished run scores and changes nothing
     assert out.read_bytes() == first
 
 
@@ -1705,7 +1737,8 @@ def test_eval_bad_inputs_give_one_line_errors(tiny_checkpoint, tmp_path, monkeyp
 
 def test_generation_refuses_what_does_not_fit(monkeypatch):
     target, draft = tiny_pair()
-    monkeypatch.setattr(SA, "free_memory", lambda device: SA.engine_memory(target, draft, 3, 40, 4, 0.0) / 0.9)
+    fits_three = SA.engine_memory(target, draft, 3, 40, 4, 0.0) / 0.9
+    monkeypatch.setattr(SA, "free_memory", lambda device: fits_three)
     SA.speculative_generate(target, draft, [[1, 2, 3]] * 3, 20)  # fits
     with pytest.raises(MemoryError, match=r"--batch 3 fits at this context") as info:
         SA.speculative_generate(target, draft, [[1, 2, 3]] * 8, 20)
@@ -1731,7 +1764,8 @@ def test_broken_cached_files_are_rebuilt_or_named(tmp_path, monkeypatch, capsys)
     first = C.layer_map_for(target, draft, Tok(), text=book, n_tokens=64, skip_tokens=0, cache_dir=tmp_path)
     (cache,) = tmp_path.glob("layer_map_*.json")
     cache.write_text('{"map": [0, ')  # a half-written cache
-    assert C.layer_map_for(target, draft, Tok(), text=book, n_tokens=64, skip_tokens=0, cache_dir=tmp_path) == first
+    assert C.layer_map_for(target, draft, Tok(), text=book, n_tokens=64, skip_tokens=0,
+                           cache_dir=tmp_path) == first
     assert "calibrating again" in capsys.readouterr().err and json.loads(cache.read_text())["map"] == first
     # The demo model: a truncated conversion is detected and converted again; a broken
     # download is a one-line error naming the file, and leaves no half-built directory.
@@ -1790,23 +1824,25 @@ def test_eval_torchrun_two_processes_equals_one(tiny_checkpoint, tmp_path, devic
     (data / "test").mkdir(parents=True)
     for i in range(3):  # three books over two processes: uneven shards
         (data / "test" / f"{i}.txt").write_text(BOOK_TEXT[i * 97:])
-    args = ["eval_pg19.py", "--data", str(data), "--target", str(ckpt), "--draft", str(ckpt), "--draft-layers",
-            "0-1", "--layer-map", str(layer_map), "--max-tokens", "64", "--topp", "0.6", "--dense-layers", "1",
-            "--device", device]
+    args = ["eval_pg19.py", "--data", str(data), "--target", str(ckpt), "--draft", str(ckpt),
+            "--draft-layers", "0-1", "--layer-map", str(layer_map), "--max-tokens", "64", "--topp", "0.6",
+            "--dense-layers", "1", "--device", device]
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
     repo = Path(__file__).parent
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    subprocess.run([sys.executable, *args, "--out", str(one)], cwd=repo, env=env, check=True, capture_output=True)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          *args, "--out", str(two)], cwd=repo, env=env, capture_output=True, text=True)
+    subprocess.run([sys.executable, *args, "--out", str(one)], cwd=repo, env=env, check=True,
+                   capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                          "2", *args, "--out", str(two)], cwd=repo, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert [x["id"] for x in b["books"]] == [x["id"] for x in a["books"]] == ["0", "1", "2"]
     for key in ("nll", "tokens", "kv_read", "kv_dense"):
-        assert [x["runs"] for x in b["books"]][1]["dense"][key] == [x["runs"] for x in a["books"]][1]["dense"][key]
+        assert b["books"][1]["runs"]["dense"][key] == a["books"][1]["runs"]["dense"][key]
     assert b["summary"] == a["summary"]
     assert not list(tmp_path.glob("two.rank*.json"))  # merged into two.json
-    assert b["config"]["device"] == (["cuda:0", "cuda:1"] if device == "cuda" else ["cpu", "cpu"])  # a GPU a rank
+    # a GPU a rank
+    assert b["config"]["device"] == (["cuda:0", "cuda:1"] if device == "cuda" else ["cpu", "cpu"])
     # Resume under torchrun: a first run of 2 books, then the whole command, which scores only the third.
     three = tmp_path / "three.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
@@ -1880,8 +1916,8 @@ def test_train_draft_attention_loss_aligns_attention(tied_checkpoint, tmp_path):
     """With only the attention term weighing much, its KL falls."""
     ckpt, books = tied_checkpoint
     out = TD.main(["--target", str(ckpt), "--books", *map(str, books), "--init-layers", "1", "--batch", "4",
-                   "--seq-len", "40", "--policy-frac", "0", "--holdout", "96", "--warmup", "3", "--lr", "3e-3",
-                   "--attn-loss", "20", "--dense-layers", "1", "--steps", "25", "--log-every", "1",
+                   "--seq-len", "40", "--policy-frac", "0", "--holdout", "96", "--warmup", "3", "--lr",
+                   "3e-3", "--attn-loss", "20", "--dense-layers", "1", "--steps", "25", "--log-every", "1",
                    "--device", "cpu", "--out", str(tmp_path / "a")])
     hist = json.loads((out / "config.json").read_text())["specattn_draft"]["history"]
     first, last = sum(h["attn_kl"] for h in hist[:3]), sum(h["attn_kl"] for h in hist[-3:])
@@ -1891,9 +1927,11 @@ def test_train_draft_attention_loss_aligns_attention(tied_checkpoint, tmp_path):
 def test_attention_groups_and_kl():
     assert TD.attention_groups(n_target_layers=8, n_draft_layers=3, dense_layers=2) == {
         2: 0, 3: 0, 4: 1, 5: 1, 6: 2, 7: 2}
-    rows = torch.softmax(torch.randn(2, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -1e9), -1)
+    rows = torch.softmax(torch.randn(2, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -1e9),
+                         -1)
     assert TD.attention_kl(rows, rows, skip=0).abs() < 1e-6
-    other = torch.softmax(torch.randn(2, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -1e9), -1)
+    other = torch.softmax(torch.randn(2, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -1e9),
+                          -1)
     manual = sum((rows[b, t, :t + 1] * (rows[b, t, :t + 1] / other[b, t, :t + 1]).log()).sum()
                  for b in range(2) for t in range(2, 6)) / 8
     assert torch.allclose(TD.attention_kl(rows, other, skip=2), manual, atol=1e-5)
@@ -1976,15 +2014,15 @@ def test_gpu_kernels_match_references():
 def test_gpu_graphed_engine_equals_eager():
     """Every mode (plain, dense speculative, SpecAttn) of a random bf16 pair on ragged prompts:
     CUDA graphs give the eager engine's tokens and counters, one capture per phase."""
-    args = M.ModelArgs(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512, vocab_size=1000,
-                       max_seq_len=1024, rope_theta=10000.0, tie_word_embeddings=True)
+    args = M.ModelArgs(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512,
+                       vocab_size=1000, max_seq_len=1024, rope_theta=10000.0, tie_word_embeddings=True)
     target = SA.random_model(args, "cuda", torch.bfloat16, 0)
     draft = SA.random_model(M.ModelArgs(**{**args.__dict__, "n_layers": 3}), "cuda", torch.bfloat16, 1)
     prompts = [list(range(5, 300)), list(range(7, 90)), [3, 1, 4, 1, 5]]
     M.compile_pointwise(True)
     try:
-        SA.check_engine(target, draft, prompts, [0, 0, 1, 1, 2, 2], SA.SelectionConfig(topp=0.8, dense_layers=1),
-                        4, "random pair")
+        SA.check_engine(target, draft, prompts, [0, 0, 1, 1, 2, 2],
+                        SA.SelectionConfig(topp=0.8, dense_layers=1), 4, "random pair")
     finally:
         M.compile_pointwise(False)
 
@@ -1994,8 +2032,8 @@ def test_gpu_engine_graphs_captured_once_while_context_grows():
     """After the first step, no phase is captured again and nothing is recompiled, while a
     generation grows every row's context by thousands of tokens."""
     torch.manual_seed(0)
-    args = M.ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=512,
-                       max_seq_len=4096, rope_theta=10000.0)
+    args = M.ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
+                       vocab_size=512, max_seq_len=4096, rope_theta=10000.0)
     with torch.device("cuda"):
         target, draft = M.Transformer(args).eval(), M.Transformer(M.ModelArgs(**{**args.__dict__,
                                                                                   "n_layers": 2})).eval()

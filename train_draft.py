@@ -83,7 +83,7 @@ def save_draft(draft: Transformer, target_config: dict, out_dir, info: dict, sha
     for name, tensor in hf_state_dict(draft).items():
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
             continue  # the embedding (and tied head) is the target's
-        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else n - 1  # final norm: last shard
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else n - 1  # norm: last shard
         fname = f"model-{layer * shards // n + 1:05d}-of-{shards:05d}.safetensors"
         files.setdefault(fname, {})[name] = tensor.detach().to("cpu", torch.bfloat16).contiguous()
         weight_map[name] = fname
@@ -91,8 +91,8 @@ def save_draft(draft: Transformer, target_config: dict, out_dir, info: dict, sha
     with atomic_directory(out_dir) as tmp:  # a kill mid-save leaves the previous draft whole
         for fname, tensors in files.items():
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                     indent=1))
+        index = {"metadata": {}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
     return Path(out_dir)
 
@@ -106,7 +106,8 @@ def autocast(device: torch.device):
 # Data: book windows and the target's own samples
 
 
-def book_tokens(tokenizer: Tokenizer, books: list[Path], holdout: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def book_tokens(tokenizer: Tokenizer, books: list[Path],
+                holdout: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(training tokens: every book after its first `holdout` tokens, concatenated;
     held-out heads: each book's first `holdout` tokens)."""
     train, heads = [], []
@@ -157,7 +158,8 @@ class Batches:
             if self.pool is None or self.uses >= self.reuse:
                 t0 = time.time()
                 prompts = random_windows(self.tokens, self.pool_size, self.prompt_len, self.g)
-                self.pool = sample_from_target(self.target, prompts.to(self.device), self.seq_len, self._device_gen())
+                self.pool = sample_from_target(self.target, prompts.to(self.device), self.seq_len,
+                                               self._device_gen())
                 self.uses = 0
                 self.sampling_s += time.time() - t0
             self.pool = self.pool[torch.randperm(len(self.pool), generator=self.g)]
@@ -223,7 +225,8 @@ def distill_loss(target: Transformer, draft: Transformer, x: torch.Tensor, attn_
 
 
 @torch.no_grad()
-def expected_acceptance(target: Transformer, draft: Transformer, heads: list[torch.Tensor], n_tokens: int) -> float:
+def expected_acceptance(target: Transformer, draft: Transformer, heads: list[torch.Tensor],
+                        n_tokens: int) -> float:
     """Mean over positions of Σ_x min(p(x), q(x)) at temperature 1, teacher-forced on the
     held-out book heads (first n_tokens of each): the probability that speculative
     sampling accepts a draft token."""
@@ -281,8 +284,8 @@ def train(target: Transformer, draft: Transformer, batches: Batches, steps: int,
             log(f"  step {step}/{steps}  token KL {token_kl:.4f}  attention KL {attn_kl:.4f}  "
                 f"lr {opt.param_groups[0]['lr']:.2e}  {time.time() - t0:.0f} s")
     draft.eval()
-    return {"steps": steps, "seconds": round(time.time() - t0, 1), "sampling_seconds": round(batches.sampling_s, 1),
-            "history": history}
+    return {"steps": steps, "seconds": round(time.time() - t0, 1),
+            "sampling_seconds": round(batches.sampling_s, 1), "history": history}
 
 
 def parse_args(argv=None):
@@ -332,7 +335,8 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    target = load_model(args.target, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    target = load_model(args.target, device=device, dtype=dtype)
     tokenizer = Tokenizer.from_pretrained(args.target)
     train_tokens, heads = book_tokens(tokenizer, args.books, args.holdout)
     init_layers = parse_layers(args.init_layers)
@@ -342,9 +346,9 @@ def main(argv=None):
     before = expected_acceptance(target, draft, heads, 2048)
     batches = Batches(target, train_tokens, args.batch, args.seq_len, args.policy_frac, args.pool, args.reuse,
                       args.prompt_len, g)
-    result = train(target, draft, batches, args.steps, args.lr, args.warmup, args.attn_loss, args.dense_layers,
-                   time_budget=args.time_budget, log=lambda s: print(s, file=sys.stderr, flush=True),
-                   log_every=args.log_every)
+    result = train(target, draft, batches, args.steps, args.lr, args.warmup, args.attn_loss,
+                   args.dense_layers, time_budget=args.time_budget,
+                   log=lambda s: print(s, file=sys.stderr, flush=True), log_every=args.log_every)
     after = expected_acceptance(target, draft, heads, 2048)
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("out", "device", "time_budget", "target", "books", "log_every")}
