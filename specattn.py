@@ -11,8 +11,9 @@ The loop, in one picture (γ = gamma), run for every row of a batch at once:
     rewind: both caches forget each row's rejected positions, explicitly
 
 `SpecEngine` runs that loop on fixed buffers with each row's cache length on the device, so on a
-GPU every phase is a CUDA graph captured once (see its docstring); `speculative_generate` and
-`greedy_generate` are the functions on top. `draft_selection` turns draft attention into the
+GPU every phase is a CUDA graph captured once (see its docstring); given more prompts than rows,
+a row that finishes takes the next waiting prompt (continuous batching). `speculative_generate`
+and `greedy_generate` are the functions on top. `draft_selection` turns draft attention into the
 target's KV selection for teacher-forced evaluation (eval_pg19.py). Pairs and layer maps come
 from calibrate.py (`load_pair`, `layer_map_for`); the attention hooks from model.py; the
 kernels from kernels.py.
@@ -24,6 +25,7 @@ step and row; we report the fraction saved over all layers and over the sparse l
 
     python specattn.py --prompt "..." --topp 0.9            # the offline demo, batch 1
     python specattn.py --device cuda --batch 8 --context 4096
+    python specattn.py --device cuda --batch 64 --requests 256 --context 7900 --modes dense,specattn
 """
 
 from __future__ import annotations
