@@ -447,22 +447,27 @@ class SpecEngine:
         if timed:
             self.phase_events.append(events)
 
+    def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """One-line errors for prompts this engine cannot take, before any work is done."""
+        lengths = [len(p) for p in prompts]
+        if not lengths or min(lengths) < 1:
+            raise ValueError("every prompt needs at least one token")
+        if max(lengths) + max_new_tokens + 2 * self.gamma + 2 > self.max_len:
+            raise ValueError(f"a prompt of {max(lengths)} tokens + {max_new_tokens} new tokens does not fit "
+                             f"this engine's {self.max_len}-position cache; use shorter prompts or fewer "
+                             f"new tokens")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Read the prompts (right-padded into one batch, PyTorch attention) into both caches,
         and take each row's first token from the target's last prompt position."""
         B = self.B
-        lengths = [len(p) for p in prompts]
         if len(prompts) != B:
             raise ValueError(f"this engine holds {B} rows; got {len(prompts)} prompts")
-        if min(lengths) < 1:
-            raise ValueError("every prompt needs at least one token")
-        if max(lengths) + max_new_tokens + 2 * self.gamma + 2 > self.max_len:
-            raise ValueError(f"a prompt of {max(lengths)} tokens + {max_new_tokens} new tokens does not fit "
-                             f"this engine's {self.max_len}-position cache; use shorter "
-                             "prompts or fewer new tokens")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._check_prompts(prompts, max_new_tokens)
+        lengths = [len(p) for p in prompts]
         tokens = torch.zeros(B, max(lengths), dtype=torch.long)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.as_tensor(p, dtype=torch.long)
@@ -505,6 +510,7 @@ class SpecEngine:
         token counts; a step on which rows finish also reads their tokens."""
         if len(prompts) < self.B:
             raise ValueError(f"this engine holds {self.B} rows; got {len(prompts)} prompts")
+        self._check_prompts(prompts, max_new_tokens)  # the waiting ones too, before any is run
         t0 = time.perf_counter()
         self.prefill(prompts[:self.B], max_new_tokens)
         self.phase_events = []
@@ -546,9 +552,7 @@ class SpecEngine:
         """Row b starts over on a new prompt, the other rows untouched: its rows of both caches
         are prefilled as in `prefill` (eager PyTorch attention over this row alone) and its
         state reset. Its counters keep adding up (they count the row's steps, whatever it serves)."""
-        if not prompt or len(prompt) + max_new_tokens + 2 * self.gamma + 2 > self.max_len:
-            raise ValueError(f"a prompt of {len(prompt)} tokens + {max_new_tokens} new tokens does not fit "
-                             f"this engine's {self.max_len}-position cache (or is empty)")
+        self._check_prompts([prompt], max_new_tokens)
         tokens = torch.tensor([prompt], device=self.device)  # [1, L]
         for model, cache, cached in ((self.target, self.t_cache, len(prompt)),
                                      (self.draft, self.d_cache, len(prompt) - 1)):

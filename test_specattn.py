@@ -1170,6 +1170,11 @@ def test_continuous_batching_equals_each_prompt_alone(mode, references):
     assert got[0] == free[:free.index(eos) + 1]  # stopped at its EOS
     assert stats.tokens == sum(len(w) for w in want)
     assert shared.counters.sum(1).tolist() == sum(e.counters.sum(1) for e in alone).tolist()
+    # A waiting prompt that cannot be served is refused before any prompt runs, in one line.
+    with pytest.raises(ValueError, match="at least one token"):
+        shared.generate(prompts + [[]], 14)
+    with pytest.raises(ValueError, match="does not fit"):
+        shared.generate(prompts + [list(range(200))], 14)
 
 
 def test_draft_cache_holds_each_token_once(references):
