@@ -529,14 +529,15 @@ class SpecEngine:
             if finished:
                 for b, row in zip(finished, self.out[finished].tolist()):
                     outputs[serving[b]], serving[b] = row[:n_out[b]], None
+            bar.update(sum(len(o) for o in outputs if o is not None) +
+                       sum(n for b, n in enumerate(n_out) if serving[b] is not None) - bar.n)
+            if finished and waiting:
                 t_refill = time.perf_counter()
                 for b in finished[:len(waiting)]:
                     serving[b] = waiting.pop(0)
                     self._refill(b, prompts[serving[b]], max_new_tokens)
                 _sync(self.device)
                 refill_s += time.perf_counter() - t_refill
-            bar.update(sum(len(o) for o in outputs if o is not None) +
-                       sum(n for b, n in enumerate(n_out) if serving[b] is not None) - bar.n)
         bar.close()
         t2 = time.perf_counter()
         c = self.counters.sum(1).tolist()
