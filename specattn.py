@@ -461,14 +461,22 @@ class SpecEngine:
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        """Read the prompts (right-padded into one batch, PyTorch attention) into both caches,
-        and take each row's first token from the target's last prompt position."""
-        B = self.B
-        if len(prompts) != B:
-            raise ValueError(f"this engine holds {B} rows; got {len(prompts)} prompts")
+        """Start every row on its prompt (see `_prefill_rows`) with clean counters."""
+        if len(prompts) != self.B:
+            raise ValueError(f"this engine holds {self.B} rows; got {len(prompts)} prompts")
         self._check_prompts(prompts, max_new_tokens)
-        lengths = [len(p) for p in prompts]
-        tokens = torch.zeros(B, max(lengths), dtype=torch.long)
+        self.max_new.fill_(max_new_tokens)
+        self.counters.zero_()
+        self._prefill_rows(0, prompts)
+
+    @torch.no_grad()
+    def _prefill_rows(self, first_row: int, prompts: list[list[int]]) -> None:
+        """Rows first_row .. first_row + len(prompts) start on these prompts, the other rows
+        untouched: the prompts (right-padded into one batch, PyTorch attention) go into both
+        caches, and each row's first token comes from the target's last prompt position. The
+        row's counters are left alone (they count its steps, whatever prompt it serves)."""
+        n, lengths = len(prompts), [len(p) for p in prompts]
+        tokens = torch.zeros(n, max(lengths), dtype=torch.long)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.as_tensor(p, dtype=torch.long)
         tokens = tokens.to(self.device)
@@ -478,34 +486,36 @@ class SpecEngine:
         # The target caches the whole prompt; the draft all but its last token, `prev`, which
         # its first step reads together with `last` (see the class docstring).
         for model, cache, cached in ((self.target, self.t_cache, lengths),
-                                     (self.draft, self.d_cache, [n - 1 for n in lengths])):
+                                     (self.draft, self.d_cache, [L - 1 for L in lengths])):
             if model is None:
                 continue
-            cache.reset()
-            for b0 in range(0, B if max(cached) else 0, rows_per_chunk):  # (none if every prompt is 1 token)
-                rows, b1 = cache.rows(b0, b0 + rows_per_chunk), b0 + rows_per_chunk
+            rows = cache.rows(first_row, first_row + n)
+            rows.reset()  # these rows' lengths are 0 (views of the cache's)
+            for b0 in range(0, n if max(cached) else 0, rows_per_chunk):  # (none if every prompt is 1 token)
+                b1 = b0 + rows_per_chunk
                 at = last_pos[b0:b1] if model is self.target else torch.zeros_like(last_pos[b0:b1])
                 # every row starts at 0: plain causal PyTorch attention (SDPA), right padding unread
-                out = model(tokens[b0:b1, :max(cached)], cache=rows, logits_at=at, attend=cache_attention)
+                out = model(tokens[b0:b1, :max(cached)], cache=rows.rows(b0, b1), logits_at=at,
+                            attend=cache_attention)
                 if model is self.target:
                     logits.append(out[:, 0])
-            cache.set_lengths(cached)
-        first = self._first_token(torch.cat(logits))  # [B]
-        self.prev.copy_(tokens.gather(1, last_pos[:, None])[:, 0])
-        self.last.copy_(first)
-        self.out[:, 0] = first
-        self.n_out.fill_(1)
-        self.max_new.fill_(max_new_tokens)
-        self.done.copy_(first == self.eos_id if self.eos_id is not None else torch.zeros_like(self.done))
-        self.done |= self.n_out >= self.max_new
-        self.counters.zero_()
+            rows.lengths.copy_(torch.as_tensor(cached, dtype=torch.int32))
+            cache.set_lengths(cache.lengths.tolist())  # the host's bound over every row
+        first = self._first_token(torch.cat(logits))  # [n]
+        r = slice(first_row, first_row + n)
+        self.prev[r] = tokens.gather(1, last_pos[:, None])[:, 0]
+        self.last[r] = first
+        self.out[r, 0] = first
+        self.n_out[r] = 1
+        done = first == self.eos_id if self.eos_id is not None else torch.zeros_like(self.done[r])
+        self.done[r] = done | (self.n_out[r] >= self.max_new)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, progress: bool = False):
         """New tokens for each prompt (a list per prompt, each stopping at its EOS or
         max_new_tokens) and the SpecStats. With more prompts than the engine has rows, the
-        first B start and each row that finishes takes the next waiting prompt (`_refill`:
-        its own prefill, eager), so no row idles while prompts wait (continuous batching).
+        first B start and each row that finishes takes the next waiting prompt (`_prefill_rows`
+        for that row alone, eager), so no row idles while prompts wait (continuous batching).
         The one host synchronisation per step is the read of the rows' `done` flags and
         token counts; a step on which rows finish also reads their tokens."""
         if len(prompts) < self.B:
@@ -535,7 +545,7 @@ class SpecEngine:
                 t_refill = time.perf_counter()
                 for b in finished[:len(waiting)]:
                     serving[b] = waiting.pop(0)
-                    self._refill(b, prompts[serving[b]], max_new_tokens)
+                    self._prefill_rows(b, [prompts[serving[b]]])
                 _sync(self.device)
                 refill_s += time.perf_counter() - t_refill
         bar.close()
@@ -547,28 +557,6 @@ class SpecEngine:
                           engine_steps=len(self.phase_events))
         stats.seconds = {"prefill": t1 - t0 + refill_s, "decode": t2 - t1 - refill_s, **self._phase_seconds()}
         return outputs, stats
-
-    @torch.no_grad()
-    def _refill(self, b: int, prompt: list[int], max_new_tokens: int) -> None:
-        """Row b starts over on a new prompt, the other rows untouched: its rows of both caches
-        are prefilled as in `prefill` (eager PyTorch attention over this row alone) and its
-        state reset. Its counters keep adding up (they count the row's steps, whatever it serves)."""
-        self._check_prompts([prompt], max_new_tokens)
-        tokens = torch.tensor([prompt], device=self.device)  # [1, L]
-        for model, cache, cached in ((self.target, self.t_cache, len(prompt)),
-                                     (self.draft, self.d_cache, len(prompt) - 1)):
-            if model is None:
-                continue
-            row = cache.rows(b, b + 1)
-            row.reset()  # row b's length is 0 (a view of the cache's lengths)
-            if cached:
-                logits = model(tokens[:, :cached], cache=row, logits_at=tokens.new_tensor([cached - 1]),
-                               attend=cache_attention)
-                if model is self.target:
-                    first = self._first_token(logits[:, 0])  # [1]
-        self.prev[b], self.last[b], self.out[b, 0] = prompt[-1], first[0], first[0]
-        self.n_out[b] = 1
-        self.done[b] = max_new_tokens <= 1 or (self.eos_id is not None and int(first[0]) == self.eos_id)
 
     def _first_token(self, logits: torch.Tensor) -> torch.Tensor:
         """The target's choice after a prompt, from its last position's logits [B, V] -> [B]."""
