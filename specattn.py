@@ -516,8 +516,13 @@ class SpecEngine:
         max_new_tokens) and the SpecStats. With more prompts than the engine has rows, the
         first B start and each row that finishes takes the next waiting prompt (`_prefill_rows`
         for that row alone, eager), so no row idles while prompts wait (continuous batching).
-        The one host synchronisation per step is the read of the rows' `done` flags and
-        token counts; a step on which rows finish also reads their tokens."""
+
+        The host runs one step ahead of what it knows. After queueing step t + 1 it waits for
+        step t's `done` flags and token counts alone (copied to pinned host memory when step t
+        ended): the one host synchronisation per step, and the GPU never idles on it. So a row
+        is seen to finish one step late; that step changes nothing in a finished row (the
+        accept phase rewinds it, see `_accept_phase`), and the engine runs one step more than
+        the rows need. A step on which rows finish also reads their tokens."""
         if len(prompts) < self.B:
             raise ValueError(f"this engine holds {self.B} rows; got {len(prompts)} prompts")
         self._check_prompts(prompts, max_new_tokens)  # the waiting ones too, before any is run
@@ -530,25 +535,42 @@ class SpecEngine:
         waiting = list(range(self.B, len(prompts)))
         outputs: list = [None] * len(prompts)
         refill_s = 0.0
+        pinned = self.device.type == "cuda"
+        flags = [torch.zeros(2, self.B, dtype=torch.long, pin_memory=pinned) for _ in range(2)]  # [done, n_out]
+        in_flight = None  # (flags buffer, event) of the step queued before the newest
+        started = [0] * self.B  # the step at which row b's prompt started: older flags are not its own
         bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", disable=not progress, leave=False)
         while any(i is not None for i in serving):  # every step emits >= 1 token per running row
             self.step(timed=True)
-            flags = torch.stack([self.done.long(), self.n_out.clamp(max=max_new_tokens)])
-            done, n_out = flags.tolist()  # the step's one host synchronisation
-            finished = [b for b in range(self.B) if done[b] and serving[b] is not None]
+            step = len(self.phase_events)  # steps queued so far; this one is `step`
+            buf = flags[step % 2]
+            buf.copy_(torch.stack([self.done.long(), self.n_out.clamp(max=max_new_tokens)]), non_blocking=True)
+            queued = (buf, step, self._event())
+            if in_flight is None:  # the first step: queue the next before looking
+                in_flight = queued
+                continue
+            (buf, seen_step, event), in_flight = in_flight, queued
+            if event is not None:
+                event.synchronize()  # the step's one host synchronisation: step seen_step is done
+            done, n_out = buf.tolist()
+            finished = [b for b in range(self.B)
+                        if done[b] and serving[b] is not None and seen_step > started[b]]
             if finished:
                 for b, row in zip(finished, self.out[finished].tolist()):
                     outputs[serving[b]], serving[b] = row[:n_out[b]], None
             bar.update(sum(len(o) for o in outputs if o is not None) +
-                       sum(n for b, n in enumerate(n_out) if serving[b] is not None) - bar.n)
+                       sum(n for b, n in enumerate(n_out) if serving[b] is not None and seen_step > started[b])
+                       - bar.n)
             if finished and waiting:
                 t_refill = time.perf_counter()
                 for b in finished[:len(waiting)]:
                     serving[b] = waiting.pop(0)
+                    started[b] = step  # the step in flight ran before this prompt was in the row
                     self._prefill_rows(b, [prompts[serving[b]]])
                 _sync(self.device)
                 refill_s += time.perf_counter() - t_refill
         bar.close()
+        _sync(self.device)  # the last step queued (no row needed it)
         t2 = time.perf_counter()
         c = self.counters.sum(1).tolist()
         stats = SpecStats(steps=c[0], accepted=c[1], tokens=sum(len(o) for o in outputs),
@@ -563,6 +585,14 @@ class SpecEngine:
         if self.temperature == 0:
             return logits.argmax(-1)
         return _sample(torch.softmax(logits / self.temperature, -1), self.generator)
+
+    def _event(self):
+        """A CUDA event recorded on the current stream (None off CUDA, where work is synchronous)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def _mark(self):
         """A point in the step's timeline: a CUDA event on the GPU's stream, else the host clock."""
