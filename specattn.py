@@ -535,16 +535,18 @@ class SpecEngine:
         waiting = list(range(self.B, len(prompts)))
         outputs: list = [None] * len(prompts)
         refill_s = 0.0
-        pinned = self.device.type == "cuda"
-        flags = [torch.zeros(2, self.B, dtype=torch.long, pin_memory=pinned) for _ in range(2)]  # [done, n_out]
-        in_flight = None  # (flags buffer, event) of the step queued before the newest
-        started = [0] * self.B  # the step at which row b's prompt started: older flags are not its own
+        # Each step's [done, n_out] lands in one of two pinned host buffers, read a step later.
+        flags = [torch.zeros(2, self.B, dtype=torch.long, pin_memory=self.device.type == "cuda")
+                 for _ in range(2)]
+        in_flight = None  # (flags buffer, step number, event) of the step queued before the newest
+        started = [0] * self.B  # step at which row b's prompt started: flags of earlier steps are not its own
         bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", disable=not progress, leave=False)
         while any(i is not None for i in serving):  # every step emits >= 1 token per running row
             self.step(timed=True)
             step = len(self.phase_events)  # steps queued so far; this one is `step`
             buf = flags[step % 2]
-            buf.copy_(torch.stack([self.done.long(), self.n_out.clamp(max=max_new_tokens)]), non_blocking=True)
+            buf.copy_(torch.stack([self.done.long(), self.n_out.clamp(max=max_new_tokens)]),
+                      non_blocking=True)
             queued = (buf, step, self._event())
             if in_flight is None:  # the first step: queue the next before looking
                 in_flight = queued
@@ -553,14 +555,13 @@ class SpecEngine:
             if event is not None:
                 event.synchronize()  # the step's one host synchronisation: step seen_step is done
             done, n_out = buf.tolist()
-            finished = [b for b in range(self.B)
-                        if done[b] and serving[b] is not None and seen_step > started[b]]
+            current = [serving[b] is not None and seen_step > started[b] for b in range(self.B)]
+            finished = [b for b in range(self.B) if done[b] and current[b]]
             if finished:
                 for b, row in zip(finished, self.out[finished].tolist()):
                     outputs[serving[b]], serving[b] = row[:n_out[b]], None
-            bar.update(sum(len(o) for o in outputs if o is not None) +
-                       sum(n for b, n in enumerate(n_out) if serving[b] is not None and seen_step > started[b])
-                       - bar.n)
+            bar.update(sum(len(o) for o in outputs if o is not None)
+                       + sum(n for b, n in enumerate(n_out) if current[b] and serving[b] is not None) - bar.n)
             if finished and waiting:
                 t_refill = time.perf_counter()
                 for b in finished[:len(waiting)]:

@@ -1170,6 +1170,9 @@ def test_continuous_batching_equals_each_prompt_alone(mode, references):
     assert got[0] == free[:free.index(eos) + 1]  # stopped at its EOS
     assert stats.tokens == sum(len(w) for w in want)
     assert shared.counters.sum(1).tolist() == sum(e.counters.sum(1) for e in alone).tolist()
+    # Prompts done at their prefill (one new token each): refilled rows that never step.
+    one, _ = shared.generate(prompts, 1)
+    assert one == [w[:1] for w in want]
     # A waiting prompt that cannot be served is refused before any prompt runs, in one line.
     with pytest.raises(ValueError, match="at least one token"):
         shared.generate(prompts + [[]], 14)
