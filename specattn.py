@@ -515,14 +515,16 @@ class SpecEngine:
         """New tokens for each prompt (a list per prompt, each stopping at its EOS or
         max_new_tokens) and the SpecStats. With more prompts than the engine has rows, the
         first B start and each row that finishes takes the next waiting prompt (`_prefill_rows`
-        for that row alone, eager), so no row idles while prompts wait (continuous batching).
+        for that row alone, eager), so while prompts wait a row idles for one step at most (the
+        step below that the host runs before it sees the row finished): continuous batching.
 
         The host runs one step ahead of what it knows. After queueing step t + 1 it waits for
         step t's `done` flags and token counts alone (copied to pinned host memory when step t
-        ended): the one host synchronisation per step, and the GPU never idles on it. So a row
-        is seen to finish one step late; that step changes nothing in a finished row (the
-        accept phase rewinds it, see `_accept_phase`), and the engine runs one step more than
-        the rows need. A step on which rows finish also reads their tokens."""
+        ended): the one host synchronisation per step, made while step t + 1 runs, so the GPU
+        waits for the host only if the host's work per step outlasts a step. So a row is seen
+        to finish one step late; that step changes nothing in a finished row (the accept phase
+        rewinds it, see `_accept_phase`), and the engine runs one step more than the rows
+        need. A step on which rows finish also reads their tokens."""
         if len(prompts) < self.B:
             raise ValueError(f"this engine holds {self.B} rows; got {len(prompts)} prompts")
         self._check_prompts(prompts, max_new_tokens)  # the waiting ones too, before any is run
