@@ -232,14 +232,14 @@ def bench_kernels(out_dir=None):
 
     topp_shapes = ((32, 4096), (32, 32768), (32, 131072), (120, 32768), (15, 131072))  # (rows, N)
     K.check_on_gpu(topp_shapes)
-    say("# correctness: top-p (mask, counts) and sparse attention (bf16, rel err < "
-        "1e-2) match the references")
+    say("# correctness: top-p (mask, counts) and sparse attention (bf16, "
+        "rel err < 1e-2) match the references")
 
     say()
     say("## top-p, fp32, p=0.9: ms, median; eager (Python launches) / CUDA graph (GPU work alone)")
     say("120 rows of 32k and 15 of 128k are what bench.py selects on at batch 8 / 32k and batch 1 / 128k")
-    say("| rows | N | sort reference | Triton mask | Triton select (idx+count) | speed-up, graph (mask / "
-        "select) | read-once floor |")
+    say("| rows | N | sort reference | Triton mask | Triton select (idx+count) "
+        "| speed-up, graph (mask / select) | read-once floor |")
     say("|---|---|---|---|---|---|---|")
     for rows, n in topp_shapes:
         w = torch.softmax(4 * torch.randn(rows, n, device=dev), -1)
@@ -317,8 +317,8 @@ def main():
                         "in turn (continuous batching: a finished row takes the next waiting prompt)")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per step")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
-    parser.add_argument("--layer-map", help="the demo pair's layer map JSON (default: "
-                                            "calibrated once, cached)")
+    parser.add_argument("--layer-map",
+                        help="the demo pair's layer map JSON (default: calibrated once, cached)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench.md")
     args = parser.parse_args()
     parts = set(args.parts.split(","))

@@ -323,8 +323,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Map each target layer to the draft layer whose attention "
                                      "best predicts it (least KL, monotone). Defaults: the offline demo.")
     add_pair_arguments(parser)
-    parser.add_argument("--text", help="calibration text file (default: demo book 11, "
-                                       "past the evaluated part)")
+    parser.add_argument("--text",
+                        help="calibration text file (default: demo book 11, past the evaluated part)")
     parser.add_argument("--tokens", type=int, default=2048, help="calibration tokens")
     parser.add_argument("--skip-tokens", type=int, default=16384,
                         help="start this far into the text (keeps calibration off the evaluated tokens)")

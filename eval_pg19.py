@@ -464,31 +464,31 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Perplexity vs KV reads on PG-19 for SpecAttn, the oracle and baselines. With no flags: "
                     "the offline demo (SmolLM2-135M, its trained 4-layer draft, two Gutenberg books).")
-    parser.add_argument("--topp", type=float, nargs="+", default=[0.9], help="SpecAttn top-p "
-                                                                             "value(s) in (0, 1]")
+    parser.add_argument("--topp", type=float, nargs="+", default=[0.9],
+                        help="SpecAttn top-p value(s) in (0, 1]")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {' '.join(METHODS)}")
     parser.add_argument("--data", help="PG-19 directory (test/*.txt, metadata.csv), a .txt book, or "
                         ".jsonl/.parquet with a 'text' column (default: the demo books)")
     parser.add_argument("--split", default="test", help="PG-19 split folder")
     parser.add_argument("--books", type=int, help="evaluate only the first N books")
     add_pair_arguments(parser)
-    parser.add_argument("--layer-map", help="layer map JSON from calibrate.py (default: "
-                                            "calibrated once, cached)")
+    parser.add_argument("--layer-map",
+                        help="layer map JSON from calibrate.py (default: calibrated once, cached)")
     parser.add_argument("--protocol", choices=["paper", "long"], default="paper",
                         help="paper: first 2048 tokens per book, books shorter are skipped; long: up to "
                              "--max-tokens per book")
     parser.add_argument("--max-tokens", type=int, help="tokens per book (paper: 2048; long: 32768)")
-    parser.add_argument("--prefill-frac", type=float, default=0.1, help="leading fraction "
-                                                                        "read densely, not scored")
+    parser.add_argument("--prefill-frac", type=float, default=0.1,
+                        help="leading fraction read densely, not scored")
     parser.add_argument("--gamma", type=int, default=4, help="block size (draft tokens per speculative step)")
-    parser.add_argument("--dense-layers", type=int, default=2, help="first target layers "
-                                                                    "kept dense for all methods")
+    parser.add_argument("--dense-layers", type=int, default=2,
+                        help="first target layers kept dense for all methods")
     experiments = parser.add_argument_group(
         "experiments", "variants of SpecAttn's selection and of a baseline; the defaults are "
                        "the methods as described")
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
-                             help="SpecAttn: always read the first N positions (attention "
-                                  "sinks), whatever the draft says")
+                             help="SpecAttn: always read the first N positions (attention sinks), "
+                                  "whatever the draft says")
     experiments.add_argument("--quest-page", type=int, default=QuestConfig.page,
                              help="Quest: keys per page (its paper: 16); each page's min and max cost "
                                   "2/page of the keys' bytes, not counted in the KV reads")
@@ -496,8 +496,8 @@ def parse_args(argv=None):
                              help="SpecAttn: running union of the draft rows' top-p sets, or top-p of their "
                                   "running mean")
     experiments.add_argument("--per-head", action="store_true",
-                             help="SpecAttn: select per KV head (draft heads must group "
-                                  "into the target's KV heads)")
+                             help="SpecAttn: select per KV head (draft heads must group into the "
+                                  "target's KV heads)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on cuda, float32 on cpu")
@@ -507,8 +507,8 @@ def parse_args(argv=None):
                              "<out>.timings.json, so that the results of equal runs are identical")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out even if it holds results of other settings (default: refuse)")
-    parser.add_argument("--plot", help="save perplexity increase vs KV reads saved to "
-                                       "this PNG (needs matplotlib)")
+    parser.add_argument("--plot",
+                        help="save perplexity increase vs KV reads saved to this PNG (needs matplotlib)")
     args = parser.parse_args(argv)
     for p in args.topp:
         try:

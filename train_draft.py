@@ -297,20 +297,20 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="directory to write the draft to (config.json + safetensors)")
     p.add_argument("--init-layers", default="0,9,19,29",
                    help="target layers the draft's layers start from (their count is the draft's depth)")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (an upper "
-                                                           "bound with --time-budget)")
+    p.add_argument("--steps", type=int, default=2000,
+                   help="optimizer steps (an upper bound with --time-budget)")
     p.add_argument("--time-budget", type=float, help="seconds: after warm-up, cut --steps to what fits")
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, "
-                                                          "betas 0.9/0.95, no decay)")
+    p.add_argument("--lr", type=float, default=5e-4,
+                   help="peak learning rate (AdamW, betas 0.9/0.95, no decay)")
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     p.add_argument("--attn-loss", type=float, default=0.0,
                    help="weight λ of the attention-alignment KL (0: token distillation alone)")
-    p.add_argument("--dense-layers", type=int, default=2, help="first target layers SpecAttn keeps dense "
-                                                                "(no attention term for them)")
-    p.add_argument("--policy-frac", type=float, default=0.5, help="fraction of each "
-                                                                  "batch sampled by the target")
+    p.add_argument("--dense-layers", type=int, default=2,
+                   help="first target layers SpecAttn keeps dense (no attention term for them)")
+    p.add_argument("--policy-frac", type=float, default=0.5,
+                   help="fraction of each batch sampled by the target")
     p.add_argument("--pool", type=int, default=1024, help="target samples generated at once")
     p.add_argument("--reuse", type=int, default=4, help="passes over each pool of samples")
     p.add_argument("--prompt-len", type=int, default=32, help="book tokens that start each target sample")
