@@ -452,7 +452,7 @@ class SpecEngine:
         lengths = [len(p) for p in prompts]
         if not lengths or min(lengths) < 1:
             raise ValueError("every prompt needs at least one token")
-        if max(lengths) + max_new_tokens + 2 * self.gamma + 2 > self.max_len:
+        if positions_needed(max(lengths), max_new_tokens, self.gamma) > self.max_len:
             raise ValueError(f"a prompt of {max(lengths)} tokens + {max_new_tokens} new tokens does not fit "
                              f"this engine's {self.max_len}-position cache; use shorter prompts or fewer "
                              f"new tokens")
@@ -549,12 +549,12 @@ class SpecEngine:
             buf = flags[step % 2]
             buf.copy_(torch.stack([self.done.long(), self.n_out.clamp(max=max_new_tokens)]),
                       non_blocking=True)
-            queued = (buf, step, self._event())
+            queued = (buf, step, self._mark())
             if in_flight is None:  # the first step: queue the next before looking
                 in_flight = queued
                 continue
             (buf, seen_step, event), in_flight = in_flight, queued
-            if event is not None:
+            if self.device.type == "cuda":
                 event.synchronize()  # the step's one host synchronisation: step seen_step is done
             done, n_out = buf.tolist()
             current = [serving[b] is not None and seen_step > started[b] for b in range(self.B)]
@@ -588,14 +588,6 @@ class SpecEngine:
         if self.temperature == 0:
             return logits.argmax(-1)
         return _sample(torch.softmax(logits / self.temperature, -1), self.generator)
-
-    def _event(self):
-        """A CUDA event recorded on the current stream (None off CUDA, where work is synchronous)."""
-        if self.device.type != "cuda":
-            return None
-        event = torch.cuda.Event()
-        event.record()
-        return event
 
     def _mark(self):
         """A point in the step's timeline: a CUDA event on the GPU's stream, else the host clock."""
@@ -631,9 +623,15 @@ def _as_batch(prompt_ids) -> tuple[list[list[int]], bool]:
     return prompts, single
 
 
+def positions_needed(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
+    """Cache positions a row needs for a prompt and its new tokens, with room for its last
+    step to run past max_new_tokens and write γ + 1 positions beyond the row's end."""
+    return prompt_len + max_new_tokens + 2 * gamma + 2
+
+
 def engine_max_len(model: Transformer, prompts: list[list[int]], max_new_tokens: int, gamma: int) -> int:
-    """The cache length a generation needs (a step writes up to γ + 1 positions past a row's end)."""
-    need = max(len(p) for p in prompts) + max_new_tokens + 2 * gamma + 2
+    """The cache length a generation of these prompts needs (`positions_needed`)."""
+    need = positions_needed(max(len(p) for p in prompts), max_new_tokens, gamma)
     if need > model.args.max_seq_len:
         raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens + {max_new_tokens} new tokens "
                          f"needs {need} positions; the model has {model.args.max_seq_len}: use a shorter "
@@ -686,8 +684,7 @@ def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: i
 @torch.no_grad()
 def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, max_new_tokens: int,
                          gamma: int = 4, temperature: float = 0.0, topp: Optional[float] = None,
-                         layer_map=None,
-                         selection: Optional[SelectionConfig] = None,
+                         layer_map=None, selection: Optional[SelectionConfig] = None,
                          generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
                          engine: Optional[SpecEngine] = None, progress: bool = False):
     """Generate up to max_new_tokens after each prompt. prompt_ids: one list of ids, or a list
@@ -832,8 +829,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Speculative decoding with SpecAttn sparse verification, side by side with plain "
                     "decoding and dense speculative decoding. Defaults run the offline demo (SmolLM2-135M "
-                    "and its trained "
-                    "4-layer draft).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "and its trained 4-layer draft).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--prompt", action="append", help="text to continue; repeat for a batch of different "
                         "prompts (default: the opening of Alice's Adventures in Wonderland)")
     parser.add_argument("--context", type=int, help="instead of --prompt: prompts of this many tokens cut "
@@ -845,27 +841,27 @@ def main(argv=None):
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per step")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p in (0, 1]")
-    parser.add_argument("--dense-layers", type=int, default=2, help="first target "
-                                                                    "layers that always stay dense")
+    parser.add_argument("--dense-layers", type=int, default=2,
+                        help="first target layers that always stay dense")
     experiments = parser.add_argument_group("experiments", "variants of SpecAttn's selection")
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
-                             help="always read the first N positions (attention "
-                                  "sinks), whatever the draft says")
+                             help="always read the first N positions (attention sinks), whatever the "
+                                  "draft says")
     experiments.add_argument("--combine", choices=["union", "mean"], default="union",
                              help="union of the draft rows' top-p sets, or top-p of their mean")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="which to run, comma-separated: plain (the target alone), dense (speculative, "
                              "dense verification), specattn")
     add_pair_arguments(parser)
-    parser.add_argument("--layer-map", help="layer map JSON from calibrate.py "
-                                            "(default: calibrate once, cached)")
+    parser.add_argument("--layer-map",
+                        help="layer map JSON from calibrate.py (default: calibrate once, cached)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--show", type=int, default=1, help="print the text of this many rows per mode")
     parser.add_argument("--check", action="store_true", help="GPU: check the graphed engine against the "
                         "eager one (this pair and a random-weight pair of its shapes), then exit")
-    parser.add_argument("--out", help="also write the table and each mode's stats as "
-                                      "JSON into this directory")
+    parser.add_argument("--out",
+                        help="also write the table and each mode's stats as JSON into this directory")
     args = parser.parse_args(argv)
     try:
         modes = [m for m in args.modes.split(",") if m]
@@ -897,18 +893,15 @@ def main(argv=None):
             if any(not t for t in texts):
                 raise ValueError("an empty --prompt: give some text to continue")
             prompts = [tokenizer.encode(t) for t in texts]
+        if target.output.weight.is_cuda:  # fused pointwise kernels
+            compile_pointwise(True)
         if args.check:
-            fast = target.output.weight.is_cuda
-            if fast:
-                compile_pointwise(True)
             ragged = [p[:max(1, len(p) - 7 * b)] for b, p in enumerate((prompts * 3)[:3])]
             check_engine(target, draft, ragged, layer_map, selection, args.gamma, "pair")
             check_engine(*random_pair_like(target, draft), ragged, layer_map, selection, args.gamma,
                          "random pair")
             print("engine check passed")
             return
-        if target.output.weight.is_cuda:  # fused pointwise kernels
-            compile_pointwise(True)
         batch = min(args.batch, len(prompts)) if args.requests else len(prompts)
         results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature,
                             layer_map, selection, modes, eos_id=tokenizer.eos_id, seed=args.seed,
