@@ -382,8 +382,17 @@ def _key_window(k_cache, past_len, T: int) -> int:
     return k_cache.shape[2] if isinstance(past_len, torch.Tensor) else past_len + T
 
 
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated by its tokens' angles, cos and sin [B, T, D]: the half-split
+    (HF) RoPE layout, the pair (x1[i], x2[i]) of the halves rotated by angle i; fp32 math,
+    x's dtype out (as model.apply_rope)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos[:, None] + rotated.float() * sin[:, None]).type_as(x)
+
+
 def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=None, scale=None,
-                               return_last_row=False, new_kv=None, last_row_mean=False):
+                               return_last_row=False, new_kv=None, last_row_mean=False, rope=None):
     """Dense fp32 attention under a boolean mask: the definition the kernel must meet.
 
     past_len: cached positions, an int for every batch row or an int tensor [B] per row
@@ -391,6 +400,8 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=No
     q: [B, Hq, T, D], the T new queries of row b at positions [past_len[b], past_len[b] + T).
     k_cache, v_cache: [B, Hkv, S >= past_len + T, D], the new block's keys already written,
     unless new_kv = (k_new, v_new) [B, Hkv, T, D] is given: then they are written first.
+    rope = (cos, sin) [B, T, D] (needs new_kv): q and k_new come unrotated, and are rotated
+    by their tokens' angles first (`rope_reference`); the cache receives the rotated keys.
     idx: int32 [B, Hkv, L], selected cached positions (< past_len), first `count` valid;
     count: int32 [B, Hkv] (both may broadcast over heads). idx None: every cached position.
     Returns [B, Hq, T, D] in q's dtype; with return_last_row also the last query's attention
@@ -402,6 +413,10 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=No
     Hkv = k_cache.shape[1]
     lengths = _row_lengths(past_len, B, q.device).long()  # [B]
     pos = lengths[:, None] + torch.arange(T, device=q.device)  # [B, T]: the block's positions
+    if rope is not None:
+        if new_kv is None:
+            raise ValueError("sparse_attention: rope= rotates the new block's keys, so it needs new_kv")
+        q, new_kv = rope_reference(q, *rope), (rope_reference(new_kv[0], *rope), new_kv[1])
     if new_kv is not None:  # row b's block goes to [lengths[b], lengths[b] + T)
         where = pos[:, None, :, None].expand(B, Hkv, T, D)
         k_cache.scatter_(2, where, new_kv[0].to(k_cache.dtype))
@@ -446,13 +461,27 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=No
 
 
 @triton.jit
+def _rope(x, x_ptrs, cos_ptr, sin_ptr, angle_off, d, mask, D: tl.constexpr):
+    """x, loaded from x_ptrs + d, rotated by RoPE (HF's half-split layout): x·cos + rotate_half(x)·sin,
+    rotate_half(x) = (-x2, x1) for the halves x1, x2 of a head vector. The partner of column d is
+    column (d + D/2) mod D, loaded again (it is in L1). In fp32, returned in x's dtype, as
+    `rope_reference`."""
+    half: tl.constexpr = D // 2
+    partner = tl.load(x_ptrs + (d + half) % D, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + angle_off + d, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + angle_off + d, mask=mask, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) * cos + tl.where(d < half, -partner, partner) * sin).to(x.dtype)
+
+
+@triton.jit
 def _sparse_attn_split_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, lock_ptr,
-        scores_ptr, kn_ptr, vn_ptr, len_ptr, row_width, scale_log2, n_splits, H_KV, si_b, si_h, sc_b, sc_h,
-        sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
+        scores_ptr, kn_ptr, vn_ptr, len_ptr, cos_ptr, sin_ptr, row_width, scale_log2, n_splits, H_KV,
+        si_b, si_h, sc_b, sc_h, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
         skn_b, skn_h, skn_t, svn_b, svn_h, svn_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, WRITE_NEW: tl.constexpr):
+        DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, WRITE_NEW: tl.constexpr,
+        ROPE: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
@@ -460,8 +489,16 @@ def _sparse_attn_split_kernel(
     d = tl.arange(0, D)
     q_rows = q_ptr + b * sq_b + (h * G + rows // T) * sq_h + (rows % T) * sq_t
     q = tl.load(q_rows[:, None] + d[None, :], mask=real[:, None], other=0.0)  # [M, D]
+    if ROPE:  # q arrives unrotated: rotate each row by its token's angles
+        q = _rope(q, q_rows[:, None], cos_ptr, sin_ptr, (b * T + rows % T)[:, None] * D, d[None, :],
+                  real[:, None], D)
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
     past_len = tl.load(len_ptr + b)  # this batch row's cached positions (rows may differ)
+    # Selected positions of this head; splits past the first cdiv(n_sel, BLOCK_N) get no block
+    # (the grid is sized for the longest row the buffer holds), write nothing, and the merge
+    # skips them: a short row costs what its own length needs.
+    n_sel = past_len if DENSE else tl.load(count_ptr + b * sc_b + h * sc_h)
+    n_active = tl.minimum(n_splits, tl.cdiv(n_sel, BLOCK_N))
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
@@ -471,10 +508,7 @@ def _sparse_attn_split_kernel(
         # whatever the count, which the host never reads (no sync).
         stride = n_splits * BLOCK_N
         j = split * BLOCK_N + tl.arange(0, BLOCK_N)
-        if DENSE:
-            n_sel = past_len
-        else:  # the next block's indices are fetched one iteration ahead, hiding that load's latency
-            n_sel = tl.load(count_ptr + b * sc_b + h * sc_h)
+        if not DENSE:  # the next block's indices are fetched one iteration ahead, hiding that load's latency
             idx_row = idx_ptr + b * si_b + h * si_h
             next_pos = tl.load(idx_row + j, mask=j < n_sel, other=0)
         for start in range(split * BLOCK_N, n_sel, stride):
@@ -505,8 +539,12 @@ def _sparse_attn_split_kernel(
         k_dst = k_base + (past_len + c[None, :]) * sk_s + d[:, None]  # [D, N]
         v_dst = v_base + (past_len + c[:, None]) * sv_s + d[None, :]  # [N, D]
         if WRITE_NEW:  # this program appends the block to the cache (no other program reads it)
-            kt = tl.load(kn_ptr + b * skn_b + h * skn_h + c[None, :] * skn_t + d[:, None],
-                         mask=c[None, :] < T, other=0.0).to(k_ptr.dtype.element_ty)
+            kn_rows = kn_ptr + b * skn_b + h * skn_h + c[None, :] * skn_t
+            kt = tl.load(kn_rows + d[:, None], mask=c[None, :] < T, other=0.0)  # [D, N]
+            if ROPE:  # the cache holds rotated keys
+                kt = _rope(kt, kn_rows, cos_ptr, sin_ptr, (b * T + c[None, :]) * D, d[:, None],
+                           c[None, :] < T, D)
+            kt = kt.to(k_ptr.dtype.element_ty)
             v = tl.load(vn_ptr + b * svn_b + h * svn_h + c[:, None] * svn_t + d[None, :], mask=c[:, None] < T,
                         other=0.0).to(v_ptr.dtype.element_ty)
             tl.store(k_dst, kt, mask=c[None, :] < T)
@@ -524,25 +562,27 @@ def _sparse_attn_split_kernel(
     # acc fp32 or bf16 (see sparse_attention).
     n_parts = n_splits + 1
     out = (bh * n_parts + split) * (G * T) + rows
-    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=real[:, None])
-    tl.store(m_ptr + out, m_i, mask=real)
-    tl.store(l_ptr + out, l_i, mask=real)
+    wrote = rows < tl.where((split == n_splits) | (split < n_active), G * T, 0)  # real rows, if any work
+    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=wrote[:, None])
+    tl.store(m_ptr + out, m_i, mask=wrote)
+    tl.store(l_ptr + out, l_i, mask=wrote)
     # Release: every thread's partial stores happen before the counter moves.
     tl.debug_barrier()
     arrived = tl.atomic_add(lock_ptr + bh, 1, sem="acq_rel")
     if arrived == n_parts - 1:  # this head's last program: all partials are written
         tl.debug_barrier()
-        _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_parts,
+        _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_active, n_splits,
                     b * so_b + h * G * so_h, so_h, so_t, bh, rows, T, G, D, BLOCK_M, STORE_SCORES)
         tl.store(lock_ptr + bh, 0)  # ready for the next launch
 
 
 @triton.jit
-def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_parts, o_off, so_h, so_t, bh, rows,
-                T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_active, n_splits, o_off, so_h, so_t, bh,
+                rows, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                 WRITE_STATS: tl.constexpr):
     """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s, for every row at
-    once, folding the parts in one at a time (the same rescaling as the main loop).
+    once, folding the parts in one at a time (the same rescaling as the main loop). The parts
+    are the n_active splits that had work, then the block's (part n_splits).
     Loads bypass L1 (.cg): other multiprocessors wrote these partials."""
     real = rows < G * T
     d = tl.arange(0, D)
@@ -551,14 +591,15 @@ def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_parts, o_off, 
     num = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     # Each part's loads are issued one iteration ahead, so that the round trip to L2
     # overlaps the fold of the part before (the last iteration re-reads the last part).
-    part = first + rows
+    part = first + tl.where(n_active > 0, 0, n_splits) * (G * T) + rows
     m_next = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
     l_next = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
     acc_next = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0,
                        cache_modifier=".cg")
-    for s in range(0, n_parts):
+    for s in range(0, n_active + 1):
         m_s, l_s, acc_s = m_next, l_next, acc_next.to(tl.float32)
-        part = first + tl.minimum(s + 1, n_parts - 1) * (G * T) + rows
+        after = s + 1  # the next part: split `after` while it had work, else the block's
+        part = first + tl.where(after < n_active, after, n_splits) * (G * T) + rows
         m_next = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
         l_next = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
         acc_next = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0,
@@ -618,7 +659,7 @@ def _locks(device, n: int) -> torch.Tensor:
 
 def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=None, n_splits=None,
                      block_n=None, num_warps=4, num_stages=3, return_last_row=False, new_kv=None,
-                     last_row_mean=False):
+                     last_row_mean=False, rope=None):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). past_len: an int, or an int32 tensor [B] of per-row lengths on the device:
     then nothing here reads it on the host, so the launch can be captured in a CUDA graph
@@ -632,14 +673,16 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     ops on the row). W: past_len, or the buffer length S for per-row lengths (0 past each row).
     new_kv = (k_new, v_new) [B, Hkv, T, D]: the block's keys and values, which the programs
     that attend to the block write into the cache at [past_len, past_len + T) in the same
-    launch (a decode step then needs no separate cache-write kernels).
+    launch (a decode step then needs no separate cache-write kernels). rope = (cos, sin)
+    [B, T, D] (with new_kv): q and the block's keys come unrotated and the same launch
+    rotates them (no separate RoPE kernel either).
     n_splits, block_n, num_warps, num_stages: launch choices (None: the measured defaults
     below). The merge counters are one buffer per device: do not run calls on several CUDA
     streams at once.
     Falls back to the reference on a CPU without the interpreter."""
     if not _use_triton(q):
         return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row,
-                                          new_kv, last_row_mean)
+                                          new_kv, last_row_mean, rope)
     if return_last_row and idx is not None:
         raise ValueError("sparse_attention: return_last_row needs dense attention (idx=None)")
     B, Hq, T, D = q.shape
@@ -657,6 +700,15 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
                                or k_new.stride(-1) != 1 or v_new.stride(-1) != 1):
         raise ValueError(f"sparse_attention: new_kv must be two [B, Hkv, T, D] = {(B, Hkv, T, D)} tensors "
                          f"with a contiguous last dim, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+    if rope is not None:
+        cos, sin = rope
+        if new_kv is None:
+            raise ValueError("sparse_attention: rope= rotates the new block's keys, so it needs new_kv")
+        if any(t.shape != (B, T, D) or not t.is_contiguous() for t in (cos, sin)):
+            raise ValueError(f"sparse_attention: rope must be two contiguous [B, T, D] = {(B, T, D)} tables, "
+                             f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    else:
+        cos = sin = None
     dense = idx is None
     if not dense:  # [B, Hkv, L] and [B, Hkv], any strides but a contiguous last dim (0 strides share a row)
         idx, count = idx.expand(B, Hkv, idx.shape[-1]), count.expand(B, Hkv)
@@ -699,15 +751,15 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     scale = (scale or 1 / math.sqrt(D)) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _sparse_attn_split_kernel[(B * Hkv, parts)](
-        q, k_cache, v_cache, idx, count, acc, m, l, out, stats, locks, scores, k_new, v_new, lengths, width,
-        scale, n_splits, Hkv,
+        q, k_cache, v_cache, idx, count, acc, m, l, out, stats, locks, scores, k_new, v_new, lengths,
+        cos, sin, width, scale, n_splits, Hkv,
         *((0, 0, 0, 0) if dense else (idx.stride(0), idx.stride(1), count.stride(0), count.stride(1))),
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *((*k_new.stride()[:3], *v_new.stride()[:3]) if new_kv is not None else (0,) * 6),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, PRECISION=precision,
-        STORE_SCORES=return_last_row, WRITE_NEW=new_kv is not None, num_warps=num_warps,
-        num_stages=num_stages)
+        STORE_SCORES=return_last_row, WRITE_NEW=new_kv is not None, ROPE=rope is not None,
+        num_warps=num_warps, num_stages=num_stages)
     if not return_last_row:
         return out
     heads = Hq if last_row_mean else G  # query heads summed into each output row
@@ -721,7 +773,8 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     return out, row
 
 
-def attention_slot(q, k_new, v_new, k_cache, v_cache, lengths, start=None, keep=None, return_probs=False):
+def attention_slot(q, k_new, v_new, k_cache, v_cache, lengths, start=None, keep=None, return_probs=False,
+                   rope=None):
     """model.Transformer's attention slot (`model.attend = attention_slot`) served by
     sparse_attention, with each batch row's cache length read on the device (`lengths`
     int32 [B]; `start`, the host's common length, is not used), so the whole forward can
@@ -729,17 +782,20 @@ def attention_slot(q, k_new, v_new, k_cache, v_cache, lengths, start=None, keep=
     hook's (idx, count), e.g. from topp_select; None reads every cached position.
     return_probs (the draft side) returns only what SpecAttn needs: the last query's
     attention averaged over all query heads, [B, S] (S = the cache buffer's length; 0 from
-    each row's length on). On a CPU the references run instead (same shapes)."""
+    each row's length on). rope = (cos, sin) [B, T, D]: q and k_new are unrotated, and the
+    launch rotates them. On a CPU the references run instead (same shapes)."""
     if k_cache is None:
         raise ValueError("attention_slot needs a KV cache (pass cache= to the forward)")
     if return_probs:
         return sparse_attention(q, k_cache, v_cache, lengths, return_last_row=True, new_kv=(k_new, v_new),
-                                last_row_mean=True)
+                                last_row_mean=True, rope=rope)
     idx, count = keep if keep is not None else (None, None)
-    return sparse_attention(q, k_cache, v_cache, lengths, idx, count, new_kv=(k_new, v_new)), None
+    return sparse_attention(q, k_cache, v_cache, lengths, idx, count, new_kv=(k_new, v_new), rope=rope), None
 
 
-attention_slot.writes_cache = True  # model.Attention leaves the cache write to this slot (new_kv above)
+# model.Attention hands this slot q and k before RoPE, with the tables (rope=), and leaves the
+# cache write to it (new_kv): a decode step's layer needs no RoPE or cache-write kernels.
+attention_slot.rotates_and_writes = True
 
 
 # ----------------------------------------------------------------------------------------

@@ -21,16 +21,18 @@ The two SpecAttn hooks live in `Transformer.forward`:
    queries over every key. The draft model uses this: its attention says which
    past tokens matter.
 2. `select=fn` lets a caller choose, per layer, which *cached* positions each KV
-   head may read (see SelectFn). The target model uses this for sparse verification.
-   The new block always attends to itself causally. `specattn.py` builds `fn` from the
-   draft's attention; `eval_pg19.py` builds it for every method it compares.
+   head may read (see SelectFn; or a dict of fixed selections per layer). The target
+   model uses this for sparse verification. The new block always attends to itself
+   causally. `specattn.py` builds the selections from the draft's attention;
+   `eval_pg19.py` builds a hook for every method it compares.
 
 The attention itself sits in one slot, `Transformer.attend` (see AttentionFn). The
 default, `cache_attention`, is plain PyTorch for caches whose rows hold the same number
 of positions (evaluation, calibration, prefill). Generation puts `kernels.attention_slot`
 there: per-row cache lengths read on the device and the Triton kernels (their PyTorch
-references on a CPU). `Attention.forward` writes the new block's keys and values into the
-cache (`KVCache.write`) before attending, unless the slot does it in its own launch.
+references on a CPU). `Attention.forward` applies RoPE and writes the new block's keys
+and values into the cache (`KVCache.write`) before attending, unless the slot does both
+in its own launch (`kernels.attention_slot` does).
 """
 
 from __future__ import annotations
@@ -211,8 +213,8 @@ def compile_pointwise(enable: bool = True) -> None:
     """Fuse each pointwise function into one kernel with torch.compile (every model in this
     process; enable=False puts the eager ones back). In eager PyTorch, RMSNorm is ~6 kernel
     launches, RoPE ~8 per tensor, SwiGLU 2: in a decode step, where each moves a few KB,
-    ~30 launches per layer cost more time than their bytes. Matmuls, attention (which also
-    writes the block to the cache) and the `select` hook stay as they are.
+    ~30 launches per layer cost more time than their bytes. Matmuls, attention (kernels.attention_slot
+    also applies RoPE and writes the block to the cache) and the `select` hook stay as they are.
     On Hopper and newer GPUs the kernels use programmatic dependent launch: each may start
     while the kernel before it finishes, and waits for it only before reading its output."""
     import torch._inductor.config as inductor_config
@@ -356,11 +358,14 @@ def cache_attention(q, k_new, v_new, k_cache, v_cache, lengths, start, keep=None
 # whole buffer when rows differ) -> what that layer's attention slot reads: for
 # cache_attention a bool [B, Hkv, T or 1, past_len] of cached positions; for
 # kernels.attention_slot a compacted (idx int32 [B, Hkv or 1, L], count int32 [B, Hkv or 1]);
-# None for dense.
+# None for dense. q is after RoPE. A dict {layer: Selection} instead of a hook gives fixed
+# selections (layers not in it read everything) and never needs q.
 Selection = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 SelectFn = Callable[[int, torch.Tensor, torch.Tensor], Optional[Selection]]
 # An attention slot: (q, k_new, v_new, k_cache, v_cache, lengths, start, keep, return_probs)
-# -> (out [B, Hq, T, D], probs or None); see cache_attention and kernels.attention_slot.
+# -> (out [B, Hq, T, D], probs or None); see cache_attention and kernels.attention_slot. A
+# slot with `rotates_and_writes = True` gets q and k_new before RoPE and rope=(cos, sin)
+# [B, T, D], and writes the block into the cache itself.
 AttentionFn = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
@@ -375,26 +380,37 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.output_bias)
 
     def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], lengths: torch.Tensor,
-                start: Optional[int], select: Optional[SelectFn], return_probs: bool, attend: AttentionFn):
+                start: Optional[int], select: Union[SelectFn, dict, None], return_probs: bool,
+                attend: AttentionFn):
         B, T, _ = x.shape
         Hq, Hkv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, T, Hq + 2 * Hkv, self.head_dim)  # heads: Hq queries, Hkv keys, Hkv values
-        qk = Pointwise.rope(qkv[:, :, :Hq + Hkv], cos[:, :, None], sin[:, :, None])  # q and k in one pass
+        v = qkv[:, :, Hq + Hkv:].transpose(1, 2)  # [B, Hkv, T, D]
+        # kernels.attention_slot rotates q and k and writes the block to the cache in the launch
+        # that attends (a decode step's layer then has no RoPE or cache-copy kernels); for any
+        # other slot, RoPE here (q and k in one pass) and the cache write below.
+        fused = cache is not None and getattr(attend, "rotates_and_writes", False)
+        qk = qkv[:, :, :Hq + Hkv] if fused else Pointwise.rope(qkv[:, :, :Hq + Hkv], cos[:, :, None],
+                                                                sin[:, :, None])
         q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, T, D]
         k = qk[:, :, Hq:].transpose(1, 2)  # [B, Hkv, T, D]
-        v = qkv[:, :, Hq + Hkv:].transpose(1, 2)
         if cache is None:  # the block attends to itself alone
             out, probs = subset_attention(q, k, v, 0, None, return_probs)
         else:
             k_cache, v_cache = cache.k[layer], cache.v[layer]  # [B, Hkv, S_max, D]
             # The block's keys and values go to positions [lengths[b], lengths[b] + T) of row b,
-            # and the attention reads them from there. kernels.attention_slot writes them in the
-            # launch that attends (two copy kernels fewer per layer in a decode step).
-            if not getattr(attend, "writes_cache", False):
+            # and the attention reads them from there.
+            if not fused:
                 cache.write(layer, k, v)
-            cached_keys = k_cache[:, :, :start] if start is not None else k_cache  # all slots if rows differ
-            keep = select(layer, q, cached_keys) if select else None
-            out, probs = attend(q, k, v, k_cache, v_cache, lengths, start, keep, return_probs)
+            keep = None
+            if isinstance(select, dict):  # fixed selections per layer
+                keep = select.get(layer)
+            elif select is not None:  # a hook: it sees the rotated queries, as the attention does
+                cached_keys = k_cache[:, :, :start] if start is not None else k_cache  # all if rows differ
+                q_rotated = Pointwise.rope(q, cos[:, None], sin[:, None]) if fused else q
+                keep = select(layer, q_rotated, cached_keys)
+            rope = {"rope": (cos, sin)} if fused else {}
+            out, probs = attend(q, k, v, k_cache, v_cache, lengths, start, keep, return_probs, **rope)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1)), probs
 
 
@@ -469,7 +485,7 @@ class Transformer(nn.Module):
         return KVCache(self.args, batch_size, max_len, device=w.device, dtype=w.dtype)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
-                select: Optional[SelectFn] = None, return_attn=False,
+                select: Union[SelectFn, dict, None] = None, return_attn=False,
                 logits_at: Optional[torch.Tensor] = None, attend: Optional[AttentionFn] = None):
         """tokens [B, T] -> logits [B, T, vocab] (fp32).
 

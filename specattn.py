@@ -320,9 +320,8 @@ class SpecEngine:
         select = None
         if self.use_specattn:
             first, idx, count = self.first_used, self.sel_idx, self.sel_count
-            chosen = {j: (idx[i - first][:, None], count[i - first][:, None])  # one list for every KV head
+            select = {j: (idx[i - first][:, None], count[i - first][:, None])  # one list for every KV head
                       for j, i in enumerate(self.layer_map) if j >= self.cfg.dense_layers}
-            select = lambda layer, q, k: chosen.get(layer)  # noqa: E731
         block = torch.cat([self.last[:, None], self.drafted], 1)  # [B, γ + 1]
         self.t_logits = self.target(block, cache=self.t_cache, select=select, attend=attention_slot)
 

@@ -266,6 +266,35 @@ def test_select_hook_subset_attention(per_query):
     sparse = m(tokens[:, 35:], cache=cache, select=hook)
     assert seen == [(i, (2, 4, 5, 16), (2, 2, 35, 16)) for i in range(3)]
     assert (sparse - dense).abs().max() > 1e-3
+    cache.rewind(5)  # a dict of fixed selections is the same as a hook returning them
+    fixed = m(tokens[:, 35:], cache=cache, select={1: keep[:, :, :1], 2: keep[:, :, :1]})
+    assert torch.equal(fixed, sparse)
+
+
+def test_select_hook_sees_rotated_queries_under_the_fused_slot():
+    """kernels.attention_slot rotates q and k inside its launch; a select hook still gets q
+    after RoPE, as under cache_attention, and the same selection gives the same logits."""
+    m = tiny_model(seed=4)
+    tokens = torch.randint(0, 97, (2, 30))
+    seen, logits = {}, {}
+    for slot in (M.cache_attention, K.attention_slot):
+        cache = m.new_cache(batch_size=2, max_len=32)
+        m(tokens[:, :26], cache=cache, attend=M.cache_attention)
+
+        def hook(layer, q, k_past, slot=slot):
+            seen.setdefault(slot, []).append(q.clone())
+            past = k_past.shape[2]
+            if layer == 0:
+                return None
+            keep = torch.arange(past) % 3 == 0  # every third cached position
+            if slot is M.cache_attention:
+                return keep.expand(2, 2, 1, past)
+            return K.topp_select_reference(keep.float().expand(2, 1, past).contiguous(), 0.5)
+
+        logits[slot] = m(tokens[:, 26:], cache=cache, select=hook, attend=slot)
+    for a, b in zip(seen[M.cache_attention], seen[K.attention_slot]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[K.attention_slot], logits[M.cache_attention], atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------
@@ -793,6 +822,27 @@ def test_sparse_attention_writes_new_block():
     assert (out - ref_out).norm() / ref_out.norm() < 1e-5 and (row - ref_row).abs().max() < 1e-6
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
+    # rope=: q and the block's keys come unrotated and the launch rotates them. The reference
+    # equals rotating first with the model's apply_rope; the kernel equals the reference.
+    angles = torch.rand(B, T, D // 2, generator=g) * 50
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()  # [B, T, D]
+    rotate = lambda x: M.apply_rope(x, cos[:, None], sin[:, None])  # noqa: E731
+    for sel in ((idx, count), (None, None)):
+        kc, vc = torch.randn(B, Hkv, S + T, D, generator=g), torch.randn(B, Hkv, S + T, D, generator=g)
+        kr, vr, kp, vp = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        got = K.sparse_attention(q, kc, vc, S, *sel, n_splits=3, new_kv=(new[0], new[1]), rope=(cos, sin))
+        ref = K.sparse_attention_reference(q, kr, vr, S, *sel, new_kv=(new[0], new[1]), rope=(cos, sin))
+        pre = K.sparse_attention_reference(rotate(q), kp, vp, S, *sel, new_kv=(rotate(new[0]), new[1]))
+        assert torch.equal(ref, pre) and torch.equal(kr, kp) and torch.equal(vr, vp)
+        assert (got - ref).norm() / ref.norm() < 1e-5, f"rope, selection={sel[0] is not None}"
+        assert (kc - kr).abs().max() < 1e-6 and torch.equal(vc, vr)
+    block = dict(new_kv=(new[0], new[1]), rope=(cos, sin))
+    out, row = K.sparse_attention(q, kc, vc, S, return_last_row=True, **block)
+    ref_out, ref_row = K.sparse_attention_reference(q, kr, vr, S, return_last_row=True, **block)
+    assert (out - ref_out).norm() / ref_out.norm() < 1e-5 and (row - ref_row).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="needs new_kv"):
+        K.sparse_attention(q, kc, vc, S, rope=(cos, sin))
+
     m = tiny_model(seed=8)
     x = torch.randint(0, m.args.vocab_size, (2, 12))
     caches = []
@@ -1043,19 +1093,23 @@ def test_per_row_lengths_attention_equals_each_row_alone():
     row at its own length gives what that row alone gives with an int length, the block's
     write included; the last row is zero past each row's length."""
     g = torch.Generator().manual_seed(31)
-    B, Hq, Hkv, T, S, D = 3, 6, 2, 5, 90, 32
+    B, Hq, Hkv, T, S, D = 4, 6, 2, 5, 90, 32
     q = torch.randn(B, Hq, T, D, generator=g)
     kc, vc = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
     new = (torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g))
-    lengths = torch.tensor([4, 61, 85], dtype=torch.int32)
+    lengths = torch.tensor([4, 61, 85, 0], dtype=torch.int32)
     idx, count = K.random_selection(B, 1, S, 0.4, generator=g, shuffled=True)
     keep = K._selected_mask(idx, count, S) & (torch.arange(S) < lengths[:, None, None])
     idx, count = K.topp_select_reference(keep.float(), 0.5)  # only positions each row has cached
-    for sel in ((None, None), (idx, count)):
+    # 6 splits of 16-key blocks: rows of 0, 4, 61 and 85 positions give work to 0, 1, 4 and 6
+    # splits; the merge must fold exactly those (and the block's part).
+    launches = (dict(n_splits=3), dict(n_splits=6, block_n=16))
+    for sel, launch in itertools.product(((None, None), (idx, count)), launches):
         kk, vk, kr, vr = kc.clone(), vc.clone(), kc.clone(), vc.clone()
-        got, row = (K.sparse_attention(q, kk, vk, lengths, *sel, new_kv=new, n_splits=3),
+        got, row = (K.sparse_attention(q, kk, vk, lengths, *sel, new_kv=new, **launch),
                     None) if sel[0] is not None else \
-            K.sparse_attention(q, kk, vk, lengths, new_kv=new, return_last_row=True, last_row_mean=True)
+            K.sparse_attention(q, kk, vk, lengths, new_kv=new, return_last_row=True, last_row_mean=True,
+                               **launch)
         ref = K.sparse_attention_reference(q, kr, vr, lengths, *sel, new_kv=new)
         assert (got - ref).abs().max() < 1e-5 and torch.equal(kk, kr) and torch.equal(vk, vr)
         for b in range(B):
@@ -1068,7 +1122,7 @@ def test_per_row_lengths_attention_equals_each_row_alone():
             if row is not None:
                 _, row_b = K.sparse_attention_reference(q[b:b + 1], kb, vb, L, return_last_row=True,
                                                         last_row_mean=True)
-                assert (row[b, :L] - row_b[0]).abs().max() < 1e-6 and not row[b, L:].any()
+                assert torch.allclose(row[b, :L], row_b[0], rtol=0, atol=1e-6) and not row[b, L:].any()
 
 
 def test_ragged_cache_forward_and_rewind_rows_equal_fresh_prefill():
