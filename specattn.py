@@ -207,13 +207,18 @@ class SpecEngine:
     draft=None is plain decoding through the same engine: the step is a 1-token target
     forward and the accept phase emits its choice. use_specattn=True (needs layer_map and a
     selection with topp < 1) makes verification read the draft-selected positions only.
+
+    compile_accept (default: with CUDA graphs) runs the accept phase through torch.compile:
+    it is ~30 element-wise ops on [B, γ + 1] tensors, one tiny kernel each in eager PyTorch,
+    which Inductor fuses into a few (then captured in the phase's graph like the rest).
+    Integer ops: the compiled phase gives exactly the eager one's tokens.
     """
 
     def __init__(self, target: Transformer, draft: Optional[Transformer], *, batch_size: int, max_len: int,
                  gamma: int = 4, temperature: float = 0.0, layer_map=None,
                  selection: Optional[SelectionConfig] = None, use_specattn: bool = False,
                  eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 cuda_graphs: Optional[bool] = None):
+                 cuda_graphs: Optional[bool] = None, compile_accept: Optional[bool] = None):
         if draft is not None and gamma < 1:
             raise ValueError(f"gamma (draft tokens per step) must be >= 1, got {gamma}")
         if temperature < 0:
@@ -264,9 +269,17 @@ class SpecEngine:
             for j in sparse:
                 self.uses[self.layer_map[j] - self.first_used] += 1
             self.draft_rows = torch.zeros(n_used, B, G, max_len, device=device)  # [used, B, γ, S]
+        # What the host reads after each step: [done, tokens so far (at most max_new)] per row.
+        self.flags = torch.zeros(2, B, **i64)
         self.graphs: dict = {}
         self.captures = 0  # CUDA graphs captured (a test checks it stays at one per phase)
         self.phase_events: list = []
+        self._accept = self._accept_phase
+        if self.cuda_graphs if compile_accept is None else compile_accept:
+            # Engines of other sizes recompile once, then share a graph with dynamic sizes; the
+            # limit only needs to stay above the few variants (γ, EOS, SpecAttn) a process makes.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._accept = torch.compile(self._accept_phase)
 
     # -- the four phases ------------------------------------------------------------------
 
@@ -381,6 +394,7 @@ class SpecEngine:
             self.prev.copy_(torch.where(active, newest_kept, self.prev))
         self.last.copy_(torch.where(active, new, self.last))
         self._count(k, past, active)
+        self.flags.copy_(torch.stack([self.done.long(), self.n_out.clamp(max=self.max_new)]))
 
     def _count(self, k: torch.Tensor, past: torch.Tensor, active: torch.Tensor) -> None:
         """Add this step to the per-row counters: k [B] accepted draft tokens, past [B] cached
@@ -402,12 +416,12 @@ class SpecEngine:
     def _phases(self):
         phases = [("draft", self._draft_phase)] if self.draft is not None else []
         phases += [("select", self._select_phase)] if self.use_specattn else []
-        return phases + [("verify", self._verify_phase), ("accept", self._accept_phase)]
+        return phases + [("verify", self._verify_phase), ("accept", self._accept)]
 
     def _state(self) -> list[torch.Tensor]:
         """Every tensor a phase may change that must survive between steps."""
         state = [self.t_cache.lengths, self.prev, self.last, self.drafted, self.out, self.n_out, self.done,
-                 self.counters]
+                 self.counters, self.flags]
         return state + ([self.d_cache.lengths] if self.draft is not None else [])
 
     def _capture(self, fn) -> torch.cuda.CUDAGraph:
@@ -546,8 +560,7 @@ class SpecEngine:
             self.step(timed=True)
             step = len(self.phase_events)  # steps queued so far; this one is `step`
             buf = flags[step % 2]
-            buf.copy_(torch.stack([self.done.long(), self.n_out.clamp(max=max_new_tokens)]),
-                      non_blocking=True)
+            buf.copy_(self.flags, non_blocking=True)
             queued = (buf, step, self._mark())
             if in_flight is None:  # the first step: queue the next before looking
                 in_flight = queued
@@ -669,7 +682,7 @@ def check_engine_memory(target, draft, batch: int, max_len: int, gamma: int, tem
 
 def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float,
                 layer_map, selection: SelectionConfig, eos_id=None, generator=None, cuda_graphs=None,
-                batch_size: Optional[int] = None) -> SpecEngine:
+                batch_size: Optional[int] = None, compile_accept: Optional[bool] = None) -> SpecEngine:
     """The engine for one of MODES, sized for these prompts: one row each, or batch_size rows
     that take the prompts in turn (continuous batching)."""
     g = gamma if mode != "plain" else 0
@@ -677,7 +690,7 @@ def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: i
                       max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=g,
                       temperature=temperature, layer_map=layer_map, selection=selection,
                       use_specattn=mode == "specattn", eos_id=eos_id, generator=generator,
-                      cuda_graphs=cuda_graphs)
+                      cuda_graphs=cuda_graphs, compile_accept=compile_accept)
 
 
 @torch.no_grad()

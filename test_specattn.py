@@ -1234,6 +1234,25 @@ def test_continuous_batching_equals_each_prompt_alone(mode, references):
         shared.generate(prompts + [list(range(200))], 14)
 
 
+def test_compiled_accept_phase_equals_eager(references):
+    """torch.compile'd accept phase (what CUDA engines run) against the eager one, through a
+    continuous batch with EOS and SpecAttn: the same tokens and counters."""
+    target, _ = tiny_pair(9)
+    draft = self_draft(target)
+    prompts = [list(range(3, 30)), [7], list(range(40, 49)), [11, 12], list(range(60, 75))]
+    eos = SA.greedy_generate(target, prompts[:1], 14)[0][5]
+    cfg = SA.SelectionConfig(topp=0.6, dense_layers=1)
+    graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
+    for mode, batch_size in (("specattn", 2), ("specattn", 3), ("plain", 2)):
+        runs = []
+        for compiled in (False, True):
+            engine = SA.make_engine(mode, target, draft, prompts, 14, 3, 0.0, [0, 1, 1], cfg, eos_id=eos,
+                                    batch_size=batch_size, compile_accept=compiled)
+            runs.append((engine.generate(prompts, 14)[0], engine.counters.tolist()))
+        assert runs[0] == runs[1], f"{mode}, batch {batch_size}"
+    assert dynamo_utils.counters["stats"]["unique_graphs"] > graphs_before  # it did run compiled
+
+
 def test_draft_cache_holds_each_token_once(references):
     """The draft caches every token the target caches but the newest (prev, which its next
     step reads with last), each once and at the target's own position: after the prefill and
