@@ -477,8 +477,8 @@ def _rope(x, x_ptrs, cos_ptr, sin_ptr, angle_off, d, mask, D: tl.constexpr):
 @triton.jit
 def _sparse_attn_split_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, lock_ptr,
-        scores_ptr, kn_ptr, vn_ptr, len_ptr, cos_ptr, sin_ptr, row_width, scale_log2, n_splits, H_KV,
-        si_b, si_h, sc_b, sc_h, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
+        scores_ptr, kn_ptr, vn_ptr, len_ptr, cos_ptr, sin_ptr, row_width, scale_log2, n_splits, split_keys,
+        H_KV, si_b, si_h, sc_b, sc_h, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
         skn_b, skn_h, skn_t, svn_b, svn_h, svn_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, WRITE_NEW: tl.constexpr,
@@ -495,24 +495,25 @@ def _sparse_attn_split_kernel(
                   real[:, None], D)
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
     past_len = tl.load(len_ptr + b)  # this batch row's cached positions (rows may differ)
-    # Selected positions of this head; splits past the first cdiv(n_sel, BLOCK_N) get no block
-    # (the grid is sized for the longest row the buffer holds), write nothing, and the merge
-    # skips them: a short row costs what its own length needs.
+    # This head's selected positions go to the first n_active splits, at least split_keys
+    # (>= BLOCK_N) each; the other splits (the grid is sized for the longest row the buffer
+    # holds) write nothing and the merge skips them: a short row costs what its own length needs.
     n_sel = past_len if DENSE else tl.load(count_ptr + b * sc_b + h * sc_h)
-    n_active = tl.minimum(n_splits, tl.cdiv(n_sel, BLOCK_N))
+    n_active = tl.minimum(n_splits, tl.cdiv(n_sel, split_keys))
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    if split < n_splits:  # blocks split, split + n_splits, ... of the selected positions
+    if split < n_splits:  # blocks split, split + n_active, ... of the selected positions
         # Striding over the compacted list gives every split the same share of the work
         # whatever the count, which the host never reads (no sync).
-        stride = n_splits * BLOCK_N
+        stride = tl.maximum(n_active, 1) * BLOCK_N
+        end = tl.where(split < n_active, n_sel, 0)
         j = split * BLOCK_N + tl.arange(0, BLOCK_N)
         if not DENSE:  # the next block's indices are fetched one iteration ahead, hiding that load's latency
             idx_row = idx_ptr + b * si_b + h * si_h
             next_pos = tl.load(idx_row + j, mask=j < n_sel, other=0)
-        for start in range(split * BLOCK_N, n_sel, stride):
+        for start in range(split * BLOCK_N, end, stride):
             j = start + tl.arange(0, BLOCK_N)
             valid = j < n_sel
             if DENSE:
@@ -660,7 +661,7 @@ def _locks(device, n: int) -> torch.Tensor:
 
 def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=None, n_splits=None,
                      block_n=None, num_warps=4, num_stages=3, return_last_row=False, new_kv=None,
-                     last_row_mean=False, rope=None):
+                     last_row_mean=False, rope=None, split_keys=None):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). past_len: an int, or an int32 tensor [B] of per-row lengths on the device:
     then nothing here reads it on the host, so the launch can be captured in a CUDA graph
@@ -678,8 +679,10 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     [B, T, D] (with new_kv): q and the block's keys come unrotated and the same launch
     rotates them (no separate RoPE kernel either).
     n_splits, block_n, num_warps, num_stages: launch choices (None: the measured defaults
-    below). The merge counters are one buffer per device: do not run calls on several CUDA
-    streams at once.
+    below); split_keys: the fewest positions a split reads (None: block_n), so a row shorter
+    than n_splits * split_keys uses fewer splits (decided on the device, from its length).
+    The merge counters are one buffer per device: do not run calls on several CUDA streams
+    at once.
     Falls back to the reference on a CPU without the interpreter."""
     if not _use_triton(q):
         return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row,
@@ -735,6 +738,7 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
             block_n = block_n or 64
     block_n = max(block_n or 128, triton.next_power_of_2(T))  # also covers the new block in one tile
     n_splits = max(1, min(n_splits, triton.cdiv(capacity, block_n))) if capacity else 0
+    split_keys = max(split_keys or block_n, block_n)
     parts = n_splits + 1
     # The partial outputs are what the merge reads back, so for 16-bit inputs they are kept
     # in bf16 (half the bytes; relative error 2^-9 per partial, the same as rounding the
@@ -753,7 +757,7 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _sparse_attn_split_kernel[(B * Hkv, parts)](
         q, k_cache, v_cache, idx, count, acc, m, l, out, stats, locks, scores, k_new, v_new, lengths,
-        cos, sin, width, scale, n_splits, Hkv,
+        cos, sin, width, scale, n_splits, split_keys, Hkv,
         *((0, 0, 0, 0) if dense else (idx.stride(0), idx.stride(1), count.stride(0), count.stride(1))),
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
