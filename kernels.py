@@ -23,7 +23,8 @@ Works copied alone (torch + triton). Two pieces:
    positions are split across programs, each keeps a partial softmax (max, sum, acc),
    and the last program of each head to finish merges the partials (an atomic counter
    tells it), so one long row fills the GPU in a single launch. Given the block's keys
-   and values (`new_kv`), the same launch also appends them to the cache.
+   and values (`new_kv`), the same launch also appends them to the cache, and given the
+   RoPE tables (`rope`), it rotates the queries and those keys first.
 
 `topp_mask_reference`, `topp_select_reference` and `sparse_attention_reference` are the
 definitions, used by the tests and as the CPU fallback (also where triton is not
