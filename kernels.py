@@ -739,7 +739,7 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
             block_n = block_n or 64
     block_n = max(block_n or 128, triton.next_power_of_2(T))  # also covers the new block in one tile
     n_splits = max(1, min(n_splits, triton.cdiv(capacity, block_n))) if capacity else 0
-    split_keys = max(split_keys or 256, block_n)  # a short row: fewer partials to merge (measured on the demo)
+    split_keys = max(split_keys or 256, block_n)  # a short row: fewer partials to merge (measured, demo)
     parts = n_splits + 1
     # The partial outputs are what the merge reads back, so for 16-bit inputs they are kept
     # in bf16 (half the bytes; relative error 2^-9 per partial, the same as rounding the

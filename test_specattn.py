@@ -271,7 +271,7 @@ def test_select_hook_subset_attention(per_query):
     assert torch.equal(fixed, sparse)
 
 
-def test_select_hook_sees_rotated_queries_under_the_fused_slot():
+def test_select_hook_sees_rotated_queries_under_the_fused_slot(monkeypatch):
     """kernels.attention_slot rotates q and k inside its launch; a select hook still gets q
     after RoPE, as under cache_attention, and the same selection gives the same logits."""
     m = tiny_model(seed=4)
@@ -295,6 +295,15 @@ def test_select_hook_sees_rotated_queries_under_the_fused_slot():
     for a, b in zip(seen[M.cache_attention], seen[K.attention_slot]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[K.attention_slot], logits[M.cache_attention], atol=1e-4, rtol=1e-4)
+    # Without a hook (a decode step), the fused slot leaves no RoPE for the model to run.
+    calls = []
+    rope = M.Pointwise.rope
+    monkeypatch.setattr(M.Pointwise, "rope", staticmethod(lambda *a: calls.append(1) or rope(*a)))
+    for slot, want in ((K.attention_slot, 0), (M.cache_attention, m.args.n_layers)):
+        calls.clear()
+        cache = m.new_cache(batch_size=2, max_len=32)
+        m(tokens[:, :4], cache=cache, attend=slot)
+        assert len(calls) == want, slot.__name__
 
 
 # ----------------------------------------------------------------------------------------
