@@ -211,7 +211,9 @@ class SpecEngine:
     compile_accept (default: with CUDA graphs) runs the accept phase through torch.compile:
     it is ~30 element-wise ops on [B, γ + 1] tensors, one tiny kernel each in eager PyTorch,
     which Inductor fuses into a few (then captured in the phase's graph like the rest).
-    Integer ops: the compiled phase gives exactly the eager one's tokens.
+    Greedy, the phase is integer ops and the compiled one gives exactly the eager one's tokens;
+    sampling draws from the engine's generator outside the fused kernels (Dynamo leaves calls
+    that take a generator to eager PyTorch), on probabilities the fused kernels compute.
     """
 
     def __init__(self, target: Transformer, draft: Optional[Transformer], *, batch_size: int, max_len: int,
