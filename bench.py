@@ -12,7 +12,8 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     the engine, dense verification vs SpecAttn at the p that keeps ~25% of the draft
     rows' positions. Random weights accept nothing, so this row times a step, not tokens.
 (c) the peer: Hugging Face transformers `generate` with a static cache on the same demo
-    target, batch 1 (transformers is on the GPU image; imported only here, optional).
+    target, batch 1 (transformers is on the GPU image; imported only here, optional), timed
+    --peer-runs times per context: the median and the range (it varies from run to run).
 (d) the kernels alone (`--parts kernels`, not in the default): top-p against the sort
     reference, the sparse attention against SDPA, the attention's launch choices; after
     `kernels.check_on_gpu`.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -149,8 +151,12 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gamma: int, topp: fl
 
 
 @torch.no_grad()
-def bench_hf(say, contexts, max_new_tokens: int) -> dict:
-    """(c): transformers' generate with a static cache on the demo target, batch 1, greedy."""
+def bench_hf(say, contexts, max_new_tokens: int, runs: int = 3, device: str = "cuda",
+             dtype=torch.bfloat16) -> dict:
+    """(c): transformers' generate with a static cache on the demo target, batch 1, greedy.
+    Each context is timed `runs` times after the warm-up: its speed varies from run to run
+    far more than the engine's, so the table gives the median and the range, and the
+    ratios use the median. Returns {context: (median tokens/s, [every run's])}."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -159,30 +165,35 @@ def bench_hf(say, contexts, max_new_tokens: int) -> dict:
     from demo import demo_target
 
     path = demo_target()
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = SA.Tokenizer.from_pretrained(path)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     say("## (c) peer: transformers generate(cache_implementation=\"static\"), same target, batch 1, greedy")
-    say("| context | new tokens | tokens/s |")
-    say("|---|---|---|")
+    say(f"| context | new tokens | tokens/s (median of {runs} runs) | range |")
+    say("|---|---|---|---|")
     rates = {}
     for context in contexts:
-        ids = torch.tensor(SA.book_prompts(tokenizer, 1, context), device="cuda")
+        ids = torch.tensor(SA.book_prompts(tokenizer, 1, context), device=device)
         def timed(n: int) -> tuple[float, int]:
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                               cache_implementation="static", pad_token_id=tokenizer.eos_id)
-            torch.cuda.synchronize()
+            sync()
             return time.perf_counter() - t0, out.shape[1] - ids.shape[1]
 
         for n in (1, max_new_tokens, 1, max_new_tokens):  # compile and warm up both cache sizes
             timed(n)
         # As for the engine: the tokens after the first over the time past the prefill (the
         # prefill and first token timed alone, then subtracted from a whole generation).
-        first_s, _ = timed(1)
-        whole_s, n = timed(max_new_tokens)
-        rates[context] = (n - 1) / (whole_s - first_s)
-        say(f"| {context} | {n} | {rates[context]:.1f} |")
+        each = []
+        for _ in range(runs):
+            first_s, _ = timed(1)
+            whole_s, n = timed(max_new_tokens)
+            each.append((n - 1) / (whole_s - first_s))
+        median = statistics.median(each)
+        rates[context] = (median, each)
+        say(f"| {context} | {n} | {median:.1f} | {min(each):.1f}-{max(each):.1f} |")
     return rates
 
 
@@ -317,11 +328,15 @@ def main():
                         "in turn (continuous batching: a finished row takes the next waiting prompt)")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per step")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
+    parser.add_argument("--peer-runs", type=int, default=3, help="hf: timed runs of the peer per context "
+                        "(the table gives their median and range; the ratios use the median)")
     parser.add_argument("--layer-map",
                         help="the demo pair's layer map JSON (default: calibrated once, cached)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench.md")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    if args.peer_runs < 1:
+        raise SystemExit(f"error: --peer-runs must be >= 1, got {args.peer_runs}")
     if not parts or parts - {"demo", "8b", "hf", "kernels"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
                          f"demo,8b,hf,kernels, got {args.parts!r}")
@@ -342,7 +357,7 @@ def main():
         demo = bench_demo(say, batches, contexts, args.max_new_tokens, args.gamma, args.topp, args.layer_map,
                           args.prompts_per_row)
     if "hf" in parts:
-        hf = bench_hf(say, contexts, args.max_new_tokens)
+        hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:
         say("## ratios at batch 1: engine plain decoding vs transformers (static cache)")
         say("| context | plain / transformers | dense spec / plain | SpecAttn / dense spec |")
@@ -350,7 +365,7 @@ def main():
         for c in contexts:
             if (1, c) in demo and c in hf:
                 r = demo[(1, c)]
-                say(f"| {c} | {r['plain'] / hf[c]:.2f}x | {r['dense'] / r['plain']:.2f}x | "
+                say(f"| {c} | {r['plain'] / hf[c][0]:.2f}x | {r['dense'] / r['plain']:.2f}x | "
                     f"{r['specattn'] / r['dense']:.2f}x |")
     if "8b" in parts:
         bench_8b(say)
@@ -361,7 +376,8 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "bench.md", "\n".join(lines) + "\n")
         write_atomic(out / "bench.json", json.dumps({"demo": {f"{b}x{c}": r for (b, c), r in demo.items()},
-                                                        "hf": hf}, indent=1))
+                                                        "hf": {c: {"median": m, "runs": each}
+                                                               for c, (m, each) in hf.items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2086,6 +2086,27 @@ def test_hf_state_dict_round_trips(tmp_path, case):
     torch.testing.assert_close(M.load_model(again, device="cpu", dtype=torch.float32)(x), ours(x))
 
 
+def test_bench_peer_times_each_context_several_runs(tmp_path, monkeypatch):
+    """bench.py's transformers peer, on the CPU with a tiny checkpoint standing in for the demo
+    target: `runs` timed runs per context, their median in the table and the returned rates."""
+    import bench
+
+    _, ckpt = save_hf(tmp_path, hf_llama_config(vocab_size=700))
+    _, tok_dir = train_hf_tokenizer(tmp_path, "smollm")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (ckpt / name).write_text((tok_dir / name).read_text())
+    monkeypatch.setattr(demo, "demo_target", lambda: ckpt)
+    monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, batch, context: [list(range(3, 3 + context))])
+    lines = []
+    rates = bench.bench_hf(lines.append, [12, 30], 6, runs=3, device="cpu", dtype=torch.float32)
+    assert set(rates) == {12, 30}
+    for context, (median, each) in rates.items():
+        assert len(each) == 3 and all(r > 0 for r in each) and median == sorted(each)[1]
+        row = next(line for line in lines if line.startswith(f"| {context} |"))
+        assert row == f"| {context} | 6 | {median:.1f} | {min(each):.1f}-{max(each):.1f} |"
+    assert "median of 3 runs" in lines[1]
+
+
 # ----------------------------------------------------------------------------------------
 # On a GPU (skipped elsewhere): TRITON_INTERPRET=0 python -m pytest -q test_specattn.py -k gpu
 # The compiled kernels in bf16 and the graphed engine, as `python kernels.py --check` and
