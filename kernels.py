@@ -15,7 +15,9 @@ Works copied alone (torch + triton). Two pieces:
    that occurs in the row (its own mass is > 0), so θ is exact, ties included.
    `topp_select(w, p)` returns what the attention kernel consumes: per row, the kept
    indices compacted to the front in ascending order, and their count, made on the
-   device, no host sync.
+   device, no host sync. Both take per-row lengths (a tensor on the device): a row is
+   only its first lengths[r] entries. `union_select(masks)` lists, compacted the same way,
+   what any of several masks keeps (SpecAttn's union of the γ draft rows' sets).
 
 2. Sparse attention for verification. `sparse_attention(q, k_cache, v_cache, past_len,
    idx, count)`: the T new queries of each KV-head group read only the selected cached
@@ -26,11 +28,11 @@ Works copied alone (torch + triton). Two pieces:
    and values (`new_kv`), the same launch also appends them to the cache, and given the
    RoPE tables (`rope`), it rotates the queries and those keys first.
 
-`topp_mask_reference`, `topp_select_reference` and `sparse_attention_reference` are the
-definitions, used by the tests and as the CPU fallback (also where triton is not
-installed). On a GPU, `python kernels.py --check` compares the kernels with them (bf16
-included, which the CPU interpreter cannot run); `python bench.py --parts kernels` checks,
-then times them.
+`topp_mask_reference`, `topp_select_reference`, `union_select_reference` and
+`sparse_attention_reference` are the definitions, used by the tests and as the CPU
+fallback (also where triton is not installed). On a GPU, `python kernels.py --check`
+compares the kernels with them (bf16 included, which the CPU interpreter cannot run);
+`python bench.py --parts kernels` checks, then times them.
 """
 
 from __future__ import annotations
@@ -94,29 +96,49 @@ def _clean(w: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(w) & (w > 0), w, torch.zeros((), device=w.device))
 
 
-def topp_mask_reference(w: torch.Tensor, p) -> torch.Tensor:
+def _inside(lengths, shape, device) -> torch.Tensor:
+    """bool [..., N] (shape): position j < its row's length (lengths broadcast to shape[:-1])."""
+    lengths = torch.as_tensor(lengths, device=device).expand(shape[:-1])
+    return torch.arange(shape[-1], device=device) < lengths[..., None]
+
+
+def topp_mask_reference(w: torch.Tensor, p, lengths=None) -> torch.Tensor:
     """Sort-based definition. w [..., N] -> bool [..., N] keeping {w >= θ} (see module doc).
 
     p >= 1 keeps everything (NaN entries too); an all-zero row keeps nothing for p < 1.
+    lengths (ints broadcast to [...]): a row is only its first lengths[...] entries; the
+    rest have no mass and are never kept.
     """
     p_rows = _p_per_row(p, w.shape[:-1], w.device).double()  # [...]
     x = _clean(w)
+    inside = _inside(lengths, w.shape, w.device) if lengths is not None else None
+    if inside is not None:
+        x = torch.where(inside, x, 0.0)
     desc = x.sort(dim=-1, descending=True).values  # [..., N]
     mass = desc.double().cumsum(-1)  # mass[i] = mass of the i+1 largest (fp64: no rounding at the cut)
     target = p_rows[..., None] * mass[..., -1:]  # [..., 1]
     # θ = the first sorted value at which the running mass reaches the target.
     crossing = (mass < target).sum(-1, keepdim=True).clamp(max=x.shape[-1] - 1)
     theta = desc.gather(-1, crossing)  # [..., 1]
-    keep = (x >= theta) & (x > 0)
-    return keep | (p_rows >= 1)[..., None]
+    keep = ((x >= theta) & (x > 0)) | (p_rows >= 1)[..., None]
+    return keep & inside if inside is not None else keep
 
 
-def topp_select_reference(w: torch.Tensor, p):
+def topp_select_reference(w: torch.Tensor, p, lengths=None):
     """(idx int32 [..., N], count int32 [...]): kept indices, ascending, padded with -1."""
-    keep = topp_mask_reference(w, p)
+    return union_select_reference(topp_mask_reference(w, p, lengths)[..., None, :])
+
+
+def union_select_reference(masks: torch.Tensor, lengths=None):
+    """masks bool [..., K, N] -> (idx int32 [..., N], count int32 [...]): per row, the positions
+    that any of its K masks keeps (and, with lengths [...], that lie below the row's
+    length), ascending, padded with -1."""
+    keep = masks.any(-2)  # [..., N]
+    if lengths is not None:
+        keep &= _inside(lengths, keep.shape, keep.device)
     count = keep.sum(-1, dtype=torch.int32)
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept first, in index order
-    idx = torch.where(torch.arange(w.shape[-1], device=w.device) < count[..., None], order, -1)
+    idx = torch.where(torch.arange(keep.shape[-1], device=keep.device) < count[..., None], order, -1)
     return idx.to(torch.int32), count
 
 
@@ -158,6 +180,14 @@ def _load_keys(w_ptr, offs, n):
 
 
 @triton.jit
+def _row_length(len_ptr, row, n, HAS_LEN: tl.constexpr):
+    """How many of the row's n entries count: all, or (HAS_LEN) its own length, at most n."""
+    if HAS_LEN:
+        n = tl.minimum(tl.maximum(tl.load(len_ptr + row), 0), n)
+    return n
+
+
+@triton.jit
 def _kept(key, offs, n, theta_key, keep_all, target):
     """Which entries the threshold keeps: key >= θ's key. A row with no mass keeps nothing
     (θ above every key); p >= 1 keeps every entry, NaNs too."""
@@ -178,11 +208,13 @@ def _write_selection(keep, offs, n, first_slot, row, mask_ptr, idx_ptr, WRITE_MA
 
 
 @triton.jit
-def _topp_row_kernel(w_ptr, p_ptr, mask_ptr, idx_ptr, count_ptr, n, stride_row,
-                     BLOCK: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr):
+def _topp_row_kernel(w_ptr, p_ptr, len_ptr, mask_ptr, idx_ptr, count_ptr, n, stride_row,
+                     BLOCK: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr,
+                     HAS_LEN: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
-    x, key = _load_keys(w_ptr + row * stride_row, offs, n)
+    n_row = _row_length(len_ptr, row, n, HAS_LEN)  # entries past it: no mass, never kept
+    x, key = _load_keys(w_ptr + row * stride_row, offs, n_row)
     p = tl.load(p_ptr + row)
     target = p * tl.sum(x, axis=0)
     # Invariant: mass(key >= lo) >= target > mass(key >= hi). Each step halves [lo, hi).
@@ -195,7 +227,7 @@ def _topp_row_kernel(w_ptr, p_ptr, mask_ptr, idx_ptr, count_ptr, n, stride_row,
         mass = tl.sum(tl.where(key >= mid, x, 0.0), axis=0)
         lo = tl.where(mass >= target, mid, lo)
         hi = tl.where(mass >= target, hi, mid)
-    keep = _kept(key, offs, n, lo, p >= 1, target)
+    keep = _kept(key, offs, n_row, lo, p >= 1, target)
     first_slot = 0
     if WRITE_IDX:  # the row is this program's alone: its list starts at slot 0 (an atomic add
         # to the zeroed count is the cheapest way to write it from a reduced value).
@@ -234,9 +266,9 @@ def _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, TARGET_FROM_PAR
 
 
 @triton.jit
-def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, target_ptr, counts_out, n,
-                      stride_row, n_chunks, STAGE: tl.constexpr, K: tl.constexpr, CHUNK_: tl.constexpr,
-                      CHUNKS_POW2: tl.constexpr, COUNT: tl.constexpr):
+def _topp_pass_kernel(w_ptr, p_ptr, len_ptr, state_in, state_out, part_in, part_out, target_ptr, counts_out,
+                      n, stride_row, n_chunks, STAGE: tl.constexpr, K: tl.constexpr, CHUNK_: tl.constexpr,
+                      CHUNKS_POW2: tl.constexpr, COUNT: tl.constexpr, HAS_LEN: tl.constexpr):
     """One search pass over (row, chunk): narrow [lo, hi) (not on the first pass), then
     write this chunk's mass at the K pivots of the new interval (with COUNT, on the last
     pass, also how many of its entries reach each pivot).
@@ -256,11 +288,12 @@ def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, targ
     # The whole chunk is loaded at once (one round trip to memory, not one per sub-block);
     # then one reduction per pivot.
     offs = chunk * CHUNK_ + tl.arange(0, CHUNK_)
-    x, key = _load_keys(w_ptr + row * stride_row, offs, n)
+    n_row = _row_length(len_ptr, row, n, HAS_LEN)
+    x, key = _load_keys(w_ptr + row * stride_row, offs, n_row)
     i = tl.arange(0, K)
     acc = tl.zeros([K], dtype=tl.float32)
     counts = tl.zeros([K], dtype=tl.int32)
-    padding = CHUNK_ - tl.minimum(tl.maximum(n - chunk * CHUNK_, 0), CHUNK_)  # entries past n, key 0
+    padding = CHUNK_ - tl.minimum(tl.maximum(n_row - chunk * CHUNK_, 0), CHUNK_)  # entries past it, key 0
     for k in tl.static_range(K):
         pivot = lo + ((hi - lo).to(tl.int64) * k // K).to(tl.int32)
         above = key >= pivot
@@ -274,16 +307,18 @@ def _topp_pass_kernel(w_ptr, p_ptr, state_in, state_out, part_in, part_out, targ
 
 
 @triton.jit
-def _topp_final_kernel(w_ptr, p_ptr, state_in, part_in, target_ptr, counts_in, mask_ptr, idx_ptr, count_ptr,
-                       n, stride_row, n_chunks, K: tl.constexpr, CHUNK_: tl.constexpr,
-                       CHUNKS_POW2: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr):
+def _topp_final_kernel(w_ptr, p_ptr, len_ptr, state_in, part_in, target_ptr, counts_in, mask_ptr, idx_ptr,
+                       count_ptr, n, stride_row, n_chunks, K: tl.constexpr, CHUNK_: tl.constexpr,
+                       CHUNKS_POW2: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_IDX: tl.constexpr,
+                       HAS_LEN: tl.constexpr):
     """Last narrowing (now hi = lo + 1, so θ's key is lo), then the mask and compacted indices."""
     row, chunk = tl.program_id(0), tl.program_id(1)
     lo, hi, target, j = _narrow(row, n_chunks, state_in, part_in, p_ptr, target_ptr, False, K, CHUNKS_POW2)
     offs = chunk * CHUNK_ + tl.arange(0, CHUNK_)
-    x, key = _load_keys(w_ptr + row * stride_row, offs, n)
+    n_row = _row_length(len_ptr, row, n, HAS_LEN)
+    x, key = _load_keys(w_ptr + row * stride_row, offs, n_row)
     p = tl.load(p_ptr + row)
-    keep = _kept(key, offs, n, lo, p >= 1, target)
+    keep = _kept(key, offs, n_row, lo, p >= 1, target)
     first_slot = 0
     if WRITE_IDX:
         # θ is the last pass's pivot j, and that pass stored how many entries of each chunk
@@ -291,8 +326,8 @@ def _topp_final_kernel(w_ptr, p_ptr, state_in, part_in, target_ptr, counts_in, m
         # list is ascending, the same on every run, and needs no atomic counter.
         c = tl.arange(0, CHUNKS_POW2)
         kept_per_chunk = tl.load(counts_in + (row * n_chunks + c) * K + j, mask=c < n_chunks, other=0)
-        kept_per_chunk = tl.where(p >= 1, tl.minimum(tl.maximum(n - c * CHUNK_, 0), CHUNK_),  # _kept's two
-                                  tl.where(target > 0, kept_per_chunk, 0))  # special cases
+        kept_per_chunk = tl.where(p >= 1, tl.minimum(tl.maximum(n_row - c * CHUNK_, 0), CHUNK_),  # _kept's
+                                  tl.where(target > 0, kept_per_chunk, 0))  # two special cases
         first_slot = tl.sum(tl.where(c < chunk, kept_per_chunk, 0), axis=0)
         if chunk == 0:
             tl.store(count_ptr + row, tl.sum(kept_per_chunk, axis=0))
@@ -304,7 +339,13 @@ def _one_program_per_row(rows: int, n: int, device) -> bool:
     return n <= SINGLE_PROGRAM_MAX or (n <= SINGLE_PROGRAM_MAX_MANY_ROWS and 2 * rows >= _sm_count(device))
 
 
-def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
+def _lengths_per_row(lengths, rows_shape, device) -> torch.Tensor:
+    """lengths (ints or a tensor broadcast to rows_shape) as int32 [rows], one per row."""
+    lengths = torch.as_tensor(lengths, device=device).to(torch.int32).expand(rows_shape)
+    return lengths.reshape(-1).contiguous()
+
+
+def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, lengths=None):
     shape, n = w.shape, w.shape[-1]
     w2 = w.reshape(-1, n)
     if w2.stride(-1) != 1:
@@ -312,6 +353,8 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
     rows = w2.shape[0]
     p_rows = _p_per_row(p, shape[:-1], w.device).reshape(rows)
     dev = w.device
+    has_len = lengths is not None
+    lengths = _lengths_per_row(lengths, shape[:-1], dev) if has_len else None
     mask = torch.empty((rows, n), device=dev, dtype=torch.int8) if write_mask else None
     idx = torch.empty((rows, n), device=dev, dtype=torch.int32) if write_idx else None
     count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None  # (kernels add to it)
@@ -319,8 +362,8 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
         pass
     elif _one_program_per_row(rows, n, dev):
         block = triton.next_power_of_2(n)
-        _topp_row_kernel[(rows,)](w2, p_rows, mask, idx, count, n, w2.stride(0), BLOCK=block,
-                                  WRITE_MASK=write_mask, WRITE_IDX=write_idx,
+        _topp_row_kernel[(rows,)](w2, p_rows, lengths, mask, idx, count, n, w2.stride(0), BLOCK=block,
+                                  WRITE_MASK=write_mask, WRITE_IDX=write_idx, HAS_LEN=has_len,
                                   num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
     else:
         n_chunks = triton.cdiv(n, CHUNK)
@@ -333,38 +376,85 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool):
         grid = (rows, n_chunks)
         for d in range(PASSES):
             stage = min(d, 2)
-            _topp_pass_kernel[grid](w2, p_rows, state[(d - 1) % 2], state[d % 2], part[(d - 1) % 2],
+            _topp_pass_kernel[grid](w2, p_rows, lengths, state[(d - 1) % 2], state[d % 2], part[(d - 1) % 2],
                                     part[d % 2], target, counts, n, w2.stride(0), n_chunks, STAGE=stage,
                                     K=PIVOTS, CHUNK_=CHUNK, CHUNKS_POW2=chunks_pow2,
-                                    COUNT=write_idx and d == PASSES - 1, num_warps=8)
+                                    COUNT=write_idx and d == PASSES - 1, HAS_LEN=has_len, num_warps=8)
         last = (PASSES - 1) % 2
-        _topp_final_kernel[grid](w2, p_rows, state[last], part[last], target, counts, mask, idx, count, n,
-                                 w2.stride(0), n_chunks, K=PIVOTS, CHUNK_=CHUNK, CHUNKS_POW2=chunks_pow2,
-                                 WRITE_MASK=write_mask, WRITE_IDX=write_idx, num_warps=8)
+        _topp_final_kernel[grid](w2, p_rows, lengths, state[last], part[last], target, counts, mask, idx,
+                                 count, n, w2.stride(0), n_chunks, K=PIVOTS, CHUNK_=CHUNK,
+                                 CHUNKS_POW2=chunks_pow2, WRITE_MASK=write_mask, WRITE_IDX=write_idx,
+                                 HAS_LEN=has_len, num_warps=8)
     mask = mask.view(torch.bool).reshape(shape) if write_mask else None
     if write_idx:
         idx, count = idx.reshape(shape), count.reshape(shape[:-1])
     return mask, idx, count
 
 
-def topp_mask(w: torch.Tensor, p) -> torch.Tensor:
+def topp_mask(w: torch.Tensor, p, lengths=None) -> torch.Tensor:
     """bool [..., N] keeping {w >= θ}, θ the largest value whose mass at or above reaches
     p · rowsum. w: [..., N] non-negative weights (fp32/fp16/bf16; rows need not sum to 1);
-    p: a float in (0, 1] or a per-row tensor [...]. NaN/inf/negative count as 0."""
+    p: a float in (0, 1] or a per-row tensor [...]. NaN/inf/negative count as 0.
+    lengths: None, or ints (a tensor broadcast to [...], e.g. per-row lengths on the
+    device): each row is only its first lengths[...] entries (the rest: no mass, not kept)."""
     if not _use_triton(w):
-        return topp_mask_reference(w, p)
-    return _topp_triton(w, p, write_mask=True, write_idx=False)[0]
+        return topp_mask_reference(w, p, lengths)
+    return _topp_triton(w, p, write_mask=True, write_idx=False, lengths=lengths)[0]
 
 
-def topp_select(w: torch.Tensor, p):
+def topp_select(w: torch.Tensor, p, lengths=None):
     """(idx int32 [..., N], count int32 [...]): the kept indices of each row compacted to
     the front (entries past `count` are undefined). Same definition as topp_mask (on the
     GPU the two may differ at the cut by fp32 summation order). Indices are ascending, and
     the same on every run."""
     if not _use_triton(w):
-        return topp_select_reference(w, p)
-    _, idx, count = _topp_triton(w, p, write_mask=False, write_idx=True)
+        return topp_select_reference(w, p, lengths)
+    _, idx, count = _topp_triton(w, p, write_mask=False, write_idx=True, lengths=lengths)
     return idx, count
+
+
+# A union of selections, compacted: SpecAttn keeps what any of the γ draft rows' top-p sets
+# keeps. One program per row walks it block by block, ORs the K masks, and appends the kept
+# positions of each block after the previous blocks' (a prefix sum within the block), so
+# the list comes out ascending with no atomics.
+
+@triton.jit
+def _union_select_kernel(mask_ptr, len_ptr, idx_ptr, count_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr,
+                         HAS_LEN: tl.constexpr):
+    row = tl.program_id(0)
+    n_row = _row_length(len_ptr, row, n, HAS_LEN)
+    listed = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)  # kept positions before this block
+    for start in range(0, n_row, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < n_row
+        keep = tl.zeros([BLOCK], dtype=tl.int1)
+        for k in tl.static_range(K):
+            keep |= tl.load(mask_ptr + (row * K + k) * n + offs, mask=inside, other=0) != 0
+        rank = tl.cumsum(keep.to(tl.int32), axis=0)  # 1 + how many kept entries of the block come before
+        tl.store(idx_ptr + row * n + listed + rank - 1, offs, mask=keep)
+        listed += tl.sum(keep.to(tl.int32), axis=0)
+    tl.store(count_ptr + row, listed)
+
+
+def union_select(masks: torch.Tensor, lengths=None):
+    """masks bool [..., K, N] -> (idx int32 [..., N], count int32 [...]): per row, the
+    positions any of its K masks keeps, below the row's length if lengths (ints or a
+    tensor broadcast to [...]) is given, compacted to the front in ascending order (entries
+    past `count` are undefined). One launch, no host sync."""
+    if not _use_triton(masks):
+        return union_select_reference(masks, lengths)
+    *lead, K, n = masks.shape
+    rows = math.prod(lead)
+    m = masks.reshape(rows, K, n).contiguous().view(torch.int8)
+    idx = torch.empty((rows, n), device=masks.device, dtype=torch.int32)
+    count = torch.empty(rows, device=masks.device, dtype=torch.int32)
+    has_len = lengths is not None
+    lengths = _lengths_per_row(lengths, lead, masks.device) if has_len else None
+    if rows:
+        block = min(triton.next_power_of_2(max(n, 1)), 4096)
+        _union_select_kernel[(rows,)](m, lengths, idx, count, n, K=K, BLOCK=block, HAS_LEN=has_len,
+                                      num_warps=4 if block <= 1024 else 8)
+    return idx.reshape(*lead, n), count.reshape(lead)
 
 
 # ----------------------------------------------------------------------------------------
@@ -871,6 +961,20 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
             listed = torch.arange(1, n, device=dev) < count[:, None]  # [rows, n - 1]: idx[:, 1:] in the list
             ascending = ((idx[:, 1:] > idx[:, :-1]) | ~listed).all()
             assert bool(ascending), f"top-p {rows}x{n}: indices not ascending"
+        # Per-row lengths (the engine's select phase), and the union of 4 masks per row, compacted.
+        lengths = torch.randint(0, n + 1, (rows,), device=dev)
+        inside = _inside(lengths, w.shape, dev)
+        for p in (0.5, 0.9):
+            got = topp_mask(w, p, lengths)
+            if not torch.equal(got, topp_mask_reference(w, p, lengths)):
+                assert not (got & ~inside).any(), f"top-p {rows}x{n}: kept past a row's length"
+                check_topp_definition(w * inside, got, p, rel_tol=1e-6)
+        masks = torch.rand(rows, 4, n, device=dev) < 0.05
+        idx, count = union_select(masks, lengths)
+        ref_idx, ref_count = union_select_reference(masks, lengths)
+        listed = torch.arange(n, device=dev) < ref_count[:, None]
+        assert torch.equal(count, ref_count) and torch.equal(torch.where(listed, idx, -1), ref_idx), \
+            f"union_select {rows}x4x{n}: differs from the reference"
     # (B, Hq, Hkv, T, S, kept, D): awkward sizes with GQA 4 and 3, then the benchmark's shapes.
     attention_cases = ((2, 8, 2, 5, 577, 0.25, 64), (3, 9, 3, 9, 63, 1.0, 128), (2, 12, 4, 1, 4099, 0.1, 128),
                        (8, 32, 8, 5, 8192, 0.25, 128), (1, 32, 8, 8, 4099, 0.25, 128),
@@ -903,8 +1007,7 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         selections = ((None, None), random_selection(B, 1, S, 0.2, dev))
         for sel, rope in itertools.product(selections, (None, tables)):
             if sel[0] is not None:  # keep only positions each row has cached
-                keep = _selected_mask(*sel, S) & (torch.arange(S, device=dev) < lengths[:, None, None])
-                sel = topp_select_reference(keep.float(), 0.5)
+                sel = union_select_reference(_selected_mask(*sel, S)[:, :, None], lengths[:, None])
             kr, vr = kc.clone(), vc.clone()
             block = dict(new_kv=tuple(new_kv), rope=rope)
             got = sparse_attention(q, kc, vc, lengths, *sel, **block).float()

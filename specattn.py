@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from calibrate import add_pair_arguments, check_device, layer_map_for, load_pair, parse_layers
 from demo import demo_books
-from kernels import attention_slot, check_topp, topp_mask, topp_select
+from kernels import attention_slot, check_topp, topp_mask, topp_select, union_select
 from model import (Tokenizer, Transformer, cache_attention, compile_pointwise, format_bytes, free_memory,
                    kv_cache_bytes, write_atomic)
 
@@ -311,21 +311,18 @@ class SpecEngine:
         """The draft rows -> per used draft layer, the cached positions the target reads,
         compacted (idx [used, B, S], count [used, B]). Only the target's cached positions
         count: the rows' entries at and past each row's target length (the draft's own
-        block) are zeroed before the top-p cut."""
-        cfg, S = self.cfg, self.max_len
-        cached = torch.arange(S, device=self.device) < self.t_cache.lengths[:, None]  # [B, S]
-        rows = self.draft_rows * cached[:, None]  # [used, B, γ, S]
+        block) take no part in the top-p cut (the kernels read that length on the device)."""
+        cfg = self.cfg
+        lengths = self.t_cache.lengths[None, :, None]  # [1, B, 1]: broadcast over used layers and rows
+        rows = self.draft_rows.mean(2, keepdim=True) if cfg.combine == "mean" else self.draft_rows
         if cfg.combine == "mean" and not cfg.sinks:  # one cut of the rows' mean: one launch
-            self.sel_idx, self.sel_count = topp_select(rows.mean(2), cfg.topp)
+            self.sel_idx, self.sel_count = topp_select(rows[:, :, 0], cfg.topp, lengths=lengths[..., 0])
             return
-        rows = rows.mean(2, keepdim=True) if cfg.combine == "mean" else rows
-        keep = topp_mask(rows, cfg.topp).any(2)  # [used, B, S]: union of the rows' top-p sets
+        keep = topp_mask(rows, cfg.topp, lengths=lengths)  # [used, B, γ or 1, S]: each row's top-p set
         if cfg.sinks:
             keep[..., :cfg.sinks] = True
-        keep &= cached
-        # Compaction of a mask through the top-p kernel: every kept weight is 1, so θ = 1 and
-        # exactly the kept positions are listed (ascending), with no sort.
-        self.sel_idx, self.sel_count = topp_select(keep.float(), 0.5)
+        # their union, compacted (one launch); sinks only where a row has them cached
+        self.sel_idx, self.sel_count = union_select(keep, lengths=lengths[..., 0])
 
     def _verify_phase(self):
         """The target reads [last, d1..dγ] in one forward: logits [B, γ + 1, V]. With

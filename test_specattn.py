@@ -31,7 +31,11 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer  # noqa: E402
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+try:  # transformers >= 5.25 imports Hugging Face's `kernels` package, which kernels.py here shadows
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+except ImportError as e:
+    raise ImportError(f"{e}: the tests need transformers < 5.25 (pip install 'transformers<5.25'; "
+                      "pip uninstall kernels if a newer transformers installed it)") from None
 
 import calibrate as C  # noqa: E402
 import demo  # noqa: E402
@@ -289,7 +293,7 @@ def test_select_hook_sees_rotated_queries_under_the_fused_slot(monkeypatch):
             keep = torch.arange(past) % 3 == 0  # every third cached position
             if slot is M.cache_attention:
                 return keep.expand(2, 2, 1, past)
-            return K.topp_select_reference(keep.float().expand(2, 1, past).contiguous(), 0.5)
+            return K.union_select_reference(keep.expand(2, 1, 1, past))
 
         logits[slot] = m(tokens[:, 26:], cache=cache, select=hook, attend=slot)
     for a, b in zip(seen[M.cache_attention], seen[K.attention_slot]):
@@ -704,9 +708,9 @@ def topp_path(request, monkeypatch):
         monkeypatch.setattr(K, "SINGLE_PROGRAM_MAX_MANY_ROWS", 32)
         original = K._topp_triton
 
-        def four_chunks(w, p, write_mask, write_idx):
+        def four_chunks(w, p, write_mask, write_idx, lengths=None):
             monkeypatch.setattr(K, "CHUNK", max(16, triton.next_power_of_2(triton.cdiv(w.shape[-1], 4))))
-            return original(w, p, write_mask, write_idx)
+            return original(w, p, write_mask, write_idx, lengths)
 
         monkeypatch.setattr(K, "_topp_triton", four_chunks)
     return request.param
@@ -725,6 +729,59 @@ def test_topp_kernel_matches_reference_and_definition(n, topp_path):
         assert torch.equal(count, got.sum(-1, dtype=torch.int32))
         for r in range(w.shape[0]):  # the kept positions, ascending
             assert idx[r, :count[r]].tolist() == got[r].nonzero().flatten().tolist()
+
+
+LENGTH_CASES = [(1, "single_program"), (63, "single_program"), (4099, "single_program"), (577, "multi_chunk")]
+
+
+@pytest.mark.parametrize("n, topp_path", LENGTH_CASES, indirect=["topp_path"])
+def test_topp_with_row_lengths_equals_the_cut_rows(n, topp_path):
+    """lengths: each row is only its first lengths[r] entries, as if the row were cut there
+    (lengths of 0, 1, inside, n and past n; given per row, broadcast over a leading dim, or
+    one for all rows). The multi-pass path is slow under the interpreter: one size, fewer cases."""
+    w = topp_rows(n, seed=n + 1)  # [7, n]
+    lengths = torch.tensor([0, 1, n // 2, n, n + 5, (n + 1) // 3, n - 1])
+    lengths = torch.where(lengths < 0, 0, lengths)
+    variants = [(lengths, w), (lengths[:1], w)]
+    if topp_path == "single_program":
+        variants.append((lengths[None, :, None].expand(2, 7, 1)[..., 0], w.expand(2, 7, n)))
+    for p in [0.5, 0.9, 1.0] if topp_path == "single_program" else [0.9, 1.0]:
+        for lens, rows in variants:
+            got = K.topp_mask(rows, p, lengths=lens)
+            ref = K.topp_mask_reference(rows, p, lengths=lens)
+            flat_got, flat_ref = got.reshape(-1, n), ref.reshape(-1, n)
+            flat_len = lens.expand(rows.shape[:-1]).reshape(-1)
+            for r in range(flat_got.shape[0]):
+                cut = int(flat_len[r].clamp(max=n))
+                alone = K.topp_mask_reference(rows.reshape(-1, n)[r, :cut], p) if cut else \
+                    torch.zeros(0, dtype=torch.bool)
+                assert torch.equal(flat_ref[r, :cut], alone) and not flat_ref[r, cut:].any()
+                assert not flat_got[r, cut:].any()
+                if not torch.equal(flat_got[r, :cut], alone):  # only through fp32 sums at the cut
+                    K.check_topp_definition(rows.reshape(-1, n)[r, :cut], flat_got[r, :cut], p, rel_tol=1e-6)
+            idx, count = K.topp_select(rows, p, lengths=lens)
+            assert torch.equal(count, got.sum(-1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("n", [1, 7, 577, 4099, 9000])
+def test_union_select_matches_reference(n):
+    """The kernel lists, ascending, every position below the row's length that any of the K
+    masks keeps (one block and several blocks of 4096, rows of 0 to past n positions)."""
+    g = torch.Generator().manual_seed(n)
+    for K_masks, density in ((1, 0.3), (4, 0.05), (3, 1.0)):
+        masks = torch.rand(2, 3, K_masks, n, generator=g) < density
+        lengths = torch.randint(0, n + 3, (2, 3), generator=g)
+        lengths[0, 0] = 0
+        for lens in (None, lengths, lengths[:, :1], 5):
+            idx, count = K.union_select(masks, lens)
+            ref_idx, ref_count = K.union_select_reference(masks, lens)
+            assert torch.equal(count, ref_count), f"n={n} K={K_masks}: counts {count} vs {ref_count}"
+            listed = torch.arange(n) < count[..., None]
+            assert torch.equal(torch.where(listed, idx, -1), ref_idx), f"n={n} K={K_masks}: lists differ"
+    keep = masks.any(-2) & (torch.arange(n) < lengths[..., None])  # the definition, spelled out
+    ref_idx, ref_count = K.union_select_reference(masks, lengths)
+    for b, h in itertools.product(range(2), range(3)):
+        assert ref_idx[b, h, :ref_count[b, h]].tolist() == keep[b, h].nonzero().flatten().tolist()
 
 
 def test_topp_per_row_p_and_half_precision(topp_path):
@@ -1059,6 +1116,31 @@ def test_kv_accounting_equals_brute_force():
     assert dense_sp == 3 * hkv * past and read_sp == brute - 2 * hkv * past
 
 
+@pytest.mark.parametrize("combine, sinks", [("union", 0), ("union", 3), ("mean", 0), ("mean", 2)])
+def test_engine_selection_is_each_rows_top_p_below_its_length(combine, sinks):
+    """The select phase (kernels with per-row lengths on the device) against the definition
+    spelled out row by row: per used draft layer and batch row, the draft rows cut to the
+    target's cached positions, top-p per row (or of their mean), their union, the sinks."""
+    target, _ = tiny_pair(2)
+    draft = self_draft(target)
+    cfg = SA.SelectionConfig(topp=0.6, dense_layers=1, combine=combine, sinks=sinks)
+    engine = SA.SpecEngine(target, draft, batch_size=3, max_len=40, gamma=3, layer_map=[0, 0, 1],
+                           selection=cfg, use_specattn=True)
+    g = torch.Generator().manual_seed(4)
+    engine.draft_rows.copy_(torch.rand(engine.draft_rows.shape, generator=g) ** 4)  # [used, B, γ, S]
+    lengths = [2, 17, 33]
+    engine.t_cache.lengths.copy_(torch.tensor(lengths))
+    engine._select_phase()
+    assert engine.sel_idx.shape == (2, 3, 40) and engine.sel_count.shape == (2, 3)
+    for u, b in itertools.product(range(2), range(3)):
+        rows = engine.draft_rows[u, b, :, :lengths[b]]  # [γ, L]: the target's cached positions
+        rows = rows.mean(0, keepdim=True) if combine == "mean" else rows
+        keep = K.topp_mask_reference(rows, 0.6).any(0)
+        keep[:sinks] = True
+        listed = engine.sel_idx[u, b, :engine.sel_count[u, b]].tolist()
+        assert listed == keep.nonzero().flatten().tolist(), f"layer {u} row {b}"
+
+
 def test_specattn_generation_counts_match_selection():
     """A run with SpecAttn on: reported reads equal a recount from the selections it made
     (per row: dense layers read every cached position, sparse layers their list, each KV head)."""
@@ -1108,8 +1190,8 @@ def test_per_row_lengths_attention_equals_each_row_alone():
     new = (torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g))
     lengths = torch.tensor([4, 61, 85, 0], dtype=torch.int32)
     idx, count = K.random_selection(B, 1, S, 0.4, generator=g, shuffled=True)
-    keep = K._selected_mask(idx, count, S) & (torch.arange(S) < lengths[:, None, None])
-    idx, count = K.topp_select_reference(keep.float(), 0.5)  # only positions each row has cached
+    idx, count = K.union_select_reference(K._selected_mask(idx, count, S)[:, :, None],
+                                          lengths[:, None])  # only positions each row has cached
     # 6 splits of 16-key blocks: rows of 0, 4, 61 and 85 positions give work to 0, 1, 4 and 6
     # splits (0, 1, 2 and 3 with at least 40 positions a split); the merge must fold exactly
     # those (and the block's part).
