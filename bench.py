@@ -25,6 +25,7 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -159,8 +160,11 @@ def bench_hf(say, contexts, max_new_tokens: int, runs: int = 3, device: str = "c
     ratios use the median. Returns {context: (median tokens/s, [every run's])}."""
     try:
         from transformers import AutoModelForCausalLM
-    except ImportError:
-        say("(c) transformers is not installed: no peer row")
+    except ImportError as e:
+        why = ("is not installed" if importlib.util.find_spec("transformers") is None else
+               f"failed to import ({e}): from 5.25 on it imports Hugging Face's `kernels` package, "
+               "whose name kernels.py here shadows; pip install 'transformers<5.25'")
+        say(f"(c) transformers {why}: no peer row")
         return {}
     from demo import demo_target
 

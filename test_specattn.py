@@ -2189,6 +2189,20 @@ def test_bench_peer_times_each_context_several_runs(tmp_path, monkeypatch):
     assert "median of 3 runs" in lines[1]
 
 
+def test_bench_peer_says_why_transformers_does_not_import(monkeypatch):
+    """No peer row, and a line that says why: transformers missing, or present but failing to
+    import (as transformers >= 5.25 does next to this repo's kernels.py)."""
+    import bench
+
+    lines = []
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `from transformers import ...` fails
+    assert bench.bench_hf(lines.append, [12], 4, runs=1, device="cpu") == {}
+    assert lines == ["(c) transformers is not installed: no peer row"]
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: object())  # installed after all
+    assert bench.bench_hf(lines.append, [12], 4, runs=1, device="cpu") == {}
+    assert "failed to import" in lines[-1] and "pip install 'transformers<5.25'" in lines[-1]
+
+
 # ----------------------------------------------------------------------------------------
 # On a GPU (skipped elsewhere): TRITON_INTERPRET=0 python -m pytest -q test_specattn.py -k gpu
 # The compiled kernels in bf16 and the graphed engine, as `python kernels.py --check` and
