@@ -437,14 +437,15 @@ def _union_select_kernel(mask_ptr, len_ptr, idx_ptr, count_ptr, n, K: tl.constex
 
 
 def union_select(masks: torch.Tensor, lengths=None):
-    """masks bool [..., K, N] -> (idx int32 [..., N], count int32 [...]): per row, the
-    positions any of its K masks keeps, below the row's length if lengths (ints or a
-    tensor broadcast to [...]) is given, compacted to the front in ascending order (entries
-    past `count` are undefined). One launch, no host sync."""
+    """masks bool [..., K, N] (or any dtype: nonzero keeps) -> (idx int32 [..., N], count
+    int32 [...]): per row, the positions any of its K masks keeps, below the row's length if
+    lengths (ints or a tensor broadcast to [...]) is given, compacted to the front in
+    ascending order (entries past `count` are undefined). One launch, no host sync."""
     if not _use_triton(masks):
         return union_select_reference(masks, lengths)
     *lead, K, n = masks.shape
     rows = math.prod(lead)
+    masks = masks if masks.dtype == torch.bool else masks != 0  # (any dtype: nonzero keeps)
     m = masks.reshape(rows, K, n).contiguous().view(torch.int8)
     idx = torch.empty((rows, n), device=masks.device, dtype=torch.int32)
     count = torch.empty(rows, device=masks.device, dtype=torch.int32)
