@@ -1,6 +1,6 @@
 """Triton kernels for SpecAttn, each with a plain PyTorch reference beside it.
 
-Works copied alone (torch + triton). Two pieces:
+Works copied alone (torch + triton). Three pieces:
 
 1. Top-p selection without sorting. `topp_mask(w, p)` keeps exactly {w >= θ}, where θ
    is the largest value whose "mass at or above" reaches p · rowsum. Instead of sorting
@@ -28,8 +28,11 @@ Works copied alone (torch + triton). Two pieces:
    and values (`new_kv`), the same launch also appends them to the cache, and given the
    RoPE tables (`rope`), it rotates the queries and those keys first.
 
-`topp_mask_reference`, `topp_select_reference`, `union_select_reference` and
-`sparse_attention_reference` are the definitions, used by the tests and as the CPU
+3. The greedy choice: `argmax(logits)`, torch.argmax in one launch that splits each row
+   over many programs (a draft step takes one per row, γ times a step).
+
+`topp_mask_reference`, `topp_select_reference`, `union_select_reference`, `argmax_reference`
+and `sparse_attention_reference` are the definitions, used by the tests and as the CPU
 fallback (also where triton is not installed). On a GPU, `python kernels.py --check`
 compares the kernels with them (bf16 included, which the CPU interpreter cannot run);
 `python bench.py --parts kernels` checks, then times them.
@@ -896,6 +899,67 @@ attention_slot.rotates_and_writes = True
 
 
 # ----------------------------------------------------------------------------------------
+# The greedy choice: argmax over the vocabulary in one launch
+#
+# A draft step ends in an argmax over ~50k-128k logits of each row, γ times a step. Reduced
+# by one program (or a few), one long row is a chain of dependent loads; cut into chunks of
+# BLOCK, every program reduces its chunk at once and leaves its max and first index, and the
+# row's last program to finish (an atomic counter, as in the attention's merge) picks the
+# first of the largest. The chunks are in index order, so that is the row's first maximum.
+
+
+def argmax_reference(x: torch.Tensor) -> torch.Tensor:
+    """x [..., V] -> int64 [...]: the first index of each row's largest entry."""
+    return x.argmax(-1)
+
+
+@triton.jit
+def _argmax_kernel(x_ptr, val_ptr, idx_ptr, lock_ptr, out_ptr, n, stride_row, n_chunks,
+                   BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_row + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
+    m = tl.max(x, axis=0)
+    tl.store(val_ptr + row * n_chunks + chunk, m)
+    tl.store(idx_ptr + row * n_chunks + chunk, tl.min(tl.where(x == m, offs, n), axis=0))
+    tl.debug_barrier()  # release: this program's partial is stored before the counter moves
+    arrived = tl.atomic_add(lock_ptr + row, 1, sem="acq_rel")
+    if arrived == n_chunks - 1:  # the row's last program: every chunk's partial is there
+        c = tl.arange(0, CHUNKS_POW2)
+        v = tl.load(val_ptr + row * n_chunks + c, mask=c < n_chunks, other=float("-inf"),
+                    cache_modifier=".cg")  # (.cg: other multiprocessors wrote these)
+        i = tl.load(idx_ptr + row * n_chunks + c, mask=c < n_chunks, other=n, cache_modifier=".cg")
+        best = tl.max(v, axis=0)
+        tl.store(out_ptr + row, tl.min(tl.where(v == best, i, n), axis=0).to(tl.int64))
+        tl.store(lock_ptr + row, 0)  # ready for the next launch
+
+
+def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
+    """x [..., V] (rows free of NaN; any strides but a contiguous last dim) -> int64 [...]: the
+    first index of each row's largest entry, as `argmax_reference` (torch.argmax), in one
+    launch of cdiv(V, block) programs per row. Shares the attention's merge counters, so the
+    same one-stream rule holds. The reference answers on a CPU without the interpreter."""
+    if not _use_triton(x):
+        return argmax_reference(x)
+    *lead, n = x.shape
+    if n == 0:
+        raise ValueError("argmax: rows of 0 entries have no largest entry")
+    rows = math.prod(lead)
+    x2 = x.reshape(rows, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(rows, device=x.device, dtype=torch.long)
+    n_chunks = triton.cdiv(n, block)
+    val = torch.empty((rows, n_chunks), device=x.device, dtype=torch.float32)  # each chunk's max
+    idx = torch.empty((rows, n_chunks), device=x.device, dtype=torch.int32)  # and its first index
+    if rows:
+        _argmax_kernel[(rows, n_chunks)](x2, val, idx, _locks(x.device, rows), out, n, x2.stride(0),
+                                         n_chunks, BLOCK=block, CHUNKS_POW2=triton.next_power_of_2(n_chunks),
+                                         num_warps=4)
+    return out.reshape(lead)
+
+
+# ----------------------------------------------------------------------------------------
 # Checks (tests, and python kernels.py --check on a GPU)
 
 
@@ -976,6 +1040,11 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         listed = torch.arange(n, device=dev) < ref_count[:, None]
         assert torch.equal(count, ref_count) and torch.equal(torch.where(listed, idx, -1), ref_idx), \
             f"union_select {rows}x4x{n}: differs from the reference"
+    # The greedy argmax at vocabulary sizes, bf16 logits, a tie across chunks (the first wins).
+    for rows, V in ((1, 49152), (64, 49152), (5, 128256), (3, 4099)):
+        x = torch.randn(rows, V, device=dev, dtype=torch.bfloat16)
+        x[0, V // 3] = x[0, V - 1] = 100.0
+        assert torch.equal(argmax(x), argmax_reference(x)), f"argmax {rows}x{V}: differs from torch.argmax"
     # (B, Hq, Hkv, T, S, kept, D): awkward sizes with GQA 4 and 3, then the benchmark's shapes.
     attention_cases = ((2, 8, 2, 5, 577, 0.25, 64), (3, 9, 3, 9, 63, 1.0, 128), (2, 12, 4, 1, 4099, 0.1, 128),
                        (8, 32, 8, 5, 8192, 0.25, 128), (1, 32, 8, 8, 4099, 0.25, 128),

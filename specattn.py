@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from calibrate import add_pair_arguments, check_device, layer_map_for, load_pair, parse_layers
 from demo import demo_books
-from kernels import attention_slot, check_topp, topp_mask, topp_select, union_select
+from kernels import argmax, attention_slot, check_topp, topp_mask, topp_select, union_select
 from model import (Tokenizer, Transformer, cache_attention, compile_pointwise, format_bytes, free_memory,
                    kv_cache_bytes, write_atomic)
 
@@ -299,7 +299,7 @@ class SpecEngine:
                 logits = self.draft(inp, cache=self.d_cache, attend=attention_slot)
             logits = logits[:, -1]  # [B, V]
             if self.temperature == 0:
-                tok = logits.argmax(-1)
+                tok = argmax(logits)  # kernels.argmax: torch.argmax in one launch, γ times a step
             else:
                 q = torch.softmax(logits / self.temperature, -1)
                 self.q_dists[:, i].copy_(q)

@@ -786,6 +786,22 @@ def test_union_select_matches_reference(n):
         assert ref_idx[b, h, :ref_count[b, h]].tolist() == keep[b, h].nonzero().flatten().tolist()
 
 
+@pytest.mark.parametrize("V", [1, 7, 2048, 2049, 9000])
+def test_argmax_kernel_is_torch_argmax(V):
+    """One launch of cdiv(V, 2048) programs per row: the first index of the largest entry,
+    ties across chunks included (the first wins), -inf rows, a strided [B, T, V][:, -1] view."""
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(3, 2, V, generator=g)
+    x[0, 0, V // 3] = x[0, 0, V - 1] = 50.0  # a tie: in two chunks when V > 2048
+    x[1, 1, V - 1] = 60.0  # the last entry of the last chunk
+    x[2, 0] = float("-inf")
+    assert torch.equal(K.argmax(x), K.argmax_reference(x))
+    assert torch.equal(K.argmax(x[:, -1]), K.argmax_reference(x[:, -1]))
+    assert K.argmax(x).dtype == torch.long and K.argmax(x).shape == (3, 2)
+    with pytest.raises(ValueError, match="0 entries"):
+        K.argmax(torch.zeros(2, 0))
+
+
 def test_topp_per_row_p_and_half_precision(topp_path):
     g = torch.Generator().manual_seed(5)
     w = torch.softmax(3 * torch.randn(2, 3, 300, generator=g), -1)  # [..., N] with two leading dims
