@@ -342,10 +342,12 @@ def _one_program_per_row(rows: int, n: int, device) -> bool:
     return n <= SINGLE_PROGRAM_MAX or (n <= SINGLE_PROGRAM_MAX_MANY_ROWS and 2 * rows >= _sm_count(device))
 
 
-def _lengths_per_row(lengths, rows_shape, device) -> torch.Tensor:
-    """lengths (ints or a tensor broadcast to rows_shape) as int32 [rows], one per row."""
-    lengths = torch.as_tensor(lengths, device=device).to(torch.int32).expand(rows_shape)
-    return lengths.reshape(-1).contiguous()
+def _row_lengths(lengths, rows_shape, device) -> torch.Tensor:
+    """One length per row, int32 [prod(rows_shape)]: from an int (every row), or a tensor
+    broadcast to rows_shape. An int is filled on the device (no host copy: capture-safe)."""
+    if isinstance(lengths, torch.Tensor):
+        return lengths.to(device=device, dtype=torch.int32).expand(rows_shape).reshape(-1).contiguous()
+    return torch.full((math.prod(rows_shape),), lengths, device=device, dtype=torch.int32)
 
 
 def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, lengths=None):
@@ -357,7 +359,7 @@ def _topp_triton(w: torch.Tensor, p, write_mask: bool, write_idx: bool, lengths=
     p_rows = _p_per_row(p, shape[:-1], w.device).reshape(rows)
     dev = w.device
     has_len = lengths is not None
-    lengths = _lengths_per_row(lengths, shape[:-1], dev) if has_len else None
+    lengths = _row_lengths(lengths, shape[:-1], dev) if has_len else None
     mask = torch.empty((rows, n), device=dev, dtype=torch.int8) if write_mask else None
     idx = torch.empty((rows, n), device=dev, dtype=torch.int32) if write_idx else None
     count = torch.zeros(rows, device=dev, dtype=torch.int32) if write_idx else None  # (kernels add to it)
@@ -453,7 +455,7 @@ def union_select(masks: torch.Tensor, lengths=None):
     idx = torch.empty((rows, n), device=masks.device, dtype=torch.int32)
     count = torch.empty(rows, device=masks.device, dtype=torch.int32)
     has_len = lengths is not None
-    lengths = _lengths_per_row(lengths, lead, masks.device) if has_len else None
+    lengths = _row_lengths(lengths, lead, masks.device) if has_len else None
     if rows:
         block = min(triton.next_power_of_2(max(n, 1)), 4096)
         _union_select_kernel[(rows,)](m, lengths, idx, count, n, K=K, BLOCK=block, HAS_LEN=has_len,
@@ -463,13 +465,6 @@ def union_select(masks: torch.Tensor, lengths=None):
 
 # ----------------------------------------------------------------------------------------
 # Sparse verification attention: reference
-
-
-def _row_lengths(past_len, B: int, device) -> torch.Tensor:
-    """Cached positions per batch row, int32 [B], from an int (every row) or a tensor [B]."""
-    if isinstance(past_len, torch.Tensor):
-        return past_len.to(device=device, dtype=torch.int32).expand(B).contiguous()
-    return torch.full((B,), past_len, device=device, dtype=torch.int32)
 
 
 def _key_window(k_cache, past_len, T: int) -> int:
@@ -507,7 +502,7 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=No
     """
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
-    lengths = _row_lengths(past_len, B, q.device).long()  # [B]
+    lengths = _row_lengths(past_len, (B,), q.device).long()  # [B]: cached positions per row
     pos = lengths[:, None] + torch.arange(T, device=q.device)  # [B, T]: the block's positions
     if rope is not None:
         if new_kv is None:
@@ -813,7 +808,7 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
         idx, count = idx.expand(B, Hkv, idx.shape[-1]), count.expand(B, Hkv)
         if idx.stride(-1) != 1 or idx.dtype != torch.int32 or count.dtype != torch.int32:
             raise ValueError("sparse_attention: idx and count must be int32 with a contiguous last dim")
-    lengths = _row_lengths(past_len, B, q.device)  # [B] int32
+    lengths = _row_lengths(past_len, (B,), q.device)  # [B] int32: cached positions per row
     width = k_cache.shape[2] if ragged else past_len  # the last row's entries (one per cache slot if ragged)
     capacity = k_cache.shape[2] - T if ragged else past_len  # the most cached positions a row can have
     capacity = capacity if dense else min(capacity, idx.shape[-1])
