@@ -777,7 +777,7 @@ def test_union_select_matches_reference(n):
             assert torch.equal(count, ref_count), f"n={n} K={K_masks}: counts {count} vs {ref_count}"
             listed = torch.arange(n) < count[..., None]
             assert torch.equal(torch.where(listed, idx, -1), ref_idx), f"n={n} K={K_masks}: lists differ"
-    idx, count = K.union_select(masks.float() * 0.5, lengths)  # not bool: nonzero entries keep
+    _, count = K.union_select(masks.float() * 0.5, lengths)  # not bool: nonzero entries keep
     assert torch.equal(count, K.union_select_reference(masks, lengths)[1])
     keep = masks.any(-2) & (torch.arange(n) < lengths[..., None])  # the definition, spelled out
     ref_idx, ref_count = K.union_select_reference(masks, lengths)
