@@ -866,7 +866,9 @@ def test_sparse_attention_matches_reference(T, S, ratio):
         idx, count = K.random_selection(B, Hkv, S, frac, generator=g, shuffled=True)
         ref = K.sparse_attention_reference(q, kc, vc, S, idx, count)
         # Few splits, and more, smaller ones (each head's last program merges them all).
-        for launch in (dict(n_splits=1), dict(n_splits=3), dict(n_splits=7, block_n=16)):
+        # The merge folds the partials as row tiles or flat (one entry per (row, column), 8 parts a load).
+        for launch in (dict(n_splits=1), dict(n_splits=3), dict(n_splits=7, block_n=16),
+                       dict(n_splits=11, block_n=16, merge="flat"), dict(n_splits=11, block_n=16, merge="rows")):
             got = K.sparse_attention(q, kc, vc, S, idx, count, **launch)
             err = (got - ref).norm() / ref.norm()
             assert err < 1e-5, f"T={T} S={S} G={ratio} D={D} kept={frac} {launch}: rel err {err:.2e}, " \
@@ -977,11 +979,13 @@ def test_sparse_attention_last_row(T, Hq):
     g = torch.Generator().manual_seed(T)
     q, kc, vc = (torch.randn(2, Hq, T, 64, generator=g), torch.randn(2, 2, 150 + T, 64, generator=g),
                  torch.randn(2, 2, 150 + T, 64, generator=g))
-    out, row = K.sparse_attention(q, kc, vc, 150, return_last_row=True)
     ref_out, ref_row = K.sparse_attention_reference(q, kc, vc, 150, return_last_row=True)
-    assert (out - ref_out).norm() / ref_out.norm() < 1e-5
-    err = (row - ref_row).abs()
-    assert err.max() < 1e-6 and row.shape == (2, 2, 150), f"max {err.max():.2e} mean {err.mean():.2e}"
+    for launch in ({}, dict(n_splits=9, block_n=16, merge="flat"), dict(n_splits=9, block_n=16, merge="rows")):
+        out, row = K.sparse_attention(q, kc, vc, 150, return_last_row=True, **launch)
+        assert (out - ref_out).norm() / ref_out.norm() < 1e-5, launch
+        err = (row - ref_row).abs()
+        assert err.max() < 1e-6 and row.shape == (2, 2, 150), \
+            f"{launch}: max {err.max():.2e} mean {err.mean():.2e}"
     _, probs = M.subset_attention(q, kc[:, :, :150 + T], vc[:, :, :150 + T], 150, return_probs=True)
     assert (ref_row - probs[:, :, -1, :150].view(2, 2, Hq // 2, 150).sum(2)).abs().max() < 1e-6
     # last_row_mean: the mean over all query heads, [B, past_len], as one selection per layer uses it
