@@ -717,12 +717,12 @@ def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_active, n_spli
 def _merge_flat(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_active, n_splits, o_off, so_h, so_t, bh,
                 T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, WRITE_STATS: tl.constexpr,
                 FLAT: tl.constexpr, PARTS_PER_LOAD: tl.constexpr):
-    """The same fold as _merge_rows, for a decode step's few rows (G*T*D <= FLAT entries). There,
-    a [BLOCK_M, D] tile is mostly padding (G*T = 3 of 16 rows for SmolLM2 at T=1) and the merge
-    waits one L2 round trip per part: at batch 1 with 22 splits a head, that wait was half of a
-    7.9k-position call. Here each thread holds a few of the G*T*D real (row, column) entries,
-    with their row's max and sum alongside, and every round of the loop loads PARTS_PER_LOAD
-    parts at once (independent loads, one round trip) before folding them in order."""
+    """The same fold as _merge_rows, in the same order, for a decode step's few rows (G*T*D <=
+    FLAT entries). There a [BLOCK_M, D] tile is mostly padding (G*T = 3 of 16 rows for SmolLM2
+    at T=1), and with many splits (22 a head at batch 1) waiting one L2 round trip per part
+    is much of a long row's call. Here each thread holds a few of the G*T*D real (row, column)
+    entries, with their row's max and sum alongside, and each round of the loop loads
+    PARTS_PER_LOAD parts at once (independent loads: one round trip) before folding them."""
     f = tl.arange(0, FLAT)  # entry f is (row f // D, column f % D) of the G*T real rows
     real = f < G * T * D
     r = f // D
@@ -820,6 +820,8 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     The merge counters are one buffer per device: do not run calls on several CUDA streams
     at once.
     Falls back to the reference on a CPU without the interpreter."""
+    if merge not in (None, "flat", "rows"):
+        raise ValueError(f"sparse_attention: merge must be 'flat', 'rows' or None, got {merge!r}")
     if not _use_triton(q):
         return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row,
                                           new_kv, last_row_mean, rope)
@@ -876,14 +878,13 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     n_splits = max(1, min(n_splits, triton.cdiv(capacity, block_n))) if capacity else 0
     split_keys = max(split_keys or 256, block_n)  # a short row: fewer partials to merge (measured, demo)
     parts = n_splits + 1
-    # The merge: a decode step's few rows, spread over many splits, fold flat, 8 parts per load
-    # (measured on an H200 at SmolLM2's shapes, batch 1, one query: 12.6 -> 8.9 µs a call at
-    # 7.9k positions, 6.8 -> 6.1 at 1k); wider blocks, or a few splits, fold as rows.
+    # The merge: a decode step's few rows, spread over many splits, fold flat, 8 parts per load;
+    # wider blocks, or a few splits, fold as rows. On an H200 (`python bench.py --parts kernels`,
+    # the merge table) at SmolLM2's shapes, batch 1: one query 12.7 -> 9.0 µs a call at 7.9k
+    # positions and 6.8 -> 6.1 at 1k; two queries 12.8 -> 10.7; five (verification) slower flat.
     flat = triton.next_power_of_2(G * T * D)
     if merge is None:
         merge = "flat" if flat <= 512 and n_splits >= 8 else "rows"
-    if merge not in ("flat", "rows"):
-        raise ValueError(f"sparse_attention: merge must be 'flat', 'rows' or None, got {merge!r}")
     # The partial outputs are what the merge reads back, so for 16-bit inputs they are kept
     # in bf16 (half the bytes; relative error 2^-9 per partial, the same as rounding the
     # output itself); their max and sum stay fp32. fp32 inputs keep fp32 partials.

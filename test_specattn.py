@@ -927,6 +927,8 @@ def test_sparse_attention_writes_new_block():
     assert (out - ref_out).norm() / ref_out.norm() < 1e-5 and (row - ref_row).abs().max() < 1e-6
     with pytest.raises(ValueError, match="needs new_kv"):
         K.sparse_attention(q, kc, vc, S, rope=(cos, sin))
+    with pytest.raises(ValueError, match="merge must be 'flat', 'rows' or None"):
+        K.sparse_attention(q, kc, vc, S, merge="tree")
 
     m = tiny_model(seed=8)
     x = torch.randint(0, m.args.vocab_size, (2, 12))
