@@ -16,7 +16,8 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     --peer-runs times per context: the median and the range (it varies from run to run).
 (d) the kernels alone (`--parts kernels`, not in the default): top-p against the sort
     reference, the sparse attention against SDPA, the attention's launch choices; after
-    `kernels.check_on_gpu`.
+    `kernels.check_on_gpu`. Its last table, (e), runs alone as `--parts merge`: the
+    attention's merge variants at the demo's batch-1 decode shapes.
 
     python bench.py --out DIR               # (a), (c), then (b)
     python bench.py --parts demo,hf         # some parts
@@ -315,12 +316,28 @@ def bench_kernels(out_dir=None):
                                 return_mode="median") for kw in variants]
         say(f"| {B} | {S} | {frac:.0%} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     say()
+    bench_merge(say)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(out_dir) / "kernels_bench.md", "\n".join(lines) + "\n")
+
+
+def bench_merge(say) -> None:
+    """(e): the attention's merge at SmolLM2's batch-1 decode shapes, each variant first checked
+    against the reference (bf16 vs fp32, rel err < 1e-2), then timed in a CUDA graph of 30 calls
+    on 30 caches, as a step runs them."""
+    from triton.testing import do_bench
+
+    dev = "cuda"
+    variants = {"rows": dict(merge="rows"), "rows, 4 a load": dict(merge="rows", merge_parts=4),
+                "flat": dict(merge="flat"), "default": {}}
     say("## the merge at SmolLM2's decode shapes: 9 q-heads / 3 KV heads, D=64, bf16, batch 1, one row length "
         "on the device, RoPE and the cache write in the launch")
     say("µs per call, median, a CUDA graph of 30 calls on 30 caches (one per layer, as a step runs them); "
-        "queries: 1 (plain decoding, a draft step), 2 (a draft's first step), 5 (verification, γ=4)")
-    say("| queries | S | merge rows | merge flat | default |")
-    say("|---|---|---|---|---|")
+        "queries: 1 (plain decoding, a draft step), 2 (a draft's first step), 5 (verification, γ=4); "
+        "partials loaded per round trip: rows 1 (one ahead), flat 8")
+    say("| queries | S | " + " | ".join(f"merge {v}" if v != "default" else v for v in variants) + " |")
+    say("|---|---|" + "---|" * len(variants))
     layers, Hq, Hkv, D = 30, 9, 3, 64
     for T in (1, 2, 5):
         for S in (1024, 4096, 7900):
@@ -331,23 +348,27 @@ def bench_kernels(out_dir=None):
             angles = torch.rand(1, T, D, device=dev) * 100
             rope = (angles.cos(), angles.sin())
             lengths = torch.full((1,), S, dtype=torch.int32, device=dev)
+            ref = K.sparse_attention_reference(q.float(), kc[0].float(), vc[0].float(), lengths,
+                                               new_kv=tuple(x.float() for x in new_kv), rope=rope)
+            for name, kw in variants.items():
+                got = K.sparse_attention(q, kc[0], vc[0], lengths, new_kv=new_kv, rope=rope, **kw).float()
+                err = ((got - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, f"merge {name}, {T} queries, {S} positions: rel err {err:.2e}"
 
-            def step(merge):
-                return lambda: [K.sparse_attention(q, kc[i], vc[i], lengths, new_kv=new_kv, rope=rope, merge=merge)
+            def step(kw):
+                return lambda: [K.sparse_attention(q, kc[i], vc[i], lengths, new_kv=new_kv, rope=rope, **kw)
                                 for i in range(layers)]
-            cells = [1e3 * do_bench(graphed(step(m)), return_mode="median") / layers for m in ("rows", "flat", None)]
+            cells = [1e3 * do_bench(graphed(step(kw)), return_mode="median") / layers for kw in variants.values()]
             say(f"| {T} | {S} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
             kc = vc = None
-    if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(out_dir) / "kernels_bench.md", "\n".join(lines) + "\n")
 
 
 def main():
     parser = argparse.ArgumentParser(description="Time the generation engine (specattn.SpecEngine) on a GPU.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--parts", default="demo,hf,8b", help="which parts to run, comma-separated: demo "
-                        "(a), 8b (b), hf (c), kernels (d: the kernels alone, written to kernels_bench.md)")
+                        "(a), 8b (b), hf (c), kernels (d: the kernels alone, written to kernels_bench.md), "
+                        "merge (e: the attention's merge at the demo's decode shapes, also the last table of d)")
     parser.add_argument("--batches", default="1,8,32,64", help="demo batch sizes")
     parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens); the demo "
                         "model has 8192 positions, which also hold the new tokens")
@@ -365,9 +386,9 @@ def main():
     parts = set(args.parts.split(","))
     if args.peer_runs < 1:
         raise SystemExit(f"error: --peer-runs must be >= 1, got {args.peer_runs}")
-    if not parts or parts - {"demo", "8b", "hf", "kernels"}:
+    if not parts or parts - {"demo", "8b", "hf", "kernels", "merge"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
-                         f"demo,8b,hf,kernels, got {args.parts!r}")
+                         f"demo,8b,hf,kernels,merge, got {args.parts!r}")
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.py times the engine on a CUDA GPU; none is visible here")
     compile_pointwise(True)
@@ -399,6 +420,8 @@ def main():
         bench_8b(say)
     if "kernels" in parts:
         bench_kernels(out_dir=args.out)
+    elif "merge" in parts:
+        bench_merge(say)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

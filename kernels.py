@@ -668,14 +668,15 @@ def _sparse_attn_split_kernel(
                         b * so_b + h * G * so_h, so_h, so_t, bh, T, G, D, STORE_SCORES, FLAT, PARTS_PER_LOAD)
         else:
             _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_active, n_splits,
-                        b * so_b + h * G * so_h, so_h, so_t, bh, rows, T, G, D, BLOCK_M, STORE_SCORES)
+                        b * so_b + h * G * so_h, so_h, so_t, bh, rows, T, G, D, BLOCK_M, STORE_SCORES,
+                        PARTS_PER_LOAD)
         tl.store(lock_ptr + bh, 0)  # ready for the next launch
 
 
 @triton.jit
 def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_active, n_splits, o_off, so_h, so_t, bh,
                 rows, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                WRITE_STATS: tl.constexpr):
+                WRITE_STATS: tl.constexpr, PARTS_PER_LOAD: tl.constexpr):
     """out = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s, for every row at
     once, folding the parts in one at a time (the same rescaling as the main loop). The parts
     are the n_active splits that had work, then the block's (part n_splits).
@@ -685,26 +686,42 @@ def _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_active, n_spli
     m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
     num = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    # Each part's loads are issued one iteration ahead, so that the round trip to L2
-    # overlaps the fold of the part before (the last iteration re-reads the last part).
-    part = first + tl.where(n_active > 0, 0, n_splits) * (G * T) + rows
-    m_next = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
-    l_next = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
-    acc_next = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0,
-                       cache_modifier=".cg")
-    for s in range(0, n_active + 1):
-        m_s, l_s, acc_s = m_next, l_next, acc_next.to(tl.float32)
-        after = s + 1  # the next part: split `after` while it had work, else the block's
-        part = first + tl.where(after < n_active, after, n_splits) * (G * T) + rows
+    if PARTS_PER_LOAD == 1:
+        # Each part's loads are issued one iteration ahead, so that the round trip to L2
+        # overlaps the fold of the part before (the last iteration re-reads the last part).
+        part = first + tl.where(n_active > 0, 0, n_splits) * (G * T) + rows
         m_next = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
         l_next = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
         acc_next = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0,
                            cache_modifier=".cg")
-        m_new = tl.maximum(m, m_s)
-        old, new = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
-        num = num * old[:, None] + acc_s * new[:, None]
-        den = den * old + l_s * new
-        m = m_new
+        for s in range(0, n_active + 1):
+            m_s, l_s, acc_s = m_next, l_next, acc_next.to(tl.float32)
+            after = s + 1  # the next part: split `after` while it had work, else the block's
+            part = first + tl.where(after < n_active, after, n_splits) * (G * T) + rows
+            m_next = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
+            l_next = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
+            acc_next = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0,
+                               cache_modifier=".cg")
+            m_new = tl.maximum(m, m_s)
+            old, new = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
+            num = num * old[:, None] + acc_s * new[:, None]
+            den = den * old + l_s * new
+            m = m_new
+    else:  # PARTS_PER_LOAD parts' loads at once (independent: one round trip), then their folds
+        for first_part in range(0, n_active + 1, PARTS_PER_LOAD):
+            for u in tl.static_range(PARTS_PER_LOAD):
+                s = first_part + u
+                part = first + tl.where(s < n_active, s, n_splits) * (G * T) + rows
+                ok = real & (tl.zeros([BLOCK_M], dtype=tl.int32) + s <= n_active)
+                m_s = tl.load(m_ptr + part, mask=ok, other=-1.0e30, cache_modifier=".cg")
+                l_s = tl.load(l_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
+                acc_s = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
+                                cache_modifier=".cg").to(tl.float32)
+                m_new = tl.maximum(m, m_s)
+                old, new = tl.exp2(m - m_new), tl.exp2(m_s - m_new)
+                num = num * old[:, None] + acc_s * new[:, None]
+                den = den * old + l_s * new
+                m = m_new
     den = tl.where(real, den, 1.0)  # padding rows hold nothing
     dst = o_ptr + o_off + (rows // T) * so_h + (rows % T) * so_t
     tl.store(dst[:, None] + d[None, :], (num / den[:, None]).to(o_ptr.dtype.element_ty), mask=real[:, None])
@@ -794,7 +811,7 @@ def _locks(device, n: int) -> torch.Tensor:
 
 def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=None, n_splits=None,
                      block_n=None, num_warps=4, num_stages=3, return_last_row=False, new_kv=None,
-                     last_row_mean=False, rope=None, split_keys=None, merge=None):
+                     last_row_mean=False, rope=None, split_keys=None, merge=None, merge_parts=None):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). past_len: an int, or an int32 tensor [B] of per-row lengths on the device:
     then nothing here reads it on the host, so the launch can be captured in a CUDA graph
@@ -814,14 +831,17 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     n_splits, block_n, num_warps, num_stages: launch choices (None: the measured defaults
     below); split_keys: the fewest positions a split reads (None: 256), so a row shorter
     than n_splits * split_keys uses fewer splits (decided on the device, from its length);
-    merge: "rows" folds the partials one per round trip as [G*T, D] tiles, "flat" folds 8 per
-    round trip over the real (row, column) entries alone (None: flat for a few rows, G*T*D <=
-    512, over 8 or more splits).
+    merge: "rows" folds the partials as [G*T, D] tiles, "flat" over the real (row, column)
+    entries alone (None: flat for a few rows, G*T*D <= 512, over 8 or more splits);
+    merge_parts: the partials it loads per round trip to L2 (None: 1 for rows, each loaded one
+    part ahead; 8 for flat).
     The merge counters are one buffer per device: do not run calls on several CUDA streams
     at once.
     Falls back to the reference on a CPU without the interpreter."""
     if merge not in (None, "flat", "rows"):
         raise ValueError(f"sparse_attention: merge must be 'flat', 'rows' or None, got {merge!r}")
+    if merge_parts is not None and merge_parts not in (1, 2, 4, 8, 16):
+        raise ValueError(f"sparse_attention: merge_parts must be 1, 2, 4, 8 or 16, got {merge_parts!r}")
     if not _use_triton(q):
         return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row,
                                           new_kv, last_row_mean, rope)
@@ -885,6 +905,8 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     flat = triton.next_power_of_2(G * T * D)
     if merge is None:
         merge = "flat" if flat <= 512 and n_splits >= 8 else "rows"
+    if merge_parts is None:
+        merge_parts = max(1, min(8, 4096 // flat)) if merge == "flat" else 1
     # The partial outputs are what the merge reads back, so for 16-bit inputs they are kept
     # in bf16 (half the bytes; relative error 2^-9 per partial, the same as rounding the
     # output itself); their max and sum stay fp32. fp32 inputs keep fp32 partials.
@@ -909,7 +931,7 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
         *((*k_new.stride()[:3], *v_new.stride()[:3]) if new_kv is not None else (0,) * 6),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, PRECISION=precision,
         STORE_SCORES=return_last_row, WRITE_NEW=new_kv is not None, ROPE=rope is not None,
-        FLAT_MERGE=merge == "flat", FLAT=flat, PARTS_PER_LOAD=max(1, min(8, 4096 // flat)),
+        FLAT_MERGE=merge == "flat", FLAT=flat, PARTS_PER_LOAD=merge_parts,
         num_warps=num_warps, num_stages=num_stages)
     if not return_last_row:
         return out

@@ -868,7 +868,8 @@ def test_sparse_attention_matches_reference(T, S, ratio):
         # Few splits, and more, smaller ones (each head's last program merges them all).
         # The merge folds the partials as row tiles or flat (one entry per (row, column), 8 parts a load).
         for launch in (dict(n_splits=1), dict(n_splits=3), dict(n_splits=7, block_n=16),
-                       dict(n_splits=11, block_n=16, merge="flat"), dict(n_splits=11, block_n=16, merge="rows")):
+                       dict(n_splits=11, block_n=16, merge="flat"), dict(n_splits=11, block_n=16, merge="rows"),
+                       dict(n_splits=11, block_n=16, merge="rows", merge_parts=4)):
             got = K.sparse_attention(q, kc, vc, S, idx, count, **launch)
             err = (got - ref).norm() / ref.norm()
             assert err < 1e-5, f"T={T} S={S} G={ratio} D={D} kept={frac} {launch}: rel err {err:.2e}, " \
@@ -929,6 +930,8 @@ def test_sparse_attention_writes_new_block():
         K.sparse_attention(q, kc, vc, S, rope=(cos, sin))
     with pytest.raises(ValueError, match="merge must be 'flat', 'rows' or None"):
         K.sparse_attention(q, kc, vc, S, merge="tree")
+    with pytest.raises(ValueError, match="merge_parts must be"):
+        K.sparse_attention(q, kc, vc, S, merge_parts=3)
 
     m = tiny_model(seed=8)
     x = torch.randint(0, m.args.vocab_size, (2, 12))
@@ -982,7 +985,8 @@ def test_sparse_attention_last_row(T, Hq):
     q, kc, vc = (torch.randn(2, Hq, T, 64, generator=g), torch.randn(2, 2, 150 + T, 64, generator=g),
                  torch.randn(2, 2, 150 + T, 64, generator=g))
     ref_out, ref_row = K.sparse_attention_reference(q, kc, vc, 150, return_last_row=True)
-    for launch in ({}, dict(n_splits=9, block_n=16, merge="flat"), dict(n_splits=9, block_n=16, merge="rows")):
+    for launch in ({}, dict(n_splits=9, block_n=16, merge="flat"), dict(n_splits=9, block_n=16, merge="rows"),
+                   dict(n_splits=9, block_n=16, merge="rows", merge_parts=2)):
         out, row = K.sparse_attention(q, kc, vc, 150, return_last_row=True, **launch)
         assert (out - ref_out).norm() / ref_out.norm() < 1e-5, launch
         err = (row - ref_row).abs()
