@@ -1221,8 +1221,9 @@ def test_per_row_lengths_attention_equals_each_row_alone():
                                           lengths[:, None])  # only positions each row has cached
     # 6 splits of 16-key blocks: rows of 0, 4, 61 and 85 positions give work to 0, 1, 4 and 6
     # splits (0, 1, 2 and 3 with at least 40 positions a split); the merge must fold exactly
-    # those (and the block's part).
-    launches = (dict(n_splits=3), dict(n_splits=6, block_n=16), dict(n_splits=6, block_n=16, split_keys=40))
+    # those (and the block's part), whichever way it folds.
+    launches = (dict(n_splits=3), dict(n_splits=6, block_n=16), dict(n_splits=6, block_n=16, split_keys=40),
+                dict(n_splits=6, block_n=16, merge="flat"), dict(n_splits=6, block_n=16, merge="rows", merge_parts=4))
     for sel, launch in itertools.product(((None, None), (idx, count)), launches):
         kk, vk, kr, vr = kc.clone(), vc.clone(), kc.clone(), vc.clone()
         got, row = (K.sparse_attention(q, kk, vk, lengths, *sel, new_kv=new, **launch),
