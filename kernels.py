@@ -24,7 +24,9 @@ Works copied alone (torch + triton). Three pieces:
    positions plus their own block (causally). Flash-decoding style: the selected
    positions are split across programs, each keeps a partial softmax (max, sum, acc),
    and the last program of each head to finish merges the partials (an atomic counter
-   tells it), so one long row fills the GPU in a single launch. Given the block's keys
+   tells it), so one long row fills the GPU in a single launch. For a decode step's few
+   rows (one or two queries) it merges over the real entries alone, several partials per
+   round trip to L2 (SmolLM2, batch 1, 7.9k positions: 29% off a call). Given the block's keys
    and values (`new_kv`), the same launch also appends them to the cache, and given the
    RoPE tables (`rope`), it rotates the queries and those keys first.
 
