@@ -493,8 +493,11 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=No
     q: [B, Hq, T, D], the T new queries of row b at positions [past_len[b], past_len[b] + T).
     k_cache, v_cache: [B, Hkv, S >= past_len + T, D], the new block's keys already written,
     unless new_kv = (k_new, v_new) [B, Hkv, T, D] is given: then they are written first.
-    rope = (cos, sin) [B, T, D] (needs new_kv): q and k_new come unrotated, and are rotated
-    by their tokens' angles first (`rope_reference`); the cache receives the rotated keys.
+    rope = (cos, sin) (needs new_kv): q and k_new come unrotated, and are rotated by their
+    tokens' angles first (`rope_reference`); the cache receives the rotated keys. The tables
+    are [B, T, D], each token's angles, or [P, D], the angles of every position, of which
+    row b's tokens take positions past_len[b] + t (FlashAttention's rotary tables with its
+    cache lengths).
     idx: int32 [B, Hkv, L], selected cached positions (< past_len), first `count` valid;
     count: int32 [B, Hkv] (both may broadcast over heads). idx None: every cached position.
     Returns [B, Hq, T, D] in q's dtype; with return_last_row also the last query's attention
@@ -509,6 +512,8 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=No
     if rope is not None:
         if new_kv is None:
             raise ValueError("sparse_attention: rope= rotates the new block's keys, so it needs new_kv")
+        if rope[0].dim() == 2:  # [P, D]: each token's angles at its position
+            rope = (rope[0][pos], rope[1][pos])  # [B, T, D]
         q, new_kv = rope_reference(q, *rope), (rope_reference(new_kv[0], *rope), new_kv[1])
     if new_kv is not None:  # row b's block goes to [lengths[b], lengths[b] + T)
         where = pos[:, None, :, None].expand(B, Hkv, T, D)
@@ -574,19 +579,22 @@ def _sparse_attn_split_kernel(
         skn_b, skn_h, skn_t, svn_b, svn_h, svn_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, WRITE_NEW: tl.constexpr,
-        ROPE: tl.constexpr, FLAT_MERGE: tl.constexpr, FLAT: tl.constexpr, PARTS_PER_LOAD: tl.constexpr):
+        ROPE: tl.constexpr, ROPE_BY_POSITION: tl.constexpr, FLAT_MERGE: tl.constexpr, FLAT: tl.constexpr,
+        PARTS_PER_LOAD: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
     real = rows < G * T  # BLOCK_M is G*T rounded up to a power of 2 (>= 16, for tl.dot)
     d = tl.arange(0, D)
+    past_len = tl.load(len_ptr + b)  # this batch row's cached positions (rows may differ)
+    # The tables' row of token t: its position (tables of every position) or b*T + t (per token)
+    angle_row0 = past_len if ROPE_BY_POSITION else b * T
     q_rows = q_ptr + b * sq_b + (h * G + rows // T) * sq_h + (rows % T) * sq_t
     q = tl.load(q_rows[:, None] + d[None, :], mask=real[:, None], other=0.0)  # [M, D]
     if ROPE:  # q arrives unrotated: rotate each row by its token's angles
-        q = _rope(q, q_rows[:, None], cos_ptr, sin_ptr, (b * T + rows % T)[:, None] * D, d[None, :],
+        q = _rope(q, q_rows[:, None], cos_ptr, sin_ptr, (angle_row0 + rows % T)[:, None] * D, d[None, :],
                   real[:, None], D)
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
-    past_len = tl.load(len_ptr + b)  # this batch row's cached positions (rows may differ)
     # This head's selected positions go to the first n_active splits, at least split_keys
     # (>= BLOCK_N) each; the other splits (the grid is sized for the longest row the buffer
     # holds) write nothing and the merge skips them: a short row costs what its own length needs.
@@ -636,7 +644,7 @@ def _sparse_attn_split_kernel(
             kn_rows = kn_ptr + b * skn_b + h * skn_h + c[None, :] * skn_t
             kt = tl.load(kn_rows + d[:, None], mask=c[None, :] < T, other=0.0)  # [D, N]
             if ROPE:  # the cache holds rotated keys
-                kt = _rope(kt, kn_rows, cos_ptr, sin_ptr, (b * T + c[None, :]) * D, d[:, None],
+                kt = _rope(kt, kn_rows, cos_ptr, sin_ptr, (angle_row0 + c[None, :]) * D, d[:, None],
                            c[None, :] < T, D)
             kt = kt.to(k_ptr.dtype.element_ty)
             v = tl.load(vn_ptr + b * svn_b + h * svn_h + c[:, None] * svn_t + d[None, :], mask=c[:, None] < T,
@@ -828,8 +836,10 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     new_kv = (k_new, v_new) [B, Hkv, T, D]: the block's keys and values, which the programs
     that attend to the block write into the cache at [past_len, past_len + T) in the same
     launch (a decode step then needs no separate cache-write kernels). rope = (cos, sin)
-    [B, T, D] (with new_kv): q and the block's keys come unrotated and the same launch
-    rotates them (no separate RoPE kernel either).
+    (with new_kv): q and the block's keys come unrotated and the same launch rotates them
+    (no separate RoPE kernel either); the tables are [B, T, D], each token's angles, or
+    [P, D], every position's, from which each row takes its own (past_len[b] + t, read on
+    the device: the caller gathers nothing).
     n_splits, block_n, num_warps, num_stages: launch choices (None: the measured defaults
     below); split_keys: the fewest positions a split reads (None: 256), so a row shorter
     than n_splits * split_keys uses fewer splits (decided on the device, from its length);
@@ -868,11 +878,14 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
         cos, sin = rope
         if new_kv is None:
             raise ValueError("sparse_attention: rope= rotates the new block's keys, so it needs new_kv")
-        if any(t.shape != (B, T, D) or not t.is_contiguous() for t in (cos, sin)):
-            raise ValueError(f"sparse_attention: rope must be two contiguous [B, T, D] = {(B, T, D)} tables, "
-                             f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        by_position = cos.dim() == 2
+        if any((t.shape[1:] != (D,) or t.shape[0] < T) if by_position else t.shape != (B, T, D)
+               for t in (cos, sin)) or not (cos.is_contiguous() and sin.is_contiguous()):
+            raise ValueError(f"sparse_attention: rope must be two contiguous tables, [B, T, D] = {(B, T, D)} "
+                             f"or [positions, {D}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
     else:
         cos = sin = None
+        by_position = False
     dense = idx is None
     if not dense:  # [B, Hkv, L] and [B, Hkv], any strides but a contiguous last dim (0 strides share a row)
         idx, count = idx.expand(B, Hkv, idx.shape[-1]), count.expand(B, Hkv)
@@ -933,7 +946,7 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
         *((*k_new.stride()[:3], *v_new.stride()[:3]) if new_kv is not None else (0,) * 6),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, PRECISION=precision,
         STORE_SCORES=return_last_row, WRITE_NEW=new_kv is not None, ROPE=rope is not None,
-        FLAT_MERGE=merge == "flat", FLAT=flat, PARTS_PER_LOAD=merge_parts,
+        ROPE_BY_POSITION=by_position, FLAT_MERGE=merge == "flat", FLAT=flat, PARTS_PER_LOAD=merge_parts,
         num_warps=num_warps, num_stages=num_stages)
     if not return_last_row:
         return out
@@ -957,8 +970,9 @@ def attention_slot(q, k_new, v_new, k_cache, v_cache, lengths, start=None, keep=
     hook's (idx, count), e.g. from topp_select; None reads every cached position.
     return_probs (the draft side) returns only what SpecAttn needs: the last query's
     attention averaged over all query heads, [B, S] (S = the cache buffer's length; 0 from
-    each row's length on). rope = (cos, sin) [B, T, D]: q and k_new are unrotated, and the
-    launch rotates them. On a CPU the references run instead (same shapes)."""
+    each row's length on). rope = (cos, sin), the model's tables of every position [P, D]
+    (or each token's, [B, T, D]): q and k_new are unrotated, and the launch rotates them by
+    the angles of positions lengths[b] + t. On a CPU the references run instead (same shapes)."""
     if k_cache is None:
         raise ValueError("attention_slot needs a KV cache (pass cache= to the forward)")
     if return_probs:
@@ -1151,8 +1165,10 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
             D // 2, device=dev)
         angles = torch.cat([angles, angles], -1)  # [B, T, D]
         tables = (angles.cos(), angles.sin())
+        every = torch.arange(S, device=dev)[:, None] * 0.37 ** torch.arange(D // 2, device=dev)
+        every = torch.cat([every, every], -1)  # [S, D]: every position's angles, as the model's tables
         selections = ((None, None), random_selection(B, 1, S, 0.2, dev))
-        for sel, rope in itertools.product(selections, (None, tables)):
+        for sel, rope in itertools.product(selections, (None, tables, (every.cos(), every.sin()))):
             if sel[0] is not None:  # keep only positions each row has cached
                 sel = union_select_reference(_selected_mask(*sel, S)[:, :, None], lengths[:, None])
             kr, vr = kc.clone(), vc.clone()

@@ -364,8 +364,9 @@ Selection = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 SelectFn = Callable[[int, torch.Tensor, torch.Tensor], Optional[Selection]]
 # An attention slot: (q, k_new, v_new, k_cache, v_cache, lengths, start, keep, return_probs)
 # -> (out [B, Hq, T, D], probs or None); see cache_attention and kernels.attention_slot. A
-# slot with `rotates_and_writes = True` gets q and k_new before RoPE and rope=(cos, sin)
-# [B, T, D], and writes the block into the cache itself.
+# slot with `rotates_and_writes = True` gets q and k_new before RoPE and rope=(cos, sin), the
+# tables of every position [max_seq_len, D] (row b's token t is at lengths[b] + t), and writes
+# the block into the cache itself.
 AttentionFn = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
@@ -407,7 +408,11 @@ class Attention(nn.Module):
                 keep = select.get(layer)
             elif select is not None:  # a hook: it sees the rotated queries, as the attention does
                 cached_keys = k_cache[:, :, :start] if start is not None else k_cache  # all if rows differ
-                q_rotated = Pointwise.rope(q, cos[:, None], sin[:, None]) if fused else q
+                if fused:  # cos, sin: every position's angles; the hook needs this block's
+                    positions = lengths[:, None].long() + torch.arange(T, device=q.device)  # [B, T]
+                    q_rotated = Pointwise.rope(q, cos[positions][:, None], sin[positions][:, None])
+                else:
+                    q_rotated = q
                 keep = select(layer, q_rotated, cached_keys)
             rope = {"rope": (cos, sin)} if fused else {}
             out, probs = attend(q, k, v, k_cache, v_cache, lengths, start, keep, return_probs, **rope)
@@ -514,8 +519,13 @@ class Transformer(nn.Module):
             if T > self.args.max_seq_len:
                 raise ValueError(f"{T} positions exceed the model's {self.args.max_positions_text()}; "
                                  f"use a shorter context")
-        positions = lengths[:, None].long() + torch.arange(T, device=tokens.device)  # [B, T]
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
+        if cache is not None and getattr(attend, "rotates_and_writes", False):
+            # The attention launch finds each token's angles itself, at its row's cache length + t:
+            # no position or gather kernels here.
+            cos, sin = self.rope_cos, self.rope_sin  # [max_seq_len, D]
+        else:
+            positions = lengths[:, None].long() + torch.arange(T, device=tokens.device)  # [B, T]
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
         h = self.tok_embeddings(tokens)  # [B, T, dim]: the residual stream
         x = self.layers[0].attention_norm(h)
         next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]

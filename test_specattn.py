@@ -952,6 +952,32 @@ def test_sparse_attention_writes_new_block():
     torch.testing.assert_close(got.v[:, :, :, :12], want.v[:, :, :, :12], atol=1e-5, rtol=1e-5)
 
 
+def test_sparse_attention_rope_tables_by_position():
+    """rope= as tables of every position [P, D] (FlashAttention's rotary tables with its cache
+    lengths): row b's token t takes row lengths[b] + t, found in the launch. The same output
+    and cache as the per-token tables [B, T, D] gathered by hand, kernel and reference."""
+    g = torch.Generator().manual_seed(41)
+    B, Hq, Hkv, T, S, D, P = 3, 6, 2, 3, 70, 32, 96
+    q = torch.randn(B, Hq, T, D, generator=g)
+    new = (torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g))
+    angles = torch.rand(P, D // 2, generator=g) * 40
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()  # [P, D]
+    lengths = torch.tensor([5, 61, 0], dtype=torch.int32)
+    at = lengths[:, None].long() + torch.arange(T)  # [B, T]
+    kc, vc = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    outs, caches = [], []
+    for fn in (K.sparse_attention, K.sparse_attention_reference):
+        for rope in ((cos, sin), (cos[at], sin[at])):
+            kk, vk = kc.clone(), vc.clone()
+            outs.append(fn(q, kk, vk, lengths, new_kv=new, rope=rope))
+            caches.append(kk)
+    for got, cache in zip(outs[1:], caches[1:]):
+        assert (got - outs[0]).abs().max() < 1e-5 and (cache - caches[0]).abs().max() < 1e-6
+    assert torch.equal(outs[2], outs[3]) and torch.equal(caches[2], caches[3])  # the reference: same math
+    with pytest.raises(ValueError, match="rope must be two contiguous tables"):
+        K.sparse_attention(q, kc, vc, lengths, new_kv=new, rope=(cos[:, :D // 2], sin[:, :D // 2]))
+
+
 def test_sparse_attention_merge_counters_reset():
     """The fused merge counts arrivals per (batch, KV head) in a shared buffer: every call must
     leave it at zero, or the next call would merge too early (or never)."""
