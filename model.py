@@ -228,6 +228,11 @@ def compile_pointwise(enable: bool = True) -> None:
 # KV cache
 
 
+def block_positions(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, T] (long): the positions of a T-token block in each row, lengths[b] + t."""
+    return lengths[:, None].long() + torch.arange(T, device=lengths.device)
+
+
 class KVCache:
     """Fixed K/V buffers for every layer, and how many positions each batch row holds.
 
@@ -282,8 +287,7 @@ class KVCache:
         [lengths[b], lengths[b] + T) of row b (the forward advances the lengths once, after
         every layer has written)."""
         B, Hkv, T, D = k.shape
-        slots = self.lengths[:, None].long() + torch.arange(T, device=k.device)  # [B, T]
-        index = slots[:, None, :, None].expand(B, Hkv, T, D)
+        index = block_positions(self.lengths, T)[:, None, :, None].expand(B, Hkv, T, D)
         self.k[layer].scatter_(2, index, k.to(self.k.dtype))
         self.v[layer].scatter_(2, index, v.to(self.v.dtype))
 
@@ -362,6 +366,12 @@ def cache_attention(q, k_new, v_new, k_cache, v_cache, lengths, start, keep=None
 # selections (layers not in it read everything) and never needs q.
 Selection = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 SelectFn = Callable[[int, torch.Tensor, torch.Tensor], Optional[Selection]]
+def rotates_in_slot(attend, cache) -> bool:
+    """Whether this attention slot rotates q and k (RoPE) and writes the cache in its own
+    launch (`rotates_and_writes`; only with a cache), so the model does neither."""
+    return cache is not None and getattr(attend, "rotates_and_writes", False)
+
+
 # An attention slot: (q, k_new, v_new, k_cache, v_cache, lengths, start, keep, return_probs)
 # -> (out [B, Hq, T, D], probs or None); see cache_attention and kernels.attention_slot. A
 # slot with `rotates_and_writes = True` gets q and k_new before RoPE and rope=(cos, sin), the
@@ -390,7 +400,7 @@ class Attention(nn.Module):
         # kernels.attention_slot rotates q and k and writes the block to the cache in the launch
         # that attends (a decode step's layer then has no RoPE or cache-copy kernels); for any
         # other slot, RoPE here (q and k in one pass) and the cache write below.
-        fused = cache is not None and getattr(attend, "rotates_and_writes", False)
+        fused = rotates_in_slot(attend, cache)
         qk = qkv[:, :, :Hq + Hkv] if fused else Pointwise.rope(qkv[:, :, :Hq + Hkv], cos[:, :, None],
                                                                 sin[:, :, None])
         q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, T, D]
@@ -409,7 +419,7 @@ class Attention(nn.Module):
             elif select is not None:  # a hook: it sees the rotated queries, as the attention does
                 cached_keys = k_cache[:, :, :start] if start is not None else k_cache  # all if rows differ
                 if fused:  # cos, sin: every position's angles; the hook needs this block's
-                    positions = lengths[:, None].long() + torch.arange(T, device=q.device)  # [B, T]
+                    positions = block_positions(lengths, T)  # [B, T]
                     q_rotated = Pointwise.rope(q, cos[positions][:, None], sin[positions][:, None])
                 else:
                     q_rotated = q
@@ -519,12 +529,12 @@ class Transformer(nn.Module):
             if T > self.args.max_seq_len:
                 raise ValueError(f"{T} positions exceed the model's {self.args.max_positions_text()}; "
                                  f"use a shorter context")
-        if cache is not None and getattr(attend, "rotates_and_writes", False):
+        if rotates_in_slot(attend, cache):
             # The attention launch finds each token's angles itself, at its row's cache length + t:
             # no position or gather kernels here.
             cos, sin = self.rope_cos, self.rope_sin  # [max_seq_len, D]
         else:
-            positions = lengths[:, None].long() + torch.arange(T, device=tokens.device)  # [B, T]
+            positions = block_positions(lengths, T)  # [B, T]
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
         h = self.tok_embeddings(tokens)  # [B, T, dim]: the residual stream
         x = self.layers[0].attention_norm(h)
