@@ -38,7 +38,7 @@ import torch
 
 import specattn as SA
 import kernels as K
-from calibrate import layer_map_for, load_pair
+from calibrate import HelpFormatter, layer_map_for, load_pair
 from kernels import topp_mask_reference
 from model import ModelArgs, Transformer, compile_pointwise, write_atomic
 
@@ -363,9 +363,9 @@ def bench_merge(say) -> None:
             kc = vc = None
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Time the generation engine (specattn.SpecEngine) on a GPU.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--parts", default="demo,hf,8b", help="which parts to run, comma-separated: demo "
                         "(a), 8b (b), hf (c), kernels (d: the kernels alone, written to kernels_bench.md), "
                         "merge (e: the attention's merge at the demo's decode shapes, also the last table of d)")
@@ -382,7 +382,7 @@ def main():
     parser.add_argument("--layer-map",
                         help="the demo pair's layer map JSON (default: calibrated once, cached)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     if args.peer_runs < 1:
         raise SystemExit(f"error: --peer-runs must be >= 1, got {args.peer_runs}")

@@ -51,6 +51,16 @@ def parse_layers(spec: Optional[str]) -> Optional[list[int]]:
 DEMO_DRAFT = Path(__file__).resolve().parent / "draft"  # train_draft.py's draft for the demo target
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless it has no default or its help already
+    says what the default is (so no "(default: None)" after "default: the demo target")."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     """--target, --draft, --draft-layers: the command-line face of load_pair (here and in eval_pg19.py)."""
     parser.add_argument("--target", help="target HF checkpoint directory (default: demo SmolLM2-135M)")

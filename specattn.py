@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from calibrate import add_pair_arguments, check_device, layer_map_for, load_pair, parse_layers
+from calibrate import HelpFormatter, add_pair_arguments, check_device, layer_map_for, load_pair, parse_layers
 from demo import demo_books
 from kernels import argmax, attention_slot, check_topp, topp_mask, topp_select, union_select
 from model import (Tokenizer, Transformer, cache_attention, compile_pointwise, format_bytes, free_memory,
@@ -840,7 +840,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Speculative decoding with SpecAttn sparse verification, side by side with plain "
                     "decoding and dense speculative decoding. Defaults run the offline demo (SmolLM2-135M "
-                    "and its trained 4-layer draft).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "and its trained 4-layer draft).", formatter_class=HelpFormatter)
     parser.add_argument("--prompt", action="append", help="text to continue; repeat for a batch of different "
                         "prompts (default: the opening of Alice's Adventures in Wonderland)")
     parser.add_argument("--context", type=int, help="instead of --prompt: prompts of this many tokens cut "
