@@ -126,15 +126,15 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 
 @torch.no_grad()
 def bench_demo(say, batches, contexts, max_new_tokens: int, gamma: int, topp: float, layer_map_path=None,
-               prompts_per_row: int = 1) -> dict:
+               prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching)."""
     target, draft, tokenizer = load_pair(device="cuda")
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
-    selection = SA.SelectionConfig(topp=topp)
-    say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, γ={gamma}, SpecAttn p={topp}, "
-        f"{max_new_tokens} new tokens per row")
+    selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from)
+    say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, γ={gamma}, SpecAttn p={topp} "
+        f"(sparse from {sparse_from} positions), {max_new_tokens} new tokens per row")
     header_done = False
     rates = {}
     for context in contexts:
@@ -142,7 +142,7 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gamma: int, topp: fl
             prompts = SA.book_prompts(tokenizer, B * prompts_per_row, context)
             results = SA.run_modes(target, draft, prompts, max_new_tokens, gamma, 0.0, layer_map, selection,
                                    batch_size=B)
-            table = SA.results_table(results, B, context, len(prompts))
+            table = SA.results_table(results, B, context, len(prompts), sparse_from)
             for line in (table[:-1] if not header_done else table[2:-1]):
                 say(line)
             header_done = True
@@ -377,6 +377,8 @@ def main(argv=None):
                         "in turn (continuous batching: a finished row takes the next waiting prompt)")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per step")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
+    parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
+                        "row densely until it holds this many positions (0: sparse from the first step)")
     parser.add_argument("--peer-runs", type=int, default=3, help="hf: timed runs of the peer per context "
                         "(the table gives their median and range; the ratios use the median)")
     parser.add_argument("--layer-map",
@@ -386,6 +388,8 @@ def main(argv=None):
     parts = set(args.parts.split(","))
     if args.peer_runs < 1:
         raise SystemExit(f"error: --peer-runs must be >= 1, got {args.peer_runs}")
+    if args.sparse_from < 0:
+        raise SystemExit(f"error: --sparse-from must be >= 0, got {args.sparse_from}")
     if not parts or parts - {"demo", "8b", "hf", "kernels", "merge"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
                          f"demo,8b,hf,kernels,merge, got {args.parts!r}")
@@ -404,7 +408,7 @@ def main(argv=None):
     demo, hf = {}, {}
     if "demo" in parts:
         demo = bench_demo(say, batches, contexts, args.max_new_tokens, args.gamma, args.topp, args.layer_map,
-                          args.prompts_per_row)
+                          args.prompts_per_row, args.sparse_from)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

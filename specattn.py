@@ -65,9 +65,15 @@ class SelectionConfig:
     combine: str = "union"  # how the draft's rows become one selection: "union" of top-p sets, or "mean" rows
     sinks: int = 0  # always read the first `sinks` positions
     per_head: bool = False  # select per target KV head (needs draft heads == target heads)
+    # Rows whose cache holds fewer positions than this verify densely: skipping reads saves
+    # time only where the KV cache is a large part of what a step reads (see SpecEngine).
+    sparse_from: int = 0
 
     def __post_init__(self):
         check_topp(self.topp)
+        if self.sparse_from < 0:
+            raise ValueError(f"sparse_from (positions before verification turns sparse) must be >= 0, "
+                             f"got {self.sparse_from}")
         if self.combine not in ("union", "mean"):
             raise ValueError(f"combine must be 'union' or 'mean', got {self.combine!r}")
 
@@ -88,6 +94,8 @@ def draft_selection(draft_probs: list, past_len: int, layer_map: list[int], n_kv
         i = layer_map[j]
         if i not in per_draft_layer:
             per_draft_layer[i] = _select_from_rows(draft_probs[i][..., :past_len], n_kv_heads, cfg, causal)
+            if past_len < cfg.sparse_from:  # a context this short is read whole
+                per_draft_layer[i] = torch.ones_like(per_draft_layer[i])
     return {j: per_draft_layer[layer_map[j]] for j in range(cfg.dense_layers, len(layer_map))}
 
 
@@ -208,6 +216,15 @@ class SpecEngine:
     forward and the accept phase emits its choice. use_specattn=True (needs layer_map and a
     selection with topp < 1) makes verification read the draft-selected positions only.
 
+    Short rows verify densely (selection.sparse_from): skipping reads pays only where the KV
+    cache is a large part of a step's reads, while asking the draft for its attention rows
+    and cutting them costs the same at any length. On the device the select phase gives a
+    row below sparse_from every cached position. On the host, `generate` knows a bound on
+    every row's length (its prompt, the tokens it had a step ago, γ + 1 a step); while no
+    running row can have reached sparse_from, the step is dense speculation's step (no
+    attention rows, no select phase): the same tokens, without the draft rows' cost. Both
+    variants are captured at the first step, so switching never captures.
+
     compile_accept (default: with CUDA graphs) runs the accept phase through torch.compile:
     it is ~30 element-wise ops on [B, γ + 1] tensors, one tiny kernel each in eager PyTorch,
     which Inductor fuses into a few (then captured in the phase's graph like the rest).
@@ -235,6 +252,7 @@ class SpecEngine:
         self.gamma = gamma if draft is not None else 0
         self.temperature, self.eos_id, self.generator = temperature, eos_id, generator
         self.use_specattn = use_specattn
+        self.sparse_now = use_specattn  # the host's choice for the next step (see `generate`)
         self.B, self.max_len = batch_size, max_len
         device = target.output.weight.device
         self.device = device
@@ -271,6 +289,7 @@ class SpecEngine:
             for j in sparse:
                 self.uses[self.layer_map[j] - self.first_used] += 1
             self.draft_rows = torch.zeros(n_used, B, G, max_len, device=device)  # [used, B, γ, S]
+            self.every_position = torch.arange(max_len, device=device, dtype=torch.int32)  # a dense row's list
         # What the host reads after each step: [done, tokens so far (at most max_new)] per row.
         self.flags = torch.zeros(2, B, **i64)
         self.graphs: dict = {}
@@ -285,12 +304,17 @@ class SpecEngine:
 
     # -- the four phases ------------------------------------------------------------------
 
+    @property
+    def sparse(self) -> bool:
+        """Whether this step verifies sparsely (SpecAttn, and a row may have reached sparse_from)."""
+        return self.use_specattn and self.sparse_now
+
     def _draft_phase(self):
         """γ draft tokens per row, greedy or sampled; with SpecAttn each step's attention row."""
         self.d_cache.length = self._bound
         inp = torch.stack([self.prev, self.last], 1)  # [B, 2]: re-read prev, then the newest token
         for i in range(self.gamma):
-            if self.use_specattn:
+            if self.sparse:
                 used = range(self.first_used, self.first_used + len(self.draft_rows))  # layers the map reads
                 logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used),
                                           attend=attention_slot)
@@ -311,18 +335,23 @@ class SpecEngine:
         """The draft rows -> per used draft layer, the cached positions the target reads,
         compacted (idx [used, B, S], count [used, B]). Only the target's cached positions
         count: the rows' entries at and past each row's target length (the draft's own
-        block) take no part in the top-p cut (the kernels read that length on the device)."""
+        block) take no part in the top-p cut (the kernels read that length on the device).
+        A row shorter than sparse_from lists every cached position."""
         cfg = self.cfg
         lengths = self.t_cache.lengths[None, :, None]  # [1, B, 1]: broadcast over used layers and rows
         rows = self.draft_rows.mean(2, keepdim=True) if cfg.combine == "mean" else self.draft_rows
         if cfg.combine == "mean" and not cfg.sinks:  # one cut of the rows' mean: one launch
             self.sel_idx, self.sel_count = topp_select(rows[:, :, 0], cfg.topp, lengths=lengths[..., 0])
-            return
-        keep = topp_mask(rows, cfg.topp, lengths=lengths)  # [used, B, γ or 1, S]: each row's top-p set
-        if cfg.sinks:
-            keep[..., :cfg.sinks] = True
-        # their union, compacted (one launch); sinks only where a row has them cached
-        self.sel_idx, self.sel_count = union_select(keep, lengths=lengths[..., 0])
+        else:
+            keep = topp_mask(rows, cfg.topp, lengths=lengths)  # [used, B, γ or 1, S]: each row's top-p set
+            if cfg.sinks:
+                keep[..., :cfg.sinks] = True
+            # their union, compacted (one launch); sinks only where a row has them cached
+            self.sel_idx, self.sel_count = union_select(keep, lengths=lengths[..., 0])
+        if cfg.sparse_from:
+            short = self.t_cache.lengths < cfg.sparse_from  # [B]
+            self.sel_idx = torch.where(short[:, None], self.every_position, self.sel_idx)  # [used, B, S]
+            self.sel_count = torch.where(short, self.t_cache.lengths, self.sel_count)  # [used, B]
 
     def _verify_phase(self):
         """The target reads [last, d1..dγ] in one forward: logits [B, γ + 1, V]. With
@@ -330,7 +359,7 @@ class SpecEngine:
         approximate (the target's distribution now depends on the draft through the selection)."""
         self.t_cache.length = self._bound
         select = None
-        if self.use_specattn:
+        if self.sparse:
             first, idx, count = self.first_used, self.sel_idx, self.sel_count
             select = {j: (idx[i - first][:, None], count[i - first][:, None])  # one list for every KV head
                       for j, i in enumerate(self.layer_map) if j >= self.cfg.dense_layers}
@@ -402,7 +431,7 @@ class SpecEngine:
         G, args, a = self.gamma, self.target.args, active.long()
         dense_all = args.n_layers * args.n_kv_heads * past
         dense_sparse = (args.n_layers - self.cfg.dense_layers) * args.n_kv_heads * past
-        if self.use_specattn:
+        if self.sparse:
             read_sparse = args.n_kv_heads * (self.uses[:, None] * self.sel_count.long()).sum(0)
             read_all = dense_all - dense_sparse + read_sparse
         else:
@@ -412,10 +441,20 @@ class SpecEngine:
 
     # -- running the phases -----------------------------------------------------------------
 
-    def _phases(self):
+    def _phases(self, sparse: Optional[bool] = None):
+        """(name, function) of a step's phases: this step's, or those of the variant `sparse`."""
+        sparse = self.sparse if sparse is None else sparse
         phases = [("draft", self._draft_phase)] if self.draft is not None else []
-        phases += [("select", self._select_phase)] if self.use_specattn else []
+        phases += [("select", self._select_phase)] if sparse else []
         return phases + [("verify", self._verify_phase), ("accept", self._accept)]
+
+    def _variants(self) -> list[bool]:
+        """The values `sparse` takes in this engine's steps: a set of phase graphs each."""
+        return [True, False] if self.use_specattn and self.cfg.sparse_from else [self.use_specattn]
+
+    def phase_graphs(self) -> int:
+        """How many graphs the engine captures: one per phase of each variant."""
+        return sum(len(self._phases(sparse)) for sparse in self._variants())
 
     def _state(self) -> list[torch.Tensor]:
         """Every tensor a phase may change that must survive between steps."""
@@ -444,20 +483,27 @@ class SpecEngine:
         return graph
 
     def step(self, timed: bool = False) -> None:
-        """One speculative step for every row (replayed graphs on CUDA; eager elsewhere).
-        No host synchronisation here. timed: record a CUDA event after each phase."""
+        """One speculative step for every row (replayed graphs on CUDA; eager elsewhere), the
+        variant `self.sparse` says. No host synchronisation here. The first step on CUDA
+        captures every phase of every variant. timed: record a CUDA event after each phase."""
+        if self.cuda_graphs and not self.graphs:
+            now = self.sparse_now
+            for sparse in self._variants():
+                self.sparse_now = sparse  # the phase functions read it while they are captured
+                for name, fn in self._phases():
+                    self.graphs[name, sparse] = self._capture(fn)
+            self.sparse_now = now
+        phases = self._phases()
         events = [self._mark()] if timed else []
-        for name, fn in self._phases():
+        for name, fn in phases:
             if self.cuda_graphs:
-                if name not in self.graphs:
-                    self.graphs[name] = self._capture(fn)
-                self.graphs[name].replay()
+                self.graphs[name, self.sparse].replay()
             else:
                 fn()
             if timed:
                 events.append(self._mark())
         if timed:
-            self.phase_events.append(events)
+            self.phase_events.append(([name for name, _ in phases], events))
 
     def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """One-line errors for prompts this engine cannot take, before any work is done."""
@@ -536,7 +582,12 @@ class SpecEngine:
         waits for the host only if the host's work per step outlasts a step. So a row is seen
         to finish one step late; that step changes nothing in a finished row (the accept phase
         rewinds it, see `_accept_phase`), and the engine runs one step more than the rows
-        need. A step on which rows finish also reads their tokens."""
+        need. A step on which rows finish also reads their tokens.
+
+        The same flags bound each row's length for SpecAttn's sparse_from: a row's target
+        cache holds its prompt + n_out - 1 positions, and each step adds at most γ + 1 to
+        n_out, so when step t + 1 is queued, knowing n_out after step t - 1, a row holds at
+        most prompt + n_out + γ positions."""
         if len(prompts) < self.B:
             raise ValueError(f"this engine holds {self.B} rows; got {len(prompts)} prompts")
         self._check_prompts(prompts, max_new_tokens)  # the waiting ones too, before any is run
@@ -554,8 +605,13 @@ class SpecEngine:
                  for _ in range(2)]
         in_flight = None  # (flags buffer, step number, event) of the step queued before the newest
         started = [0] * self.B  # step at which row b's prompt started: flags of earlier steps are not its own
+        n_seen = [1] * self.B  # row b's n_out in the newest flags of its prompt that the host has read
         bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", disable=not progress, leave=False)
         while any(i is not None for i in serving):  # every step emits >= 1 token per running row
+            if self.use_specattn and self.cfg.sparse_from:  # dense steps while every running row is short
+                longest = max(len(prompts[i]) + n_seen[b] + self.gamma for b, i in enumerate(serving)
+                              if i is not None)
+                self.sparse_now = longest >= self.cfg.sparse_from
             self.step(timed=True)
             step = len(self.phase_events)  # steps queued so far; this one is `step`
             buf = flags[step % 2]
@@ -569,6 +625,7 @@ class SpecEngine:
                 event.synchronize()  # the step's one host synchronisation: step seen_step is done
             done, n_out = buf.tolist()
             current = [serving[b] is not None and seen_step > started[b] for b in range(self.B)]
+            n_seen = [n if current[b] else n_seen[b] for b, n in enumerate(n_out)]
             finished = [b for b in range(self.B) if done[b] and current[b]]
             if finished:
                 for b, row in zip(finished, self.out[finished].tolist()):
@@ -580,10 +637,12 @@ class SpecEngine:
                 for b in finished[:len(waiting)]:
                     serving[b] = waiting.pop(0)
                     started[b] = step  # the step in flight ran before this prompt was in the row
+                    n_seen[b] = 1
                     self._prefill_rows(b, [prompts[serving[b]]])
                 _sync(self.device)
                 refill_s += time.perf_counter() - t_refill
         bar.close()
+        self.sparse_now = self.use_specattn
         _sync(self.device)  # the last step queued (no row needed it)
         t2 = time.perf_counter()
         c = self.counters.sum(1).tolist()
@@ -610,9 +669,9 @@ class SpecEngine:
 
     def _phase_seconds(self) -> dict:
         """Time per phase, summed over the steps (read after the last step)."""
-        total = {name: 0.0 for name, _ in self._phases()}
-        for marks in self.phase_events:
-            for name, a, b in zip(total, marks, marks[1:]):
+        total = {name: 0.0 for name, _ in self._phases(sparse=self._variants()[0])}  # every phase it may run
+        for names, marks in self.phase_events:
+            for name, a, b in zip(names, marks, marks[1:]):
                 total[name] += a.elapsed_time(b) / 1e3 if self.device.type == "cuda" else b - a
         return total
 
@@ -734,6 +793,11 @@ def greedy_generate(model: Transformer, prompt_ids, max_new_tokens: int, eos_id:
 
 
 MODES = ("plain", "dense", "specattn")  # target alone; speculative, dense verification; SpecAttn
+# Generation's default for SelectionConfig.sparse_from (rows shorter than this verify densely).
+# On one H200 (docs/performance.md, demo pair, batch 1) sparse verification saved 0.01, 0.09 and
+# 0.16 ms of verify time a step at 1k, 4k and 7.9k positions, while the draft's attention rows
+# and the top-p cut cost 0.06-0.07 ms a step at any length.
+SPARSE_FROM = 4096
 
 
 def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[int]]:
@@ -766,7 +830,8 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
     return results
 
 
-def results_table(results: dict, batch: int, context, prompts: Optional[int] = None) -> list[str]:
+def results_table(results: dict, batch: int, context, prompts: Optional[int] = None,
+                  sparse_from: int = 0) -> list[str]:
     """A markdown table of run_modes' results: speed, acceptance, KV reads, time per phase."""
     lines = ["| mode | batch | prompts | context | new tokens | tokens/s | vs plain | tokens/step/row | "
              "steps | KV reads saved | draft ms | select ms | verify ms "
@@ -783,32 +848,39 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
     return lines + ["tokens/s: the tokens the decode steps made (each prompt's first comes from its "
                     "prefill), all rows, over the steps' wall time; tokens/step/row: tokens a running row "
                     "gains per step; steps: steps the engine ran, until the batch's last row was done; "
-                    "draft..accept: time per engine step (GPU time on CUDA)"]
+                    "draft..accept: time per engine step (GPU time on CUDA)"
+                    + (f"; SpecAttn verifies a row densely until it holds {sparse_from} positions "
+                       "(--sparse-from)" if sparse_from and "specattn" in results else "")]
 
 
 def check_engine(target, draft, tokenizer_prompts, layer_map, selection: SelectionConfig, gamma: int,
                  label: str) -> None:
     """The graphed engine against the same engine run eagerly, on ragged prompts, every mode,
-    greedy: token for token, and the same counters. Also reports how far the speculative
+    greedy: token for token, and the same counters. SpecAttn runs twice: sparse from the first
+    step, and sparse from a length the rows reach while they generate (dense steps first, then
+    sparse ones, from graphs captured at the first step). Also reports how far the speculative
     modes follow plain decoding (bf16 may part them at near-ties)."""
     device = target.output.weight.device
     if device.type != "cuda":
         raise ValueError("--check compares CUDA graphs with eager runs: it needs --device cuda")
     prompts = tokenizer_prompts
+    crossing = min(len(p) for p in prompts) + 24  # 48 new tokens take the shortest row past it
+    runs = [("plain", selection), ("dense", selection), ("specattn", replace(selection, sparse_from=0)),
+            (f"specattn sparse from {crossing}", replace(selection, sparse_from=crossing))]
     plain = None
-    for mode in MODES:
+    for mode, cfg in runs:
         outs = []
         for graphs in (False, True):
-            engine = make_engine(mode, target, draft, prompts, 48, gamma, 0.0, layer_map, selection,
+            engine = make_engine(mode.split()[0], target, draft, prompts, 48, gamma, 0.0, layer_map, cfg,
                                  cuda_graphs=graphs)
             outs.append(engine.generate(prompts, 48))
         (eager, st_e), (graphed, st_g) = outs
         if eager != graphed or st_e.summary() != st_g.summary():
             raise AssertionError(f"{label} {mode}: the graphed engine differs from the eager one: "
                                  f"{sum(a != b for a, b in zip(eager, graphed))} of {len(prompts)} rows")
-        if engine.captures != len(engine._phases()):
+        if engine.captures != engine.phase_graphs():
             raise AssertionError(f"{label} {mode}: {engine.captures} captures "
-                                 f"for {len(engine._phases())} phases")
+                                 f"for {engine.phase_graphs()} phase graphs")
         plain = plain or graphed
         same = [next((i for i, (a, b) in enumerate(zip(r, p)) if a != b), len(r))
                 for r, p in zip(graphed, plain)]
@@ -854,6 +926,10 @@ def main(argv=None):
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p in (0, 1]")
     parser.add_argument("--dense-layers", type=int, default=2,
                         help="first target layers that always stay dense")
+    parser.add_argument("--sparse-from", type=int, default=SPARSE_FROM,
+                        help="SpecAttn: a row verifies densely until its cache holds this many positions "
+                             "(below it, skipping reads saves less time than asking the draft for its "
+                             "attention costs); 0: sparse from the first step")
     experiments = parser.add_argument_group("experiments", "variants of SpecAttn's selection")
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
                              help="always read the first N positions (attention sinks), whatever the "
@@ -888,12 +964,14 @@ def main(argv=None):
             raise ValueError(f"--requests must be >= --batch ({args.batch}), got {args.requests}")
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.sparse_from < 0:
+            raise ValueError(f"--sparse-from must be >= 0, got {args.sparse_from}")
         check_device(args.device)
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
                                              device=args.device, bos=args.bos)
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
         selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, combine=args.combine,
-                                    sinks=args.sinks)
+                                    sinks=args.sinks, sparse_from=args.sparse_from)
         n_prompts = args.requests or args.batch
         if args.context:
             prompts = book_prompts(tokenizer, n_prompts, args.context)
@@ -923,7 +1001,7 @@ def main(argv=None):
         for b in range(min(args.show, len(ids))):
             print(f"=== {mode}, row {b}")
             print(tokenizer.decode(prompts[b][-200:]) + tokenizer.decode(ids[b]))
-    table = results_table(results, batch, args.context or "prompt", len(prompts))
+    table = results_table(results, batch, args.context or "prompt", len(prompts), args.sparse_from)
     print("\n".join(table))
     if args.out:
         out = Path(args.out)

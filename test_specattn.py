@@ -1152,6 +1152,11 @@ def test_selection_from_hand_built_attention():
                                 causal=True)
     assert causal[1][0, 0].tolist() == [[True, True, False, False, False, False],
                                         [True, True, True, True, True, True]]
+    # sparse_from: a context shorter than it is read whole; from it on, the top-p sets above.
+    for sparse_from, first_row in ((7, [True] * 6), (6, [True, True, False, False, False, False])):
+        cfg = SA.SelectionConfig(topp=0.75, dense_layers=1, sparse_from=sparse_from)
+        causal = SA.draft_selection([probs], past, [0, 0], 1, cfg, causal=True)
+        assert causal[1][0, 0, 0].tolist() == first_row
 
 
 def test_kv_accounting_equals_brute_force():
@@ -1345,6 +1350,42 @@ def test_ragged_batch_equals_each_row_alone(mode, references):
         assert batch_engine.counters[2].sum() < batch_engine.counters[3].sum()  # it did skip reads
 
 
+def test_sparse_from_rows_below_it_verify_densely(references, monkeypatch):
+    """SelectionConfig.sparse_from: a row verifies densely until its cache holds sparse_from
+    positions. A row that stays below gets dense speculation's tokens (the target's greedy
+    ones) and reads everything; a row above it from the start gets SpecAttn's tokens; a row
+    that crosses it gets the same tokens and counts whether its short steps are the host's
+    dense steps or sparse steps whose select phase lists every position."""
+    target, _ = tiny_pair(6)
+    draft = self_draft(target)
+    short, crossing, long = [7], list(range(20, 40)), list(range(3, 43))  # 1, 20 and 40 tokens
+
+    def run(prompts, sparse_from):
+        cfg = SA.SelectionConfig(topp=0.6, dense_layers=1, sparse_from=sparse_from)
+        engine = SA.make_engine("specattn", target, draft, prompts, 21, 3, 0.0, [0, 1, 1], cfg)
+        return engine.generate(prompts, 21)[0], engine
+
+    got, engine = run([short, crossing, long], 30)
+    assert got[0] == SA.greedy_generate(target, [short], 21)[0]
+    read, dense = engine.counters[2], engine.counters[3]  # [B] each
+    assert read[0] == dense[0] and read[1] < dense[1] and read[2] < dense[2]
+    assert got[2] == run([long], 0)[0][0]
+    steps = [names for names, _ in engine.phase_events]
+    assert "select" in steps[0]  # the long row is past sparse_from from the start
+
+    alone, alone_engine = run([crossing], 30)
+    assert alone[0] == got[1]
+    steps = [names for names, _ in alone_engine.phase_events]
+    assert "select" not in steps[0] and "select" in steps[-1]  # dense steps, then sparse ones
+    # Every step sparse (the host never chooses dense steps): the select phase's lists alone.
+    monkeypatch.setattr(SA.SpecEngine, "sparse", property(lambda e: e.use_specattn))
+    listed, listed_engine = run([crossing], 30)
+    assert listed == alone and listed_engine.counters.tolist() == alone_engine.counters.tolist()
+    assert all("select" in names for names, _ in listed_engine.phase_events)
+    with pytest.raises(ValueError, match="sparse_from"):
+        SA.SelectionConfig(sparse_from=-1)
+
+
 @pytest.mark.parametrize("mode", ["plain", "dense", "specattn"])
 def test_continuous_batching_equals_each_prompt_alone(mode, references):
     """Five prompts through two rows: a row that finishes (at its token limit or EOS) takes
@@ -1483,7 +1524,7 @@ def test_generation_bad_input_errors():
 
 @pytest.mark.parametrize("argv,message", [(["--gamma", "0"], "--gamma"), (["--topp", "0"], "--topp"),
                                           (["--topp", "1.5"], "--topp"), (["--batch", "0"], "--batch"),
-                                          (["--modes", "fast"], "--modes")])
+                                          (["--modes", "fast"], "--modes"), (["--sparse-from", "-1"], "--sparse-from")])
 def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         SA.main(argv)
@@ -2316,12 +2357,14 @@ def test_gpu_engine_graphs_captured_once_while_context_grows():
     M.compile_pointwise(True)
     try:
         prompts = [[1, 2, 3], list(range(50))]
+        # sparse_from: the steps turn from dense to sparse verification halfway, with no capture
         engine = SA.make_engine("specattn", target, draft, prompts, 3000, 4, 0.0, [0, 0, 1, 1],
-                                SA.SelectionConfig(topp=0.8, dense_layers=1))
+                                SA.SelectionConfig(topp=0.8, dense_layers=1, sparse_from=1500))
         engine.generate(prompts, 8)
         compiled = sum(dynamo_utils.counters["stats"].values())
         out, stats = engine.generate(prompts, 3000)
-        assert engine.captures == len(engine._phases()) and stats.tokens == 6000
+        assert engine.captures == engine.phase_graphs() == 7 and stats.tokens == 6000
+        assert 0 < stats.kv_read < stats.kv_dense
         assert sum(dynamo_utils.counters["stats"].values()) == compiled
     finally:
         M.compile_pointwise(False)
