@@ -125,23 +125,30 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 
 
 @torch.no_grad()
-def bench_demo(say, batches, contexts, max_new_tokens: int, gamma: int, topp: float, layer_map_path=None,
+def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], topp: float, layer_map_path=None,
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
-    each batch row serves that many prompts in turn (continuous batching)."""
+    each batch row serves that many prompts in turn (continuous batching). Plain decoding runs
+    once, the speculative modes once per γ in gammas (rows labelled "dense γ=2" and so on
+    when there are several). Returns {(batch, context): {label: tokens/s}}."""
     target, draft, tokenizer = load_pair(device="cuda")
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
     selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from)
-    say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, γ={gamma}, SpecAttn p={topp} "
+    say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, "
+        f"γ={','.join(map(str, gammas))}, SpecAttn p={topp} "
         f"(sparse from {sparse_from} positions), {max_new_tokens} new tokens per row")
     header_done = False
     rates = {}
     for context in contexts:
         for B in batches:
             prompts = SA.book_prompts(tokenizer, B * prompts_per_row, context)
-            results = SA.run_modes(target, draft, prompts, max_new_tokens, gamma, 0.0, layer_map, selection,
-                                   batch_size=B)
+            results = {}
+            for g in gammas:
+                modes = SA.MODES if not results else ("dense", "specattn")  # plain needs no γ
+                for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
+                                              selection, modes, batch_size=B).items():
+                    results[mode if mode == "plain" or len(gammas) == 1 else f"{mode} γ={g}"] = run
             table = SA.results_table(results, B, context, len(prompts), sparse_from)
             for line in (table[:-1] if not header_done else table[2:-1]):
                 say(line)
@@ -363,6 +370,17 @@ def bench_merge(say) -> None:
             kc = vc = None
 
 
+def int_list(text: str, name: str) -> list[int]:
+    """"1,8,32" -> [1, 8, 32], or a one-line error naming the option."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"error: --{name} takes comma-separated whole numbers >= 1, got {text!r}")
+    return values
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Time the generation engine (specattn.SpecEngine) on a GPU.",
                                      formatter_class=HelpFormatter)
@@ -375,7 +393,8 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
     parser.add_argument("--prompts-per-row", type=int, default=1, help="demo: prompts each batch row serves "
                         "in turn (continuous batching: a finished row takes the next waiting prompt)")
-    parser.add_argument("--gamma", type=int, default=4, help="draft tokens per step")
+    parser.add_argument("--gamma", default="4", help="draft tokens per step; comma-separated values run the "
+                        "demo's speculative rows once each (plain decoding once)")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
     parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
                         "row densely until it holds this many positions (0: sparse from the first step)")
@@ -393,6 +412,7 @@ def main(argv=None):
     if not parts or parts - {"demo", "8b", "hf", "kernels", "merge"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
                          f"demo,8b,hf,kernels,merge, got {args.parts!r}")
+    batches, contexts, gammas = (int_list(getattr(args, name), name) for name in ("batches", "contexts", "gamma"))
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.py times the engine on a CUDA GPU; none is visible here")
     compile_pointwise(True)
@@ -403,23 +423,24 @@ def main(argv=None):
         lines.append(s)
 
     say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    batches = [int(b) for b in args.batches.split(",")]
-    contexts = [int(c) for c in args.contexts.split(",")]
     demo, hf = {}, {}
     if "demo" in parts:
-        demo = bench_demo(say, batches, contexts, args.max_new_tokens, args.gamma, args.topp, args.layer_map,
+        demo = bench_demo(say, batches, contexts, args.max_new_tokens, gammas, args.topp, args.layer_map,
                           args.prompts_per_row, args.sparse_from)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:
         say("## ratios at batch 1: engine plain decoding vs transformers (static cache)")
-        say("| context | plain / transformers | dense spec / plain | SpecAttn / dense spec |")
-        say("|---|---|---|---|")
+        tag = [f" γ={g}" if len(gammas) > 1 else "" for g in gammas]
+        say("| context | plain / transformers | " + " | ".join(f"dense spec{t} / plain | SpecAttn{t} / dense spec{t}"
+                                                           for t in tag) + " |")
+        say("|---|---|" + "---|---|" * len(gammas))
         for c in contexts:
             if (1, c) in demo and c in hf:
                 r = demo[(1, c)]
-                say(f"| {c} | {r['plain'] / hf[c][0]:.2f}x | {r['dense'] / r['plain']:.2f}x | "
-                    f"{r['specattn'] / r['dense']:.2f}x |")
+                say(f"| {c} | {r['plain'] / hf[c][0]:.2f}x | " + " | ".join(
+                    f"{r['dense' + t] / r['plain']:.2f}x | {r['specattn' + t] / r['dense' + t]:.2f}x" for t in tag)
+                    + " |")
     if "8b" in parts:
         bench_8b(say)
     if "kernels" in parts:

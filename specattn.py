@@ -850,7 +850,7 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
                     "gains per step; steps: steps the engine ran, until the batch's last row was done; "
                     "draft..accept: time per engine step (GPU time on CUDA)"
                     + (f"; SpecAttn verifies a row densely until it holds {sparse_from} positions "
-                       "(--sparse-from)" if sparse_from and "specattn" in results else "")]
+                       "(--sparse-from)" if sparse_from and any(m.startswith("specattn") for m in results) else "")]
 
 
 def check_engine(target, draft, tokenizer_prompts, layer_map, selection: SelectionConfig, gamma: int,

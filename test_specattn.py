@@ -1544,6 +1544,17 @@ def test_cli_help_states_each_default_once(capsys):
         assert "(default: 4)" in said  # --gamma's default, which its help does not state
 
 
+@pytest.mark.parametrize("argv,message", [(["--gamma", "0"], "--gamma"), (["--gamma", "2,x"], "--gamma"),
+                                          (["--batches", ""], "--batches"), (["--contexts", "-5"], "--contexts"),
+                                          (["--sparse-from", "-1"], "--sparse-from"), (["--parts", "x"], "--parts")])
+def test_bench_bad_arguments(argv, message):
+    import bench
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    said = str(info.value)
+    assert said.startswith("error: ") and message in said and "\n" not in said
+
+
 def test_topp_argument_errors():
     with pytest.raises(ValueError, match="top-p"):
         SA.SelectionConfig(topp=0.0)
@@ -2294,6 +2305,24 @@ def test_bench_peer_times_each_context_several_runs(tmp_path, monkeypatch):
         row = next(line for line in lines if line.startswith(f"| {context} |"))
         assert row == f"| {context} | 6 | {median:.1f} | {min(each):.1f}-{max(each):.1f} |"
     assert "median of 3 runs" in lines[1]
+
+
+def test_bench_demo_sweeps_gamma(monkeypatch):
+    """bench.py's demo rows on the CPU with a tiny pair standing in for the demo's: plain
+    decoding once, the speculative modes once per γ, labelled by γ, in one table."""
+    import bench
+
+    target, _ = tiny_pair(6)
+    draft = self_draft(target)
+    monkeypatch.setattr(bench, "load_pair", lambda device: (target, draft, None))
+    monkeypatch.setattr(bench, "layer_map_for", lambda *args: [0, 1, 1])
+    monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, n, context: [list(range(3, 3 + context))] * n)
+    lines = []
+    rates = bench.bench_demo(lines.append, [1], [20], 6, [1, 3], 0.6, sparse_from=0)
+    assert set(rates[(1, 20)]) == {"plain", "dense γ=1", "specattn γ=1", "dense γ=3", "specattn γ=3"}
+    rows = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| plain", "| dense γ=1", "| specattn γ=1", "| dense γ=3", "| specattn γ=3"]
+    assert "γ=1,3" in lines[0]
 
 
 def test_bench_peer_says_why_transformers_does_not_import(monkeypatch):
