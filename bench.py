@@ -126,17 +126,19 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 
 @torch.no_grad()
 def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], topp: float, layer_map_path=None,
-               prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM) -> dict:
+               prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, adaptive_gamma: bool = False) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching). Plain decoding runs
     once, the speculative modes once per γ in gammas (rows labelled "dense γ=2" and so on
-    when there are several). Returns {(batch, context): {label: tokens/s}}."""
+    when there are several) and, with adaptive_gamma, once more choosing γ each step up to the
+    largest ("dense auto"). Returns {(batch, context): {label: tokens/s}}."""
     target, draft, tokenizer = load_pair(device="cuda")
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
     selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from)
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, "
-        f"γ={','.join(map(str, gammas))}, SpecAttn p={topp} "
+        f"γ={','.join(map(str, gammas))}{f' and adaptive up to {max(gammas)}' if adaptive_gamma else ''}, "
+        f"SpecAttn p={topp} "
         f"(sparse from {sparse_from} positions), {max_new_tokens} new tokens per row")
     header_done = False
     rates = {}
@@ -144,11 +146,12 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
         for B in batches:
             prompts = SA.book_prompts(tokenizer, B * prompts_per_row, context)
             results = {}
-            for g in gammas:
+            for g, auto in [(g, False) for g in gammas] + ([(max(gammas), True)] if adaptive_gamma else []):
                 modes = SA.MODES if not results else ("dense", "specattn")  # plain needs no γ
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
-                                              selection, modes, batch_size=B).items():
-                    results[mode if mode == "plain" or len(gammas) == 1 else f"{mode} γ={g}"] = run
+                                              selection, modes, batch_size=B, adaptive_gamma=auto).items():
+                    tag = "" if mode == "plain" else " auto" if auto else f" γ={g}" if len(gammas) > 1 else ""
+                    results[mode + tag] = run
             table = SA.results_table(results, B, context, len(prompts), sparse_from)
             for line in (table[:-1] if not header_done else table[2:-1]):
                 say(line)
@@ -395,6 +398,8 @@ def main(argv=None):
                         "in turn (continuous batching: a finished row takes the next waiting prompt)")
     parser.add_argument("--gamma", default="4", help="draft tokens per step; comma-separated values run the "
                         "demo's speculative rows once each (plain decoding once)")
+    parser.add_argument("--adaptive-gamma", action="store_true", help="demo: the speculative modes also run "
+                        "choosing each step's γ up to the largest --gamma (rows 'dense auto', 'specattn auto')")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
     parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
                         "row densely until it holds this many positions (0: sparse from the first step)")
@@ -426,15 +431,15 @@ def main(argv=None):
     demo, hf = {}, {}
     if "demo" in parts:
         demo = bench_demo(say, batches, contexts, args.max_new_tokens, gammas, args.topp, args.layer_map,
-                          args.prompts_per_row, args.sparse_from)
+                          args.prompts_per_row, args.sparse_from, args.adaptive_gamma)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:
         say("## ratios at batch 1: engine plain decoding vs transformers (static cache)")
-        tag = [f" γ={g}" if len(gammas) > 1 else "" for g in gammas]
+        tag = [f" γ={g}" if len(gammas) > 1 else "" for g in gammas] + [" auto"] * args.adaptive_gamma
         say("| context | plain / transformers | " + " | ".join(f"dense spec{t} / plain | SpecAttn{t} / dense spec{t}"
                                                            for t in tag) + " |")
-        say("|---|---|" + "---|---|" * len(gammas))
+        say("|---|---|" + "---|---|" * len(tag))
         for c in contexts:
             if (1, c) in demo and c in hf:
                 r = demo[(1, c)]

@@ -31,6 +31,7 @@ step and row; we report the fraction saved over all layers and over the sparse l
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -140,6 +141,7 @@ class SpecStats:
     kv_read_sparse_layers: int = 0
     kv_dense_sparse_layers: int = 0
     accepted_hist: list = field(default_factory=list)  # [γ + 1]: steps that accepted 0, 1, ..., γ tokens
+    gamma_steps: list = field(default_factory=list)  # [γ + 1]: engine steps that proposed 0, 1, ..., γ tokens
     seconds: dict = field(default_factory=dict)  # wall time: prefill, decode; GPU time per step phase
 
     @property
@@ -152,9 +154,15 @@ class SpecStats:
         which its prefill made) over the steps' wall time."""
         return (self.tokens - self.prompts) / max(self.seconds.get("decode", 0.0), 1e-9)
 
+    @property
+    def mean_gamma(self) -> float:
+        """Draft tokens proposed per engine step (γ, or its mean with a gamma chooser)."""
+        return sum(g * n for g, n in enumerate(self.gamma_steps)) / max(1, sum(self.gamma_steps))
+
     def summary(self) -> dict:
         return {
             "steps": self.steps, "mean_accepted": round(self.mean_accepted, 3),
+            "mean_gamma": round(self.mean_gamma, 3),
             "tokens_per_step": round(self.mean_accepted + 1, 3),
             "kv_saved_all_layers": round(1 - self.kv_read / max(1, self.kv_dense), 4),
             "kv_saved_sparse_layers": (round(1 - self.kv_read_sparse_layers / self.kv_dense_sparse_layers, 4)
@@ -192,6 +200,88 @@ def _sample(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.
     torch.multinomial it is a fixed set of kernels with no host check, so it can be captured."""
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(-1)
+
+
+class GammaChooser:
+    """Chooses γ (draft tokens to propose) for each step, from the acceptances seen so far and
+    what a step costs (SpecEngine(gamma_chooser=...); --adaptive-gamma on the command line).
+
+    The acceptance model: each draft token agrees with the target with probability α,
+    independently, until the first disagreement. A step proposing γ tokens then gains
+    k + 1 tokens (k accepted, one of the target's own) with
+        E[k + 1] = 1 + α + α² + ... + α^γ = (1 - α^(γ+1)) / (1 - α),
+    and takes T(γ). The step goes to the γ in 1..gamma_max with the most expected tokens per
+    unit time, E[k + 1] / T(γ). α is estimated by counting: a step that accepted k < γ tokens
+    saw k agreements and one disagreement, one that accepted all γ saw γ agreements (the
+    next was never asked); each count decays by `decay` a step, so the estimate follows the
+    text (about 1 / (1 - decay) steps of memory), pooled over the rows.
+
+    costs=(draft, verify): T(γ) = γ·draft + verify, fixed (the choices then depend on the
+    tokens alone, so runs repeat exactly). costs=None: T is measured (GPU time of the steps
+    the engine ran, from each phase's CUDA events; the host clock on a CPU), a running mean per
+    γ tried; a γ not tried yet is read off the least-squares line through those tried, or,
+    with one tried, off that one plus the draft's measured time per token for each token more.
+    A γ's first step is not timed (a first run may include one-time work: a CPU's first eager
+    call at a shape, a graph's first replay): a time read too high would keep that γ from ever
+    being tried again. Times measured at a shorter context read low, so a γ left aside is
+    tried again as the context grows and the others' times rise.
+    """
+
+    def __init__(self, gamma_max: int, costs: Optional[tuple[float, float]] = None, decay: float = 0.9,
+                 prior: tuple[float, float] = (3.0, 1.0)):
+        if gamma_max < 1:
+            raise ValueError(f"gamma_max must be >= 1, got {gamma_max}")
+        self.gamma_max, self.decay, self.prior = gamma_max, decay, prior
+        self.fixed_costs = costs
+        self.reset()
+
+    def reset(self) -> None:
+        self.agree, self.disagree = self.prior  # decayed counts, starting from a prior (α = 3/4)
+        self.observed = 0  # steps observed
+        self.step_time: dict[int, float] = {}  # γ -> running mean of a step's measured time
+        self.draft_per_token: Optional[float] = None  # running mean of the draft phase's time / γ
+        self.run_once: set[int] = set()  # γ whose first step has been seen (and not timed)
+
+    @property
+    def alpha(self) -> float:
+        return self.agree / (self.agree + self.disagree)
+
+    def observe(self, gamma: int, accepted: list[int], draft_s: Optional[float] = None,
+                step_s: Optional[float] = None) -> None:
+        """One step's evidence: it proposed `gamma`; `accepted` draft tokens per running row;
+        its draft phase and whole-step times (used when costs are measured)."""
+        self.observed += 1
+        self.agree = self.agree * self.decay + sum(accepted)
+        self.disagree = self.disagree * self.decay + sum(k < gamma for k in accepted)
+        if gamma not in self.run_once:
+            self.run_once.add(gamma)
+        elif draft_s is not None and step_s is not None and self.fixed_costs is None:
+            mean = lambda old, new: new if old is None else 0.8 * old + 0.2 * new  # noqa: E731
+            self.draft_per_token = mean(self.draft_per_token, draft_s / gamma)
+            self.step_time[gamma] = mean(self.step_time.get(gamma), step_s)
+
+    def step_cost(self, gamma: int) -> float:
+        """T(γ): the time a step proposing γ tokens is expected to take (see the class doc)."""
+        if self.fixed_costs is not None:
+            return gamma * self.fixed_costs[0] + self.fixed_costs[1]
+        if gamma in self.step_time:
+            return self.step_time[gamma]
+        tried = sorted(self.step_time)
+        if len(tried) == 1:
+            return self.step_time[tried[0]] + (gamma - tried[0]) * self.draft_per_token
+        x_mean = sum(tried) / len(tried)
+        y_mean = sum(self.step_time.values()) / len(tried)
+        slope = (sum((x - x_mean) * (self.step_time[x] - y_mean) for x in tried)
+                 / sum((x - x_mean) ** 2 for x in tried))
+        return y_mean + max(slope, 0.0) * (gamma - x_mean)  # more tokens never cost less
+
+    def choose(self) -> int:
+        """The γ for the next step (gamma_max until a step has been observed)."""
+        if not self.observed or (self.fixed_costs is None and not self.step_time):
+            return self.gamma_max
+        a = min(self.alpha, 1 - 1e-6)
+        rate = {g: (1 - a ** (g + 1)) / (1 - a) / self.step_cost(g) for g in range(1, self.gamma_max + 1)}
+        return max(rate, key=rate.get)
 
 
 class SpecEngine:
@@ -237,9 +327,12 @@ class SpecEngine:
                  gamma: int = 4, temperature: float = 0.0, layer_map=None,
                  selection: Optional[SelectionConfig] = None, use_specattn: bool = False,
                  eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 cuda_graphs: Optional[bool] = None, compile_accept: Optional[bool] = None):
+                 cuda_graphs: Optional[bool] = None, compile_accept: Optional[bool] = None,
+                 gamma_chooser: Optional[GammaChooser] = None):
         if draft is not None and gamma < 1:
             raise ValueError(f"gamma (draft tokens per step) must be >= 1, got {gamma}")
+        if gamma_chooser is not None and (draft is None or gamma_chooser.gamma_max != gamma):
+            raise ValueError(f"a gamma_chooser needs a draft and gamma_max == gamma ({gamma})")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if use_specattn and (draft is None or layer_map is None):
@@ -249,7 +342,9 @@ class SpecEngine:
             raise ValueError("per-head selection is an evaluation option (eval_pg19.py); "
                              "generation selects once per layer")
         self.target, self.draft = target, draft
-        self.gamma = gamma if draft is not None else 0
+        self.gamma = gamma if draft is not None else 0  # the most draft tokens a step proposes: buffer sizes
+        self.g = self.gamma  # what this step proposes (`gamma_chooser` sets it per step in generate)
+        self.chooser = gamma_chooser
         self.temperature, self.eos_id, self.generator = temperature, eos_id, generator
         self.use_specattn = use_specattn
         self.sparse_now = use_specattn  # the host's choice for the next step (see `generate`)
@@ -313,7 +408,7 @@ class SpecEngine:
         """γ draft tokens per row, greedy or sampled; with SpecAttn each step's attention row."""
         self.d_cache.length = self._bound
         inp = torch.stack([self.prev, self.last], 1)  # [B, 2]: re-read prev, then the newest token
-        for i in range(self.gamma):
+        for i in range(self.g):
             if self.sparse:
                 used = range(self.first_used, self.first_used + len(self.draft_rows))  # layers the map reads
                 logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used),
@@ -339,7 +434,8 @@ class SpecEngine:
         A row shorter than sparse_from lists every cached position."""
         cfg = self.cfg
         lengths = self.t_cache.lengths[None, :, None]  # [1, B, 1]: broadcast over used layers and rows
-        rows = self.draft_rows.mean(2, keepdim=True) if cfg.combine == "mean" else self.draft_rows
+        rows = self.draft_rows[:, :, :self.g]  # [used, B, γ, S]: this step's draft rows
+        rows = rows.mean(2, keepdim=True) if cfg.combine == "mean" else rows
         if cfg.combine == "mean" and not cfg.sinks:  # one cut of the rows' mean: one launch
             self.sel_idx, self.sel_count = topp_select(rows[:, :, 0], cfg.topp, lengths=lengths[..., 0])
         else:
@@ -363,13 +459,13 @@ class SpecEngine:
             first, idx, count = self.first_used, self.sel_idx, self.sel_count
             select = {j: (idx[i - first][:, None], count[i - first][:, None])  # one list for every KV head
                       for j, i in enumerate(self.layer_map) if j >= self.cfg.dense_layers}
-        block = torch.cat([self.last[:, None], self.drafted], 1)  # [B, γ + 1]
+        block = torch.cat([self.last[:, None], self.drafted[:, :self.g]], 1)  # [B, γ + 1]
         self.t_logits = self.target(block, cache=self.t_cache, select=select, attend=attention_slot)
 
     def _accept_phase(self):
         """Keep the longest agreeing prefix of each row's draft, emit one token of the target's,
         rewind both caches by what was rejected, count."""
-        G, logits, drafted = self.gamma, self.t_logits, self.drafted  # [B, γ + 1, V], [B, γ]
+        G, logits, drafted = self.g, self.t_logits, self.drafted[:, :self.g]  # [B, γ + 1, V], [B, γ]
         if self.temperature == 0:  # greedy: keep d_i while it is the target's argmax
             choice = logits.argmax(-1)  # [B, γ + 1]
             agree = drafted == choice[:, :G]
@@ -384,7 +480,7 @@ class SpecEngine:
             p = torch.softmax(logits / self.temperature, -1)  # [B, γ + 1, V]
             candidates = _sample(p[:, G:], self.generator)  # [B, 1]: the bonus token
             if G:
-                q = self.q_dists
+                q = self.q_dists[:, :G]
                 p_d, q_d = (d.gather(-1, drafted[..., None])[..., 0] for d in (p[:, :G], q))  # [B, γ]
                 u = torch.rand(p_d.shape, device=p.device, generator=self.generator)
                 agree = u * q_d <= p_d
@@ -452,9 +548,13 @@ class SpecEngine:
         """The values `sparse` takes in this engine's steps: a set of phase graphs each."""
         return [True, False] if self.use_specattn and self.cfg.sparse_from else [self.use_specattn]
 
+    def _gammas(self) -> list[int]:
+        """The γ a step may propose: each is a set of phase graphs (the block's shapes differ)."""
+        return list(range(1, self.gamma + 1)) if self.chooser is not None else [self.gamma]
+
     def phase_graphs(self) -> int:
-        """How many graphs the engine captures: one per phase of each variant."""
-        return sum(len(self._phases(sparse)) for sparse in self._variants())
+        """How many graphs the engine captures: one per phase of each variant and γ."""
+        return len(self._gammas()) * sum(len(self._phases(sparse)) for sparse in self._variants())
 
     def _state(self) -> list[torch.Tensor]:
         """Every tensor a phase may change that must survive between steps."""
@@ -484,20 +584,21 @@ class SpecEngine:
 
     def step(self, timed: bool = False) -> None:
         """One speculative step for every row (replayed graphs on CUDA; eager elsewhere), the
-        variant `self.sparse` says. No host synchronisation here. The first step on CUDA
-        captures every phase of every variant. timed: record a CUDA event after each phase."""
+        variant `self.sparse` says, proposing `self.g` draft tokens. No host synchronisation
+        here. The first step on CUDA captures every phase of every variant and γ. timed:
+        record a CUDA event after each phase."""
         if self.cuda_graphs and not self.graphs:
-            now = self.sparse_now
-            for sparse in self._variants():
-                self.sparse_now = sparse  # the phase functions read it while they are captured
+            now = self.sparse_now, self.g
+            for sparse, g in itertools.product(self._variants(), self._gammas()):
+                self.sparse_now, self.g = sparse, g  # the phase functions read them while captured
                 for name, fn in self._phases():
-                    self.graphs[name, sparse] = self._capture(fn)
-            self.sparse_now = now
+                    self.graphs[name, sparse, g] = self._capture(fn)
+            self.sparse_now, self.g = now
         phases = self._phases()
         events = [self._mark()] if timed else []
         for name, fn in phases:
             if self.cuda_graphs:
-                self.graphs[name, self.sparse].replay()
+                self.graphs[name, self.sparse, self.g].replay()
             else:
                 fn()
             if timed:
@@ -587,7 +688,11 @@ class SpecEngine:
         The same flags bound each row's length for SpecAttn's sparse_from: a row's target
         cache holds its prompt + n_out - 1 positions, and each step adds at most γ + 1 to
         n_out, so when step t + 1 is queued, knowing n_out after step t - 1, a row holds at
-        most prompt + n_out + γ positions."""
+        most prompt + n_out + γ positions.
+
+        With a gamma_chooser the host also reads, from the same flags, how many tokens each
+        running row gained in step t - 1 (accepted + 1), and that step's phase times from its
+        events (complete once the host has synchronised on them), and chooses step t + 1's γ."""
         if len(prompts) < self.B:
             raise ValueError(f"this engine holds {self.B} rows; got {len(prompts)} prompts")
         self._check_prompts(prompts, max_new_tokens)  # the waiting ones too, before any is run
@@ -606,13 +711,19 @@ class SpecEngine:
         in_flight = None  # (flags buffer, step number, event) of the step queued before the newest
         started = [0] * self.B  # step at which row b's prompt started: flags of earlier steps are not its own
         n_seen = [1] * self.B  # row b's n_out in the newest flags of its prompt that the host has read
+        self.step_gammas = []  # γ proposed by each step
+        if self.chooser is not None:
+            self.chooser.reset()
         bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", disable=not progress, leave=False)
         while any(i is not None for i in serving):  # every step emits >= 1 token per running row
             if self.use_specattn and self.cfg.sparse_from:  # dense steps while every running row is short
                 longest = max(len(prompts[i]) + n_seen[b] + self.gamma for b, i in enumerate(serving)
                               if i is not None)
                 self.sparse_now = longest >= self.cfg.sparse_from
+            if self.chooser is not None:
+                self.g = self.chooser.choose()
             self.step(timed=True)
+            self.step_gammas.append(self.g)
             step = len(self.phase_events)  # steps queued so far; this one is `step`
             buf = flags[step % 2]
             buf.copy_(self.flags, non_blocking=True)
@@ -625,6 +736,9 @@ class SpecEngine:
                 event.synchronize()  # the step's one host synchronisation: step seen_step is done
             done, n_out = buf.tolist()
             current = [serving[b] is not None and seen_step > started[b] for b in range(self.B)]
+            if self.chooser is not None:  # rows that ran step seen_step and did not stop in it
+                self._observe(seen_step, [n_out[b] - n_seen[b] - 1 for b in range(self.B)
+                                          if current[b] and not done[b]])
             n_seen = [n if current[b] else n_seen[b] for b, n in enumerate(n_out)]
             finished = [b for b in range(self.B) if done[b] and current[b]]
             if finished:
@@ -642,16 +756,26 @@ class SpecEngine:
                 _sync(self.device)
                 refill_s += time.perf_counter() - t_refill
         bar.close()
-        self.sparse_now = self.use_specattn
+        self.sparse_now, self.g = self.use_specattn, self.gamma
         _sync(self.device)  # the last step queued (no row needed it)
         t2 = time.perf_counter()
         c = self.counters.sum(1).tolist()
         stats = SpecStats(steps=c[0], accepted=c[1], tokens=sum(len(o) for o in outputs),
                           prompts=len(prompts), kv_read=c[2], kv_dense=c[3], kv_read_sparse_layers=c[4],
                           kv_dense_sparse_layers=c[5], accepted_hist=c[6:],
-                          engine_steps=len(self.phase_events))
+                          engine_steps=len(self.phase_events),
+                          gamma_steps=[self.step_gammas.count(g) for g in range(self.gamma + 1)])
         stats.seconds = {"prefill": t1 - t0 + refill_s, "decode": t2 - t1 - refill_s, **self._phase_seconds()}
         return outputs, stats
+
+    def _observe(self, step: int, accepted: list[int]) -> None:
+        """Hand step `step` (counted from 1) to the gamma chooser: its γ, the draft tokens each
+        running row accepted, its draft phase and whole-step times."""
+        names, marks = self.phase_events[step - 1]
+        seconds = [a.elapsed_time(b) / 1e3 if self.device.type == "cuda" else b - a
+                   for a, b in zip(marks, marks[1:])]
+        self.chooser.observe(self.step_gammas[step - 1], accepted, draft_s=seconds[names.index("draft")],
+                             step_s=sum(seconds))
 
     def _first_token(self, logits: torch.Tensor) -> torch.Tensor:
         """The target's choice after a prompt, from its last position's logits [B, V] -> [B]."""
@@ -740,15 +864,17 @@ def check_engine_memory(target, draft, batch: int, max_len: int, gamma: int, tem
 
 def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float,
                 layer_map, selection: SelectionConfig, eos_id=None, generator=None, cuda_graphs=None,
-                batch_size: Optional[int] = None, compile_accept: Optional[bool] = None) -> SpecEngine:
+                batch_size: Optional[int] = None, compile_accept: Optional[bool] = None,
+                gamma_chooser: Optional[GammaChooser] = None) -> SpecEngine:
     """The engine for one of MODES, sized for these prompts: one row each, or batch_size rows
-    that take the prompts in turn (continuous batching)."""
+    that take the prompts in turn (continuous batching). gamma_chooser: speculative modes only."""
     g = gamma if mode != "plain" else 0
     return SpecEngine(target, draft if mode != "plain" else None, batch_size=batch_size or len(prompts),
                       max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=g,
                       temperature=temperature, layer_map=layer_map, selection=selection,
                       use_specattn=mode == "specattn", eos_id=eos_id, generator=generator,
-                      cuda_graphs=cuda_graphs, compile_accept=compile_accept)
+                      cuda_graphs=cuda_graphs, compile_accept=compile_accept,
+                      gamma_chooser=gamma_chooser if mode != "plain" else None)
 
 
 @torch.no_grad()
@@ -815,16 +941,18 @@ def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[in
 
 def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float, layer_map,
               selection: SelectionConfig, modes=MODES, eos_id=None, seed: int = 0, progress: bool = False,
-              warmup_tokens: int = 8, batch_size: Optional[int] = None) -> dict:
+              warmup_tokens: int = 8, batch_size: Optional[int] = None, adaptive_gamma: bool = False) -> dict:
     """Each mode's engine (batch_size rows, default one per prompt): a short warm-up generation
-    (captures the CUDA graphs, compiles), then the timed one. Returns {mode: (ids per prompt,
-    SpecStats)}."""
+    (captures the CUDA graphs, compiles), then the timed one. adaptive_gamma: the speculative
+    modes choose each step's γ in 1..gamma (GammaChooser, measured costs). Returns {mode: (ids
+    per prompt, SpecStats)}."""
     results = {}
     device = target.output.weight.device
     for mode in modes:
         gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map,
-                             selection, eos_id, gen, batch_size=batch_size)
+                             selection, eos_id, gen, batch_size=batch_size,
+                             gamma_chooser=GammaChooser(gamma) if adaptive_gamma else None)
         engine.generate(prompts[:engine.B], min(warmup_tokens, max_new_tokens))
         results[mode] = engine.generate(prompts, max_new_tokens, progress=progress)
     return results
@@ -833,21 +961,23 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
 def results_table(results: dict, batch: int, context, prompts: Optional[int] = None,
                   sparse_from: int = 0) -> list[str]:
     """A markdown table of run_modes' results: speed, acceptance, KV reads, time per phase."""
-    lines = ["| mode | batch | prompts | context | new tokens | tokens/s | vs plain | tokens/step/row | "
+    lines = ["| mode | batch | prompts | context | new tokens | tokens/s | vs plain | γ | tokens/step/row | "
              "steps | KV reads saved | draft ms | select ms | verify ms "
-             "| accept ms | prefill s |", "|" + "---|" * 15]
+             "| accept ms | prefill s |", "|" + "---|" * 16]
     rates = {mode: st.decode_rate for mode, (_, st) in results.items()}
     for mode, (_, st) in results.items():
         phase = [f"{st.seconds[k] / max(1, st.engine_steps) * 1e3:.3f}" if k in st.seconds else ""
                  for k in ("draft", "select", "verify", "accept")]
         vs_plain = f"{rates[mode] / rates['plain']:.2f}x" if "plain" in rates else ""
         saved = f"{st.summary()['kv_saved_all_layers']:.1%}" if mode != "plain" else ""
+        gamma = f"{st.mean_gamma:.2f}".rstrip("0").rstrip(".") if mode != "plain" else ""
         lines.append(f"| {mode} | {batch} | {prompts or batch} | {context} | {st.tokens} | {rates[mode]:.1f} "
-                     f"| {vs_plain} | {st.mean_accepted + 1:.2f} | {st.engine_steps} | {saved} "
+                     f"| {vs_plain} | {gamma} | {st.mean_accepted + 1:.2f} | {st.engine_steps} | {saved} "
                      f"| {' | '.join(phase)} | {st.seconds['prefill']:.2f} |")
     return lines + ["tokens/s: the tokens the decode steps made (each prompt's first comes from its "
                     "prefill), all rows, over the steps' wall time; tokens/step/row: tokens a running row "
-                    "gains per step; steps: steps the engine ran, until the batch's last row was done; "
+                    "gains per step; γ: draft tokens proposed per step (the mean, with --adaptive-gamma); "
+                    "steps: steps the engine ran, until the batch's last row was done; "
                     "draft..accept: time per engine step (GPU time on CUDA)"
                     + (f"; SpecAttn verifies a row densely until it holds {sparse_from} positions "
                        "(--sparse-from)" if sparse_from and any(m.startswith("specattn") for m in results) else "")]
@@ -856,23 +986,29 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
 def check_engine(target, draft, tokenizer_prompts, layer_map, selection: SelectionConfig, gamma: int,
                  label: str) -> None:
     """The graphed engine against the same engine run eagerly, on ragged prompts, every mode,
-    greedy: token for token, and the same counters. SpecAttn runs twice: sparse from the first
-    step, and sparse from a length the rows reach while they generate (dense steps first, then
-    sparse ones, from graphs captured at the first step). Also reports how far the speculative
-    modes follow plain decoding (bf16 may part them at near-ties)."""
+    greedy: token for token, and the same counters. SpecAttn runs three times: sparse from the
+    first step; sparse from a length the rows reach while they generate (dense steps first,
+    then sparse ones, from graphs captured at the first step); the same with each step's γ
+    chosen by a GammaChooser with fixed costs (so its choices follow the tokens alone). Also
+    reports how far the speculative modes follow plain decoding (bf16 may part them at
+    near-ties)."""
     device = target.output.weight.device
     if device.type != "cuda":
         raise ValueError("--check compares CUDA graphs with eager runs: it needs --device cuda")
     prompts = tokenizer_prompts
     crossing = min(len(p) for p in prompts) + 24  # 48 new tokens take the shortest row past it
-    runs = [("plain", selection), ("dense", selection), ("specattn", replace(selection, sparse_from=0)),
-            (f"specattn sparse from {crossing}", replace(selection, sparse_from=crossing))]
+    crossed = replace(selection, sparse_from=crossing)
+    runs = [("plain", selection, False), ("dense", selection, False),
+            ("specattn", replace(selection, sparse_from=0), False),
+            (f"specattn sparse from {crossing}", crossed, False),
+            (f"specattn sparse from {crossing}, γ chosen per step", crossed, True)]
     plain = None
-    for mode, cfg in runs:
+    for mode, cfg, adaptive in runs:
         outs = []
         for graphs in (False, True):
+            chooser = GammaChooser(gamma, costs=(0.25, 1.0)) if adaptive else None
             engine = make_engine(mode.split()[0], target, draft, prompts, 48, gamma, 0.0, layer_map, cfg,
-                                 cuda_graphs=graphs)
+                                 cuda_graphs=graphs, gamma_chooser=chooser)
             outs.append(engine.generate(prompts, 48))
         (eager, st_e), (graphed, st_g) = outs
         if eager != graphed or st_e.summary() != st_g.summary():
@@ -921,7 +1057,11 @@ def main(argv=None):
     parser.add_argument("--requests", type=int, help="prompts served through the --batch rows: a row that "
                         "finishes takes the next waiting one (continuous batching); default: one per row")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per row")
-    parser.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per step")
+    parser.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per step (with "
+                        "--adaptive-gamma: the most)")
+    parser.add_argument("--adaptive-gamma", action="store_true",
+                        help="choose each step's γ in 1..--gamma from the acceptance so far and the measured "
+                             "step times (GammaChooser); SpecAttn's and sampled text then depend on timing")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p in (0, 1]")
     parser.add_argument("--dense-layers", type=int, default=2,
@@ -994,7 +1134,7 @@ def main(argv=None):
         batch = min(args.batch, len(prompts)) if args.requests else len(prompts)
         results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature,
                             layer_map, selection, modes, eos_id=tokenizer.eos_id, seed=args.seed,
-                            progress=True, batch_size=batch)
+                            progress=True, batch_size=batch, adaptive_gamma=args.adaptive_gamma)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         sys.exit(f"error: {e}")
     for mode, (ids, stats) in results.items():

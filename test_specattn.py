@@ -1421,6 +1421,109 @@ def test_continuous_batching_equals_each_prompt_alone(mode, references):
         shared.generate(prompts + [list(range(200))], 14)
 
 
+class ScheduledGamma(SA.GammaChooser):
+    """A gamma chooser that proposes the γ of `schedule` in turn, whatever it observes, and
+    keeps what the engine hands it (a test's γ schedule)."""
+
+    def __init__(self, gamma_max, schedule):
+        self.schedule = schedule
+        super().__init__(gamma_max)
+
+    def reset(self):
+        super().reset()
+        self.turn, self.seen = 0, []
+
+    def observe(self, gamma, accepted, draft_s=None, step_s=None):
+        super().observe(gamma, accepted, draft_s, step_s)
+        self.seen.append((gamma, accepted))
+
+    def choose(self):
+        self.turn += 1
+        return self.schedule[(self.turn - 1) % len(self.schedule)]
+
+
+def test_gamma_chosen_per_step_equals_fixed_gamma(references, monkeypatch):
+    """Each step's γ chosen in 1..γ: dense speculation whose γ changes every step still gives
+    the target's greedy tokens row by row; an engine sized for γ = 4 proposing 2 every step
+    gives a γ = 2 engine's tokens and counters exactly (SpecAttn: the select phase reads the
+    step's first γ draft rows only); the chooser is handed each step's γ and the accepted
+    count of every row that ran it and did not stop in it."""
+    target, _ = tiny_pair(6)
+    draft = self_draft(target)
+    prompts = [list(range(3, 30)), [7], list(range(40, 49)), [11, 12]]
+    cfg = SA.SelectionConfig(topp=0.6, dense_layers=1)
+    per_step = []
+    count = SA.SpecEngine._count
+
+    def spy(engine, k, past, active):
+        per_step.append((engine.g, k.tolist(), active.tolist(), engine.done.tolist()))
+        count(engine, k, past, active)
+
+    greedy = SA.greedy_generate(target, prompts, 21)
+    monkeypatch.setattr(SA.SpecEngine, "_count", spy)
+    chooser = ScheduledGamma(4, [1, 4, 2, 3])
+    engine = SA.make_engine("dense", target, draft, prompts, 21, 4, 0.0, None, cfg, gamma_chooser=chooser)
+    got, stats = engine.generate(prompts, 21)
+    assert got == greedy
+    assert engine.step_gammas == [[1, 4, 2, 3][i % 4] for i in range(stats.engine_steps)]
+    assert stats.gamma_steps == [0] + [engine.step_gammas.count(g) for g in (1, 2, 3, 4)]
+    want = [(g, [k[b] for b in range(4) if active[b] and not done[b]]) for g, k, active, done in per_step]
+    assert chooser.seen == want[:len(chooser.seen)] and len(chooser.seen) == len(want) - 1
+
+    runs = []
+    for gamma, chooser in ((4, ScheduledGamma(4, [2])), (2, None)):
+        engine = SA.make_engine("specattn", target, draft, prompts, 21, gamma, 0.0, [0, 1, 1], cfg,
+                                gamma_chooser=chooser)
+        out, stats = engine.generate(prompts, 21)
+        runs.append((out, engine.counters[:6 + 3].tolist(), stats.mean_gamma))
+    assert runs[0] == runs[1]
+    assert engine.counters[2].sum() < engine.counters[3].sum()  # SpecAttn did skip reads
+
+
+def test_gamma_chooser_follows_acceptance_and_cost():
+    """GammaChooser's choice is the γ with the most expected tokens per unit time under the
+    acceptance model in its docstring (checked by brute force over γ), moving to γ_max while
+    drafts are accepted and to 1 while they are not; measured costs enter the same way."""
+    chooser = SA.GammaChooser(5, costs=(0.2, 1.0))
+    assert chooser.choose() == 5  # the prior: propose everything until the drafts say otherwise
+    for _ in range(30):
+        chooser.observe(3, [0, 1, 0])  # mostly rejected at once: α near 1/5
+    assert chooser.choose() == 1
+    for accepted in ([5, 5], [2, 1, 3]):
+        for _ in range(40):
+            chooser.observe(5, accepted)
+        a = chooser.alpha
+        rate = {g: sum(a ** i for i in range(g + 1)) / (g * 0.2 + 1.0) for g in range(1, 6)}
+        assert chooser.choose() == max(rate, key=rate.get)
+    assert 0.5 < chooser.alpha < 0.75  # 6 agreements, 3 disagreements a step: 2/3
+    measured = SA.GammaChooser(4)
+    assert measured.choose() == 4  # nothing measured yet
+    measured.observe(4, [1, 1], draft_s=100.0, step_s=200.0)  # a γ's first step is not timed
+    assert measured.choose() == 4 and not measured.step_time
+    measured.observe(2, [2, 2], draft_s=100.0, step_s=200.0)
+    for _ in range(20):
+        measured.observe(4, [1, 1], draft_s=4 * 0.5, step_s=4 * 0.5 + 1.0)  # a draft token costs half a step
+    assert [measured.step_cost(g) for g in (1, 2, 4)] == pytest.approx([1.5, 2.0, 3.0])  # 3.0 + 0.5 (γ - 4)
+    a = measured.alpha
+    rate = {g: sum(a ** i for i in range(g + 1)) / (g * 0.5 + 1.0) for g in range(1, 5)}
+    assert measured.choose() == max(rate, key=rate.get) == 1
+    for _ in range(30):
+        measured.observe(2, [2, 2], draft_s=1.0, step_s=1.4)
+    # γ = 2 and 4 measured (1.4, ~3.0): the line through them for 1 and 3, the measurements for 2 and 4
+    slope = (measured.step_cost(4) - 1.4) / 2
+    assert measured.step_cost(2) == pytest.approx(1.4) and measured.step_cost(4) == pytest.approx(3.0, abs=1e-9)
+    assert measured.step_cost(1) == pytest.approx(1.4 - slope) and measured.step_cost(3) == pytest.approx(1.4 + slope)
+    a = measured.alpha
+    rate = {g: sum(a ** i for i in range(g + 1)) / measured.step_cost(g) for g in range(1, 5)}
+    assert measured.choose() == max(rate, key=rate.get)
+    with pytest.raises(ValueError, match="gamma_max"):
+        SA.GammaChooser(0)
+    target, _ = tiny_pair(6)
+    with pytest.raises(ValueError, match="gamma_chooser"):
+        SA.SpecEngine(target, self_draft(target), batch_size=1, max_len=40, gamma=3,
+                      gamma_chooser=SA.GammaChooser(4))
+
+
 def test_compiled_accept_phase_equals_eager(references):
     """torch.compile'd accept phase (what CUDA engines run) against the eager one, through a
     continuous batch with EOS and SpecAttn: the same tokens and counters."""
@@ -1478,10 +1581,12 @@ def test_rows_stop_at_their_own_eos(references):
     assert stats.tokens == sum(len(r) for r in got)
 
 
-def test_speculative_sampling_keeps_target_distribution_in_a_batch(references):
+@pytest.mark.parametrize("propose", [None, 1])
+def test_speculative_sampling_keeps_target_distribution_in_a_batch(references, propose):
     """Sampling: the first two tokens of every row follow the target's own joint distribution
     p(x1) p(x2 | x1), for rows of two different prompts in one batch (each row draws its own
-    numbers). The second token is the speculative step's (accepted draft token or resampled)."""
+    numbers). The second token is the speculative step's (accepted draft token or resampled).
+    propose=1: an engine sized for γ = 3 whose steps propose one token (a gamma chooser's)."""
     vocab, temperature = 6, 1.3
     target = tiny_model(seed=4, vocab_size=vocab)
     draft = tiny_model(seed=9, vocab_size=vocab)
@@ -1495,8 +1600,14 @@ def test_speculative_sampling_keeps_target_distribution_in_a_batch(references):
 
     rows = 2500
     gen = torch.Generator().manual_seed(3)
-    out, _ = SA.speculative_generate(target, draft, [p for p in prompts for _ in range(rows)], 2, gamma=3,
-                                     temperature=temperature, generator=gen)
+    batch = [p for p in prompts for _ in range(rows)]
+    engine = None
+    if propose:
+        engine = SA.make_engine("dense", target, draft, batch, 2, 3, temperature, None, SA.SelectionConfig(),
+                                generator=gen, gamma_chooser=ScheduledGamma(3, [propose]))
+    out, stats = SA.speculative_generate(target, draft, batch, 2, gamma=3, temperature=temperature,
+                                         generator=gen, engine=engine)
+    assert stats.mean_gamma == (propose or 3)
     for i, prompt in enumerate(prompts):
         counts = torch.zeros(vocab * vocab)
         for a, b in out[i * rows:(i + 1) * rows]:
@@ -2318,11 +2429,13 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
     monkeypatch.setattr(bench, "layer_map_for", lambda *args: [0, 1, 1])
     monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, n, context: [list(range(3, 3 + context))] * n)
     lines = []
-    rates = bench.bench_demo(lines.append, [1], [20], 6, [1, 3], 0.6, sparse_from=0)
-    assert set(rates[(1, 20)]) == {"plain", "dense γ=1", "specattn γ=1", "dense γ=3", "specattn γ=3"}
-    rows = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "---" not in line][1:]
-    assert rows == ["| plain", "| dense γ=1", "| specattn γ=1", "| dense γ=3", "| specattn γ=3"]
-    assert "γ=1,3" in lines[0]
+    rates = bench.bench_demo(lines.append, [1], [20], 6, [1, 3], 0.6, sparse_from=0, adaptive_gamma=True)
+    labels = ["plain", "dense γ=1", "specattn γ=1", "dense γ=3", "specattn γ=3", "dense auto", "specattn auto"]
+    assert list(rates[(1, 20)]) == labels
+    rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert [r[0] for r in rows] == ["| " + label for label in labels]
+    assert [r[7] for r in rows][:5] == ["", "1", "1", "3", "3"]  # the γ column
+    assert "γ=1,3 and adaptive up to 3" in lines[0]
 
 
 def test_bench_peer_says_why_transformers_does_not_import(monkeypatch):
@@ -2374,7 +2487,8 @@ def test_gpu_graphed_engine_equals_eager():
 @needs_gpu
 def test_gpu_engine_graphs_captured_once_while_context_grows():
     """After the first step, no phase is captured again and nothing is recompiled, while a
-    generation grows every row's context by thousands of tokens."""
+    generation grows every row's context by thousands of tokens, turns from dense to sparse
+    verification and changes γ from step to step."""
     torch.manual_seed(0)
     args = M.ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
                        vocab_size=512, max_seq_len=4096, rope_theta=10000.0)
@@ -2386,13 +2500,15 @@ def test_gpu_engine_graphs_captured_once_while_context_grows():
     M.compile_pointwise(True)
     try:
         prompts = [[1, 2, 3], list(range(50))]
-        # sparse_from: the steps turn from dense to sparse verification halfway, with no capture
+        # sparse_from: the steps turn from dense to sparse verification halfway; each step's γ is
+        # chosen in 1..4: 4 x 7 phase graphs, all captured at the first step
         engine = SA.make_engine("specattn", target, draft, prompts, 3000, 4, 0.0, [0, 0, 1, 1],
-                                SA.SelectionConfig(topp=0.8, dense_layers=1, sparse_from=1500))
+                                SA.SelectionConfig(topp=0.8, dense_layers=1, sparse_from=1500),
+                                gamma_chooser=SA.GammaChooser(4))
         engine.generate(prompts, 8)
         compiled = sum(dynamo_utils.counters["stats"].values())
         out, stats = engine.generate(prompts, 3000)
-        assert engine.captures == engine.phase_graphs() == 7 and stats.tokens == 6000
+        assert engine.captures == engine.phase_graphs() == 28 and stats.tokens == 6000
         assert 0 < stats.kv_read < stats.kv_dense
         assert sum(dynamo_utils.counters["stats"].values()) == compiled
     finally:
