@@ -929,7 +929,10 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     acc = torch.empty((B * Hkv, parts, G * T, D), device=q.device, dtype=acc_dtype)
     m = torch.empty((B * Hkv, parts, G * T), device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    out = torch.empty_like(q)
+    # The output lives token-major, [B, T, Hq, D] in memory (returned as its [B, Hq, T, D] view), so
+    # the output projection after it reads [B, T, Hq * D] as a view: with T > 1 (a verification
+    # block) a head-major output would cost a copy kernel per layer.
+    out = torch.empty((B, T, Hq, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     # With return_last_row: the last token's scores [B*Hq, width] and each row's softmax (max, sum).
     scores = torch.empty((B * Hq, width), device=q.device, dtype=torch.float32) if return_last_row else None
     stats = (torch.empty((B * Hkv, G * T, 2), device=q.device, dtype=torch.float32) if return_last_row

@@ -315,6 +315,11 @@ class SpecEngine:
     attention rows, no select phase): the same tokens, without the draft rows' cost. Both
     variants are captured at the first step, so switching never captures.
 
+    gamma_chooser (a GammaChooser) lets each step propose g <= γ draft tokens: the draft loop,
+    the select phase's rows, the verify block and the accept phase read the first g; one set
+    of phase graphs per g, all captured at the first step. `generate` asks the chooser for
+    each step's g and hands it what each step accepted and how long it took.
+
     compile_accept (default: with CUDA graphs) runs the accept phase through torch.compile:
     it is ~30 element-wise ops on [B, γ + 1] tensors, one tiny kernel each in eager PyTorch,
     which Inductor fuses into a few (then captured in the phase's graph like the rest).

@@ -878,6 +878,8 @@ def test_sparse_attention_matches_reference(T, S, ratio):
     assert (got - dense_ref).norm() / dense_ref.norm() < 1e-5  # 100% selected == dense
     dense_kernel = K.sparse_attention(q, kc, vc, S)
     assert (dense_kernel - dense_ref).norm() / dense_ref.norm() < 1e-5
+    # token-major in memory: the output projection reads [B, T, Hq * D] without a copy
+    assert dense_kernel.shape == (B, Hq, T, D) and dense_kernel.transpose(1, 2).is_contiguous()
 
 
 def test_sparse_attention_writes_new_block():
