@@ -6,7 +6,9 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
 (a) demo pair: SmolLM2-135M + its trained 4-layer draft (`draft/`), real weights, prompts
     cut from the demo books; batch 1, 8, 32, 64 x contexts 1k, 4k and the longest that
     fits the model's 8192 positions. Plain decoding (the target alone), dense speculative
-    decoding, SpecAttn; tokens/s side by side.
+    decoding, SpecAttn; tokens/s side by side (SpecAttn sparse from --sparse-from positions;
+    --gamma 2,3,4 runs the speculative modes once per γ, --adaptive-gamma once more with γ
+    chosen each step).
 (b) random-weight Llama-3-8B / Llama-3.2-1B shapes at batch 1 / 128k and batch 8 / 32k:
     one whole speculative step (γ draft steps + selection + verification + acceptance) of
     the engine, dense verification vs SpecAttn at the p that keeps ~25% of the draft
