@@ -1535,13 +1535,15 @@ def test_compiled_accept_phase_equals_eager(references):
     eos = SA.greedy_generate(target, prompts[:1], 14)[0][5]
     cfg = SA.SelectionConfig(topp=0.6, dense_layers=1)
     graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
-    for mode, batch_size in (("specattn", 2), ("specattn", 3), ("plain", 2)):
+    for mode, batch_size, schedule in (("specattn", 2, None), ("specattn", 3, None), ("plain", 2, None),
+                                       ("specattn", 2, [1, 3, 2])):  # γ changing every step
         runs = []
         for compiled in (False, True):
+            chooser = ScheduledGamma(3, schedule) if schedule else None
             engine = SA.make_engine(mode, target, draft, prompts, 14, 3, 0.0, [0, 1, 1], cfg, eos_id=eos,
-                                    batch_size=batch_size, compile_accept=compiled)
+                                    batch_size=batch_size, compile_accept=compiled, gamma_chooser=chooser)
             runs.append((engine.generate(prompts, 14)[0], engine.counters.tolist()))
-        assert runs[0] == runs[1], f"{mode}, batch {batch_size}"
+        assert runs[0] == runs[1], f"{mode}, batch {batch_size}, γ schedule {schedule}"
     assert dynamo_utils.counters["stats"]["unique_graphs"] > graphs_before  # it did run compiled
 
 
