@@ -1388,20 +1388,21 @@ def test_sparse_from_rows_below_it_verify_densely(references, monkeypatch):
         SA.SelectionConfig(sparse_from=-1)
 
 
-@pytest.mark.parametrize("mode", ["plain", "dense", "specattn"])
+@pytest.mark.parametrize("mode", ["plain", "dense", "specattn", "specattn_sparse_from"])
 def test_continuous_batching_equals_each_prompt_alone(mode, references):
     """Five prompts through two rows: a row that finishes (at its token limit or EOS) takes
     the next waiting prompt. Each prompt's tokens equal that prompt run alone, and the
-    counters add up to the runs alone (a refilled row starts from a clean state)."""
+    counters add up to the runs alone (a refilled row starts from a clean state; with
+    sparse_from, the host's bound on its length starts again from its new prompt)."""
     target, _ = tiny_pair(9)
     draft = self_draft(target)
     prompts = [list(range(3, 30)), [7], list(range(40, 49)), [11, 12], list(range(60, 75))]
     free = SA.greedy_generate(target, prompts[:1], 14)[0]
     eos = free[5]  # prompt 0 stops early at its EOS: its row is refilled before the others
-    cfg = SA.SelectionConfig(topp=0.6, dense_layers=1)
+    cfg = SA.SelectionConfig(topp=0.6, dense_layers=1, sparse_from=20 if mode.endswith("from") else 0)
 
     def engine(rows, batch_size=None):
-        return SA.make_engine(mode, target, draft, rows, 14, 3, 0.0, [0, 1, 1], cfg, eos_id=eos,
+        return SA.make_engine(mode.split("_")[0], target, draft, rows, 14, 3, 0.0, [0, 1, 1], cfg, eos_id=eos,
                               batch_size=batch_size)
 
     shared = engine(prompts, batch_size=2)
