@@ -134,11 +134,15 @@ def topp_select_reference(w: torch.Tensor, p, lengths=None):
     return union_select_reference(topp_mask_reference(w, p, lengths)[..., None, :])
 
 
-def union_select_reference(masks: torch.Tensor, lengths=None):
+def union_select_reference(masks: torch.Tensor, lengths=None, dense_below: int = 0):
     """masks bool [..., K, N] -> (idx int32 [..., N], count int32 [...]): per row, the positions
     that any of its K masks keeps (and, with lengths [...], that lie below the row's
-    length), ascending, padded with -1."""
+    length), ascending, padded with -1. A row with fewer than dense_below positions (its
+    length, at most N) lists all of them."""
     keep = masks.any(-2)  # [..., N]
+    n = keep.shape[-1]
+    held = torch.as_tensor(n if lengths is None else lengths, device=keep.device).clamp(0, n)  # [...]
+    keep |= (held < dense_below).expand(keep.shape[:-1])[..., None]
     if lengths is not None:
         keep &= _inside(lengths, keep.shape, keep.device)
     count = keep.sum(-1, dtype=torch.int32)
@@ -426,15 +430,16 @@ def topp_select(w: torch.Tensor, p, lengths=None):
 # the list comes out ascending with no atomics.
 
 @triton.jit
-def _union_select_kernel(mask_ptr, len_ptr, idx_ptr, count_ptr, n, K: tl.constexpr, BLOCK: tl.constexpr,
-                         HAS_LEN: tl.constexpr):
+def _union_select_kernel(mask_ptr, len_ptr, idx_ptr, count_ptr, n, dense_below, K: tl.constexpr,
+                         BLOCK: tl.constexpr, HAS_LEN: tl.constexpr):
     row = tl.program_id(0)
     n_row = _row_length(len_ptr, row, n, HAS_LEN)
+    whole = (tl.zeros([BLOCK], dtype=tl.int32) + (n_row < dense_below)) != 0  # a short row lists all it holds
     listed = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)  # kept positions before this block
     for start in range(0, n_row, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inside = offs < n_row
-        keep = tl.zeros([BLOCK], dtype=tl.int1)
+        keep = whole & inside
         for k in tl.static_range(K):
             keep |= tl.load(mask_ptr + (row * K + k) * n + offs, mask=inside, other=0) != 0
         rank = tl.cumsum(keep.to(tl.int32), axis=0)  # 1 + how many kept entries of the block come before
@@ -443,13 +448,15 @@ def _union_select_kernel(mask_ptr, len_ptr, idx_ptr, count_ptr, n, K: tl.constex
     tl.store(count_ptr + row, listed)
 
 
-def union_select(masks: torch.Tensor, lengths=None):
+def union_select(masks: torch.Tensor, lengths=None, dense_below: int = 0):
     """masks bool [..., K, N] (or any dtype: nonzero keeps) -> (idx int32 [..., N], count
     int32 [...]): per row, the positions any of its K masks keeps, below the row's length if
     lengths (ints or a tensor broadcast to [...]) is given, compacted to the front in
-    ascending order (entries past `count` are undefined). One launch, no host sync."""
+    ascending order (entries past `count` are undefined). A row with fewer than dense_below
+    positions (its length, at most N) lists all of them: a short context read whole
+    (SpecAttn's sparse_from). One launch, no host sync."""
     if not _use_triton(masks):
-        return union_select_reference(masks, lengths)
+        return union_select_reference(masks, lengths, dense_below)
     *lead, K, n = masks.shape
     rows = math.prod(lead)
     masks = masks if masks.dtype == torch.bool else masks != 0  # (any dtype: nonzero keeps)
@@ -460,8 +467,8 @@ def union_select(masks: torch.Tensor, lengths=None):
     lengths = _row_lengths(lengths, lead, masks.device) if has_len else None
     if rows:
         block = min(triton.next_power_of_2(max(n, 1)), 4096)
-        _union_select_kernel[(rows,)](m, lengths, idx, count, n, K=K, BLOCK=block, HAS_LEN=has_len,
-                                      num_warps=4 if block <= 1024 else 8)
+        _union_select_kernel[(rows,)](m, lengths, idx, count, n, dense_below, K=K, BLOCK=block,
+                                      HAS_LEN=has_len, num_warps=4 if block <= 1024 else 8)
     return idx.reshape(*lead, n), count.reshape(lead)
 
 
@@ -1127,11 +1134,12 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
                 assert not (got & ~inside).any(), f"top-p {rows}x{n}: kept past a row's length"
                 check_topp_definition(w * inside, got, p, rel_tol=1e-6)
         masks = torch.rand(rows, 4, n, device=dev) < 0.05
-        idx, count = union_select(masks, lengths)
-        ref_idx, ref_count = union_select_reference(masks, lengths)
-        listed = torch.arange(n, device=dev) < ref_count[:, None]
-        assert torch.equal(count, ref_count) and torch.equal(torch.where(listed, idx, -1), ref_idx), \
-            f"union_select {rows}x4x{n}: differs from the reference"
+        for dense_below in (0, n // 2):  # rows shorter than dense_below list every position they hold
+            idx, count = union_select(masks, lengths, dense_below)
+            ref_idx, ref_count = union_select_reference(masks, lengths, dense_below)
+            listed = torch.arange(n, device=dev) < ref_count[:, None]
+            assert torch.equal(count, ref_count) and torch.equal(torch.where(listed, idx, -1), ref_idx), \
+                f"union_select {rows}x4x{n}, dense below {dense_below}: differs from the reference"
     # The greedy argmax at vocabulary sizes, bf16 logits, a tie across chunks (the first wins).
     for rows, V in ((1, 49152), (64, 49152), (5, 128256), (3, 4099)):
         x = torch.randn(rows, V, device=dev, dtype=torch.bfloat16)

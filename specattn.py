@@ -389,7 +389,6 @@ class SpecEngine:
             for j in sparse:
                 self.uses[self.layer_map[j] - self.first_used] += 1
             self.draft_rows = torch.zeros(n_used, B, G, max_len, device=device)  # [used, B, γ, S]
-            self.every_position = torch.arange(max_len, device=device, dtype=torch.int32)  # a dense row's list
         # What the host reads after each step: [done, tokens so far (at most max_new)] per row.
         self.flags = torch.zeros(2, B, **i64)
         self.graphs: dict = {}
@@ -441,18 +440,15 @@ class SpecEngine:
         lengths = self.t_cache.lengths[None, :, None]  # [1, B, 1]: broadcast over used layers and rows
         rows = self.draft_rows[:, :, :self.g]  # [used, B, γ, S]: this step's draft rows
         rows = rows.mean(2, keepdim=True) if cfg.combine == "mean" else rows
-        if cfg.combine == "mean" and not cfg.sinks:  # one cut of the rows' mean: one launch
+        if cfg.combine == "mean" and not cfg.sinks and not cfg.sparse_from:  # one cut of the mean: one launch
             self.sel_idx, self.sel_count = topp_select(rows[:, :, 0], cfg.topp, lengths=lengths[..., 0])
-        else:
-            keep = topp_mask(rows, cfg.topp, lengths=lengths)  # [used, B, γ or 1, S]: each row's top-p set
-            if cfg.sinks:
-                keep[..., :cfg.sinks] = True
-            # their union, compacted (one launch); sinks only where a row has them cached
-            self.sel_idx, self.sel_count = union_select(keep, lengths=lengths[..., 0])
-        if cfg.sparse_from:
-            short = self.t_cache.lengths < cfg.sparse_from  # [B]
-            self.sel_idx = torch.where(short[:, None], self.every_position, self.sel_idx)  # [used, B, S]
-            self.sel_count = torch.where(short, self.t_cache.lengths, self.sel_count)  # [used, B]
+            return
+        keep = topp_mask(rows, cfg.topp, lengths=lengths)  # [used, B, γ or 1, S]: each row's top-p set
+        if cfg.sinks:
+            keep[..., :cfg.sinks] = True
+        # their union, compacted (one launch); sinks only where a row has them cached; a row
+        # shorter than sparse_from lists every position it holds
+        self.sel_idx, self.sel_count = union_select(keep, lengths=lengths[..., 0], dense_below=cfg.sparse_from)
 
     def _verify_phase(self):
         """The target reads [last, d1..dγ] in one forward: logits [B, γ + 1, V]. With

@@ -771,16 +771,23 @@ def test_union_select_matches_reference(n):
         masks = torch.rand(2, 3, K_masks, n, generator=g) < density
         lengths = torch.randint(0, n + 3, (2, 3), generator=g)
         lengths[0, 0] = 0
-        for lens in (None, lengths, lengths[:, :1], 5):
-            idx, count = K.union_select(masks, lens)
-            ref_idx, ref_count = K.union_select_reference(masks, lens)
-            assert torch.equal(count, ref_count), f"n={n} K={K_masks}: counts {count} vs {ref_count}"
+        for lens, dense_below in itertools.product((None, lengths, lengths[:, :1], 5), (0, 1, n // 2, n + 1)):
+            idx, count = K.union_select(masks, lens, dense_below)
+            ref_idx, ref_count = K.union_select_reference(masks, lens, dense_below)
+            case = f"n={n} K={K_masks} dense below {dense_below}"
+            assert torch.equal(count, ref_count), f"{case}: counts {count} vs {ref_count}"
             listed = torch.arange(n) < count[..., None]
-            assert torch.equal(torch.where(listed, idx, -1), ref_idx), f"n={n} K={K_masks}: lists differ"
+            assert torch.equal(torch.where(listed, idx, -1), ref_idx), f"{case}: lists differ"
     _, count = K.union_select(masks.float() * 0.5, lengths)  # not bool: nonzero entries keep
     assert torch.equal(count, K.union_select_reference(masks, lengths)[1])
-    keep = masks.any(-2) & (torch.arange(n) < lengths[..., None])  # the definition, spelled out
+    inside = torch.arange(n) < lengths[..., None]
+    keep = masks.any(-2) & inside  # the definition, spelled out
     ref_idx, ref_count = K.union_select_reference(masks, lengths)
+    for b, h in itertools.product(range(2), range(3)):
+        assert ref_idx[b, h, :ref_count[b, h]].tolist() == keep[b, h].nonzero().flatten().tolist()
+    short = lengths.clamp(max=n) < n // 2  # dense_below: a short row lists every position it holds
+    keep = (masks.any(-2) | short[..., None]) & inside
+    ref_idx, ref_count = K.union_select_reference(masks, lengths, n // 2)
     for b, h in itertools.product(range(2), range(3)):
         assert ref_idx[b, h, :ref_count[b, h]].tolist() == keep[b, h].nonzero().flatten().tolist()
 
