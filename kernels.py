@@ -17,7 +17,8 @@ Works copied alone (torch + triton). Three pieces:
    indices compacted to the front in ascending order, and their count, made on the
    device, no host sync. Both take per-row lengths (a tensor on the device): a row is
    only its first lengths[r] entries. `union_select(masks)` lists, compacted the same way,
-   what any of several masks keeps (SpecAttn's union of the γ draft rows' sets).
+   what any of several masks keeps (SpecAttn's union of the γ draft rows' sets), and every
+   position of a row shorter than `dense_below` (a short context read whole).
 
 2. Sparse attention for verification. `sparse_attention(q, k_cache, v_cache, past_len,
    idx, count)`: the T new queries of each KV-head group read only the selected cached
