@@ -276,7 +276,8 @@ class GammaChooser:
         return y_mean + max(slope, 0.0) * (gamma - x_mean)  # more tokens never cost less
 
     def choose(self) -> int:
-        """The γ for the next step (gamma_max until a step has been observed)."""
+        """The γ for the next step (gamma_max until a step has been observed and, with
+        measured costs, timed)."""
         if not self.observed or (self.fixed_costs is None and not self.step_time):
             return self.gamma_max
         a = min(self.alpha, 1 - 1e-6)
