@@ -95,8 +95,6 @@ def draft_selection(draft_probs: list, past_len: int, layer_map: list[int], n_kv
         i = layer_map[j]
         if i not in per_draft_layer:
             per_draft_layer[i] = _select_from_rows(draft_probs[i][..., :past_len], n_kv_heads, cfg, causal)
-            if past_len < cfg.sparse_from:  # a context this short is read whole
-                per_draft_layer[i] = torch.ones_like(per_draft_layer[i])
     return {j: per_draft_layer[layer_map[j]] for j in range(cfg.dense_layers, len(layer_map))}
 
 
@@ -110,7 +108,9 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
         rows = probs.float().view(B, n_kv_heads, Hd // n_kv_heads, T, S).mean(2)  # [B, Hkv, T, S]
     else:
         rows = probs.float().mean(1, keepdim=True)  # [B, 1, T, S]: one selection for all heads
-    if cfg.combine == "mean":  # average the rows (running average if causal), then one top-p cut
+    if S < cfg.sparse_from:  # a context this short is read whole
+        keep = torch.ones(B, rows.shape[1], T if causal else 1, S, dtype=torch.bool, device=rows.device)
+    elif cfg.combine == "mean":  # average the rows (running average if causal), then one top-p cut
         if causal:
             rows = rows.cumsum(2) / torch.arange(1, T + 1, device=rows.device).view(1, 1, T, 1)
         else:
