@@ -366,18 +366,18 @@ def cache_attention(q, k_new, v_new, k_cache, v_cache, lengths, start, keep=None
 # selections (layers not in it read everything) and never needs q.
 Selection = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 SelectFn = Callable[[int, torch.Tensor, torch.Tensor], Optional[Selection]]
-def rotates_in_slot(attend, cache) -> bool:
-    """Whether this attention slot rotates q and k (RoPE) and writes the cache in its own
-    launch (`rotates_and_writes`; only with a cache), so the model does neither."""
-    return cache is not None and getattr(attend, "rotates_and_writes", False)
-
-
 # An attention slot: (q, k_new, v_new, k_cache, v_cache, lengths, start, keep, return_probs)
 # -> (out [B, Hq, T, D], probs or None); see cache_attention and kernels.attention_slot. A
 # slot with `rotates_and_writes = True` gets q and k_new before RoPE and rope=(cos, sin), the
 # tables of every position [max_seq_len, D] (row b's token t is at lengths[b] + t), and writes
 # the block into the cache itself.
 AttentionFn = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def rotates_in_slot(attend, cache) -> bool:
+    """Whether this attention slot rotates q and k (RoPE) and writes the cache in its own
+    launch (`rotates_and_writes`; only with a cache), so the model does neither."""
+    return cache is not None and getattr(attend, "rotates_and_writes", False)
 
 
 class Attention(nn.Module):
