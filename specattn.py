@@ -394,7 +394,7 @@ class SpecEngine:
         self.flags = torch.zeros(2, B, **i64)
         self.graphs: dict = {}
         self.captures = 0  # CUDA graphs captured (a test checks it stays at one per phase)
-        self.phase_events: list = []
+        self.phase_events: list = []  # per timed step: (phase names, their marks, γ proposed)
         self._accept = self._accept_phase
         if self.cuda_graphs if compile_accept is None else compile_accept:
             # Engines of other sizes recompile once, then share a graph with dynamic sizes; the
@@ -606,7 +606,7 @@ class SpecEngine:
             if timed:
                 events.append(self._mark())
         if timed:
-            self.phase_events.append(([name for name, _ in phases], events))
+            self.phase_events.append(([name for name, _ in phases], events, self.g))
 
     def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """One-line errors for prompts this engine cannot take, before any work is done."""
@@ -713,7 +713,6 @@ class SpecEngine:
         in_flight = None  # (flags buffer, step number, event) of the step queued before the newest
         started = [0] * self.B  # step at which row b's prompt started: flags of earlier steps are not its own
         n_seen = [1] * self.B  # row b's n_out in the newest flags of its prompt that the host has read
-        self.step_gammas = []  # γ proposed by each step
         if self.chooser is not None:
             self.chooser.reset()
         bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", disable=not progress, leave=False)
@@ -725,7 +724,6 @@ class SpecEngine:
             if self.chooser is not None:
                 self.g = self.chooser.choose()
             self.step(timed=True)
-            self.step_gammas.append(self.g)
             step = len(self.phase_events)  # steps queued so far; this one is `step`
             buf = flags[step % 2]
             buf.copy_(self.flags, non_blocking=True)
@@ -770,13 +768,17 @@ class SpecEngine:
         stats.seconds = {"prefill": t1 - t0 + refill_s, "decode": t2 - t1 - refill_s, **self._phase_seconds()}
         return outputs, stats
 
+    @property
+    def step_gammas(self) -> list[int]:
+        """The γ each step of the last generation proposed."""
+        return [gamma for _, _, gamma in self.phase_events]
+
     def _observe(self, step: int, accepted: list[int]) -> None:
         """Hand step `step` (counted from 1) to the gamma chooser: its γ, the draft tokens each
         running row accepted, its draft phase and whole-step times."""
-        names, marks = self.phase_events[step - 1]
-        seconds = [a.elapsed_time(b) / 1e3 if self.device.type == "cuda" else b - a
-                   for a, b in zip(marks, marks[1:])]
-        self.chooser.observe(self.step_gammas[step - 1], accepted, draft_s=seconds[names.index("draft")],
+        names, marks, gamma = self.phase_events[step - 1]
+        seconds = [self._seconds(a, b) for a, b in zip(marks, marks[1:])]
+        self.chooser.observe(gamma, accepted, draft_s=seconds[names.index("draft")],
                              step_s=sum(seconds))
 
     def _first_token(self, logits: torch.Tensor) -> torch.Tensor:
@@ -793,12 +795,16 @@ class SpecEngine:
         event.record()
         return event
 
+    def _seconds(self, a, b) -> float:
+        """Seconds between two of `_mark`'s points (on CUDA, both recorded and complete)."""
+        return a.elapsed_time(b) / 1e3 if self.device.type == "cuda" else b - a
+
     def _phase_seconds(self) -> dict:
         """Time per phase, summed over the steps (read after the last step)."""
         total = {name: 0.0 for name, _ in self._phases(sparse=self._variants()[0])}  # every phase it may run
-        for names, marks in self.phase_events:
+        for names, marks, _ in self.phase_events:
             for name, a, b in zip(names, marks, marks[1:]):
-                total[name] += a.elapsed_time(b) / 1e3 if self.device.type == "cuda" else b - a
+                total[name] += self._seconds(a, b)
         return total
 
 

@@ -1379,18 +1379,18 @@ def test_sparse_from_rows_below_it_verify_densely(references, monkeypatch):
     read, dense = engine.counters[2], engine.counters[3]  # [B] each
     assert read[0] == dense[0] and read[1] < dense[1] and read[2] < dense[2]
     assert got[2] == run([long], 0)[0][0]
-    steps = [names for names, _ in engine.phase_events]
+    steps = [names for names, *_ in engine.phase_events]
     assert "select" in steps[0]  # the long row is past sparse_from from the start
 
     alone, alone_engine = run([crossing], 30)
     assert alone[0] == got[1]
-    steps = [names for names, _ in alone_engine.phase_events]
+    steps = [names for names, *_ in alone_engine.phase_events]
     assert "select" not in steps[0] and "select" in steps[-1]  # dense steps, then sparse ones
     # Every step sparse (the host never chooses dense steps): the select phase's lists alone.
     monkeypatch.setattr(SA.SpecEngine, "sparse", property(lambda e: e.use_specattn))
     listed, listed_engine = run([crossing], 30)
     assert listed == alone and listed_engine.counters.tolist() == alone_engine.counters.tolist()
-    assert all("select" in names for names, _ in listed_engine.phase_events)
+    assert all("select" in names for names, *_ in listed_engine.phase_events)
     with pytest.raises(ValueError, match="sparse_from"):
         SA.SelectionConfig(sparse_from=-1)
 
