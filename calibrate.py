@@ -70,6 +70,11 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-layers", help="use only these layers of the draft checkpoint (with no "
                                                "--draft, of the target: 0-11 is the demo's "
                                                "self-speculative first-12-layers draft)")
+    parser.add_argument("--sink-distance", type=int, metavar="N",
+                        help="the draft reads its first position (the attention sink) as if it sat N positions "
+                             "before each block it forwards, once the context is longer (model.ModelArgs."
+                             "sink_distance; 0: true positions). Default: the draft's own setting, the training "
+                             "window for a draft saved by train_draft.py (512 for the demo's), else 0")
     parser.add_argument("--bos", choices=["auto", "on", "off"], default="auto",
                         help="put the tokenizer's BOS token before each text; auto: as the checkpoint says "
                              "(tokenizer_config.json add_bos_token: on for Llama-2, TinyLlama, "
@@ -92,11 +97,15 @@ def check_device(name: Optional[str]) -> None:
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
-def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None, dtype=None, bos="auto"):
+def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None, dtype=None, bos="auto",
+              sink_distance=None):
     """(target, draft, tokenizer). Defaults: the demo target and its trained draft (draft/,
     made by train_draft.py); with draft_layers and no draft_path, the draft is the target's
     own first layers instead (the self-speculative draft, for comparison). `bos` (auto, on,
-    off) sets `tokenizer.add_bos`, which every encode follows."""
+    off) sets `tokenizer.add_bos`, which every encode follows. sink_distance: the draft's
+    ModelArgs.sink_distance (None: as its config says)."""
+    if sink_distance is not None and sink_distance < 0:
+        raise ValueError(f"--sink-distance must be >= 0 (0: true positions), got {sink_distance}")
     if target_path is None:
         target_path = demo_target()
         if draft_path is None and draft_layers is None:
@@ -122,10 +131,14 @@ def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None,
         if draft_layers is not None:
             raise ValueError("--draft-layers picks layers of a full checkpoint; a draft from train_draft.py "
                              "is used whole")
-        return target, load_draft(draft_path, target), tokenizer
+        draft = load_draft(draft_path, target)
+        if sink_distance is not None:
+            draft.args.sink_distance = sink_distance
+        return target, draft, tokenizer
     if Path(draft_path).resolve() != Path(target_path).resolve():
         check_same_tokenizer(tokenizer, Tokenizer.from_pretrained(draft_path), target_path, draft_path)
     draft = load_model(draft_path, device=device, dtype=dtype, layers=draft_layers)
+    draft.args.sink_distance = sink_distance or 0
     if draft.args.vocab_size != target.args.vocab_size:
         raise ValueError(f"draft vocab {draft.args.vocab_size} != target vocab {target.args.vocab_size}: "
                          f"use a draft trained with the target's tokenizer")
@@ -154,7 +167,8 @@ def load_draft(path, target: Transformer) -> Transformer:
     and the target's token embedding (and so its tied head) shared, not copied.
 
     config.json's "specattn_draft" entry names the target it extends, with an embedding
-    probe that must match `target`'s."""
+    probe that must match `target`'s, and the draft's sink_distance (model.ModelArgs): the
+    window it was trained on, beyond which it has never seen its attention sink."""
     info = draft_info(path)
     if info is None:
         raise ValueError(f"{path} is not a draft saved by train_draft.py (no readable config.json with a "
@@ -166,7 +180,9 @@ def load_draft(path, target: Transformer) -> Transformer:
                          "that one's; pass the matching --target, or train a draft "
                          "for it with train_draft.py")
     w = target.tok_embeddings.weight
-    return load_model(path, device=w.device, dtype=w.dtype, shared={"model.embed_tokens.weight": w})
+    draft = load_model(path, device=w.device, dtype=w.dtype, shared={"model.embed_tokens.weight": w})
+    draft.args.sink_distance = int(info.get("sink_distance", 0))
+    return draft
 
 
 def check_same_tokenizer(a: Tokenizer, b: Tokenizer, path_a, path_b) -> None:
@@ -282,7 +298,7 @@ def layer_map_for(target, draft, tokenizer, path=None, text=None, n_tokens: int 
     shapes = [tuple(p.shape) for p in draft.parameters()] + [tuple(p.shape) for p in target.parameters()]
     fingerprint = json.dumps([str(shapes), float(target.norm.weight.detach().float().sum()),
                               float(draft.norm.weight.detach().float().sum()),
-                              draft.args.layer_ids, str(text), n_tokens, skip_tokens]
+                              draft.args.layer_ids, draft.args.sink_distance, str(text), n_tokens, skip_tokens]
                              + (["bos"] if tokenizer.add_bos else []))  # BOS shifts the calibration window
     digest = hashlib.sha1(fingerprint.encode()).hexdigest()[:12]
     cache_file = Path(cache_dir or CACHE) / f"layer_map_{digest}.json"
@@ -345,7 +361,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
-                                             device=args.device, bos=args.bos)
+                                             device=args.device, bos=args.bos, sink_distance=args.sink_distance)
         if args.text is None:
             args.text = calibration_book()
         if args.tokens > target.args.max_seq_len:

@@ -627,7 +627,8 @@ def main(argv=None):
                              "the warnings above say why)")
         dtype = getattr(torch, args.dtype) if args.dtype else None
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
-                                             device=args.device, dtype=dtype, bos=args.bos)
+                                             device=args.device, dtype=dtype, bos=args.bos,
+                                             sink_distance=args.sink_distance)
         if args.max_tokens > target.args.max_seq_len:
             raise ValueError(f"--max-tokens {args.max_tokens} exceeds the "
                              f"target's {target.args.max_positions_text()}; use "

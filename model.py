@@ -79,6 +79,15 @@ class ModelArgs:
     sliding_window: Optional[int] = None
     # Which original decoder layers this model holds (None: all). Set by load_model(layers=...).
     layer_ids: Optional[list] = field(default=None)
+    # The attention sink at a fixed distance (0: off, as every ordinary checkpoint runs). A
+    # model trained on short windows has only seen its first position, where attention
+    # collects (the "attention sink"), a few hundred positions back; RoPE makes a score
+    # depend on the query-key distance, so 8k positions on the sink sits where the model
+    # never learned to find it. With sink_distance = d, every forward past position 0 reads
+    # position 0's key rotated as if it sat d positions before the forward's first token
+    # (KVCache.place_sink), or at its own position if that is nearer. Drafts saved by
+    # train_draft.py set it to their training window (see calibrate.load_draft).
+    sink_distance: int = 0
 
     SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
@@ -200,6 +209,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def placed_sink(sink_k: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                distance: int) -> torch.Tensor:
+    """sink_k [L, B, Hkv, D] (position 0's keys, unrotated) rotated to sit `distance`
+    positions before each row's next token, lengths[b] (at 0 if the row is shorter); cos
+    and sin: the RoPE tables [max_seq_len, D]. See ModelArgs.sink_distance."""
+    at = (lengths.long() - distance).clamp(min=0)  # [B]
+    return apply_rope(sink_k, cos[at][None, :, None], sin[at][None, :, None])
+
+
 class Pointwise:
     """The pointwise work between the matmuls, looked up here at call time so that
     `compile_pointwise()` can swap in fused versions of the same functions."""
@@ -207,6 +225,7 @@ class Pointwise:
     rms_norm = staticmethod(rms_norm)
     add_rms_norm = staticmethod(add_rms_norm)
     swiglu = staticmethod(swiglu)
+    placed_sink = staticmethod(placed_sink)
 
 
 def compile_pointwise(enable: bool = True) -> None:
@@ -220,7 +239,7 @@ def compile_pointwise(enable: bool = True) -> None:
     import torch._inductor.config as inductor_config
     options = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
     for name, fn in (("rope", apply_rope), ("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm),
-                     ("swiglu", swiglu)):
+                     ("swiglu", swiglu), ("placed_sink", placed_sink)):
         setattr(Pointwise, name, staticmethod(torch.compile(fn, options=options) if enable else fn))
 
 
@@ -255,6 +274,10 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, device=device, dtype=torch.int32)  # [B]
         self.length = 0  # host: >= every row's length, equal to it while uniform
         self.uniform = True
+        # With args.sink_distance: position 0's key as the forward that started the row wrote
+        # it (unrotated: RoPE at position 0 is the identity), which place_sink rotates.
+        self.sink_k = (torch.zeros(shape[:3] + shape[4:], device=device, dtype=dtype)  # [L, B, Hkv, D]
+                       if args.sink_distance else None)
 
     @property
     def max_len(self) -> int:
@@ -282,6 +305,19 @@ class KVCache:
         self.lengths.copy_(torch.as_tensor(lengths, dtype=torch.int32))
         self.length, self.uniform = max(lengths), len(set(lengths)) == 1
 
+    def keep_sink(self) -> None:
+        """Remember position 0's key of every row (Transformer.forward calls this after a
+        forward that started at position 0: a row must start with a uniform forward, as
+        every prefill is)."""
+        self.sink_k.copy_(self.k[:, :, :, 0])
+
+    def place_sink(self, cos: torch.Tensor, sin: torch.Tensor, distance: int) -> None:
+        """Rewrite position 0's key of every row as if it sat `distance` positions before the
+        row's next token (or at 0, if the row is shorter): a query t tokens into the next
+        block then scores it as `distance` + t positions back, whatever the row's length.
+        cos, sin: the model's RoPE tables [max_seq_len, D]. Values are left as they are."""
+        self.k[:, :, :, 0] = Pointwise.placed_sink(self.sink_k, self.lengths, cos, sin, distance)
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Put a block's keys and values k, v [B, Hkv, T, D] of `layer` at positions
         [lengths[b], lengths[b] + T) of row b (the forward advances the lengths once, after
@@ -295,6 +331,7 @@ class KVCache:
         """Rows [start, stop) of this cache as a cache of their own (views: writes land here)."""
         part = KVCache.__new__(KVCache)
         part.k, part.v, part.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
+        part.sink_k = None if self.sink_k is None else self.sink_k[:, start:stop]
         part.length, part.uniform = self.length, self.uniform
         return part
 
@@ -536,6 +573,9 @@ class Transformer(nn.Module):
         else:
             positions = block_positions(lengths, T)  # [B, T]
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
+        sink = self.args.sink_distance if cache is not None else 0
+        if sink and start != 0:  # (start == 0: every row starts here; its sink is this block's)
+            cache.place_sink(self.rope_cos, self.rope_sin, sink)
         h = self.tok_embeddings(tokens)  # [B, T, dim]: the residual stream
         x = self.layers[0].attention_norm(h)
         next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
@@ -545,6 +585,8 @@ class Transformer(nn.Module):
             h, x, probs = layer(h, x, next_norm, cos, sin, i, cache, lengths, start, select, want_probs,
                                 attend)
             probs_per_layer.append(probs)
+        if sink and start == 0:
+            cache.keep_sink()
         if cache is not None:
             cache.advance(T)
         if logits_at is not None:

@@ -652,11 +652,15 @@ class SpecEngine:
                 continue
             rows = cache.rows(first_row, first_row + n)
             rows.reset()  # these rows' lengths are 0 (views of the cache's)
-            for b0 in range(0, n if max(cached) else 0, rows_per_chunk):  # (none if every prompt is 1 token)
+            # At least the first token goes in, even where every prompt is one token and the draft
+            # caches none of it: a forward from position 0 is where a cache keeps its rows' sink keys
+            # (KVCache.keep_sink), and the lengths set below leave those rows empty all the same.
+            width = max(max(cached), 1)
+            for b0 in range(0, n, rows_per_chunk):
                 b1 = b0 + rows_per_chunk
                 at = last_pos[b0:b1] if model is self.target else torch.zeros_like(last_pos[b0:b1])
                 # every row starts at 0: plain causal PyTorch attention (SDPA), right padding unread
-                out = model(tokens[b0:b1, :max(cached)], cache=rows.rows(b0, b1), logits_at=at,
+                out = model(tokens[b0:b1, :width], cache=rows.rows(b0, b1), logits_at=at,
                             attend=cache_attention)
                 if model is self.target:
                     logits.append(out[:, 0])
@@ -1116,7 +1120,7 @@ def main(argv=None):
             raise ValueError(f"--sparse-from must be >= 0, got {args.sparse_from}")
         check_device(args.device)
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
-                                             device=args.device, bos=args.bos)
+                                             device=args.device, bos=args.bos, sink_distance=args.sink_distance)
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
         selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, combine=args.combine,
                                     sinks=args.sinks, sparse_from=args.sparse_from)

@@ -1309,6 +1309,49 @@ def test_ragged_cache_forward_and_rewind_rows_equal_fresh_prefill():
         m(x[:, :1], cache=cache)  # the PyTorch slot refuses ragged rows rather than misreading them
 
 
+def rotated_to(k: torch.Tensor, position: int, args) -> torch.Tensor:
+    """k [..., D], a key at position 0 (unrotated), as RoPE writes it at `position`: each
+    half-split pair (k[i], k[i + D/2]) as one complex number turned by position · freq[i]."""
+    freq = M.rope_frequencies(args).double()
+    half = k.shape[-1] // 2
+    z = torch.complex(k[..., :half].double(), k[..., half:].double()) * torch.polar(torch.ones_like(freq),
+                                                                                    position * freq)
+    return torch.cat([z.real, z.imag], -1).to(k.dtype)
+
+
+@pytest.mark.parametrize("slot", ["cache_attention", "attention_slot"])
+def test_sink_distance_reads_position_0_at_that_distance(slot, references):
+    """With sink_distance d, a forward past position 0 gives what the same weights give with
+    true positions once position 0's key is turned to sit d positions before the block (at
+    0 for a row shorter than d); each forward turns the key the prefill wrote, not the one
+    the last forward placed; values and the other positions stay as written."""
+    d = 6
+    m, plain = tiny_model(seed=21, sink_distance=d), tiny_model(seed=21)
+    x = torch.randint(0, 97, (3, 30), generator=torch.Generator().manual_seed(21))
+    cache = m.new_cache(batch_size=3, max_len=40)
+    m(x[:, :12], cache=cache)  # the prefill: true positions (every row starts at 0)
+    torch.testing.assert_close(cache.sink_k, cache.k[:, :, :, 0], rtol=0, atol=0)
+    kept, attend = [12, 12, 12], None
+    if slot == "attention_slot":  # ragged rows: one shorter than d (no move), one just past it
+        cache.rewind_rows(torch.tensor([0, 8, 3]))
+        kept, attend = [12, 4, 9], K.attention_slot
+    before, v_before = cache.k.clone(), cache.v.clone()
+    alone = [plain.new_cache(batch_size=1, max_len=40) for _ in kept]  # each row with true positions
+    for r, n in enumerate(kept):
+        plain(x[r:r + 1, :n], cache=alone[r])
+    true_k0 = [c.k[:, :, :, 0].clone() for c in alone]
+    for a, b in ((12, 17), (17, 20)):  # two blocks: the second places the key from the prefill's
+        got = m(x[:, a:b], cache=cache, attend=attend)  # row r reads x[r, a:b] after its kept tokens
+        for r, c in enumerate(alone):
+            c.k[:, :, :, 0] = rotated_to(true_k0[r], max(0, c.length - d), m.args)
+            want = plain(x[r:r + 1, a:b], cache=c)
+            torch.testing.assert_close(got[r], want[0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(cache.sink_k, before[:, :, :, 0]) and torch.equal(cache.v[:, :, :, 0], v_before[:, :, :, 0])
+    assert not torch.equal(cache.k[:, 0, :, 0], before[:, 0, :, 0])  # row 0 (17 > d) reads a turned key
+    assert torch.equal(cache.k[:, :, :, 1:min(kept)], before[:, :, :, 1:min(kept)])  # the prefill's, still
+    assert m(x[:, :3], cache=M.KVCache(m.args, 3, 8)).shape == (3, 3, 97)  # a new row starts as before
+
+
 @pytest.fixture
 def references(monkeypatch):
     """The engine's CPU path: kernels.attention_slot and topp_* run their PyTorch references
@@ -1395,14 +1438,17 @@ def test_sparse_from_rows_below_it_verify_densely(references, monkeypatch):
         SA.SelectionConfig(sparse_from=-1)
 
 
-@pytest.mark.parametrize("mode", ["plain", "dense", "specattn", "specattn_sparse_from"])
+@pytest.mark.parametrize("mode", ["plain", "dense", "specattn", "specattn_sparse_from", "dense_sink",
+                                  "specattn_sink"])
 def test_continuous_batching_equals_each_prompt_alone(mode, references):
     """Five prompts through two rows: a row that finishes (at its token limit or EOS) takes
     the next waiting prompt. Each prompt's tokens equal that prompt run alone, and the
     counters add up to the runs alone (a refilled row starts from a clean state; with
-    sparse_from, the host's bound on its length starts again from its new prompt)."""
+    sparse_from, the host's bound on its length starts again from its new prompt; with the
+    draft's sink_distance, its sink is the new prompt's first key)."""
     target, _ = tiny_pair(9)
     draft = self_draft(target)
+    draft.args.sink_distance = 10 if mode.endswith("sink") else 0  # rows pass it while generating
     prompts = [list(range(3, 30)), [7], list(range(40, 49)), [11, 12], list(range(60, 75))]
     free = SA.greedy_generate(target, prompts[:1], 14)[0]
     eos = free[5]  # prompt 0 stops early at its EOS: its row is refilled before the others

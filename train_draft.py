@@ -353,7 +353,10 @@ def main(argv=None):
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("out", "device", "time_budget", "target", "books", "log_every")}
     recipe["steps"] = result["steps"]
+    # The draft never sees its attention sink further back than one training window (see
+    # model.ModelArgs.sink_distance); generation and evaluation place it there.
     info = {"target": Path(args.target).name, "embedding_probe": embedding_probe(target),
+            "sink_distance": args.seq_len,
             "books": [Path(b).name for b in args.books], "recipe": recipe,
             "train_seconds": result["seconds"], "sampling_seconds": result["sampling_seconds"],
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
