@@ -561,7 +561,7 @@ def checkpoint_identity(path) -> str:
     return f"{path.name}@{digest.hexdigest()[:12]}"
 
 
-def run_settings(args, target, layer_map, tokenizer) -> dict:
+def run_settings(args, target, draft, layer_map, tokenizer) -> dict:
     """Everything a book's results depend on. A results file is resumed only under equal settings."""
     target_dir = args.target or demo_target()
     demo_draft = args.target is None and args.draft_layers is None
@@ -570,7 +570,8 @@ def run_settings(args, target, layer_map, tokenizer) -> dict:
             "combine", "per_head", "methods", "topp", "quest_page", "split")
     return {"target": checkpoint_identity(target_dir), "draft": checkpoint_identity(draft_dir),
             "layer_map": layer_map, **{k: getattr(args, k) for k in keys},
-            "dtype": str(target.output.weight.dtype).removeprefix("torch."), "bos": tokenizer.add_bos}
+            "dtype": str(target.output.weight.dtype).removeprefix("torch."), "bos": tokenizer.add_bos,
+            "sink_distance": draft.args.sink_distance}
 
 
 def previous_results(out: Path, settings: dict, books: list[dict]) -> list[dict]:
@@ -646,7 +647,7 @@ def main(argv=None):
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
         if rank == 0 and world > 1:
             store.set("layer_map", "ready")
-        settings = run_settings(args, target, layer_map, tokenizer)
+        settings = run_settings(args, target, draft, layer_map, tokenizer)
         done = [] if args.overwrite else previous_results(out, settings, books)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -658,6 +659,7 @@ def main(argv=None):
     min_tokens = args.max_tokens if args.protocol == "paper" else 16 * args.gamma
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "overwrite"}
     config["bos"] = tokenizer.add_bos  # what --bos resolved to: was BOS put before each book
+    config["sink_distance"] = draft.args.sink_distance  # what --sink-distance resolved to
     results = {"config": config, "settings": settings, "layer_map": layer_map, "books": [], "skipped": [],
                "summary": []}
     timings = {}  # book id -> seconds; kept apart from the results, so that reruns give identical JSON

@@ -8,7 +8,8 @@ This file is the base the rest of specattn stands on, and it works copied alone
                   as they are), grouped-query attention, SwiGLU MLP, tied or untied head;
                   q|k|v and gate|up each one matrix (a decode step reads each weight once).
 * `KVCache`     - fixed K/V buffers per layer plus each batch row's length (a device
-                  tensor), with explicit `rewind` / `rewind_rows` for speculative decoding.
+                  tensor), with explicit `rewind` / `rewind_rows` for speculative decoding
+                  (and `place_sink` for a model with `sink_distance`, such as the demo draft).
 * `load_model`  - reads an HF-layout directory (single or sharded safetensors) and
                   checks every tensor; `layers=` keeps a subset of decoder layers;
                   `hf_state_dict` gives the tensors back under their HF names.
@@ -80,11 +81,11 @@ class ModelArgs:
     # Which original decoder layers this model holds (None: all). Set by load_model(layers=...).
     layer_ids: Optional[list] = field(default=None)
     # The attention sink at a fixed distance (0: off, as every ordinary checkpoint runs). A
-    # model trained on short windows has only seen its first position, where attention
-    # collects (the "attention sink"), a few hundred positions back; RoPE makes a score
-    # depend on the query-key distance, so 8k positions on the sink sits where the model
-    # never learned to find it. With sink_distance = d, every forward past position 0 reads
-    # position 0's key rotated as if it sat d positions before the forward's first token
+    # model trained on short windows has seen its first position, where attention collects
+    # (the "attention sink"), at most a window back; RoPE makes a score depend on the
+    # query-key distance, so 8k tokens into a text the sink is farther back than the model
+    # ever saw it. With sink_distance = d, every forward past position 0 reads position 0's
+    # key rotated as if it sat d positions before the forward's first token
     # (KVCache.place_sink), or at its own position if that is nearer. Drafts saved by
     # train_draft.py set it to their training window (see calibrate.load_draft).
     sink_distance: int = 0

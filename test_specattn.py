@@ -2169,6 +2169,9 @@ def test_eval_bad_inputs_give_one_line_errors(tiny_checkpoint, tmp_path, monkeyp
                                                                               "the 400 tokens", 1),
         (common + ["--max-tokens", "4096"], "max positions", 1),
         (common + ["--out", str(tmp_path / "other.json")], "holds results with topp=[0.7]", 1),
+        (common + ["--out", str(tmp_path / "other.json"), "--topp", "0.7", "--sink-distance", "16"],
+         "holds results with sink_distance=0", 1),
+        (common + ["--sink-distance", "-1"], "--sink-distance must be >= 0", 1),
         (common + ["--out", str(tmp_path / "corrupt.json")], "is not a results file", 1),
         (common + ["--target", str(truncated)], "model.safetensors (", 1),
         (common + ["--layer-map", str(tmp_path / "corrupt.json")], "cannot read the layer map", 1),
@@ -2366,10 +2369,15 @@ def test_train_draft_learns_saves_and_reloads(tied_checkpoint, tmp_path):
         acc = TD.expected_acceptance(target, draft, [x[0]], 40)
     assert abs(acc - info["acceptance_heldout_after"]) < 0.05 or acc > info["acceptance_heldout_before"]
 
-    # It plugs into the loop: greedy speculative decoding still reproduces the target.
+    # It plugs into the loop: greedy speculative decoding still reproduces the target, with its
+    # sink at the training window's distance (config.json) or at one given instead.
+    assert draft.args.sink_distance == 48 and info["sink_distance"] == 48
     want = SA.greedy_generate(target, x[0, :10].tolist(), 12)
     got, _ = SA.speculative_generate(target, draft, x[0, :10].tolist(), 12, gamma=3)
     assert got == want
+    _, near, _ = C.load_pair(ckpt, out, device="cpu", dtype=torch.float32, sink_distance=4)
+    assert near.args.sink_distance == 4
+    assert SA.speculative_generate(target, near, x[0, :10].tolist(), 12, gamma=3)[0] == want
 
 
 def test_train_draft_attention_loss_aligns_attention(tied_checkpoint, tmp_path):
@@ -2528,11 +2536,13 @@ def test_gpu_kernels_match_references():
 @needs_gpu
 def test_gpu_graphed_engine_equals_eager():
     """Every mode (plain, dense speculative, SpecAttn) of a random bf16 pair on ragged prompts:
-    CUDA graphs give the eager engine's tokens and counters, one capture per phase."""
+    CUDA graphs give the eager engine's tokens and counters, one capture per phase. The draft
+    places its sink (sink_distance) in two of the three rows."""
     args = M.ModelArgs(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512,
                        vocab_size=1000, max_seq_len=1024, rope_theta=10000.0, tie_word_embeddings=True)
     target = SA.random_model(args, "cuda", torch.bfloat16, 0)
-    draft = SA.random_model(M.ModelArgs(**{**args.__dict__, "n_layers": 3}), "cuda", torch.bfloat16, 1)
+    draft = SA.random_model(M.ModelArgs(**{**args.__dict__, "n_layers": 3, "sink_distance": 64}), "cuda",
+                            torch.bfloat16, 1)
     prompts = [list(range(5, 300)), list(range(7, 90)), [3, 1, 4, 1, 5]]
     M.compile_pointwise(True)
     try:
@@ -2546,13 +2556,13 @@ def test_gpu_graphed_engine_equals_eager():
 def test_gpu_engine_graphs_captured_once_while_context_grows():
     """After the first step, no phase is captured again and nothing is recompiled, while a
     generation grows every row's context by thousands of tokens, turns from dense to sparse
-    verification and changes γ from step to step."""
+    verification, changes γ from step to step and moves the draft's sink (sink_distance)."""
     torch.manual_seed(0)
     args = M.ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
                        vocab_size=512, max_seq_len=4096, rope_theta=10000.0)
     with torch.device("cuda"):
-        target, draft = M.Transformer(args).eval(), M.Transformer(M.ModelArgs(**{**args.__dict__,
-                                                                                  "n_layers": 2})).eval()
+        target, draft = M.Transformer(args).eval(), M.Transformer(M.ModelArgs(**{
+            **args.__dict__, "n_layers": 2, "sink_distance": 256})).eval()
     for m in (target, draft):
         m.init_rope("cuda")
     M.compile_pointwise(True)
