@@ -128,20 +128,23 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 
 @torch.no_grad()
 def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], topp: float, layer_map_path=None,
-               prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, adaptive_gamma: bool = False) -> dict:
+               prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, adaptive_gamma: bool = False,
+               sink_distance=None) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching). Plain decoding runs
     once, the speculative modes once per γ in gammas (rows labelled "dense γ=2" and so on
     when there are several) and, with adaptive_gamma, once more choosing γ each step up to the
-    largest ("dense auto"). Returns {(batch, context): {label: tokens/s}}."""
-    target, draft, tokenizer = load_pair(device="cuda")
+    largest ("dense auto"). sink_distance: the draft's (None: its config's, 512). Returns
+    {(batch, context): {label: tokens/s}}."""
+    target, draft, tokenizer = load_pair(device="cuda", sink_distance=sink_distance)
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
     selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from)
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, "
         f"γ={','.join(map(str, gammas))}{f' and adaptive up to {max(gammas)}' if adaptive_gamma else ''}, "
         f"SpecAttn p={topp} "
-        f"(sparse from {sparse_from} positions), {max_new_tokens} new tokens per row")
+        f"(sparse from {sparse_from} positions), the draft's sink at {draft.args.sink_distance} "
+        f"(--sink-distance), {max_new_tokens} new tokens per row")
     header_done = False
     rates = {}
     for context in contexts:
@@ -405,6 +408,8 @@ def main(argv=None):
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
     parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
                         "row densely until it holds this many positions (0: sparse from the first step)")
+    parser.add_argument("--sink-distance", type=int, metavar="N", help="demo: the draft reads its attention "
+                        "sink as if N positions back (default: the draft's config, 512; 0: true positions)")
     parser.add_argument("--peer-runs", type=int, default=3, help="hf: timed runs of the peer per context "
                         "(the table gives their median and range; the ratios use the median)")
     parser.add_argument("--layer-map",
@@ -416,6 +421,8 @@ def main(argv=None):
         raise SystemExit(f"error: --peer-runs must be >= 1, got {args.peer_runs}")
     if args.sparse_from < 0:
         raise SystemExit(f"error: --sparse-from must be >= 0, got {args.sparse_from}")
+    if args.sink_distance is not None and args.sink_distance < 0:
+        raise SystemExit(f"error: --sink-distance must be >= 0 (0: true positions), got {args.sink_distance}")
     if not parts or parts - {"demo", "8b", "hf", "kernels", "merge"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
                          f"demo,8b,hf,kernels,merge, got {args.parts!r}")
@@ -433,7 +440,7 @@ def main(argv=None):
     demo, hf = {}, {}
     if "demo" in parts:
         demo = bench_demo(say, batches, contexts, args.max_new_tokens, gammas, args.topp, args.layer_map,
-                          args.prompts_per_row, args.sparse_from, args.adaptive_gamma)
+                          args.prompts_per_row, args.sparse_from, args.adaptive_gamma, args.sink_distance)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

@@ -1715,7 +1715,8 @@ def test_cli_help_states_each_default_once(capsys):
 
 @pytest.mark.parametrize("argv,message", [(["--gamma", "0"], "--gamma"), (["--gamma", "2,x"], "--gamma"),
                                           (["--batches", ""], "--batches"), (["--contexts", "-5"], "--contexts"),
-                                          (["--sparse-from", "-1"], "--sparse-from"), (["--parts", "x"], "--parts")])
+                                          (["--sparse-from", "-1"], "--sparse-from"), (["--parts", "x"], "--parts"),
+                                          (["--sink-distance", "-2"], "--sink-distance")])
 def test_bench_bad_arguments(argv, message):
     import bench
     with pytest.raises(SystemExit) as info:
@@ -2491,7 +2492,7 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
 
     target, _ = tiny_pair(6)
     draft = self_draft(target)
-    monkeypatch.setattr(bench, "load_pair", lambda device: (target, draft, None))
+    monkeypatch.setattr(bench, "load_pair", lambda device, sink_distance: (target, draft, None))
     monkeypatch.setattr(bench, "layer_map_for", lambda *args: [0, 1, 1])
     monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, n, context: [list(range(3, 3 + context))] * n)
     lines = []
