@@ -40,7 +40,7 @@ import torch
 
 import specattn as SA
 import kernels as K
-from calibrate import HelpFormatter, layer_map_for, load_pair
+from calibrate import HelpFormatter, check_sink_distance, layer_map_for, load_pair
 from kernels import topp_mask_reference
 from model import ModelArgs, Transformer, compile_pointwise, write_atomic
 
@@ -421,8 +421,10 @@ def main(argv=None):
         raise SystemExit(f"error: --peer-runs must be >= 1, got {args.peer_runs}")
     if args.sparse_from < 0:
         raise SystemExit(f"error: --sparse-from must be >= 0, got {args.sparse_from}")
-    if args.sink_distance is not None and args.sink_distance < 0:
-        raise SystemExit(f"error: --sink-distance must be >= 0 (0: true positions), got {args.sink_distance}")
+    try:
+        check_sink_distance(args.sink_distance)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if not parts or parts - {"demo", "8b", "hf", "kernels", "merge"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
                          f"demo,8b,hf,kernels,merge, got {args.parts!r}")

@@ -97,6 +97,12 @@ def check_device(name: Optional[str]) -> None:
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
+def check_sink_distance(n: Optional[int]) -> None:
+    """A one-line error for a --sink-distance below 0 (None: the draft's own setting)."""
+    if n is not None and n < 0:
+        raise ValueError(f"--sink-distance must be >= 0 (0: true positions), got {n}")
+
+
 def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None, dtype=None, bos="auto",
               sink_distance=None):
     """(target, draft, tokenizer). Defaults: the demo target and its trained draft (draft/,
@@ -104,8 +110,7 @@ def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None,
     own first layers instead (the self-speculative draft, for comparison). `bos` (auto, on,
     off) sets `tokenizer.add_bos`, which every encode follows. sink_distance: the draft's
     ModelArgs.sink_distance (None: as its config says)."""
-    if sink_distance is not None and sink_distance < 0:
-        raise ValueError(f"--sink-distance must be >= 0 (0: true positions), got {sink_distance}")
+    check_sink_distance(sink_distance)
     if target_path is None:
         target_path = demo_target()
         if draft_path is None and draft_layers is None:
