@@ -852,9 +852,9 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     below); split_keys: the fewest positions a split reads (None: 256), so a row shorter
     than n_splits * split_keys uses fewer splits (decided on the device, from its length);
     merge: "rows" folds the partials as [G*T, D] tiles, "flat" over the real (row, column)
-    entries alone (None: flat for a few rows, G*T*D <= 512, over 8 or more splits);
-    merge_parts: the partials it loads per round trip to L2 (None: 1 for rows, each loaded one
-    part ahead; 8 for flat).
+    entries alone (None: flat for one query per row with G*D <= 512 over 8 or more splits);
+    merge_parts: the partials it loads per round trip to L2 (None: 8 for flat; for rows 4 over
+    8 or more splits, else 1).
     The merge counters are one buffer per device: do not run calls on several CUDA streams
     at once.
     Falls back to the reference on a CPU without the interpreter."""
@@ -921,15 +921,20 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     n_splits = max(1, min(n_splits, triton.cdiv(capacity, block_n))) if capacity else 0
     split_keys = max(split_keys or 256, block_n)  # a short row: fewer partials to merge (measured, demo)
     parts = n_splits + 1
-    # The merge: a decode step's few rows, spread over many splits, fold flat, 8 parts per load;
-    # wider blocks, or a few splits, fold as rows. On an H200 (`python bench.py --parts kernels`,
-    # the merge table) at SmolLM2's shapes, batch 1: one query 12.7 -> 9.0 µs a call at 7.9k
-    # positions and 6.8 -> 6.1 at 1k; two queries 12.8 -> 10.7; five (verification) slower flat.
+    # The merge: one query per row (plain decoding, a draft step) spread over many splits folds
+    # flat, 8 parts per load; several queries (a draft's first step, verification) over many
+    # splits fold as rows, 4 parts per load; a few splits fold as rows one part at a time. On an
+    # H200 (`python bench.py --parts merge`) at SmolLM2's shapes, batch 1, 7.9k positions, µs a
+    # call: one query rows 12.8, flat 8.9; two queries rows 12.7, 4 a load 9.9, flat 10.6; five
+    # rows 13.3, 4 a load 9.9, flat 14.8.
     flat = triton.next_power_of_2(G * T * D)
     if merge is None:
-        merge = "flat" if flat <= 512 and n_splits >= 8 else "rows"
+        merge = "flat" if T == 1 and flat <= 512 and n_splits >= 8 else "rows"
     if merge_parts is None:
-        merge_parts = max(1, min(8, 4096 // flat)) if merge == "flat" else 1
+        if merge == "flat":
+            merge_parts = max(1, min(8, 4096 // flat))
+        else:
+            merge_parts = 4 if n_splits >= 8 else 1
     # The partial outputs are what the merge reads back, so for 16-bit inputs they are kept
     # in bf16 (half the bytes; relative error 2^-9 per partial, the same as rounding the
     # output itself); their max and sum stay fp32. fp32 inputs keep fp32 partials.
@@ -1165,7 +1170,8 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
                                 f"{(got - ref).abs().max().item():.2e}")
             assert torch.equal(kc, kr) and torch.equal(vc, vr), "sparse attention: cache differs after new_kv"
     # Per-row lengths on the device (a batch whose rows accepted different numbers of tokens);
-    # SmolLM2's batch-1 decode shapes (one or two queries over many splits) take the flat merge.
+    # SmolLM2's batch-1 decode shapes: one query over many splits takes the flat merge, two the
+    # row merge loading 4 partials a round trip.
     for B, Hq, Hkv, T, S, D in ((3, 9, 3, 5, 1100, 64), (4, 32, 8, 5, 9000, 128), (1, 9, 3, 1, 7900, 64),
                                 (1, 9, 3, 2, 4000, 64)):
         q = torch.randn(B, Hq, T, D, device=dev, dtype=torch.bfloat16)
