@@ -7,8 +7,8 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     cut from the demo books; batch 1, 8, 32, 64 x contexts 1k, 4k and the longest that
     fits the model's 8192 positions. Plain decoding (the target alone), dense speculative
     decoding, SpecAttn; tokens/s side by side (SpecAttn sparse from --sparse-from positions;
-    --gamma 2,3,4 runs the speculative modes once per γ, --adaptive-gamma once more with γ
-    chosen each step).
+    each step's γ chosen up to --gamma, as specattn.py runs; --gamma 2,3,4 --fixed-gamma also
+    runs the speculative modes once per fixed γ).
 (b) random-weight Llama-3-8B / Llama-3.2-1B shapes at batch 1 / 128k and batch 8 / 32k:
     one whole speculative step (γ draft steps + selection + verification + acceptance) of
     the engine, dense verification vs SpecAttn at the p that keeps ~25% of the draft
@@ -128,20 +128,20 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 
 @torch.no_grad()
 def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], topp: float, layer_map_path=None,
-               prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, adaptive_gamma: bool = False,
+               prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
                sink_distance=None) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching). Plain decoding runs
-    once, the speculative modes once per γ in gammas (rows labelled "dense γ=2" and so on
-    when there are several) and, with adaptive_gamma, once more choosing γ each step up to the
-    largest ("dense auto"). sink_distance: the draft's (None: its config's, 512). Returns
-    {(batch, context): {label: tokens/s}}."""
+    once, the speculative modes once choosing each step's γ up to the largest of gammas (rows
+    "dense", "specattn", as specattn.py runs them) and, with fixed_gamma, once more per γ in
+    gammas with every step proposing it ("dense γ=2" and so on). sink_distance: the draft's
+    (None: its config's, 512). Returns {(batch, context): {label: tokens/s}}."""
     target, draft, tokenizer = load_pair(device="cuda", sink_distance=sink_distance)
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
     selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from)
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, "
-        f"γ={','.join(map(str, gammas))}{f' and adaptive up to {max(gammas)}' if adaptive_gamma else ''}, "
+        f"γ chosen per step up to {max(gammas)}{f' and fixed at ' + ','.join(map(str, gammas)) if fixed_gamma else ''}, "
         f"SpecAttn p={topp} "
         f"(sparse from {sparse_from} positions), the draft's sink at {draft.args.sink_distance} "
         f"(--sink-distance), {max_new_tokens} new tokens per row")
@@ -151,11 +151,11 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
         for B in batches:
             prompts = SA.book_prompts(tokenizer, B * prompts_per_row, context)
             results = {}
-            for g, auto in [(g, False) for g in gammas] + ([(max(gammas), True)] if adaptive_gamma else []):
+            for g, auto in [(max(gammas), True)] + ([(g, False) for g in gammas] if fixed_gamma else []):
                 modes = SA.MODES if not results else ("dense", "specattn")  # plain needs no γ
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
                                               selection, modes, batch_size=B, adaptive_gamma=auto).items():
-                    tag = "" if mode == "plain" else " auto" if auto else f" γ={g}" if len(gammas) > 1 else ""
+                    tag = "" if mode == "plain" or auto else f" γ={g}"
                     results[mode + tag] = run
             table = SA.results_table(results, B, context, len(prompts), sparse_from)
             for line in (table[:-1] if not header_done else table[2:-1]):
@@ -401,10 +401,11 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
     parser.add_argument("--prompts-per-row", type=int, default=1, help="demo: prompts each batch row serves "
                         "in turn (continuous batching: a finished row takes the next waiting prompt)")
-    parser.add_argument("--gamma", default="4", help="draft tokens per step; comma-separated values run the "
-                        "demo's speculative rows once each (plain decoding once)")
-    parser.add_argument("--adaptive-gamma", action="store_true", help="demo: the speculative modes also run "
-                        "choosing each step's γ up to the largest --gamma (rows 'dense auto', 'specattn auto')")
+    parser.add_argument("--gamma", default="4", help="demo: the most draft tokens a step proposes; the "
+                        "speculative modes choose each step's γ up to the largest value, as specattn.py does "
+                        "(rows 'dense', 'specattn')")
+    parser.add_argument("--fixed-gamma", action="store_true", help="demo: the speculative modes also run once "
+                        "per --gamma value with every step proposing it (rows 'dense γ=4' and so on)")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
     parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
                         "row densely until it holds this many positions (0: sparse from the first step)")
@@ -442,12 +443,12 @@ def main(argv=None):
     demo, hf = {}, {}
     if "demo" in parts:
         demo = bench_demo(say, batches, contexts, args.max_new_tokens, gammas, args.topp, args.layer_map,
-                          args.prompts_per_row, args.sparse_from, args.adaptive_gamma, args.sink_distance)
+                          args.prompts_per_row, args.sparse_from, args.fixed_gamma, args.sink_distance)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:
         say("## ratios at batch 1: engine plain decoding vs transformers (static cache)")
-        tag = [f" γ={g}" if len(gammas) > 1 else "" for g in gammas] + [" auto"] * args.adaptive_gamma
+        tag = [""] + [f" γ={g}" for g in gammas] * args.fixed_gamma
         say("| context | plain / transformers | " + " | ".join(f"dense spec{t} / plain | SpecAttn{t} / dense spec{t}"
                                                            for t in tag) + " |")
         say("|---|---|" + "---|---|" * len(tag))

@@ -204,7 +204,8 @@ def _sample(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.
 
 class GammaChooser:
     """Chooses γ (draft tokens to propose) for each step, from the acceptances seen so far and
-    what a step costs (SpecEngine(gamma_chooser=...); --adaptive-gamma on the command line).
+    what a step costs (SpecEngine(gamma_chooser=...); on the command line by default, off with
+    --fixed-gamma).
 
     The acceptance model: each draft token agrees with the target with probability α,
     independently, until the first disagreement. A step proposing γ tokens then gains
@@ -988,7 +989,7 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
                      f"| {' | '.join(phase)} | {st.seconds['prefill']:.2f} |")
     return lines + ["tokens/s: the tokens the decode steps made (each prompt's first comes from its "
                     "prefill), all rows, over the steps' wall time; tokens/step/row: tokens a running row "
-                    "gains per step; γ: draft tokens proposed per step (the mean, with --adaptive-gamma); "
+                    "gains per step; γ: draft tokens proposed per step (the mean where each step chooses it); "
                     "steps: steps the engine ran, until the batch's last row was done; "
                     "draft..accept: time per engine step (GPU time on CUDA)"
                     + (f"; SpecAttn verifies a row densely until it holds {sparse_from} positions "
@@ -1069,11 +1070,13 @@ def main(argv=None):
     parser.add_argument("--requests", type=int, help="prompts served through the --batch rows: a row that "
                         "finishes takes the next waiting one (continuous batching); default: one per row")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per row")
-    parser.add_argument("--gamma", type=int, default=4, help="draft tokens proposed per step (with "
-                        "--adaptive-gamma: the most)")
-    parser.add_argument("--adaptive-gamma", action="store_true",
-                        help="choose each step's γ in 1..--gamma from the acceptance so far and the measured "
-                             "step times (GammaChooser); SpecAttn's and sampled text then depend on timing")
+    parser.add_argument("--gamma", type=int, default=4, help="the most draft tokens a step proposes: each step "
+                        "chooses its γ in 1..GAMMA from the acceptance so far and the measured step times "
+                        "(GammaChooser); with --fixed-gamma, every step's")
+    parser.add_argument("--fixed-gamma", action="store_true",
+                        help="every step proposes --gamma draft tokens. Without it the γ a step proposes follows "
+                             "measured times, and so do SpecAttn's and sampled text (greedy dense speculation "
+                             "is the target's greedy text either way)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p in (0, 1]")
     parser.add_argument("--dense-layers", type=int, default=2,
@@ -1146,7 +1149,7 @@ def main(argv=None):
         batch = min(args.batch, len(prompts)) if args.requests else len(prompts)
         results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature,
                             layer_map, selection, modes, eos_id=tokenizer.eos_id, seed=args.seed,
-                            progress=True, batch_size=batch, adaptive_gamma=args.adaptive_gamma)
+                            progress=True, batch_size=batch, adaptive_gamma=not args.fixed_gamma)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         sys.exit(f"error: {e}")
     for mode, (ids, stats) in results.items():

@@ -2487,7 +2487,8 @@ def test_bench_peer_times_each_context_several_runs(tmp_path, monkeypatch):
 
 def test_bench_demo_sweeps_gamma(monkeypatch):
     """bench.py's demo rows on the CPU with a tiny pair standing in for the demo's: plain
-    decoding once, the speculative modes once per γ, labelled by γ, in one table."""
+    decoding once, the speculative modes choosing γ per step (as specattn.py runs them) and,
+    with fixed_gamma, once per fixed γ, labelled by γ, in one table."""
     import bench
 
     target, _ = tiny_pair(6)
@@ -2496,13 +2497,16 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
     monkeypatch.setattr(bench, "layer_map_for", lambda *args: [0, 1, 1])
     monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, n, context: [list(range(3, 3 + context))] * n)
     lines = []
-    rates = bench.bench_demo(lines.append, [1], [20], 6, [1, 3], 0.6, sparse_from=0, adaptive_gamma=True)
-    labels = ["plain", "dense γ=1", "specattn γ=1", "dense γ=3", "specattn γ=3", "dense auto", "specattn auto"]
+    rates = bench.bench_demo(lines.append, [1], [20], 6, [1, 3], 0.6, sparse_from=0, fixed_gamma=True)
+    labels = ["plain", "dense", "specattn", "dense γ=1", "specattn γ=1", "dense γ=3", "specattn γ=3"]
     assert list(rates[(1, 20)]) == labels
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert [r[0] for r in rows] == ["| " + label for label in labels]
-    assert [r[7] for r in rows][:5] == ["", "1", "1", "3", "3"]  # the γ column
-    assert "γ=1,3 and adaptive up to 3" in lines[0]
+    assert [r[7] for r in rows][3:] == ["1", "1", "3", "3"]  # the γ column
+    assert all(1 <= float(r[7]) <= 3 for r in rows[1:3])  # chosen per step, at most the largest
+    assert "γ chosen per step up to 3 and fixed at 1,3" in lines[0]
+    lines = []
+    assert list(bench.bench_demo(lines.append, [1], [20], 6, [3], 0.6, sparse_from=0)[(1, 20)]) == list(SA.MODES)
 
 
 def test_bench_peer_says_why_transformers_does_not_import(monkeypatch):
