@@ -344,13 +344,14 @@ def bench_merge(say) -> None:
     from triton.testing import do_bench
 
     dev = "cuda"
-    variants = {"rows": dict(merge="rows"), "rows, 4 a load": dict(merge="rows", merge_parts=4),
+    variants = {"rows": dict(merge="rows", merge_parts=1), "rows, 4 a load": dict(merge="rows", merge_parts=4),
                 "flat": dict(merge="flat"), "default": {}}
     say("## the merge at SmolLM2's decode shapes: 9 q-heads / 3 KV heads, D=64, bf16, batch 1, one row length "
         "on the device, RoPE and the cache write in the launch")
     say("µs per call, median, a CUDA graph of 30 calls on 30 caches (one per layer, as a step runs them); "
         "queries: 1 (plain decoding, a draft step), 2 (a draft's first step), 5 (verification, γ=4); "
-        "partials loaded per round trip: rows 1 (one ahead), flat 8")
+        "partials loaded per round trip: rows 1 (one ahead) or 4, flat 8; default: flat for one query, "
+        "rows 4 a load for more")
     say("| queries | S | " + " | ".join(f"merge {v}" if v != "default" else v for v in variants) + " |")
     say("|---|---|" + "---|" * len(variants))
     layers, Hq, Hkv, D = 30, 9, 3, 64
