@@ -140,8 +140,9 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
     selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from)
+    fixed = f" and fixed at {','.join(map(str, gammas))}" if fixed_gamma else ""
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, "
-        f"γ chosen per step up to {max(gammas)}{f' and fixed at ' + ','.join(map(str, gammas)) if fixed_gamma else ''}, "
+        f"γ chosen per step up to {max(gammas)}{fixed}, "
         f"SpecAttn p={topp} "
         f"(sparse from {sparse_from} positions), the draft's sink at {draft.args.sink_distance} "
         f"(--sink-distance), {max_new_tokens} new tokens per row")
