@@ -2476,12 +2476,12 @@ def test_bench_peer_times_each_context_several_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "demo_target", lambda: ckpt)
     monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, batch, context: [list(range(3, 3 + context))])
     lines = []
-    rates = bench.bench_hf(lines.append, [12, 30], 6, runs=3, device="cpu", dtype=torch.float32)
+    rates = bench.bench_hf(lines.append, [12, 30], 24, runs=3, device="cpu", dtype=torch.float32)
     assert set(rates) == {12, 30}
     for context, (median, each) in rates.items():
         assert len(each) == 3 and all(r > 0 for r in each) and median == sorted(each)[1]
         row = next(line for line in lines if line.startswith(f"| {context} |"))
-        assert row == f"| {context} | 6 | {median:.1f} | {min(each):.1f}-{max(each):.1f} |"
+        assert row == f"| {context} | 24 | {median:.1f} | {min(each):.1f}-{max(each):.1f} |"
     assert "median of 3 runs" in lines[1]
 
 
