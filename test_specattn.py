@@ -2015,6 +2015,25 @@ def test_specattn_generation_cli_llama2_style_pair(llama2_style_pair, tmp_path, 
     assert SA.speculative_generate(model, small, prompts, 6, layer_map=[0, 1, 1], topp=1.0)[0] == greedy
 
 
+def test_specattn_cli_chooses_gamma_per_step_unless_fixed(llama2_style_pair, tmp_path, monkeypatch):
+    """specattn.py's speculative modes choose each step's γ (a GammaChooser) by default, and
+    propose --gamma every step with --fixed-gamma; plain decoding proposes none."""
+    target, draft, _, layer_map = llama2_style_pair
+
+    class AlwaysOne(SA.GammaChooser):  # stands in for the measured choice, so the test sees it
+        def choose(self):
+            return 1
+
+    monkeypatch.setattr(SA, "GammaChooser", AlwaysOne)
+    common = ["--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map), "--device", "cpu",
+              "--prompt", "The king of the north", "--max-new-tokens", "8", "--gamma", "3"]
+    for extra, gamma in (([], 1), (["--fixed-gamma"], 3)):
+        out = tmp_path / str(gamma)
+        SA.main(common + extra + ["--out", str(out)])
+        stats = json.loads((out / "generate.json").read_text())
+        assert [stats[mode]["mean_gamma"] for mode in SA.MODES] == [0, gamma, gamma], extra
+
+
 def test_load_books_formats(tmp_path):
     pg = tmp_path / "pg19"
     (pg / "test").mkdir(parents=True)
