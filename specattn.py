@@ -933,9 +933,10 @@ def greedy_generate(model: Transformer, prompt_ids, max_new_tokens: int, eos_id:
 
 MODES = ("plain", "dense", "specattn")  # target alone; speculative, dense verification; SpecAttn
 # Generation's default for SelectionConfig.sparse_from (rows shorter than this verify densely).
-# From the batch-1 table over 8 prompts in docs/performance.md (one H200, 2026-12-03, commit
-# 39eaf67): sparse verification saved 0.01, 0.09 and 0.16 ms of verify time a step at 1k, 4k and
-# 7.9k positions, while the draft's attention rows and the top-p cut added 0.06-0.07 ms a step.
+# From docs/performance.md, "Why SpecAttn verifies densely below 4096 positions" (one H200,
+# 2026-12-03, commit 39eaf67, batch 1, 8 prompts): sparse verification saved 0.01, 0.09 and 0.16 ms
+# of verify time a step at 1k, 4k and 7.9k positions, while the draft's attention rows and the
+# top-p cut added 0.06-0.07 ms a step.
 SPARSE_FROM = 4096
 
 
