@@ -137,16 +137,15 @@ def load_pair(target_path=None, draft_path=None, draft_layers=None, device=None,
             raise ValueError("--draft-layers picks layers of a full checkpoint; a draft from train_draft.py "
                              "is used whole")
         draft = load_draft(draft_path, target)
-        if sink_distance is not None:
-            draft.args.sink_distance = sink_distance
-        return target, draft, tokenizer
-    if Path(draft_path).resolve() != Path(target_path).resolve():
-        check_same_tokenizer(tokenizer, Tokenizer.from_pretrained(draft_path), target_path, draft_path)
-    draft = load_model(draft_path, device=device, dtype=dtype, layers=draft_layers)
-    draft.args.sink_distance = sink_distance or 0
-    if draft.args.vocab_size != target.args.vocab_size:
-        raise ValueError(f"draft vocab {draft.args.vocab_size} != target vocab {target.args.vocab_size}: "
-                         f"use a draft trained with the target's tokenizer")
+    else:
+        if Path(draft_path).resolve() != Path(target_path).resolve():
+            check_same_tokenizer(tokenizer, Tokenizer.from_pretrained(draft_path), target_path, draft_path)
+        draft = load_model(draft_path, device=device, dtype=dtype, layers=draft_layers)
+        if draft.args.vocab_size != target.args.vocab_size:
+            raise ValueError(f"draft vocab {draft.args.vocab_size} != target vocab {target.args.vocab_size}: "
+                             f"use a draft trained with the target's tokenizer")
+    if sink_distance is not None:  # else as the draft says: its config (load_draft), 0 for a checkpoint
+        draft.args.sink_distance = sink_distance
     return target, draft, tokenizer
 
 
