@@ -988,14 +988,21 @@ def attention_slot(q, k_new, v_new, k_cache, v_cache, lengths, start=None, keep=
     attention averaged over all query heads, [B, S] (S = the cache buffer's length; 0 from
     each row's length on). rope = (cos, sin), the model's tables of every position [P, D]
     (or each token's, [B, T, D]): q and k_new are unrotated, and the launch rotates them by
-    the angles of positions lengths[b] + t. On a CPU the references run instead (same shapes)."""
+    the angles of positions lengths[b] + t. With both keep and return_probs (a draft that
+    reads a window of its cache and still reports where its attention goes), the output
+    reads the kept positions and the row is the same queries' attention over every cached
+    position: a second launch, the dense one, gives the row. On a CPU the references run
+    instead (same shapes)."""
     if k_cache is None:
         raise ValueError("attention_slot needs a KV cache (pass cache= to the forward)")
+    row = None
     if return_probs:
-        return sparse_attention(q, k_cache, v_cache, lengths, return_last_row=True, new_kv=(k_new, v_new),
-                                last_row_mean=True, rope=rope)
+        out, row = sparse_attention(q, k_cache, v_cache, lengths, return_last_row=True, new_kv=(k_new, v_new),
+                                    last_row_mean=True, rope=rope)
+        if keep is None:
+            return out, row
     idx, count = keep if keep is not None else (None, None)
-    return sparse_attention(q, k_cache, v_cache, lengths, idx, count, new_kv=(k_new, v_new), rope=rope), None
+    return sparse_attention(q, k_cache, v_cache, lengths, idx, count, new_kv=(k_new, v_new), rope=rope), row
 
 
 # model.Attention hands this slot q and k before RoPE, with the tables (rope=), and leaves the

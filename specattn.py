@@ -128,6 +128,43 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
 # Speculative decoding: the engine
 
 
+# ----------------------------------------------------------------------------------------
+# The draft's attention window
+#
+# A draft trained on short windows drifts from the target far into a long text: what it
+# predicts there rests on attention over distances it never saw. Read through the window it
+# was trained on (the sink, position 0, plus the most recent positions), every forward looks
+# like training again. On the demo pair at 7.9k positions the draft then agrees with the
+# target's greedy text more often (docs/performance.md, "The draft's attention window"). The
+# window cuts only what the draft's hidden states are made of: with SpecAttn, the attention
+# row a draft layer hands the target still covers every cached position
+# (kernels.attention_slot, keep with return_probs).
+
+PREFILL_BLOCK = 128  # a windowed prefill's block: its masks are [rows, heads, block, positions]
+
+
+def draft_window_select(lengths: torch.Tensor, window: int, offsets: Optional[torch.Tensor] = None):
+    """What a decode forward of the draft reads besides its own block, as the (idx, count) that
+    kernels.attention_slot reads: position 0 (the attention sink) and the window - 1 positions
+    before row b's block, which starts at lengths[b] (int32 [B], on the device: nothing here
+    syncs). Returns idx int32 [B, 1, window] (one list for every KV head), count int32 [B, 1]:
+    the first count[b] entries of idx[b] are read. offsets: torch.arange(window), int32."""
+    if offsets is None:
+        offsets = torch.arange(window, device=lengths.device, dtype=torch.int32)
+    oldest = (lengths - (window - 1)).clamp(min=1)  # [B]: the oldest position read after the sink
+    idx = torch.where(offsets == 0, 0, oldest[:, None] + offsets - 1)  # [B, W]: 0, oldest, oldest + 1, ...
+    return idx[:, None].int(), lengths.clamp(max=window)[:, None].int()
+
+
+def draft_window_mask(start: int, T: int, window: int, device) -> torch.Tensor:
+    """bool [1, 1, T, start]: the cached positions each of T queries at positions start + t
+    reads in a windowed prefill: position 0 and the window - 1 positions before the query (its
+    block, read causally, holds the rest when T <= window)."""
+    cached = torch.arange(start, device=device)  # [start]
+    query = start + torch.arange(T, device=device)[:, None]  # [T, 1]
+    return ((cached == 0) | (cached >= query - (window - 1)))[None, None]
+
+
 @dataclass
 class SpecStats:
     """What a generation did, summed over its batch rows (device counters, read once at the end)."""
@@ -317,6 +354,12 @@ class SpecEngine:
     attention rows, no select phase): the same tokens, without the draft rows' cost. Both
     variants are captured at the first step, so switching never captures.
 
+    draft_window: the draft reads its cache through this window (see `draft_window_select`):
+    position 0 and the most recent positions, in the prefill and every draft step (0: all of
+    it). None: the window the draft was trained on (its sink_distance, the demo draft's 512;
+    0 for a checkpoint that has none). The target never reads through it, so greedy output
+    is still the target's own.
+
     gamma_chooser (a GammaChooser) lets each step propose g <= γ draft tokens: the draft loop,
     the select phase's rows, the verify block and the accept phase read the first g; one set
     of phase graphs per g, all captured at the first step. `generate` asks the chooser for
@@ -335,7 +378,7 @@ class SpecEngine:
                  selection: Optional[SelectionConfig] = None, use_specattn: bool = False,
                  eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
                  cuda_graphs: Optional[bool] = None, compile_accept: Optional[bool] = None,
-                 gamma_chooser: Optional[GammaChooser] = None):
+                 gamma_chooser: Optional[GammaChooser] = None, draft_window: Optional[int] = None):
         if draft is not None and gamma < 1:
             raise ValueError(f"gamma (draft tokens per step) must be >= 1, got {gamma}")
         if gamma_chooser is not None and (draft is None or gamma_chooser.gamma_max != gamma):
@@ -362,6 +405,12 @@ class SpecEngine:
         check_engine_memory(target, draft, batch_size, max_len, self.gamma, temperature)
         self.t_cache = target.new_cache(batch_size=batch_size, max_len=max_len)
         self.d_cache = draft.new_cache(batch_size=batch_size, max_len=max_len) if draft is not None else None
+        # The draft's attention window (0: it reads its whole cache), by default the window it
+        # was trained on (see `draft_window_select`).
+        if draft_window is not None and draft_window < 0:
+            raise ValueError(f"draft_window must be >= 0 (0: the draft reads its whole cache), got {draft_window}")
+        self.window = (draft.args.sink_distance if draft_window is None else draft_window) if draft else 0
+        self.window_offsets = torch.arange(self.window, device=device, dtype=torch.int32)  # [W]
         # The host's bound on any row's length: the engine sized the buffers, so it holds
         # (a row stops at max_new_tokens, at most γ + 1 positions before the end).
         self._bound = max_len - (self.gamma + 2)
@@ -415,13 +464,14 @@ class SpecEngine:
         self.d_cache.length = self._bound
         inp = torch.stack([self.prev, self.last], 1)  # [B, 2]: re-read prev, then the newest token
         for i in range(self.g):
+            window = self._draft_window()
             if self.sparse:
                 used = range(self.first_used, self.first_used + len(self.draft_rows))  # layers the map reads
-                logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used),
+                logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used), select=window,
                                           attend=attention_slot)
                 self.draft_rows[:, :, i].copy_(torch.stack([rows[u] for u in used]))  # [B, S] per used layer
             else:
-                logits = self.draft(inp, cache=self.d_cache, attend=attention_slot)
+                logits = self.draft(inp, cache=self.d_cache, select=window, attend=attention_slot)
             logits = logits[:, -1]  # [B, V]
             if self.temperature == 0:
                 tok = argmax(logits)  # kernels.argmax: torch.argmax in one launch, γ times a step
@@ -431,6 +481,14 @@ class SpecEngine:
                 tok = _sample(q, self.generator)
             self.drafted[:, i].copy_(tok)
             inp = tok[:, None]
+
+    def _draft_window(self) -> Optional[dict]:
+        """What each draft layer reads of the draft cache in this forward (None: all of it): the
+        window's (idx, count), from the rows' lengths on the device."""
+        if not self.window:
+            return None
+        keep = draft_window_select(self.d_cache.lengths, self.window, self.window_offsets)
+        return {layer: keep for layer in range(self.draft.args.n_layers)}
 
     def _select_phase(self):
         """The draft rows -> per used draft layer, the cached positions the target reads,
@@ -660,6 +718,9 @@ class SpecEngine:
             for b0 in range(0, n, rows_per_chunk):
                 b1 = b0 + rows_per_chunk
                 at = last_pos[b0:b1] if model is self.target else torch.zeros_like(last_pos[b0:b1])
+                if model is self.draft and self.window:
+                    self._draft_window_prefill(tokens[b0:b1, :width], rows.rows(b0, b1))
+                    continue
                 # every row starts at 0: plain causal PyTorch attention (SDPA), right padding unread
                 out = model(tokens[b0:b1, :width], cache=rows.rows(b0, b1), logits_at=at,
                             attend=cache_attention)
@@ -675,6 +736,19 @@ class SpecEngine:
         self.n_out[r] = 1
         done = first == self.eos_id if self.eos_id is not None else torch.zeros_like(self.done[r])
         self.done[r] = done | (self.n_out[r] >= self.max_new)
+
+    def _draft_window_prefill(self, tokens: torch.Tensor, cache) -> None:
+        """Cache tokens [n, T] (rows starting at 0) in the windowed draft: in blocks of at most
+        the window, each query reading position 0 and the window - 1 positions before it
+        (`draft_window_mask`), so the cached keys and values are those its decode steps would
+        have made. Blocks of PREFILL_BLOCK bound the masks' memory."""
+        step = min(PREFILL_BLOCK, self.window)
+        first = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        for t0 in range(0, tokens.shape[1], step):
+            block = tokens[:, t0:t0 + step]
+            keep = draft_window_mask(t0, block.shape[1], self.window, tokens.device) if t0 else None
+            select = {layer: keep for layer in range(self.draft.args.n_layers)} if t0 else None
+            self.draft(block, cache=cache, select=select, logits_at=first, attend=cache_attention)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, progress: bool = False):
@@ -878,16 +952,17 @@ def check_engine_memory(target, draft, batch: int, max_len: int, gamma: int, tem
 def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float,
                 layer_map, selection: SelectionConfig, eos_id=None, generator=None, cuda_graphs=None,
                 batch_size: Optional[int] = None, compile_accept: Optional[bool] = None,
-                gamma_chooser: Optional[GammaChooser] = None) -> SpecEngine:
+                gamma_chooser: Optional[GammaChooser] = None, draft_window: Optional[int] = None) -> SpecEngine:
     """The engine for one of MODES, sized for these prompts: one row each, or batch_size rows
-    that take the prompts in turn (continuous batching). gamma_chooser: speculative modes only."""
+    that take the prompts in turn (continuous batching). gamma_chooser, draft_window:
+    speculative modes only (see SpecEngine)."""
     g = gamma if mode != "plain" else 0
     return SpecEngine(target, draft if mode != "plain" else None, batch_size=batch_size or len(prompts),
                       max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=g,
                       temperature=temperature, layer_map=layer_map, selection=selection,
                       use_specattn=mode == "specattn", eos_id=eos_id, generator=generator,
                       cuda_graphs=cuda_graphs, compile_accept=compile_accept,
-                      gamma_chooser=gamma_chooser if mode != "plain" else None)
+                      gamma_chooser=gamma_chooser if mode != "plain" else None, draft_window=draft_window)
 
 
 @torch.no_grad()
@@ -895,7 +970,8 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
                          gamma: int = 4, temperature: float = 0.0, topp: Optional[float] = None,
                          layer_map=None, selection: Optional[SelectionConfig] = None,
                          generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
-                         engine: Optional[SpecEngine] = None, progress: bool = False):
+                         engine: Optional[SpecEngine] = None, progress: bool = False,
+                         draft_window: Optional[int] = None):
     """Generate up to max_new_tokens after each prompt. prompt_ids: one list of ids, or a list
     of lists (a batch; rows may differ in length, and each accepts, stops and counts on its
     own). Returns (new ids: a list, or a list per row for a batch, SpecStats).
@@ -903,6 +979,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
     temperature 0 is greedy: every row's output equals the target's own greedy decoding of
     it (with SpecAttn off, or topp=1). topp < 1 turns SpecAttn on (needs layer_map).
     engine: a SpecEngine to reuse (its captured graphs too); None builds one for this call.
+    draft_window: see SpecEngine (None: the draft's training window).
     """
     prompts, single = _as_batch(prompt_ids)
     if topp is not None and layer_map is None:
@@ -911,7 +988,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
     if engine is None:
         mode = "specattn" if topp is not None and topp < 1 else "dense"
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, cfg,
-                             eos_id, generator)
+                             eos_id, generator, draft_window=draft_window)
     out, stats = engine.generate(prompts, max_new_tokens, progress=progress)
     return (out[0] if single else out), stats
 
@@ -955,18 +1032,20 @@ def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[in
 
 def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float, layer_map,
               selection: SelectionConfig, modes=MODES, eos_id=None, seed: int = 0, progress: bool = False,
-              warmup_tokens: int = 8, batch_size: Optional[int] = None, adaptive_gamma: bool = False) -> dict:
+              warmup_tokens: int = 8, batch_size: Optional[int] = None, adaptive_gamma: bool = False,
+              draft_window: Optional[int] = None) -> dict:
     """Each mode's engine (batch_size rows, default one per prompt): a short warm-up generation
     (captures the CUDA graphs, compiles), then the timed one. adaptive_gamma: the speculative
-    modes choose each step's γ in 1..gamma (GammaChooser, measured costs). Returns {mode: (ids
-    per prompt, SpecStats)}."""
+    modes choose each step's γ in 1..gamma (GammaChooser, measured costs). draft_window: see
+    SpecEngine. Returns {mode: (ids per prompt, SpecStats)}."""
     results = {}
     device = target.output.weight.device
     for mode in modes:
         gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map,
                              selection, eos_id, gen, batch_size=batch_size,
-                             gamma_chooser=GammaChooser(gamma) if adaptive_gamma else None)
+                             gamma_chooser=GammaChooser(gamma) if adaptive_gamma else None,
+                             draft_window=draft_window)
         engine.generate(prompts[:engine.B], min(warmup_tokens, max_new_tokens))
         results[mode] = engine.generate(prompts, max_new_tokens, progress=progress)
     return results
@@ -998,7 +1077,7 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
 
 
 def check_engine(target, draft, tokenizer_prompts, layer_map, selection: SelectionConfig, gamma: int,
-                 label: str) -> None:
+                 label: str, draft_window: Optional[int] = None) -> None:
     """The graphed engine against the same engine run eagerly, on ragged prompts, every mode,
     greedy: token for token, and the same counters. SpecAttn runs three times: sparse from the
     first step; sparse from a length the rows reach while they generate (dense steps first,
@@ -1022,7 +1101,7 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
         for graphs in (False, True):
             chooser = GammaChooser(gamma, costs=(0.25, 1.0)) if adaptive else None
             engine = make_engine(mode.split()[0], target, draft, prompts, 48, gamma, 0.0, layer_map, cfg,
-                                 cuda_graphs=graphs, gamma_chooser=chooser)
+                                 cuda_graphs=graphs, gamma_chooser=chooser, draft_window=draft_window)
             outs.append(engine.generate(prompts, 48))
         (eager, st_e), (graphed, st_g) = outs
         if eager != graphed or st_e.summary() != st_g.summary():
@@ -1078,6 +1157,10 @@ def main(argv=None):
                         help="every step proposes --gamma draft tokens. Without it the γ a step proposes follows "
                              "measured times, and so do SpecAttn's and sampled text (greedy dense speculation "
                              "is the target's greedy text either way)")
+    parser.add_argument("--draft-window", type=int,
+                        help="the draft reads position 0 and its newest N - 1 positions, in its prefill and "
+                             "every step (0: its whole cache). Default: the window it was trained on (the demo "
+                             "draft's 512; none for a checkpoint without one). The target reads everything")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p in (0, 1]")
     parser.add_argument("--dense-layers", type=int, default=2,
@@ -1122,6 +1205,9 @@ def main(argv=None):
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.sparse_from < 0:
             raise ValueError(f"--sparse-from must be >= 0, got {args.sparse_from}")
+        if args.draft_window is not None and args.draft_window < 0:
+            raise ValueError(f"--draft-window must be >= 0 (0: the draft reads its whole cache), "
+                             f"got {args.draft_window}")
         check_device(args.device)
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
                                              device=args.device, bos=args.bos, sink_distance=args.sink_distance)
@@ -1142,15 +1228,16 @@ def main(argv=None):
             compile_pointwise(True)
         if args.check:
             ragged = [p[:max(1, len(p) - 7 * b)] for b, p in enumerate((prompts * 3)[:3])]
-            check_engine(target, draft, ragged, layer_map, selection, args.gamma, "pair")
+            check_engine(target, draft, ragged, layer_map, selection, args.gamma, "pair", args.draft_window)
             check_engine(*random_pair_like(target, draft), ragged, layer_map, selection, args.gamma,
-                         "random pair")
+                         "random pair", args.draft_window)
             print("engine check passed")
             return
         batch = min(args.batch, len(prompts)) if args.requests else len(prompts)
         results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature,
                             layer_map, selection, modes, eos_id=tokenizer.eos_id, seed=args.seed,
-                            progress=True, batch_size=batch, adaptive_gamma=not args.fixed_gamma)
+                            progress=True, batch_size=batch, adaptive_gamma=not args.fixed_gamma,
+                            draft_window=args.draft_window)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         sys.exit(f"error: {e}")
     for mode, (ids, stats) in results.items():
