@@ -129,23 +129,26 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 @torch.no_grad()
 def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], topp: float, layer_map_path=None,
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
-               sink_distance=None) -> dict:
+               sink_distance=None, draft_window=None) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching). Plain decoding runs
     once, the speculative modes once choosing each step's γ up to the largest of gammas (rows
     "dense", "specattn", as specattn.py runs them) and, with fixed_gamma, once more per γ in
     gammas with every step proposing it ("dense γ=2" and so on). sink_distance: the draft's
-    (None: its config's, 512). Returns {(batch, context): {label: tokens/s}}."""
+    (None: its config's, 512); draft_window: the draft's attention window (None: its training
+    window, the same 512; see specattn.SpecEngine). Returns {(batch, context): {label: tokens/s}}."""
     target, draft, tokenizer = load_pair(device="cuda", sink_distance=sink_distance)
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
     selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from)
+    window = draft.args.sink_distance if draft_window is None else draft_window
     fixed = f" and fixed at {','.join(map(str, gammas))}" if fixed_gamma else ""
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, "
         f"γ chosen per step up to {max(gammas)}{fixed}, "
         f"SpecAttn p={topp} "
         f"(sparse from {sparse_from} positions), the draft's sink at {draft.args.sink_distance} "
-        f"(--sink-distance), {max_new_tokens} new tokens per row")
+        f"(--sink-distance), its attention window "
+        f"{window or 'off'} (--draft-window), {max_new_tokens} new tokens per row")
     header_done = False
     rates = {}
     for context in contexts:
@@ -155,7 +158,8 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
             for g, auto in [(max(gammas), True)] + ([(g, False) for g in gammas] if fixed_gamma else []):
                 modes = SA.MODES if not results else ("dense", "specattn")  # plain needs no γ
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
-                                              selection, modes, batch_size=B, adaptive_gamma=auto).items():
+                                              selection, modes, batch_size=B, adaptive_gamma=auto,
+                                              draft_window=window).items():
                     tag = "" if mode == "plain" or auto else f" γ={g}"
                     results[mode + tag] = run
             table = SA.results_table(results, B, context, len(prompts), sparse_from)
@@ -419,6 +423,8 @@ def main(argv=None):
                         "row densely until it holds this many positions (0: sparse from the first step)")
     parser.add_argument("--sink-distance", type=int, metavar="N", help="demo: the draft reads its attention "
                         "sink as if N positions back (default: the draft's config, 512; 0: true positions)")
+    parser.add_argument("--draft-window", type=int, metavar="N", help="demo: the draft reads position 0 and "
+                        "its newest N - 1 positions (default: its training window, 512; 0: its whole cache)")
     parser.add_argument("--peer-runs", type=int, default=3, help="hf: timed runs of the peer per context "
                         "(the table gives their median and range; the ratios use the median)")
     parser.add_argument("--layer-map",
@@ -430,6 +436,9 @@ def main(argv=None):
         raise SystemExit(f"error: --peer-runs must be >= 1, got {args.peer_runs}")
     if args.sparse_from < 0:
         raise SystemExit(f"error: --sparse-from must be >= 0, got {args.sparse_from}")
+    if args.draft_window is not None and args.draft_window < 0:
+        raise SystemExit(f"error: --draft-window must be >= 0 (0: the draft reads its whole cache), "
+                         f"got {args.draft_window}")
     try:
         check_sink_distance(args.sink_distance)
     except ValueError as e:
@@ -451,7 +460,8 @@ def main(argv=None):
     demo, hf = {}, {}
     if "demo" in parts:
         demo = bench_demo(say, batches, contexts, args.max_new_tokens, gammas, args.topp, args.layer_map,
-                          args.prompts_per_row, args.sparse_from, args.fixed_gamma, args.sink_distance)
+                          args.prompts_per_row, args.sparse_from, args.fixed_gamma, args.sink_distance,
+                          args.draft_window)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

@@ -1038,6 +1038,27 @@ def test_sparse_attention_last_row(T, Hq):
     assert (ref_mean - probs[:, :, -1, :150].mean(1)).abs().max() < 1e-6
 
 
+def test_attention_slot_reads_kept_positions_and_returns_the_row_over_all():
+    """A windowed draft with SpecAttn: attention_slot given both a selection and return_probs
+    attends over the selected positions (the same output as without return_probs), and returns
+    the row of the same queries over every cached position, per row's length (ragged rows)."""
+    g = torch.Generator().manual_seed(8)
+    B, Hq, Hkv, T, S, D = 2, 6, 2, 2, 90, 32
+    q, k_new, v_new = (torch.randn(B, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
+    kc, vc = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    lengths = torch.tensor([70, 33], dtype=torch.int32)
+    keep = SA.draft_window_select(lengths, 9)
+    out, row = K.attention_slot(q, k_new, v_new, kc.clone(), vc.clone(), lengths, keep=keep, return_probs=True)
+    want_out, _ = K.attention_slot(q, k_new, v_new, kc.clone(), vc.clone(), lengths, keep=keep)
+    _, want_row = K.sparse_attention_reference(q, kc.clone(), vc.clone(), lengths, return_last_row=True,
+                                               new_kv=(k_new, v_new), last_row_mean=True)
+    err = (out - want_out).abs()
+    assert err.max() < 1e-5, f"output: max {err.max():.2e} mean {err.mean():.2e}"
+    err = (row - want_row).abs()
+    assert row.shape == (B, S) and err.max() < 1e-6, f"row: max {err.max():.2e} mean {err.mean():.2e}"
+    assert (row[0, :70] > 0).all() and (row[0, 70:] == 0).all()  # every cached position, far ones too
+
+
 def test_sparse_attention_reference_equals_model_subset_attention():
     """The two references (kernels.py and model.py) agree: one definition of sparse verification."""
     g = torch.Generator().manual_seed(3)
@@ -1367,13 +1388,54 @@ def naive_greedy(model, prompt, n):
     return seq[len(prompt):]
 
 
+def test_draft_window_lists_sink_and_newest_positions():
+    idx, count = SA.draft_window_select(torch.tensor([0, 3, 5, 12], dtype=torch.int32), 5)
+    assert idx.shape == (4, 1, 5) and idx.dtype == count.dtype == torch.int32
+    assert [idx[b, 0, :n].tolist() for b, n in enumerate(count[:, 0].tolist())] == \
+        [[], [0, 1, 2], [0, 1, 2, 3, 4], [0, 8, 9, 10, 11]]
+    mask = SA.draft_window_mask(6, 2, 3, "cpu")[0, 0]  # queries at 6 and 7, cached 0..5
+    assert mask.int().tolist() == [[1, 0, 0, 0, 1, 1], [1, 0, 0, 0, 0, 1]]
+
+
+def test_draft_window_prefill_and_steps_equal_one_token_at_a_time(references):
+    """A windowed draft's cache and logits, made as the engine makes them (a prefill in blocks,
+    then forwards through attention_slot reading draft_window_select's lists, rows ragged),
+    equal the definition: every token fed alone, reading position 0 and the window - 1
+    positions before it."""
+    W = 5
+    target, _ = tiny_pair(7)
+    draft = self_draft(target)
+    prompts = [list(range(3, 24)), list(range(30, 37)), [8, 9, 10]]  # 21, 7 and 3 tokens
+    engine = SA.make_engine("dense", target, draft, prompts, 8, 2, 0.0, None, SA.SelectionConfig(),
+                            draft_window=W)
+    engine.prefill(prompts, 8)  # the draft caches all but each prompt's last token
+    after = torch.randint(0, 97, (3, 2), generator=torch.Generator().manual_seed(7))
+    got = []
+    for tokens in (torch.tensor([p[-1:] for p in prompts]), after[:, :1], after[:, 1:]):  # one token a forward
+        window = SA.draft_window_select(engine.d_cache.lengths, W)
+        got.append(draft(tokens, cache=engine.d_cache, select={layer: window for layer in range(2)},
+                         attend=K.attention_slot)[:, 0])  # [3, V]
+    for b, p in enumerate(prompts):
+        alone, logits = draft.new_cache(1, 40), []
+        for t, tok in enumerate(p + after[b].tolist()):
+            keep = SA.draft_window_mask(t, 1, W, "cpu")
+            logits.append(draft(torch.tensor([[tok]]), cache=alone, select={0: keep, 1: keep} if t else None))
+        n = len(p) - 1
+        torch.testing.assert_close(engine.d_cache.k[:, b, :, :n], alone.k[:, 0, :, :n], atol=1e-5, rtol=1e-5)
+        for i in range(3):
+            torch.testing.assert_close(got[i][b], logits[n + i][0, 0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="draft_window"):
+        SA.make_engine("dense", target, draft, prompts, 8, 2, 0.0, None, SA.SelectionConfig(), draft_window=-1)
+
+
 def test_engine_plain_decoding_equals_full_forwards(references):
     target, _ = tiny_pair(4)
     prompts = [[3, 1, 4, 1, 5], [9], list(range(20, 47))]
     assert SA.greedy_generate(target, prompts, 17) == [naive_greedy(target, p, 17) for p in prompts]
 
 
-@pytest.mark.parametrize("mode", ["plain", "dense", "specattn", "specattn_mean_sinks"])
+@pytest.mark.parametrize("mode", ["plain", "dense", "specattn", "specattn_mean_sinks", "dense_window",
+                                  "specattn_window"])
 def test_ragged_batch_equals_each_row_alone(mode, references):
     """A batch of prompts of different lengths: every row's tokens, accepted counts and KV
     reads equal that row run alone (its own acceptances, no row waits for another); at p=1
@@ -1385,8 +1447,9 @@ def test_ragged_batch_equals_each_row_alone(mode, references):
                                                           if mode == "specattn_mean_sinks" else {}))
     use = mode.startswith("specattn")
 
-    def engine(rows):
-        return SA.make_engine("specattn" if use else mode, target, draft, rows, 21, 3, 0.0, [0, 1, 1], cfg)
+    def engine(rows):  # the _window modes: the draft reads position 0 and its newest 5 positions
+        return SA.make_engine(mode.split("_")[0], target, draft, rows, 21, 3, 0.0, [0, 1, 1], cfg,
+                              draft_window=5 if mode.endswith("window") else None)
 
     batch_engine = engine(prompts)
     batch, _ = batch_engine.generate(prompts, 21)
@@ -1693,7 +1756,8 @@ def test_generation_bad_input_errors():
 
 @pytest.mark.parametrize("argv,message", [(["--gamma", "0"], "--gamma"), (["--topp", "0"], "--topp"),
                                           (["--topp", "1.5"], "--topp"), (["--batch", "0"], "--batch"),
-                                          (["--modes", "fast"], "--modes"), (["--sparse-from", "-1"], "--sparse-from")])
+                                          (["--modes", "fast"], "--modes"), (["--sparse-from", "-1"], "--sparse-from"),
+                                          (["--draft-window", "-1"], "--draft-window")])
 def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         SA.main(argv)
@@ -1716,7 +1780,8 @@ def test_cli_help_states_each_default_once(capsys):
 @pytest.mark.parametrize("argv,message", [(["--gamma", "0"], "--gamma"), (["--gamma", "2,x"], "--gamma"),
                                           (["--batches", ""], "--batches"), (["--contexts", "-5"], "--contexts"),
                                           (["--sparse-from", "-1"], "--sparse-from"), (["--parts", "x"], "--parts"),
-                                          (["--sink-distance", "-2"], "--sink-distance")])
+                                          (["--sink-distance", "-2"], "--sink-distance"),
+                                          (["--draft-window", "-1"], "--draft-window")])
 def test_bench_bad_arguments(argv, message):
     import bench
     with pytest.raises(SystemExit) as info:
