@@ -140,7 +140,7 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
 # row a draft layer hands the target still covers every cached position
 # (kernels.attention_slot, keep with return_probs).
 
-PREFILL_BLOCK = 128  # a windowed prefill's block: its masks are [rows, heads, block, positions]
+PREFILL_BLOCK = 256  # the most tokens a windowed prefill's forward takes
 
 
 def draft_window_select(lengths: torch.Tensor, window: int, offsets: Optional[torch.Tensor] = None):
@@ -156,13 +156,25 @@ def draft_window_select(lengths: torch.Tensor, window: int, offsets: Optional[to
     return idx[:, None].int(), lengths.clamp(max=window)[:, None].int()
 
 
-def draft_window_mask(start: int, T: int, window: int, device) -> torch.Tensor:
-    """bool [1, 1, T, start]: the cached positions each of T queries at positions start + t
-    reads in a windowed prefill: position 0 and the window - 1 positions before the query (its
-    block, read causally, holds the rest when T <= window)."""
-    cached = torch.arange(start, device=device)  # [start]
-    query = start + torch.arange(T, device=device)[:, None]  # [T, 1]
-    return ((cached == 0) | (cached >= query - (window - 1)))[None, None]
+def window_attention(window: int):
+    """An attention slot (model.AttentionFn) for a prefill through the draft's window: the
+    query at position P reads position 0 and positions P - window + 1 .. P. A block of T
+    tokens at `start` (every row the same) then needs only position 0 and the positions from
+    start - window + 1 on, so the slot slices those out of the cache and masks them: its work
+    is T x (window + T) per block, however long the context."""
+    def attend(q, k_new, v_new, k_cache, v_cache, lengths, start, keep=None, return_probs=False):
+        if start is None or keep is not None or return_probs:
+            raise ValueError("window_attention is a prefill slot: rows of one length, no selection or probs")
+        T = q.shape[2]
+        oldest = max(1, start - (window - 1))  # the oldest position any query of the block reads after 0
+        k = torch.cat([k_cache[:, :, :1], k_cache[:, :, oldest:start + T]], 2)  # [B, Hkv, 1 + n, D]
+        v = torch.cat([v_cache[:, :, :1], v_cache[:, :, oldest:start + T]], 2)
+        position = torch.arange(oldest - 1, start + T, device=q.device)  # [1 + n]: each key's position
+        position[0] = 0
+        query = start + torch.arange(T, device=q.device)[:, None]  # [T, 1]
+        allowed = (position == 0) | ((position <= query) & (position > query - window))  # [T, 1 + n]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True), None
+    return attend
 
 
 @dataclass
@@ -738,17 +750,14 @@ class SpecEngine:
         self.done[r] = done | (self.n_out[r] >= self.max_new)
 
     def _draft_window_prefill(self, tokens: torch.Tensor, cache) -> None:
-        """Cache tokens [n, T] (rows starting at 0) in the windowed draft: in blocks of at most
-        the window, each query reading position 0 and the window - 1 positions before it
-        (`draft_window_mask`), so the cached keys and values are those its decode steps would
-        have made. Blocks of PREFILL_BLOCK bound the masks' memory."""
-        step = min(PREFILL_BLOCK, self.window)
-        first = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-        for t0 in range(0, tokens.shape[1], step):
-            block = tokens[:, t0:t0 + step]
-            keep = draft_window_mask(t0, block.shape[1], self.window, tokens.device) if t0 else None
-            select = {layer: keep for layer in range(self.draft.args.n_layers)} if t0 else None
-            self.draft(block, cache=cache, select=select, logits_at=first, attend=cache_attention)
+        """Cache tokens [n, T] (rows starting at 0) in the windowed draft, a block at a time,
+        each query reading position 0 and the window - 1 positions before it
+        (`window_attention`): the keys and values its decode steps would have cached.
+        (A block is a forward: with the sink placed, position 0 sits sink_distance before it.)"""
+        attend = window_attention(self.window)
+        first = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)  # logits: one, unused
+        for t0 in range(0, tokens.shape[1], PREFILL_BLOCK):
+            self.draft(tokens[:, t0:t0 + PREFILL_BLOCK], cache=cache, logits_at=first, attend=attend)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, progress: bool = False):

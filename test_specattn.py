@@ -1388,21 +1388,28 @@ def naive_greedy(model, prompt, n):
     return seq[len(prompt):]
 
 
+def window_mask(start: int, window: int) -> torch.Tensor:
+    """bool [1, 1, 1, start]: the cached positions a query at position `start` reads through a
+    window (the definition): position 0 and the window - 1 positions before it."""
+    cached = torch.arange(start)
+    return ((cached == 0) | (cached > start - window))[None, None, None]
+
+
 def test_draft_window_lists_sink_and_newest_positions():
     idx, count = SA.draft_window_select(torch.tensor([0, 3, 5, 12], dtype=torch.int32), 5)
     assert idx.shape == (4, 1, 5) and idx.dtype == count.dtype == torch.int32
     assert [idx[b, 0, :n].tolist() for b, n in enumerate(count[:, 0].tolist())] == \
         [[], [0, 1, 2], [0, 1, 2, 3, 4], [0, 8, 9, 10, 11]]
-    mask = SA.draft_window_mask(6, 2, 3, "cpu")[0, 0]  # queries at 6 and 7, cached 0..5
-    assert mask.int().tolist() == [[1, 0, 0, 0, 1, 1], [1, 0, 0, 0, 0, 1]]
+    assert window_mask(6, 3)[0, 0, 0].int().tolist() == [1, 0, 0, 0, 1, 1]
 
 
-def test_draft_window_prefill_and_steps_equal_one_token_at_a_time(references):
-    """A windowed draft's cache and logits, made as the engine makes them (a prefill in blocks,
-    then forwards through attention_slot reading draft_window_select's lists, rows ragged),
-    equal the definition: every token fed alone, reading position 0 and the window - 1
-    positions before it."""
+def test_draft_window_prefill_and_steps_equal_one_token_at_a_time(references, monkeypatch):
+    """A windowed draft's cache and logits, made as the engine makes them (a prefill in blocks
+    through window_attention, then forwards through attention_slot reading
+    draft_window_select's lists, rows ragged), equal the definition: every token fed alone,
+    reading position 0 and the window - 1 positions before it."""
     W = 5
+    monkeypatch.setattr(SA, "PREFILL_BLOCK", 6)  # blocks longer than the window, and several per prompt
     target, _ = tiny_pair(7)
     draft = self_draft(target)
     prompts = [list(range(3, 24)), list(range(30, 37)), [8, 9, 10]]  # 21, 7 and 3 tokens
@@ -1418,7 +1425,7 @@ def test_draft_window_prefill_and_steps_equal_one_token_at_a_time(references):
     for b, p in enumerate(prompts):
         alone, logits = draft.new_cache(1, 40), []
         for t, tok in enumerate(p + after[b].tolist()):
-            keep = SA.draft_window_mask(t, 1, W, "cpu")
+            keep = window_mask(t, W)
             logits.append(draft(torch.tensor([[tok]]), cache=alone, select={0: keep, 1: keep} if t else None))
         n = len(p) - 1
         torch.testing.assert_close(engine.d_cache.k[:, b, :, :n], alone.k[:, 0, :, :n], atol=1e-5, rtol=1e-5)
