@@ -2633,7 +2633,8 @@ def test_gpu_kernels_match_references():
 def test_gpu_graphed_engine_equals_eager():
     """Every mode (plain, dense speculative, SpecAttn) of a random bf16 pair on ragged prompts:
     CUDA graphs give the eager engine's tokens and counters, one capture per phase. The draft
-    places its sink (sink_distance) in two of the three rows."""
+    places its sink (sink_distance) and reads through its window (by default as long as
+    sink_distance) in two of the three rows."""
     args = M.ModelArgs(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512,
                        vocab_size=1000, max_seq_len=1024, rope_theta=10000.0, tie_word_embeddings=True)
     target = SA.random_model(args, "cuda", torch.bfloat16, 0)
