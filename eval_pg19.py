@@ -54,7 +54,8 @@ from calibrate import DEMO_DRAFT, add_pair_arguments, check_device, layer_map_fo
 from demo import demo_books, demo_target
 from kernels import check_topp, topp_mask
 from model import check_memory, kv_cache_bytes, write_atomic
-from specattn import SelectionConfig, acceptance_probability, count_kv_reads, draft_selection
+from specattn import (SelectionConfig, acceptance_probability, count_kv_reads, draft_selection, window_attention,
+                      window_prefill)
 
 METHODS = ("dense", "specattn", "oracle", "quest", "streamingllm", "h2o")
 BUDGETED = ("quest", "streamingllm", "h2o")
@@ -270,7 +271,7 @@ def make_runs(methods, topps) -> list[Run]:
 @torch.no_grad()
 def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, cfg: SelectionConfig,
                gamma: int, prefill: int, progress=None, keep_logits: bool = False,
-               quest: QuestConfig = QuestConfig()) -> dict:
+               quest: QuestConfig = QuestConfig(), draft_window: int = 0) -> dict:
     """Teacher-forced NLL of tokens[prefill + 1:] for every run.
 
     The runs go through the target side by side as one batch (row b = runs[b], each with
@@ -278,7 +279,10 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
     for all of them; on a CPU that is most of the cost. Returns {run name: {nll, tokens,
     kv_read, kv_dense, kv_read_sparse, kv_dense_sparse, select_s, [logits]}} plus
     "_acceptance" (draft/target expected acceptance Σ min(p, q), temperature 1) and
-    "_forward_s" (time in the shared draft and target forwards). quest: see quest_selection."""
+    "_forward_s" (time in the shared draft and target forwards). quest: see quest_selection.
+    draft_window: the draft reads position 0 and its newest draft_window - 1 positions
+    (specattn.window_attention; 0: every position); its attention rows, from which SpecAttn
+    selects, still cover every position."""
     n = tokens.shape[0]
     device = target.output.weight.device
     x = tokens.to(device)[None]  # [1, n]
@@ -297,7 +301,11 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
     # Prefill, dense and unscored. H2O accumulates attention from it, in chunks small
     # enough that the attention maps of a long prefill stay in memory.
     t0 = time.perf_counter()
-    draft(x[:, :prefill], cache=d_cache)
+    draft_attend = window_attention(draft_window) if draft_window else None  # None: the model's own slot
+    if draft_window:
+        window_prefill(draft, x[:, :prefill], d_cache, draft_window)
+    else:
+        draft(x[:, :prefill], cache=d_cache)
     chunk = max(16, (1 << 24) // (B * args.n_heads * prefill)) if has_h2o else prefill
     for s0 in range(0, prefill, chunk):
         out = target(x[:, s0:min(prefill, s0 + chunk)].expand(B, -1), cache=t_cache, return_attn=has_h2o)
@@ -314,9 +322,9 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
         # The draft reads the block once; its attention rows serve every p and method.
         t0 = time.perf_counter()
         if need_draft_attn:
-            d_logits, d_probs = draft(block, cache=d_cache, return_attn=True)
+            d_logits, d_probs = draft(block, cache=d_cache, return_attn=True, attend=draft_attend)
         else:
-            d_logits = draft(block, cache=d_cache)
+            d_logits = draft(block, cache=d_cache, attend=draft_attend)
         forward_s += time.perf_counter() - t0
         specattn_sel = {}
         for p in need_draft_attn:
@@ -483,6 +491,10 @@ def parse_args(argv=None):
     parser.add_argument("--gamma", type=int, default=4, help="block size (draft tokens per speculative step)")
     parser.add_argument("--dense-layers", type=int, default=2,
                         help="first target layers kept dense for all methods")
+    parser.add_argument("--draft-window", type=int, default=0, metavar="N",
+                        help="the draft reads position 0 and its newest N - 1 positions, as generation's draft "
+                             "does by default with its training window (specattn.py --draft-window); its "
+                             "attention rows still cover every position. 0: the draft reads every position")
     experiments = parser.add_argument_group(
         "experiments", "variants of SpecAttn's selection and of a baseline; the defaults are "
                        "the methods as described")
@@ -522,6 +534,8 @@ def parse_args(argv=None):
         args.methods = ["dense"] + args.methods  # every row is reported against dense
     if args.quest_page < 1:
         parser.error("--quest-page must be >= 1")
+    if args.draft_window < 0:
+        parser.error("--draft-window must be >= 0 (0: the draft reads every position)")
     if not (0 <= args.prefill_frac < 1) or args.gamma < 1:
         parser.error("--prefill-frac must be in [0, 1) and --gamma >= 1")
     args.max_tokens = args.max_tokens or (2048 if args.protocol == "paper" else 32768)
@@ -571,7 +585,8 @@ def run_settings(args, target, draft, layer_map, tokenizer) -> dict:
     return {"target": checkpoint_identity(target_dir), "draft": checkpoint_identity(draft_dir),
             "layer_map": layer_map, **{k: getattr(args, k) for k in keys},
             "dtype": str(target.output.weight.dtype).removeprefix("torch."), "bos": tokenizer.add_bos,
-            "sink_distance": draft.args.sink_distance}
+            "sink_distance": draft.args.sink_distance,
+            **({"draft_window": args.draft_window} if args.draft_window else {})}  # files without it: 0
 
 
 def previous_results(out: Path, settings: dict, books: list[dict]) -> list[dict]:
@@ -685,7 +700,7 @@ def main(argv=None):
             bar = functools.partial(tqdm, desc=f"book {book['id']}", leave=False, file=sys.stderr,
                                     disable=rank > 0)
             stats = score_book(target, draft, tokens, runs, layer_map, cfg, args.gamma, prefill, progress=bar,
-                               quest=QuestConfig(page=args.quest_page))
+                               quest=QuestConfig(page=args.quest_page), draft_window=args.draft_window)
             timings[book["id"]] = {"forward_s": stats.pop("_forward_s"),
                                    "select_s": {name: st.pop("select_s") for name, st in stats.items()
                                                 if isinstance(st, dict)}}

@@ -157,14 +157,17 @@ def draft_window_select(lengths: torch.Tensor, window: int, offsets: Optional[to
 
 
 def window_attention(window: int):
-    """An attention slot (model.AttentionFn) for a prefill through the draft's window: the
-    query at position P reads position 0 and positions P - window + 1 .. P. A block of T
-    tokens at `start` (every row the same) then needs only position 0 and the positions from
-    start - window + 1 on, so the slot slices those out of the cache and masks them: its work
-    is T x (window + T) per block, however long the context."""
+    """An attention slot (model.AttentionFn) for forwards of rows that all hold the same number
+    of positions (a prefill, teacher-forced evaluation) through the draft's window: the query
+    at position P reads position 0 and positions P - window + 1 .. P. A block of T tokens at
+    `start` then needs only position 0 and the positions from start - window + 1 on, so the
+    slot slices those out of the cache and masks them: its work is T x (window + T) per block,
+    however long the context. return_probs: also the same queries' attention over every
+    position (model.cache_attention's), which SpecAttn selects from."""
     def attend(q, k_new, v_new, k_cache, v_cache, lengths, start, keep=None, return_probs=False):
-        if start is None or keep is not None or return_probs:
-            raise ValueError("window_attention is a prefill slot: rows of one length, no selection or probs")
+        if start is None or keep is not None:
+            raise ValueError("window_attention needs rows of one length and no selection (a draft's "
+                             "prefill or teacher-forced forward)")
         T = q.shape[2]
         oldest = max(1, start - (window - 1))  # the oldest position any query of the block reads after 0
         k = torch.cat([k_cache[:, :, :1], k_cache[:, :, oldest:start + T]], 2)  # [B, Hkv, 1 + n, D]
@@ -173,8 +176,22 @@ def window_attention(window: int):
         position[0] = 0
         query = start + torch.arange(T, device=q.device)[:, None]  # [T, 1]
         allowed = (position == 0) | ((position <= query) & (position > query - window))  # [T, 1 + n]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True), None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+        probs = cache_attention(q, k_new, v_new, k_cache, v_cache, lengths, start, return_probs=True)[1] \
+            if return_probs else None
+        return out, probs
     return attend
+
+
+def window_prefill(draft: Transformer, tokens: torch.Tensor, cache, window: int) -> None:
+    """Cache tokens [B, T] (rows starting at 0) in the draft as it reads through its window,
+    PREFILL_BLOCK tokens a forward (`window_attention`): the keys and values its windowed
+    steps would have cached. (A block is a forward: with the sink placed, position 0 sits
+    sink_distance before it.)"""
+    attend = window_attention(window)
+    first = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)  # logits: one, unused
+    for t0 in range(0, tokens.shape[1], PREFILL_BLOCK):
+        draft(tokens[:, t0:t0 + PREFILL_BLOCK], cache=cache, logits_at=first, attend=attend)
 
 
 @dataclass
@@ -731,7 +748,7 @@ class SpecEngine:
                 b1 = b0 + rows_per_chunk
                 at = last_pos[b0:b1] if model is self.target else torch.zeros_like(last_pos[b0:b1])
                 if model is self.draft and self.window:
-                    self._draft_window_prefill(tokens[b0:b1, :width], rows.rows(b0, b1))
+                    window_prefill(self.draft, tokens[b0:b1, :width], rows.rows(b0, b1), self.window)
                     continue
                 # every row starts at 0: plain causal PyTorch attention (SDPA), right padding unread
                 out = model(tokens[b0:b1, :width], cache=rows.rows(b0, b1), logits_at=at,
@@ -748,16 +765,6 @@ class SpecEngine:
         self.n_out[r] = 1
         done = first == self.eos_id if self.eos_id is not None else torch.zeros_like(self.done[r])
         self.done[r] = done | (self.n_out[r] >= self.max_new)
-
-    def _draft_window_prefill(self, tokens: torch.Tensor, cache) -> None:
-        """Cache tokens [n, T] (rows starting at 0) in the windowed draft, a block at a time,
-        each query reading position 0 and the window - 1 positions before it
-        (`window_attention`): the keys and values its decode steps would have cached.
-        (A block is a forward: with the sink placed, position 0 sits sink_distance before it.)"""
-        attend = window_attention(self.window)
-        first = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)  # logits: one, unused
-        for t0 in range(0, tokens.shape[1], PREFILL_BLOCK):
-            self.draft(tokens[:, t0:t0 + PREFILL_BLOCK], cache=cache, logits_at=first, attend=attend)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, progress: bool = False):

@@ -1963,6 +1963,48 @@ def test_eval_is_causal_inside_a_block(tiny_checkpoint, method):
             assert (a[before:] - b[before:]).abs().max() > 1e-4  # and it does matter afterwards
 
 
+def test_eval_draft_window(tiny_checkpoint):
+    """score_book(draft_window=W): the draft reads through its window, so SpecAttn's selections
+    and the draft's acceptance change while the dense run (the target alone) does not; a
+    token still reaches no prediction made before it."""
+    ckpt, _, _ = tiny_checkpoint
+    target, draft, tokens = eval_inputs(ckpt, 40)
+    runs = E.make_runs(["dense", "specattn"], [0.5])
+    cfg = SA.SelectionConfig(topp=0.5, dense_layers=1)
+    prefill, gamma = 20, 4  # a prefill longer than the window: several blocks of window_prefill
+
+    def score(toks, window):
+        return E.score_book(target, draft, toks, runs, [0, 1, 1], cfg, gamma, prefill, keep_logits=True,
+                            draft_window=window)
+
+    full, windowed = score(tokens, 0), score(tokens, 6)
+    assert torch.equal(full["dense"]["logits"], windowed["dense"]["logits"])
+    assert windowed["_acceptance"] != full["_acceptance"]
+    assert (full["specattn@0.5"]["logits"] - windowed["specattn@0.5"]["logits"]).abs().max() > 1e-4
+    u = prefill + 6
+    changed = tokens.clone()
+    changed[u] = (changed[u] + 17) % target.args.vocab_size
+    a, b = windowed["specattn@0.5"]["logits"], score(changed, 6)["specattn@0.5"]["logits"]
+    assert (a[:u - prefill] - b[:u - prefill]).abs().max() < 1e-5, "a token leaked backwards"
+
+
+def test_window_attention_reads_the_window_and_returns_every_positions_probs():
+    g = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, T, start, D, W = 2, 4, 2, 3, 11, 16, 5
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k_cache, v_cache = torch.randn(B, Hkv, 20, D, generator=g), torch.randn(B, Hkv, 20, D, generator=g)
+    out, probs = SA.window_attention(W)(q, None, None, k_cache, v_cache, None, start, return_probs=True)
+    cached, query = torch.arange(start), start + torch.arange(T)[:, None]
+    keep = ((cached == 0) | (cached > query - W))[None, None]  # [1, 1, T, start]
+    want, _ = M.subset_attention(q, k_cache[:, :, :start + T], v_cache[:, :, :start + T], start, keep)
+    _, want_probs = M.cache_attention(q, None, None, k_cache, v_cache, None, start, return_probs=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs, want_probs, atol=0, rtol=0)
+    assert (probs[..., 1:start - W] > 0).all()  # outside the window too
+    with pytest.raises(ValueError, match="one length"):
+        SA.window_attention(W)(q, None, None, k_cache, v_cache, None, None)
+
+
 @pytest.mark.parametrize("page", [16, 8])
 def test_quest_selection_matches_loop_reference(page):
     g = torch.Generator().manual_seed(0)
