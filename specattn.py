@@ -125,10 +125,6 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
 
 
 # ----------------------------------------------------------------------------------------
-# Speculative decoding: the engine
-
-
-# ----------------------------------------------------------------------------------------
 # The draft's attention window
 #
 # A draft trained on short windows drifts from the target far into a long text: what it
@@ -192,6 +188,10 @@ def window_prefill(draft: Transformer, tokens: torch.Tensor, cache, window: int)
     first = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)  # logits: one, unused
     for t0 in range(0, tokens.shape[1], PREFILL_BLOCK):
         draft(tokens[:, t0:t0 + PREFILL_BLOCK], cache=cache, logits_at=first, attend=attend)
+
+
+# ----------------------------------------------------------------------------------------
+# Speculative decoding: the engine
 
 
 @dataclass
