@@ -2,8 +2,9 @@
 
 The loop, in one picture (γ = gamma), run for every row of a batch at once:
 
-    draft : [prev, last] -> d1 -> ... -> dγ     γ cheap draft steps; each step's attention row
-                                                over the context is kept (SpecAttn)
+    draft : [prev, last] -> d1 -> ... -> dγ     γ cheap draft steps, each reading the draft's
+                                                trained window of its cache; each step's attention
+                                                row over the whole context is kept (SpecAttn)
     select: for target layer j, draft layer layer_map[j]'s head-averaged attention,
             cut at top-p, says which cached positions the target reads
     target: [last, d1, ..., dγ] in ONE forward  (γ+1 queries, sparse in layers >= dense_layers)
