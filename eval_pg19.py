@@ -298,8 +298,9 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
                           select_s=0.0, **({"logits": []} if keep_logits else {})) for r in runs}
     acceptance_sum, acceptance_n, forward_s = 0.0, 0, 0.0
 
-    # Prefill, dense and unscored. H2O accumulates attention from it, in chunks small
-    # enough that the attention maps of a long prefill stay in memory.
+    # Prefill, unscored: the target dense, the draft through its window if it has one. H2O
+    # accumulates attention from the target's, in chunks small enough that the attention maps
+    # of a long prefill stay in memory.
     t0 = time.perf_counter()
     draft_attend = window_attention(draft_window) if draft_window else None  # None: the model's own slot
     if draft_window:

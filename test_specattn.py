@@ -1515,7 +1515,8 @@ def test_continuous_batching_equals_each_prompt_alone(mode, references):
     the next waiting prompt. Each prompt's tokens equal that prompt run alone, and the
     counters add up to the runs alone (a refilled row starts from a clean state; with
     sparse_from, the host's bound on its length starts again from its new prompt; with the
-    draft's sink_distance, its sink is the new prompt's first key)."""
+    draft's sink_distance, its sink is the new prompt's first key, and the draft reads through
+    its window, as long as sink_distance by default, from the new prompt's prefill on)."""
     target, _ = tiny_pair(9)
     draft = self_draft(target)
     draft.args.sink_distance = 10 if mode.endswith("sink") else 0  # rows pass it while generating
