@@ -2696,7 +2696,8 @@ def test_gpu_graphed_engine_equals_eager():
 def test_gpu_engine_graphs_captured_once_while_context_grows():
     """After the first step, no phase is captured again and nothing is recompiled, while a
     generation grows every row's context by thousands of tokens, turns from dense to sparse
-    verification, changes γ from step to step and moves the draft's sink (sink_distance)."""
+    verification, changes γ from step to step and moves the draft's sink (sink_distance) and
+    its window (as long as sink_distance by default)."""
     torch.manual_seed(0)
     args = M.ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
                        vocab_size=512, max_seq_len=4096, rope_theta=10000.0)
