@@ -1040,7 +1040,7 @@ def test_sparse_attention_last_row(T, Hq):
 
 def test_attention_slot_reads_kept_positions_and_returns_the_row_over_all():
     """A windowed draft with SpecAttn: attention_slot given both a selection and return_probs
-    attends over the selected positions (the same output as without return_probs), and returns
+    attends over the selected positions (as the reference with that selection does), and returns
     the row of the same queries over every cached position, per row's length (ragged rows)."""
     g = torch.Generator().manual_seed(8)
     B, Hq, Hkv, T, S, D = 2, 6, 2, 2, 90, 32
@@ -1049,7 +1049,7 @@ def test_attention_slot_reads_kept_positions_and_returns_the_row_over_all():
     lengths = torch.tensor([70, 33], dtype=torch.int32)
     keep = SA.draft_window_select(lengths, 9)
     out, row = K.attention_slot(q, k_new, v_new, kc.clone(), vc.clone(), lengths, keep=keep, return_probs=True)
-    want_out, _ = K.attention_slot(q, k_new, v_new, kc.clone(), vc.clone(), lengths, keep=keep)
+    want_out = K.sparse_attention_reference(q, kc.clone(), vc.clone(), lengths, *keep, new_kv=(k_new, v_new))
     _, want_row = K.sparse_attention_reference(q, kc.clone(), vc.clone(), lengths, return_last_row=True,
                                                new_kv=(k_new, v_new), last_row_mean=True)
     err = (out - want_out).abs()
@@ -1454,7 +1454,7 @@ def test_ragged_batch_equals_each_row_alone(mode, references):
                                                           if mode == "specattn_mean_sinks" else {}))
     use = mode.startswith("specattn")
 
-    def engine(rows):  # the _window modes: the draft reads position 0 and its newest 5 positions
+    def engine(rows):  # the _window modes: the draft reads position 0 and the 4 positions before a query
         return SA.make_engine(mode.split("_")[0], target, draft, rows, 21, 3, 0.0, [0, 1, 1], cfg,
                               draft_window=5 if mode.endswith("window") else None)
 
