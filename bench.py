@@ -141,7 +141,7 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
     selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from)
-    window = draft.args.sink_distance if draft_window is None else draft_window
+    window = SA.draft_window_of(draft, draft_window)
     fixed = f" and fixed at {','.join(map(str, gammas))}" if fixed_gamma else ""
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, "
         f"γ chosen per step up to {max(gammas)}{fixed}, "

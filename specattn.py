@@ -140,6 +140,17 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
 PREFILL_BLOCK = 256  # the most tokens a windowed prefill's forward takes
 
 
+def draft_window_of(draft: Optional[Transformer], draft_window: Optional[int] = None) -> int:
+    """The window the draft reads through: draft_window, or by default (None) the one it was
+    trained on, its sink_distance (0, its whole cache, for a checkpoint without one); 0 with no
+    draft (plain decoding)."""
+    if draft_window is not None and draft_window < 0:
+        raise ValueError(f"draft_window must be >= 0 (0: the draft reads its whole cache), got {draft_window}")
+    if draft is None:
+        return 0
+    return draft.args.sink_distance if draft_window is None else draft_window
+
+
 def draft_window_select(lengths: torch.Tensor, window: int, offsets: Optional[torch.Tensor] = None):
     """What a decode forward of the draft reads besides its own block, as the (idx, count) that
     kernels.attention_slot reads: position 0 (the attention sink) and the window - 1 positions
@@ -437,9 +448,7 @@ class SpecEngine:
         self.d_cache = draft.new_cache(batch_size=batch_size, max_len=max_len) if draft is not None else None
         # The draft's attention window (0: it reads its whole cache), by default the window it
         # was trained on (see `draft_window_select`).
-        if draft_window is not None and draft_window < 0:
-            raise ValueError(f"draft_window must be >= 0 (0: the draft reads its whole cache), got {draft_window}")
-        self.window = (draft.args.sink_distance if draft_window is None else draft_window) if draft else 0
+        self.window = draft_window_of(draft, draft_window)
         self.window_offsets = torch.arange(self.window, device=device, dtype=torch.int32)  # [W]
         # The host's bound on any row's length: the engine sized the buffers, so it holds
         # (a row stops at max_new_tokens, at most γ + 1 positions before the end).
