@@ -493,7 +493,7 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 
 def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=None, scale=None,
-                               return_last_row=False, new_kv=None, last_row_mean=False, rope=None):
+                               return_last_row=False, new_kv=None, last_row_mean=False, rope=None, window=0):
     """Dense fp32 attention under a boolean mask: the definition the kernel must meet.
 
     past_len: cached positions, an int for every batch row or an int tensor [B] per row
@@ -508,10 +508,15 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=No
     cache lengths).
     idx: int32 [B, Hkv, L], selected cached positions (< past_len), first `count` valid;
     count: int32 [B, Hkv] (both may broadcast over heads). idx None: every cached position.
+    window > 0 (instead of idx; a draft that reads its cache through the window it was trained
+    on): row b's queries read position 0, the window - 1 cached positions before the block
+    (from past_len[b] - window + 1 on) and the block.
     Returns [B, Hq, T, D] in q's dtype; with return_last_row also the last query's attention
     on the cached positions, summed over each KV head's query heads [B, Hkv, W], or with
     last_row_mean averaged over all query heads [B, W]. W = past_len for an int; for per-row
-    lengths W = S, one entry per cache slot, zero at and past each row's length.
+    lengths W = S, one entry per cache slot, zero at and past each row's length. That row is
+    the attention over every cached position, also with a window (the softmax the output would
+    take without it): SpecAttn's selection sees all of the context.
     """
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
@@ -532,20 +537,27 @@ def sparse_attention_reference(q, k_cache, v_cache, past_len, idx=None, count=No
     s = torch.arange(S, device=q.device)
     cached = s < lengths[:, None]  # [B, S]
     if idx is not None:
+        if window:
+            raise ValueError("sparse_attention: give a selection (idx) or a window, not both")
         idx, count = idx.expand(B, Hkv, idx.shape[-1]), count.expand(B, Hkv)
         cached = cached[:, None] & _selected_mask(idx, count, S)  # [B, Hkv, S]
     else:
         cached = cached[:, None].expand(B, Hkv, S)
     block = (s[None, None, :] >= lengths[:, None, None]) & (s[None, None, :] <= pos[:, :, None])  # [B, T, S]
     allowed = cached[:, :, None, :] | block[:, None]  # [B, Hkv, T, S]
+    read = allowed  # what the output reads
+    if window:
+        in_window = (s == 0) | (s >= lengths[:, None] - (window - 1))  # [B, S]: the sink and the newest
+        read = (cached & in_window[:, None])[:, :, None, :] | block[:, None]
     # A KV head's G query heads x T queries as the rows of one matmul (no copy of K or V).
     k, v = k_cache[:, :, :S].float(), v_cache[:, :, :S].float()  # [B, Hkv, S, D]
     qg = q.float().reshape(B, Hkv, group * T, D)
     scores = (qg @ k.transpose(-1, -2)).view(B, Hkv, group, T, S) * (scale or 1 / math.sqrt(D))
-    scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
-    probs = scores.softmax(-1).view(B, Hq, T, S)
+    probs = scores.masked_fill(~read[:, :, None], float("-inf")).softmax(-1).view(B, Hq, T, S)
     out = (probs.view(B, Hkv, group * T, S) @ v).view(B, Hq, T, D).to(q.dtype)
     if return_last_row:  # last query, cached positions
+        if window:  # the row covers every cached position
+            probs = scores.masked_fill(~allowed[:, :, None], float("-inf")).softmax(-1).view(B, Hq, T, S)
         W = S if isinstance(past_len, torch.Tensor) else past_len
         row = (probs[:, :, -1, :W] * (s[:W] < lengths[:, None])[:, None]).float()  # [B, Hq, W]
         return out, row.mean(1) if last_row_mean else row.view(B, Hkv, group, W).sum(2)
@@ -582,12 +594,12 @@ def _rope(x, x_ptrs, cos_ptr, sin_ptr, angle_off, d, mask, D: tl.constexpr):
 @triton.jit
 def _sparse_attn_split_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, lock_ptr,
-        scores_ptr, kn_ptr, vn_ptr, len_ptr, cos_ptr, sin_ptr, row_width, scale_log2, n_splits, split_keys,
-        H_KV, si_b, si_h, sc_b, sc_h, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
+        scores_ptr, kn_ptr, vn_ptr, len_ptr, cos_ptr, sin_ptr, m_all_ptr, l_all_ptr, row_width, scale_log2,
+        n_splits, split_keys, window, H_KV, si_b, si_h, sc_b, sc_h, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
         skn_b, skn_h, skn_t, svn_b, svn_h, svn_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, WRITE_NEW: tl.constexpr,
-        ROPE: tl.constexpr, ROPE_BY_POSITION: tl.constexpr, FLAT_MERGE: tl.constexpr, FLAT: tl.constexpr,
+        DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, MERGE_STATS: tl.constexpr,
+        WINDOW_READ: tl.constexpr, WINDOW_MASK: tl.constexpr, WRITE_NEW: tl.constexpr, ROPE: tl.constexpr, ROPE_BY_POSITION: tl.constexpr, FLAT_MERGE: tl.constexpr, FLAT: tl.constexpr,
         PARTS_PER_LOAD: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
@@ -606,12 +618,22 @@ def _sparse_attn_split_kernel(
     # This head's selected positions go to the first n_active splits, at least split_keys
     # (>= BLOCK_N) each; the other splits (the grid is sized for the longest row the buffer
     # holds) write nothing and the merge skips them: a short row costs what its own length needs.
-    n_sel = past_len if DENSE else tl.load(count_ptr + b * sc_b + h * sc_h)
+    # A window (a draft's) reads position 0 and the window - 1 cached positions from `oldest` on:
+    # a list 0, oldest, oldest + 1, ... made on the fly (WINDOW_READ), or, where the scores of
+    # every position are wanted as well (STORE_SCORES), a mask on the dense walk (WINDOW_MASK).
+    oldest = tl.maximum(past_len - (window - 1), 1)
+    n_sel = past_len
+    if WINDOW_READ:
+        n_sel = tl.minimum(past_len, window)
+    if not DENSE:
+        n_sel = tl.load(count_ptr + b * sc_b + h * sc_h)
     n_active = tl.minimum(n_splits, tl.cdiv(n_sel, split_keys))
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    m_all = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # WINDOW_MASK: max and sum over every position
+    l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
     if split < n_splits:  # blocks split, split + n_active, ... of the selected positions
         # Striding over the compacted list gives every split the same share of the work
         # whatever the count, which the host never reads (no sync).
@@ -626,6 +648,8 @@ def _sparse_attn_split_kernel(
             valid = j < n_sel
             if DENSE:
                 pos = j
+                if WINDOW_READ:
+                    pos = tl.where(j == 0, 0, oldest + j - 1)
             else:
                 pos = next_pos
                 next_pos = tl.load(idx_row + j + stride, mask=j + stride < n_sel, other=0)
@@ -636,10 +660,17 @@ def _sparse_attn_split_kernel(
                 last = real & (rows % T == T - 1)
                 dst = scores_ptr + (bh * G + rows // T)[:, None] * row_width + pos[None, :]
                 tl.store(dst, s, mask=last[:, None] & valid[None, :])
+            read = valid
+            if WINDOW_MASK:  # every position counts in the row's softmax; the output reads the window
+                m_all_new = tl.maximum(m_all, tl.max(s, axis=1))
+                l_all = l_all * tl.exp2(m_all - m_all_new) + tl.sum(tl.exp2(s - m_all_new[:, None]), axis=1)
+                m_all = m_all_new
+                read = valid & ((pos == 0) | (pos >= oldest))
+                s = tl.where(read[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
-            v = tl.load(v_base + pos[:, None] * sv_s + d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
+            v = tl.load(v_base + pos[:, None] * sv_s + d[None, :], mask=read[:, None], other=0.0)  # [N, D]
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
@@ -668,6 +699,7 @@ def _sparse_attn_split_kernel(
         p = tl.exp2(s - m_i[:, None])
         acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = tl.sum(p, axis=1)
+        m_all, l_all = m_i, l_i  # the block is always read
     # Partials hold only the G*T real rows: [B*Hkv, n_splits + 1, G*T, (D)]; m and l fp32,
     # acc fp32 or bf16 (see sparse_attention).
     n_parts = n_splits + 1
@@ -676,6 +708,9 @@ def _sparse_attn_split_kernel(
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=wrote[:, None])
     tl.store(m_ptr + out, m_i, mask=wrote)
     tl.store(l_ptr + out, l_i, mask=wrote)
+    if WINDOW_MASK:
+        tl.store(m_all_ptr + out, m_all, mask=wrote)
+        tl.store(l_all_ptr + out, l_all, mask=wrote)
     # Release: every thread's partial stores happen before the counter moves.
     tl.debug_barrier()
     arrived = tl.atomic_add(lock_ptr + bh, 1, sem="acq_rel")
@@ -683,11 +718,14 @@ def _sparse_attn_split_kernel(
         tl.debug_barrier()
         if FLAT_MERGE:
             _merge_flat(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_active, n_splits,
-                        b * so_b + h * G * so_h, so_h, so_t, bh, T, G, D, STORE_SCORES, FLAT, PARTS_PER_LOAD)
+                        b * so_b + h * G * so_h, so_h, so_t, bh, T, G, D, MERGE_STATS, FLAT, PARTS_PER_LOAD)
         else:
             _merge_rows(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, bh * n_parts * (G * T), n_active, n_splits,
-                        b * so_b + h * G * so_h, so_h, so_t, bh, rows, T, G, D, BLOCK_M, STORE_SCORES,
+                        b * so_b + h * G * so_h, so_h, so_t, bh, rows, T, G, D, BLOCK_M, MERGE_STATS,
                         PARTS_PER_LOAD)
+        if WINDOW_MASK:  # the row's statistics are those over every position, not the output's
+            _merge_stats(m_all_ptr, l_all_ptr, stats_ptr, bh * n_parts * (G * T), n_active, n_splits, bh, rows,
+                         T, G, BLOCK_M)
         tl.store(lock_ptr + bh, 0)  # ready for the next launch
 
 
@@ -788,6 +826,26 @@ def _merge_flat(acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, first, n_active, n_spli
 
 
 @triton.jit
+def _merge_stats(m_ptr, l_ptr, stats_ptr, first, n_active, n_splits, bh, rows, T: tl.constexpr,
+                 G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each row's softmax max and sum folded over the parts as _merge_rows folds them, without
+    the outputs: with a window, the statistics of the softmax over every position (the
+    partials' m_all, l_all), which _last_row_kernel normalises the stored scores by."""
+    real = rows < G * T
+    m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(0, n_active + 1):
+        part = first + tl.where(s < n_active, s, n_splits) * (G * T) + rows
+        m_s = tl.load(m_ptr + part, mask=real, other=-1.0e30, cache_modifier=".cg")
+        l_s = tl.load(l_ptr + part, mask=real, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, m_s)
+        den = den * tl.exp2(m - m_new) + l_s * tl.exp2(m_s - m_new)
+        m = m_new
+    tl.store(stats_ptr + (bh * (G * T) + rows) * 2, m, mask=real)
+    tl.store(stats_ptr + (bh * (G * T) + rows) * 2 + 1, den, mask=real)
+
+
+@triton.jit
 def _last_row_kernel(scores_ptr, stats_ptr, row_ptr, len_ptr, width, row_scale, T: tl.constexpr,
                      HEADS: tl.constexpr, GROUPS_PER_ROW: tl.constexpr, H_BLOCK: tl.constexpr,
                      BLOCK_N: tl.constexpr):
@@ -829,7 +887,7 @@ def _locks(device, n: int) -> torch.Tensor:
 
 def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=None, n_splits=None,
                      block_n=None, num_warps=4, num_stages=3, return_last_row=False, new_kv=None,
-                     last_row_mean=False, rope=None, split_keys=None, merge=None, merge_parts=None):
+                     last_row_mean=False, rope=None, split_keys=None, merge=None, merge_parts=None, window=0):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). past_len: an int, or an int32 tensor [B] of per-row lengths on the device:
     then nothing here reads it on the host, so the launch can be captured in a CUDA graph
@@ -848,6 +906,12 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     (no separate RoPE kernel either); the tables are [B, T, D], each token's angles, or
     [P, D], every position's, from which each row takes its own (past_len[b] + t, read on
     the device: the caller gathers nothing).
+    window > 0 (a draft reading through the window it was trained on; no idx): the output
+    reads position 0 and the window - 1 cached positions before the block, found from each
+    row's length in the launch (no index list). With return_last_row the launch still scores
+    every cached position, and the row is the attention over all of them (the softmax without
+    the window), while the output accumulates over the window's positions alone: one pass
+    over the keys serves both, and the values are read only in the window.
     n_splits, block_n, num_warps, num_stages: launch choices (None: the measured defaults
     below); split_keys: the fewest positions a split reads (None: 256), so a row shorter
     than n_splits * split_keys uses fewer splits (decided on the device, from its length);
@@ -864,9 +928,12 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
         raise ValueError(f"sparse_attention: merge_parts must be 1, 2, 4, 8 or 16, got {merge_parts!r}")
     if not _use_triton(q):
         return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row,
-                                          new_kv, last_row_mean, rope)
+                                          new_kv, last_row_mean, rope, window)
     if return_last_row and idx is not None:
         raise ValueError("sparse_attention: return_last_row needs dense attention (idx=None)")
+    if window < 0 or (window and idx is not None):
+        raise ValueError(f"sparse_attention: window must be >= 0 and comes without a selection (idx), "
+                         f"got window={window}")
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
@@ -903,6 +970,8 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     width = k_cache.shape[2] if ragged else past_len  # the last row's entries (one per cache slot if ragged)
     capacity = k_cache.shape[2] - T if ragged else past_len  # the most cached positions a row can have
     capacity = capacity if dense else min(capacity, idx.shape[-1])
+    window_read, window_mask = bool(window) and not return_last_row, bool(window) and return_last_row
+    capacity = min(capacity, window) if window_read else capacity
     block_m = max(16, triton.next_power_of_2(G * T))
     sm = _sm_count(q.device)
     if n_splits is None:
@@ -950,18 +1019,21 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     scores = torch.empty((B * Hq, width), device=q.device, dtype=torch.float32) if return_last_row else None
     stats = (torch.empty((B * Hkv, G * T, 2), device=q.device, dtype=torch.float32) if return_last_row
              else None)
+    # With a window and the row: the partials' max and sum over every position, besides the output's.
+    m_all, l_all = (torch.empty_like(m), torch.empty_like(m)) if window_mask else (None, None)
     locks = _locks(q.device, B * Hkv)
     scale = (scale or 1 / math.sqrt(D)) * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _sparse_attn_split_kernel[(B * Hkv, parts)](
         q, k_cache, v_cache, idx, count, acc, m, l, out, stats, locks, scores, k_new, v_new, lengths,
-        cos, sin, width, scale, n_splits, split_keys, Hkv,
+        cos, sin, m_all, l_all, width, scale, n_splits, split_keys, window, Hkv,
         *((0, 0, 0, 0) if dense else (idx.stride(0), idx.stride(1), count.stride(0), count.stride(1))),
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *((*k_new.stride()[:3], *v_new.stride()[:3]) if new_kv is not None else (0,) * 6),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, DENSE=dense, PRECISION=precision,
-        STORE_SCORES=return_last_row, WRITE_NEW=new_kv is not None, ROPE=rope is not None,
+        STORE_SCORES=return_last_row, MERGE_STATS=return_last_row and not window_mask, WINDOW_READ=window_read,
+        WINDOW_MASK=window_mask, WRITE_NEW=new_kv is not None, ROPE=rope is not None,
         ROPE_BY_POSITION=by_position, FLAT_MERGE=merge == "flat", FLAT=flat, PARTS_PER_LOAD=merge_parts,
         num_warps=num_warps, num_stages=num_stages)
     if not return_last_row:
@@ -978,7 +1050,7 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
 
 
 def attention_slot(q, k_new, v_new, k_cache, v_cache, lengths, start=None, keep=None, return_probs=False,
-                   rope=None):
+                   rope=None, window=0):
     """model.Transformer's attention slot (`model.attend = attention_slot`) served by
     sparse_attention, with each batch row's cache length read on the device (`lengths`
     int32 [B]; `start`, the host's common length, is not used), so the whole forward can
@@ -988,21 +1060,20 @@ def attention_slot(q, k_new, v_new, k_cache, v_cache, lengths, start=None, keep=
     attention averaged over all query heads, [B, S] (S = the cache buffer's length; 0 from
     each row's length on). rope = (cos, sin), the model's tables of every position [P, D]
     (or each token's, [B, T, D]): q and k_new are unrotated, and the launch rotates them by
-    the angles of positions lengths[b] + t. With both keep and return_probs (a draft that
-    reads a window of its cache and still reports where its attention goes), the output
-    reads the kept positions and the row is the same queries' attention over every cached
-    position: a second launch, the dense one, gives the row. On a CPU the references run
-    instead (same shapes)."""
+    the angles of positions lengths[b] + t. window > 0 (bind it with functools.partial: a
+    draft reading through its training window): the output reads position 0 and the window - 1
+    positions before the block, while the row returned with return_probs still covers every
+    cached position (one launch: see sparse_attention). On a CPU the references run instead
+    (same shapes)."""
     if k_cache is None:
         raise ValueError("attention_slot needs a KV cache (pass cache= to the forward)")
-    row = None
-    if return_probs:
-        out, row = sparse_attention(q, k_cache, v_cache, lengths, return_last_row=True, new_kv=(k_new, v_new),
-                                    last_row_mean=True, rope=rope)
-        if keep is None:
-            return out, row
+    if keep is not None and return_probs:
+        raise ValueError("attention_slot: return_probs reads every cached position, so it takes no selection "
+                         "(a draft limits what its output reads with window=)")
     idx, count = keep if keep is not None else (None, None)
-    return sparse_attention(q, k_cache, v_cache, lengths, idx, count, new_kv=(k_new, v_new), rope=rope), row
+    got = sparse_attention(q, k_cache, v_cache, lengths, idx, count, return_last_row=return_probs,
+                           new_kv=(k_new, v_new), last_row_mean=True, rope=rope, window=window)
+    return got if return_probs else (got, None)
 
 
 # model.Attention hands this slot q and k before RoPE, with the tables (rope=), and leaves the
@@ -1123,7 +1194,7 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
     """The kernels against their references on the GPU, on fresh inputs: top-p at the given
     (rows, N), and the attention in bf16 (which the CPU interpreter cannot run) at awkward
     sizes and at the benchmark's own (up to 33 partials per head to merge), with and
-    without the cache write (new_kv), and the draft side's last-row output. Raises on
+    without the cache write (new_kv), and the draft side's last-row output and window. Raises on
     the first mismatch; `python kernels.py --check` runs it alone."""
     dev = "cuda"
     torch.manual_seed(0)
@@ -1210,6 +1281,17 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         _, row = sparse_attention(q, kc, vc, lengths, return_last_row=True, last_row_mean=True)
         _, ref = sparse_attention_reference(q, kc, vc, lengths, return_last_row=True, last_row_mean=True)
         assert ((row - ref).abs().max() / ref.abs().max()).item() < 1e-2, f"per-row last row B={B} S={S}"
+        # A draft's window (the demo draft's 512; 1 = the sink alone): the output alone, and with
+        # the row over every position (the scores of all, the output over the window).
+        for window in (512, 1):
+            ref_out = sparse_attention_reference(q, kc, vc, lengths, window=window).float()
+            out = sparse_attention(q, kc, vc, lengths, window=window).float()
+            out_too, row = sparse_attention(q, kc, vc, lengths, window=window, return_last_row=True,
+                                            last_row_mean=True)
+            for got in (out, out_too.float()):
+                err = ((got - ref_out).norm() / ref_out.norm()).item()
+                assert err < 1e-2, f"window {window} B={B} S={S}: rel err {err:.2e}"
+            assert ((row - ref).abs().max() / ref.abs().max()).item() < 1e-2, f"window {window} row B={B} S={S}"
     # The draft side's row (dense attention): per KV head, and averaged over all query heads.
     for B, Hq, Hkv, T, S in ((2, 12, 4, 5, 577), (3, 32, 8, 1, 8192)):
         q = torch.randn(B, Hq, T, 64, device=dev, dtype=torch.bfloat16)

@@ -32,6 +32,7 @@ step and row; we report the fraction saved over all layers and over the sparse l
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -134,8 +135,8 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
 # like training again. On the demo pair at 7.9k positions dense speculation at γ = 4 then
 # gains 2.17 tokens a step instead of 1.76 (docs/results.md, "The draft's attention window"). The
 # window cuts only what the draft's hidden states are made of: with SpecAttn, the attention
-# row a draft layer hands the target still covers every cached position
-# (kernels.attention_slot, keep with return_probs).
+# row a draft layer hands the target still covers every cached position (one launch scores
+# every position for the row and accumulates the output over the window: kernels.sparse_attention).
 
 PREFILL_BLOCK = 256  # the most tokens a windowed prefill's forward takes
 
@@ -151,17 +152,15 @@ def draft_window_of(draft: Optional[Transformer], draft_window: Optional[int] = 
     return draft.args.sink_distance if draft_window is None else draft_window
 
 
-def draft_window_select(lengths: torch.Tensor, window: int, offsets: Optional[torch.Tensor] = None):
-    """What a decode forward of the draft reads besides its own block, as the (idx, count) that
-    kernels.attention_slot reads: position 0 (the attention sink) and the window - 1 positions
-    before row b's block, which starts at lengths[b] (int32 [B], on the device: nothing here
-    syncs). Returns idx int32 [B, 1, window] (one list for every KV head), count int32 [B, 1]:
-    the first count[b] entries of idx[b] are read. offsets: torch.arange(window), int32."""
-    if offsets is None:
-        offsets = torch.arange(window, device=lengths.device, dtype=torch.int32)
-    oldest = (lengths - (window - 1)).clamp(min=1)  # [B]: the oldest position read after the sink
-    idx = torch.where(offsets == 0, 0, oldest[:, None] + offsets - 1)  # [B, W]: 0, oldest, oldest + 1, ...
-    return idx[:, None].int(), lengths.clamp(max=window)[:, None].int()
+def draft_attention_slot(window: int):
+    """The attention slot of the draft's decode forwards: kernels.attention_slot reading through
+    the window (0: every cached position). Each query reads position 0 (the attention sink), the
+    window - 1 positions before its row's block and the block; the rows' lengths are read on the
+    device, in the launch (graph-capturable, no index lists). With return_probs the row it hands
+    SpecAttn still covers every cached position."""
+    slot = functools.partial(attention_slot, window=window)
+    slot.rotates_and_writes = True  # as attention_slot: the launch rotates q and k and writes the block
+    return slot
 
 
 def window_attention(window: int):
@@ -395,7 +394,7 @@ class SpecEngine:
     attention rows, no select phase): the same tokens, without the draft rows' cost. Both
     variants are captured at the first step, so switching never captures.
 
-    draft_window: the draft reads its cache through this window (see `draft_window_select`):
+    draft_window: the draft reads its cache through this window (see `draft_attention_slot`):
     position 0 and the most recent positions, in the prefill and every draft step (0: all of
     it). None: the window the draft was trained on (its sink_distance, the demo draft's 512;
     0 for a checkpoint that has none). The target never reads through it, so greedy output
@@ -447,9 +446,9 @@ class SpecEngine:
         self.t_cache = target.new_cache(batch_size=batch_size, max_len=max_len)
         self.d_cache = draft.new_cache(batch_size=batch_size, max_len=max_len) if draft is not None else None
         # The draft's attention window (0: it reads its whole cache), by default the window it
-        # was trained on (see `draft_window_select`).
+        # was trained on (see `draft_attention_slot`).
         self.window = draft_window_of(draft, draft_window)
-        self.window_offsets = torch.arange(self.window, device=device, dtype=torch.int32)  # [W]
+        self.draft_attend = draft_attention_slot(self.window)
         # The host's bound on any row's length: the engine sized the buffers, so it holds
         # (a row stops at max_new_tokens, at most γ + 1 positions before the end).
         self._bound = max_len - (self.gamma + 2)
@@ -503,14 +502,12 @@ class SpecEngine:
         self.d_cache.length = self._bound
         inp = torch.stack([self.prev, self.last], 1)  # [B, 2]: re-read prev, then the newest token
         for i in range(self.g):
-            window = self._draft_window()
             if self.sparse:
                 used = range(self.first_used, self.first_used + len(self.draft_rows))  # layers the map reads
-                logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used), select=window,
-                                          attend=attention_slot)
+                logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used), attend=self.draft_attend)
                 self.draft_rows[:, :, i].copy_(torch.stack([rows[u] for u in used]))  # [B, S] per used layer
             else:
-                logits = self.draft(inp, cache=self.d_cache, select=window, attend=attention_slot)
+                logits = self.draft(inp, cache=self.d_cache, attend=self.draft_attend)
             logits = logits[:, -1]  # [B, V]
             if self.temperature == 0:
                 tok = argmax(logits)  # kernels.argmax: torch.argmax in one launch, γ times a step
@@ -520,14 +517,6 @@ class SpecEngine:
                 tok = _sample(q, self.generator)
             self.drafted[:, i].copy_(tok)
             inp = tok[:, None]
-
-    def _draft_window(self) -> Optional[dict]:
-        """What each draft layer reads of the draft cache in this forward (None: all of it): the
-        window's (idx, count), from the rows' lengths on the device."""
-        if not self.window:
-            return None
-        keep = draft_window_select(self.d_cache.lengths, self.window, self.window_offsets)
-        return {layer: keep for layer in range(self.draft.args.n_layers)}
 
     def _select_phase(self):
         """The draft rows -> per used draft layer, the cached positions the target reads,

@@ -1038,18 +1038,78 @@ def test_sparse_attention_last_row(T, Hq):
     assert (ref_mean - probs[:, :, -1, :150].mean(1)).abs().max() < 1e-6
 
 
-def test_attention_slot_reads_kept_positions_and_returns_the_row_over_all():
-    """A windowed draft with SpecAttn: attention_slot given both a selection and return_probs
-    attends over the selected positions (as the reference with that selection does), and returns
-    the row of the same queries over every cached position, per row's length (ragged rows)."""
+def window_lists(lengths, window: int):
+    """The window as explicit lists (the definition, built by hand): row b reads position 0 and
+    the window - 1 positions before its block, which starts at lengths[b]. idx int32
+    [B, 1, window], count int32 [B, 1], for sparse_attention_reference's selection."""
+    B = len(lengths)
+    idx, count = torch.zeros(B, 1, window, dtype=torch.int32), torch.zeros(B, 1, dtype=torch.int32)
+    for b, n in enumerate(int(x) for x in lengths):
+        read = sorted({0, *range(max(1, n - window + 1), n)}) if n else []
+        idx[b, 0, :len(read)], count[b, 0] = torch.tensor(read, dtype=torch.int32), len(read)
+    return idx, count
+
+
+def test_window_lists_sink_and_newest_positions():
+    idx, count = window_lists([0, 3, 5, 12], 5)
+    assert [idx[b, 0, :n].tolist() for b, n in enumerate(count[:, 0].tolist())] == \
+        [[], [0, 1, 2], [0, 1, 2, 3, 4], [0, 8, 9, 10, 11]]
+    assert window_mask(6, 3)[0, 0, 0].int().tolist() == [1, 0, 0, 0, 1, 1]  # the one-token definition's mask
+
+
+@pytest.mark.parametrize("T,Hq", [(1, 6), (2, 6), (3, 8)])
+def test_sparse_attention_window(T, Hq):
+    """window=: the output reads position 0, the window - 1 positions before the block and the
+    block (the reference with the window's lists as a selection); with return_last_row the row
+    covers every cached position, as without a window (the kernel scores every position in the
+    same launch and accumulates only the window). Ragged rows shorter than, equal to and longer
+    than the window, an empty one; a window of 1 (the sink alone); several splits and both merges."""
+    g = torch.Generator().manual_seed(T * 10 + Hq)
+    B, Hkv, S, D = 4, 2, 140, 32
+    lengths = torch.tensor([120, 9, 0, 37], dtype=torch.int32)
+    q, k_new, v_new = (torch.randn(B, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
+    kc, vc = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    block = dict(new_kv=(k_new, v_new))
+    _, want_row = K.sparse_attention_reference(q, kc.clone(), vc.clone(), lengths, return_last_row=True,
+                                               last_row_mean=True, **block)
+    for window in (1, 9, 37, 50):
+        lists = window_lists(lengths, window)
+        want = K.sparse_attention_reference(q, kc.clone(), vc.clone(), lengths, *lists, **block)
+        ref = K.sparse_attention_reference(q, kc.clone(), vc.clone(), lengths, window=window, **block)
+        assert (ref - want).abs().max() < 1e-6, f"reference, window {window}"
+        for launch in ({}, dict(n_splits=5, block_n=16, split_keys=16),
+                       dict(n_splits=5, block_n=16, split_keys=16, merge="flat"),
+                       dict(n_splits=5, block_n=16, split_keys=16, merge="rows", merge_parts=2)):
+            kk, vv = kc.clone(), vc.clone()
+            out = K.sparse_attention(q, kk, vv, lengths, window=window, **block, **launch)
+            err = (out - want).abs()
+            assert err.max() < 1e-5, f"window {window} {launch}: max {err.max():.2e} mean {err.mean():.2e}"
+            out, row = K.sparse_attention(q, kc.clone(), vc.clone(), lengths, window=window, return_last_row=True,
+                                          last_row_mean=True, **block, **launch)
+            err = (out - want).abs()
+            assert err.max() < 1e-5, f"window {window} {launch}, with the row: max {err.max():.2e}"
+            err = (row - want_row).abs()
+            assert row.shape == (B, S) and err.max() < 1e-6, \
+                f"row, window {window} {launch}: max {err.max():.2e} mean {err.mean():.2e}"
+    assert (want_row[0, :120] > 0).all() and (want_row[0, 120:] == 0).all()  # far positions too
+    with pytest.raises(ValueError, match="window"):
+        K.sparse_attention(q, kc, vc, lengths, *lists, window=9)
+
+
+def test_attention_slot_window_reads_window_and_returns_the_row_over_all():
+    """A windowed draft with SpecAttn: attention_slot with window= attends over the window, and
+    with return_probs returns the row of the same queries over every cached position, per row's
+    length (ragged rows); a selection with return_probs is refused."""
     g = torch.Generator().manual_seed(8)
     B, Hq, Hkv, T, S, D = 2, 6, 2, 2, 90, 32
     q, k_new, v_new = (torch.randn(B, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
     kc, vc = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
     lengths = torch.tensor([70, 33], dtype=torch.int32)
-    keep = SA.draft_window_select(lengths, 9)
-    out, row = K.attention_slot(q, k_new, v_new, kc.clone(), vc.clone(), lengths, keep=keep, return_probs=True)
-    want_out = K.sparse_attention_reference(q, kc.clone(), vc.clone(), lengths, *keep, new_kv=(k_new, v_new))
+    slot = SA.draft_attention_slot(9)
+    assert M.rotates_in_slot(slot, cache=object())
+    out, row = slot(q, k_new, v_new, kc.clone(), vc.clone(), lengths, return_probs=True)
+    want_out = K.sparse_attention_reference(q, kc.clone(), vc.clone(), lengths, *window_lists(lengths, 9),
+                                            new_kv=(k_new, v_new))
     _, want_row = K.sparse_attention_reference(q, kc.clone(), vc.clone(), lengths, return_last_row=True,
                                                new_kv=(k_new, v_new), last_row_mean=True)
     err = (out - want_out).abs()
@@ -1057,6 +1117,10 @@ def test_attention_slot_reads_kept_positions_and_returns_the_row_over_all():
     err = (row - want_row).abs()
     assert row.shape == (B, S) and err.max() < 1e-6, f"row: max {err.max():.2e} mean {err.mean():.2e}"
     assert (row[0, :70] > 0).all() and (row[0, 70:] == 0).all()  # every cached position, far ones too
+    alone, none = slot(q, k_new, v_new, kc.clone(), vc.clone(), lengths)
+    assert none is None and (alone - want_out).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="no selection"):
+        K.attention_slot(q, k_new, v_new, kc, vc, lengths, keep=window_lists(lengths, 9), return_probs=True)
 
 
 def test_sparse_attention_reference_equals_model_subset_attention():
@@ -1395,18 +1459,10 @@ def window_mask(start: int, window: int) -> torch.Tensor:
     return ((cached == 0) | (cached > start - window))[None, None, None]
 
 
-def test_draft_window_lists_sink_and_newest_positions():
-    idx, count = SA.draft_window_select(torch.tensor([0, 3, 5, 12], dtype=torch.int32), 5)
-    assert idx.shape == (4, 1, 5) and idx.dtype == count.dtype == torch.int32
-    assert [idx[b, 0, :n].tolist() for b, n in enumerate(count[:, 0].tolist())] == \
-        [[], [0, 1, 2], [0, 1, 2, 3, 4], [0, 8, 9, 10, 11]]
-    assert window_mask(6, 3)[0, 0, 0].int().tolist() == [1, 0, 0, 0, 1, 1]
-
-
 def test_draft_window_prefill_and_steps_equal_one_token_at_a_time(references, monkeypatch):
     """A windowed draft's cache and logits, made as the engine makes them (a prefill in blocks
-    through window_attention, then forwards through attention_slot reading
-    draft_window_select's lists, rows ragged), equal the definition: every token fed alone,
+    through window_attention, then forwards through draft_attention_slot, rows ragged), equal
+    the definition (window_mask): every token fed alone,
     reading position 0 and the window - 1 positions before it."""
     W = 5
     monkeypatch.setattr(SA, "PREFILL_BLOCK", 6)  # blocks longer than the window, and several per prompt
@@ -1419,9 +1475,7 @@ def test_draft_window_prefill_and_steps_equal_one_token_at_a_time(references, mo
     after = torch.randint(0, 97, (3, 2), generator=torch.Generator().manual_seed(7))
     got = []
     for tokens in (torch.tensor([p[-1:] for p in prompts]), after[:, :1], after[:, 1:]):  # one token a forward
-        window = SA.draft_window_select(engine.d_cache.lengths, W)
-        got.append(draft(tokens, cache=engine.d_cache, select={layer: window for layer in range(2)},
-                         attend=K.attention_slot)[:, 0])  # [3, V]
+        got.append(draft(tokens, cache=engine.d_cache, attend=SA.draft_attention_slot(W))[:, 0])  # [3, V]
     for b, p in enumerate(prompts):
         alone, logits = draft.new_cache(1, 40), []
         for t, tok in enumerate(p + after[b].tolist()):
