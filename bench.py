@@ -18,8 +18,9 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     --peer-runs times per context: the median and the range (it varies from run to run).
 (d) the kernels alone (`--parts kernels`, not in the default): top-p against the sort
     reference, the sparse attention against SDPA, the attention's launch choices; after
-    `kernels.check_on_gpu`. Its last table, (e), runs alone as `--parts merge`: the
-    attention's merge variants at the demo's batch-1 decode shapes.
+    `kernels.check_on_gpu`. Its last two tables also run alone: (e) `--parts merge`, the
+    attention's merge variants at the demo's batch-1 decode shapes; (f) `--parts window`, the
+    draft's attention reading its whole cache or its window, without and with SpecAttn's row.
 
     python bench.py --out DIR               # (a), (c), then (b)
     python bench.py --parts demo,hf         # some parts
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import statistics
@@ -343,6 +345,8 @@ def bench_kernels(out_dir=None):
         say(f"| {B} | {S} | {frac:.0%} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     say()
     bench_merge(say)
+    say()
+    bench_draft_window(say)
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(out_dir) / "kernels_bench.md", "\n".join(lines) + "\n")
@@ -390,6 +394,46 @@ def bench_merge(say) -> None:
             kc = vc = None
 
 
+def bench_draft_window(say, window: int = 512) -> None:
+    """The draft's attention at the demo draft's shapes, reading its whole cache or through its
+    window (kernels.sparse_attention, window=), without and with SpecAttn's row over every
+    position (return_last_row: with a window the same launch scores every position and reads
+    values only in the window). Each variant is checked against the reference first."""
+    from triton.testing import do_bench
+
+    dev = "cuda"
+    say(f"## the draft's attention: 9 q-heads / 3 KV heads, D=64, bf16, each row's length on the device, "
+        f"RoPE and the cache write in the launch; whole cache vs window {window}")
+    say("µs per call, median, a CUDA graph of 4 calls on 4 caches (the demo draft's 4 layers); queries: 1 (a "
+        "draft step), 2 (a draft's first step); + row: also the last query's attention over every position")
+    say("| B | queries | S | whole cache | window | whole + row | window + row |")
+    say("|---|---|---|---|---|---|---|")
+    layers, Hq, Hkv, D = 4, 9, 3, 64
+    for B, T, S in itertools.product((1, 8), (1, 2), (1024, 4096, 7900)):
+        kc = [torch.randn(B, Hkv, S + 8, D, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
+        vc = [torch.randn_like(k) for k in kc]
+        q = torch.randn(B, Hq, T, D, device=dev, dtype=torch.bfloat16)
+        new_kv = tuple(torch.randn(2, B, Hkv, T, D, device=dev, dtype=torch.bfloat16))
+        angles = torch.rand(B, T, D, device=dev) * 100
+        block = dict(new_kv=new_kv, rope=(angles.cos(), angles.sin()))
+        lengths = torch.full((B,), S, dtype=torch.int32, device=dev)
+        variants = (dict(), dict(window=window), dict(return_last_row=True, last_row_mean=True),
+                    dict(window=window, return_last_row=True, last_row_mean=True))
+        for kw in variants:
+            got = K.sparse_attention(q, kc[0], vc[0], lengths, **block, **kw)
+            ref = K.sparse_attention_reference(q.float(), kc[0].float(), vc[0].float(), lengths,
+                                               **{**block, "new_kv": tuple(x.float() for x in new_kv)}, **kw)
+            got, ref = (got, ref) if isinstance(got, tuple) else ((got,), (ref,))
+            for g, r in zip(got, ref):
+                err = ((g.float() - r).norm() / r.norm()).item()
+                assert err < 1e-2, f"draft attention {kw}, B={B} T={T} S={S}: rel err {err:.2e}"
+
+        def calls(kw):
+            return lambda: [K.sparse_attention(q, kc[i], vc[i], lengths, **block, **kw) for i in range(layers)]
+        cells = [1e3 * do_bench(graphed(calls(kw)), return_mode="median") / layers for kw in variants]
+        say(f"| {B} | {T} | {S} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+
 def int_list(text: str, name: str) -> list[int]:
     """"1,8,32" -> [1, 8, 32], or a one-line error naming the option."""
     try:
@@ -406,7 +450,8 @@ def main(argv=None):
                                      formatter_class=HelpFormatter)
     parser.add_argument("--parts", default="demo,hf,8b", help="which parts to run, comma-separated: demo "
                         "(a), 8b (b), hf (c), kernels (d: the kernels alone, written to kernels_bench.md), "
-                        "merge (e: the attention's merge at the demo's decode shapes, also the last table of d)")
+                        "merge (e: the attention's merge at the demo's decode shapes, also in d), window (f: the "
+                        "draft's attention, whole cache vs its window, also in d)")
     parser.add_argument("--batches", default="1,8,32,64", help="demo batch sizes")
     parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens); the demo "
                         "model has 8192 positions, which also hold the new tokens")
@@ -443,9 +488,9 @@ def main(argv=None):
         check_sink_distance(args.sink_distance)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if not parts or parts - {"demo", "8b", "hf", "kernels", "merge"}:
+    if not parts or parts - {"demo", "8b", "hf", "kernels", "merge", "window"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
-                         f"demo,8b,hf,kernels,merge, got {args.parts!r}")
+                         f"demo,8b,hf,kernels,merge,window, got {args.parts!r}")
     batches, contexts, gammas = (int_list(getattr(args, name), name) for name in ("batches", "contexts", "gamma"))
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.py times the engine on a CUDA GPU; none is visible here")
@@ -480,8 +525,11 @@ def main(argv=None):
         bench_8b(say)
     if "kernels" in parts:
         bench_kernels(out_dir=args.out)
-    elif "merge" in parts:
-        bench_merge(say)
+    else:
+        if "merge" in parts:
+            bench_merge(say)
+        if "window" in parts:
+            bench_draft_window(say)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -595,12 +595,12 @@ def _rope(x, x_ptrs, cos_ptr, sin_ptr, angle_off, d, mask, D: tl.constexpr):
 def _sparse_attn_split_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, lock_ptr,
         scores_ptr, kn_ptr, vn_ptr, len_ptr, cos_ptr, sin_ptr, m_all_ptr, l_all_ptr, row_width, scale_log2,
-        n_splits, split_keys, window, H_KV, si_b, si_h, sc_b, sc_h, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_t,
-        skn_b, skn_h, skn_t, svn_b, svn_h, svn_t,
+        n_splits, split_keys, window, H_KV, si_b, si_h, sc_b, sc_h, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s,
+        sv_b, sv_h, sv_s, so_b, so_h, so_t, skn_b, skn_h, skn_t, svn_b, svn_h, svn_t,
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, MERGE_STATS: tl.constexpr,
-        WINDOW_READ: tl.constexpr, WINDOW_MASK: tl.constexpr, WRITE_NEW: tl.constexpr, ROPE: tl.constexpr, ROPE_BY_POSITION: tl.constexpr, FLAT_MERGE: tl.constexpr, FLAT: tl.constexpr,
-        PARTS_PER_LOAD: tl.constexpr):
+        WINDOW_READ: tl.constexpr, WINDOW_MASK: tl.constexpr, WRITE_NEW: tl.constexpr, ROPE: tl.constexpr,
+        ROPE_BY_POSITION: tl.constexpr, FLAT_MERGE: tl.constexpr, FLAT: tl.constexpr, PARTS_PER_LOAD: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
