@@ -1461,9 +1461,9 @@ def window_mask(start: int, window: int) -> torch.Tensor:
 
 def test_draft_window_prefill_and_steps_equal_one_token_at_a_time(references, monkeypatch):
     """A windowed draft's cache and logits, made as the engine makes them (a prefill in blocks
-    through window_attention, then forwards through draft_attention_slot, rows ragged), equal
-    the definition (window_mask): every token fed alone,
-    reading position 0 and the window - 1 positions before it."""
+    through window_attention, then forwards through the engine's draft slot, rows ragged), equal
+    the definition (window_mask): every token fed alone, reading position 0 and the window - 1
+    positions before it."""
     W = 5
     monkeypatch.setattr(SA, "PREFILL_BLOCK", 6)  # blocks longer than the window, and several per prompt
     target, _ = tiny_pair(7)
@@ -1475,7 +1475,7 @@ def test_draft_window_prefill_and_steps_equal_one_token_at_a_time(references, mo
     after = torch.randint(0, 97, (3, 2), generator=torch.Generator().manual_seed(7))
     got = []
     for tokens in (torch.tensor([p[-1:] for p in prompts]), after[:, :1], after[:, 1:]):  # one token a forward
-        got.append(draft(tokens, cache=engine.d_cache, attend=SA.draft_attention_slot(W))[:, 0])  # [3, V]
+        got.append(draft(tokens, cache=engine.d_cache, attend=engine.draft_attend)[:, 0])  # [3, V]
     for b, p in enumerate(prompts):
         alone, logits = draft.new_cache(1, 40), []
         for t, tok in enumerate(p + after[b].tolist()):
