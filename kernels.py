@@ -926,14 +926,14 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
         raise ValueError(f"sparse_attention: merge must be 'flat', 'rows' or None, got {merge!r}")
     if merge_parts is not None and merge_parts not in (1, 2, 4, 8, 16):
         raise ValueError(f"sparse_attention: merge_parts must be 1, 2, 4, 8 or 16, got {merge_parts!r}")
+    if window < 0 or (window and idx is not None):
+        raise ValueError(f"sparse_attention: window must be >= 0 and comes without a selection (idx), "
+                         f"got window={window}")
     if not _use_triton(q):
         return sparse_attention_reference(q, k_cache, v_cache, past_len, idx, count, scale, return_last_row,
                                           new_kv, last_row_mean, rope, window)
     if return_last_row and idx is not None:
         raise ValueError("sparse_attention: return_last_row needs dense attention (idx=None)")
-    if window < 0 or (window and idx is not None):
-        raise ValueError(f"sparse_attention: window must be >= 0 and comes without a selection (idx), "
-                         f"got window={window}")
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv

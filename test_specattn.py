@@ -1094,6 +1094,8 @@ def test_sparse_attention_window(T, Hq):
     assert (want_row[0, :120] > 0).all() and (want_row[0, 120:] == 0).all()  # far positions too
     with pytest.raises(ValueError, match="window"):
         K.sparse_attention(q, kc, vc, lengths, *lists, window=9)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        K.sparse_attention(q, kc, vc, lengths, window=-1)
 
 
 def test_attention_slot_window_reads_window_and_returns_the_row_over_all():
