@@ -1039,14 +1039,15 @@ def test_sparse_attention_last_row(T, Hq):
 
 
 def window_lists(lengths, window: int):
-    """The window as explicit lists (the definition, built by hand): row b reads position 0 and
-    the window - 1 positions before its block, which starts at lengths[b]. idx int32
-    [B, 1, window], count int32 [B, 1], for sparse_attention_reference's selection."""
+    """The window as explicit lists: row b's block starts at lengths[b] and reads what a query
+    there reads by the one-token definition (window_mask: position 0 and the window - 1
+    positions before it). idx int32 [B, 1, window], count int32 [B, 1], for
+    sparse_attention_reference's selection."""
     B = len(lengths)
     idx, count = torch.zeros(B, 1, window, dtype=torch.int32), torch.zeros(B, 1, dtype=torch.int32)
     for b, n in enumerate(int(x) for x in lengths):
-        read = sorted({0, *range(max(1, n - window + 1), n)}) if n else []
-        idx[b, 0, :len(read)], count[b, 0] = torch.tensor(read, dtype=torch.int32), len(read)
+        read = window_mask(n, window)[0, 0, 0].nonzero().flatten()
+        idx[b, 0, :len(read)], count[b, 0] = read.int(), len(read)
     return idx, count
 
 
