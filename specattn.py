@@ -1050,9 +1050,10 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
               warmup_tokens: int = 8, batch_size: Optional[int] = None, adaptive_gamma: bool = False,
               draft_window: Optional[int] = None) -> dict:
     """Each mode's engine (batch_size rows, default one per prompt): a short warm-up generation
-    (captures the CUDA graphs, compiles), then the timed one. adaptive_gamma: the speculative
-    modes choose each step's γ in 1..gamma (GammaChooser, measured costs). draft_window: see
-    SpecEngine. Returns {mode: (ids per prompt, SpecStats)}."""
+    (captures the CUDA graphs, compiles; its wall time goes into the stats' seconds["warmup"]),
+    then the timed one. adaptive_gamma: the speculative modes choose each step's γ in 1..gamma
+    (GammaChooser, measured costs). draft_window: see SpecEngine. Returns {mode: (ids per
+    prompt, SpecStats)}."""
     results = {}
     device = target.output.weight.device
     for mode in modes:
@@ -1061,8 +1062,12 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
                              selection, eos_id, gen, batch_size=batch_size,
                              gamma_chooser=GammaChooser(gamma) if adaptive_gamma else None,
                              draft_window=draft_window)
+        t0 = time.perf_counter()
         engine.generate(prompts[:engine.B], min(warmup_tokens, max_new_tokens))
-        results[mode] = engine.generate(prompts, max_new_tokens, progress=progress)
+        warmup_s = time.perf_counter() - t0  # generate returns after its last step is done
+        ids, stats = engine.generate(prompts, max_new_tokens, progress=progress)
+        stats.seconds["warmup"] = warmup_s
+        results[mode] = ids, stats
     return results
 
 
@@ -1071,7 +1076,7 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
     """A markdown table of run_modes' results: speed, acceptance, KV reads, time per phase."""
     lines = ["| mode | batch | prompts | context | new tokens | tokens/s | vs plain | γ | tokens/step/row | "
              "steps | KV reads saved | draft ms | select ms | verify ms "
-             "| accept ms | prefill s |", "|" + "---|" * 16]
+             "| accept ms | prefill s | warm-up s |", "|" + "---|" * 17]
     rates = {mode: st.decode_rate for mode, (_, st) in results.items()}
     for mode, (_, st) in results.items():
         phase = [f"{st.seconds[k] / max(1, st.engine_steps) * 1e3:.3f}" if k in st.seconds else ""
@@ -1079,14 +1084,16 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
         vs_plain = f"{rates[mode] / rates['plain']:.2f}x" if "plain" in rates else ""
         saved = f"{st.summary()['kv_saved_all_layers']:.1%}" if mode != "plain" else ""
         gamma = f"{st.mean_gamma:.2f}".rstrip("0").rstrip(".") if mode != "plain" else ""
+        warmup = f"{st.seconds['warmup']:.1f}" if "warmup" in st.seconds else ""
         lines.append(f"| {mode} | {batch} | {prompts or batch} | {context} | {st.tokens} | {rates[mode]:.1f} "
                      f"| {vs_plain} | {gamma} | {st.mean_accepted + 1:.2f} | {st.engine_steps} | {saved} "
-                     f"| {' | '.join(phase)} | {st.seconds['prefill']:.2f} |")
+                     f"| {' | '.join(phase)} | {st.seconds['prefill']:.2f} | {warmup} |")
     return lines + ["tokens/s: the tokens the decode steps made (each prompt's first comes from its "
                     "prefill), all rows, over the steps' wall time; tokens/step/row: tokens a running row "
                     "gains per step; γ: draft tokens proposed per step (the mean where each step chooses it); "
                     "steps: steps the engine ran, until the batch's last row was done; "
-                    "draft..accept: time per engine step (GPU time on CUDA)"
+                    "draft..accept: time per engine step (GPU time on CUDA); warm-up: the short "
+                    "generation run before, untimed (on CUDA it captures the graphs and compiles)"
                     + (f"; SpecAttn verifies a row densely until it holds {sparse_from} positions "
                        "(--sparse-from)" if sparse_from and any(m.startswith("specattn") for m in results) else "")]
 
