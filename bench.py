@@ -21,6 +21,8 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     `kernels.check_on_gpu`. Its last two tables also run alone: (e) `--parts merge`, the
     attention's merge variants at the demo's batch-1 decode shapes; (f) `--parts window`, the
     draft's attention reading its whole cache or its window, without and with SpecAttn's row.
+(g) `--parts cpu`, alone and with no GPU: the demo pair on the CPU, each forward and the
+    generation with model.Linear's few-row matmul form against F.linear.
 
     python bench.py --out DIR               # (a), (c), then (b)
     python bench.py --parts demo,hf         # some parts
@@ -434,6 +436,52 @@ def bench_draft_window(say, window: int = 512) -> None:
         say(f"| {B} | {T} | {S} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 
+@torch.no_grad()
+def bench_cpu(say, context: int, max_new_tokens: int, reps: int = 15) -> None:
+    """(g): the demo pair on this machine's CPU (fp32), its matmuls written both ways:
+    model.Linear's few-row form (W · xᵀ)ᵀ (model.CPU_FEW_ROWS rows at most) and F.linear
+    throughout (CPU_FEW_ROWS = 0). First each model's forward of 1-5 tokens through a cache
+    of `context` positions (median of `reps`, the variants interleaved), then generation
+    through the engine (specattn.run_modes: plain, dense speculation, SpecAttn) on one prompt
+    of `context` tokens cut from the demo books, with each form."""
+    import model as M
+    from kernels import attention_slot
+
+    target, draft, tokenizer = load_pair(device="cpu")
+    prompt = SA.book_prompts(tokenizer, 1, context)
+    few_rows = M.CPU_FEW_ROWS
+    forms = {f"(W·xᵀ)ᵀ up to {few_rows} rows": few_rows, "F.linear": 0}
+    say(f"## (g) the demo pair on the CPU: {torch.get_num_threads()} threads, fp32, torch {torch.__version__}")
+    say(f"ms per forward of T tokens after {context} cached positions, median of {reps}; the forms interleaved")
+    say("| model | T | " + " | ".join(forms) + " | ratio |")
+    say("|---|---|" + "---|" * (len(forms) + 1))
+    for name, model in (("target", target), ("draft", draft)):
+        cache = model.new_cache(batch_size=1, max_len=context + 8)
+        model(torch.tensor(prompt), cache=cache)
+        for T in range(1, 6):
+            block = torch.tensor([prompt[0][:T]])
+            times = {form: [] for form in forms}
+            for _ in range(reps):
+                for form, rows in forms.items():
+                    M.CPU_FEW_ROWS = rows
+                    t0 = time.perf_counter()
+                    model(block, cache=cache, attend=attention_slot)
+                    times[form].append(time.perf_counter() - t0)
+                    cache.rewind(T)  # the next forward writes the same positions
+            ms = [1e3 * statistics.median(v) for v in times.values()]
+            say(f"| {name} | {T} | " + " | ".join(f"{m:.1f}" for m in ms) + f" | {ms[1] / ms[0]:.2f}x |")
+    selection = SA.SelectionConfig(topp=0.9, sparse_from=SA.SPARSE_FROM)
+    layer_map = layer_map_for(target, draft, tokenizer, None)
+    for form, rows in forms.items():
+        M.CPU_FEW_ROWS = rows
+        say(f"generation, matmuls {form}: {max_new_tokens} new tokens, γ chosen per step up to 4")
+        results = SA.run_modes(target, draft, prompt, max_new_tokens, 4, 0.0, layer_map, selection,
+                               adaptive_gamma=True)
+        for line in SA.results_table(results, 1, context, 1, SA.SPARSE_FROM)[:-1]:
+            say(line)
+    M.CPU_FEW_ROWS = few_rows
+
+
 def int_list(text: str, name: str) -> list[int]:
     """"1,8,32" -> [1, 8, 32], or a one-line error naming the option."""
     try:
@@ -451,7 +499,8 @@ def main(argv=None):
     parser.add_argument("--parts", default="demo,hf,8b", help="which parts to run, comma-separated: demo "
                         "(a), 8b (b), hf (c), kernels (d: the kernels alone, written to kernels_bench.md), "
                         "merge (e: the attention's merge at the demo's decode shapes, also in d), window (f: the "
-                        "draft's attention, whole cache vs its window, also in d)")
+                        "draft's attention, whole cache vs its window, also in d), cpu (g: the demo pair on the "
+                        "CPU, the matmul forms of model.Linear; needs no GPU, runs alone)")
     parser.add_argument("--batches", default="1,8,32,64", help="demo batch sizes")
     parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens); the demo "
                         "model has 8192 positions, which also hold the new tokens")
@@ -488,10 +537,24 @@ def main(argv=None):
         check_sink_distance(args.sink_distance)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if not parts or parts - {"demo", "8b", "hf", "kernels", "merge", "window"}:
+    if not parts or parts - {"demo", "8b", "hf", "kernels", "merge", "window", "cpu"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
-                         f"demo,8b,hf,kernels,merge,window, got {args.parts!r}")
+                         f"demo,8b,hf,kernels,merge,window,cpu, got {args.parts!r}")
     batches, contexts, gammas = (int_list(getattr(args, name), name) for name in ("batches", "contexts", "gamma"))
+    if parts == {"cpu"}:
+        lines = []
+
+        def say_cpu(s=""):
+            print(s, flush=True)
+            lines.append(s)
+        say_cpu(f"# CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+        bench_cpu(say_cpu, contexts[0], args.max_new_tokens)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(args.out) / "bench_cpu.md", "\n".join(lines) + "\n")
+        return
+    if "cpu" in parts:
+        raise SystemExit("error: --parts cpu runs alone (the other parts need a GPU)")
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.py times the engine on a CUDA GPU; none is visible here")
     compile_pointwise(True)

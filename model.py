@@ -412,6 +412,35 @@ SelectFn = Callable[[int, torch.Tensor, torch.Tensor], Optional[Selection]]
 AttentionFn = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
+class Linear(nn.Linear):
+    """nn.Linear, with the few-row products of a decode step written for a CPU's BLAS.
+
+    A decode step multiplies 1 to γ + 1 rows by each weight: it is bound by reading the
+    weights, so a product should stream its weight at the memory's speed whatever the rows.
+    On a CPU, MKL computes x · Wᵀ for so few rows on slow paths: one row is a matrix-vector
+    product on one thread, and a few rows run up to 4x slower than the same product written
+    (W · xᵀ)ᵀ, which MKL's matrix-matrix kernel streams on every thread. So on a CPU products
+    of at most CPU_FEW_ROWS rows take that form, one row padded to two; larger ones, and every
+    product on a GPU, are F.linear's. `python bench.py --parts cpu` times both forms on the
+    demo pair (CPU_FEW_ROWS = 0: F.linear throughout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type != "cpu" or rows > CPU_FEW_ROWS or rows == 0:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(rows, -1)  # [rows, in]
+        x2 = x2.expand(2, -1).contiguous() if rows == 1 else x2.contiguous()  # BLAS reads xᵀ as a view
+        y = (self.weight @ x2.T).T[:rows].contiguous()  # [rows, out]
+        y = y + self.bias if self.bias is not None else y
+        return y.reshape(*x.shape[:-1], -1)
+
+
+# The most rows Linear multiplies as (W · xᵀ)ᵀ on a CPU: with MKL, a forward of the demo models is
+# faster that way up to 8 rows and within about 10% either way from 12 on; 0 (F.linear) in a torch
+# built without MKL, where it was not measured.
+CPU_FEW_ROWS = 8 if torch.backends.mkl.is_available() else 0
+
+
 def rotates_in_slot(attend, cache) -> bool:
     """Whether this attention slot rotates q and k (RoPE) and writes the cache in its own
     launch (`rotates_and_writes`; only with a cache), so the model does neither."""
@@ -424,9 +453,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         # q, k and v in one matrix: a decode step's matmul is a read of its weight, and the small
         # k and v matrices (1/4 of q's under GQA) alone are too short to reach full bandwidth.
-        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim,
+        self.wqkv = Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim,
                               bias=args.attention_bias)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.output_bias)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=args.output_bias)
 
     def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], lengths: torch.Tensor,
                 start: Optional[int], select: Union[SelectFn, dict, None], return_probs: bool,
@@ -470,8 +499,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w13 = nn.Linear(args.dim, 2 * args.hidden_dim, bias=args.mlp_bias)  # gate | up, one read
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
+        self.w13 = Linear(args.dim, 2 * args.hidden_dim, bias=args.mlp_bias)  # gate | up, one read
+        self.w2 = Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, -1)
@@ -519,7 +548,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # The attention slot (see AttentionFn); generation puts kernels.attention_slot here.

@@ -170,6 +170,26 @@ def test_attention_probs_match_transformers_eager(tmp_path):
         assert (p - r).abs().max() <= 1e-5, f"layer {layer}"
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_few_row_form_equals_f_linear(bias, monkeypatch):
+    """model.Linear's CPU form for a few rows, (W · xᵀ)ᵀ with one row padded to two, gives
+    F.linear's product for every row count on either side of CPU_FEW_ROWS, 2-D and 3-D inputs;
+    with CPU_FEW_ROWS = 0 it is F.linear itself."""
+    import model as M
+    monkeypatch.setattr(M, "CPU_FEW_ROWS", 8)
+    torch.manual_seed(0)
+    layer = M.Linear(37, 53, bias=bias)
+    for shape in [(1, 37), (2, 37), (3, 37), (1, 1, 37), (2, 3, 37), (1, 8, 37), (3, 3, 37), (0, 37)]:
+        x = torch.randn(shape)
+        got, want = layer(x), F.linear(x, layer.weight, layer.bias)
+        assert got.shape == want.shape and got.is_contiguous(), shape
+        err = (got - want).abs().max().item() if got.numel() else 0.0
+        assert err < 1e-5, f"{shape}: max error {err:.2e}"
+    monkeypatch.setattr(M, "CPU_FEW_ROWS", 0)
+    x = torch.randn(1, 2, 37)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
 # ----------------------------------------------------------------------------------------
 # model.py: KV cache
 
