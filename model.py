@@ -6,7 +6,9 @@ This file is the base the rest of specattn stands on, and it works copied alone
 * `ModelArgs`   - one config dataclass, built from a Hugging Face `config.json`.
 * `Transformer` - RMSNorm, RoPE (Hugging Face half-split layout, so HF weights load
                   as they are), grouped-query attention, SwiGLU MLP, tied or untied head;
-                  q|k|v and gate|up each one matrix (a decode step reads each weight once).
+                  q|k|v and gate|up each one matrix (a decode step reads each weight once);
+                  its matmuls are `Linear`s, which on a CPU write a decode step's few-row
+                  products in the form the CPU's BLAS streams fastest.
 * `KVCache`     - fixed K/V buffers per layer plus each batch row's length (a device
                   tensor), with explicit `rewind` / `rewind_rows` for speculative decoding
                   (and `place_sink` for a model with `sink_distance`, such as the demo draft).
@@ -425,8 +427,8 @@ class Linear(nn.Linear):
     demo pair (CPU_FEW_ROWS = 0: F.linear throughout)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if x.device.type != "cpu" or rows > CPU_FEW_ROWS or rows == 0:
+        rows = x.numel() // x.shape[-1] if x.device.type == "cpu" else 0
+        if not 0 < rows <= CPU_FEW_ROWS:  # a GPU, no rows or many rows
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(rows, -1)  # [rows, in]
         x2 = x2.expand(2, -1).contiguous() if rows == 1 else x2.contiguous()  # BLAS reads xᵀ as a view
