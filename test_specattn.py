@@ -2394,8 +2394,11 @@ def test_eval_interrupted_then_resumed_equals_uninterrupted(tiny_checkpoint, tmp
     data, out = pg19_dir(tmp_path), tmp_path / "r.json"
     argv = eval_argv(ckpt, layer_map, data, out)
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    # Ctrl-C as in a terminal: a runner started in the background (nohup, `cmd &` in a script)
+    # hands its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([sys.executable, "eval_pg19.py", *argv], cwd=Path(__file__).parent, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and json.loads(out.read_text())["books"]:
