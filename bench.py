@@ -541,29 +541,24 @@ def main(argv=None):
         raise SystemExit("error: --parts takes a comma-separated subset of "
                          f"demo,8b,hf,kernels,merge,window,cpu, got {args.parts!r}")
     batches, contexts, gammas = (int_list(getattr(args, name), name) for name in ("batches", "contexts", "gamma"))
-    if parts == {"cpu"}:
-        lines = []
-
-        def say_cpu(s=""):
-            print(s, flush=True)
-            lines.append(s)
-        say_cpu(f"# CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-        bench_cpu(say_cpu, contexts[0], args.max_new_tokens)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            write_atomic(Path(args.out) / "bench_cpu.md", "\n".join(lines) + "\n")
-        return
-    if "cpu" in parts:
+    if "cpu" in parts and len(parts) > 1:
         raise SystemExit("error: --parts cpu runs alone (the other parts need a GPU)")
-    if not torch.cuda.is_available():
+    if parts != {"cpu"} and not torch.cuda.is_available():
         raise SystemExit("error: bench.py times the engine on a CUDA GPU; none is visible here")
-    compile_pointwise(True)
     lines = []
 
     def say(s=""):
         print(s, flush=True)
         lines.append(s)
 
+    if parts == {"cpu"}:
+        say(f"# CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+        bench_cpu(say, contexts[0], args.max_new_tokens)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(args.out) / "bench_cpu.md", "\n".join(lines) + "\n")
+        return
+    compile_pointwise(True)
     say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     demo, hf = {}, {}
     if "demo" in parts:

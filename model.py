@@ -456,7 +456,7 @@ class Attention(nn.Module):
         # q, k and v in one matrix: a decode step's matmul is a read of its weight, and the small
         # k and v matrices (1/4 of q's under GQA) alone are too short to reach full bandwidth.
         self.wqkv = Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim,
-                              bias=args.attention_bias)
+                           bias=args.attention_bias)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=args.output_bias)
 
     def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], lengths: torch.Tensor,

@@ -1940,7 +1940,8 @@ def test_cli_help_states_each_default_once(capsys):
                                           (["--batches", ""], "--batches"), (["--contexts", "-5"], "--contexts"),
                                           (["--sparse-from", "-1"], "--sparse-from"), (["--parts", "x"], "--parts"),
                                           (["--sink-distance", "-2"], "--sink-distance"),
-                                          (["--draft-window", "-1"], "--draft-window")])
+                                          (["--draft-window", "-1"], "--draft-window"),
+                                          (["--parts", "cpu,demo"], "--parts cpu")])
 def test_bench_bad_arguments(argv, message):
     import bench
     with pytest.raises(SystemExit) as info:
@@ -2795,6 +2796,27 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
     assert "γ chosen per step up to 3 and fixed at 1,3" in lines[0]
     lines = []
     assert list(bench.bench_demo(lines.append, [1], [20], 6, [3], 0.6, sparse_from=0)[(1, 20)]) == list(SA.MODES)
+
+
+def test_bench_cpu_times_both_matmul_forms(monkeypatch):
+    """bench.py --parts cpu with a tiny pair standing in for the demo's: every forward of 1-5
+    tokens in both forms, then each form's generation table (plain, dense, SpecAttn); the
+    module's CPU_FEW_ROWS is as it was afterwards."""
+    import bench
+    target, _ = tiny_pair(7)
+    draft = self_draft(target)
+    monkeypatch.setattr(bench, "load_pair", lambda device: (target, draft, None))
+    monkeypatch.setattr(bench, "layer_map_for", lambda *args: [0, 1, 1])
+    monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, n, context: [list(range(3, 3 + context))] * n)
+    before = M.CPU_FEW_ROWS
+    lines = []
+    bench.bench_cpu(lines.append, context=20, max_new_tokens=6, reps=2)
+    assert M.CPU_FEW_ROWS == before
+    forwards = [line.split(" | ")[:2] for line in lines if line.startswith(("| target", "| draft"))]
+    assert forwards == [[f"| {m}", str(T)] for m in ("target", "draft") for T in range(1, 6)]
+    modes = [line.split(" | ")[0][2:] for line in lines if line.startswith(("| plain", "| dense", "| specattn"))]
+    assert modes == list(SA.MODES) * 2
+    assert sum(line.startswith("generation, matmuls") for line in lines) == 2
 
 
 def test_bench_peer_says_why_transformers_does_not_import(monkeypatch):
