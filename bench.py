@@ -439,9 +439,9 @@ def bench_draft_window(say, window: int = 512) -> None:
 @torch.no_grad()
 def bench_cpu(say, context: int, max_new_tokens: int, reps: int = 15) -> None:
     """(g): the demo pair on this machine's CPU (fp32), its matmuls written both ways:
-    model.Linear's few-row form (W · xᵀ)ᵀ (model.CPU_FEW_ROWS rows at most) and F.linear
-    throughout (CPU_FEW_ROWS = 0). First each model's forward of 1-5 tokens through a cache
-    of `context` positions (median of `reps`, the variants interleaved), then generation
+    model.Linear's few-row form (W · xᵀ)ᵀ (model.FEW_ROWS rows at most) and F.linear
+    throughout (model.CPU_FEW_ROWS_FORM set to each in turn, then back to Linear's own
+    choice). First each model's forward of 1-5 tokens through a cache of `context` positions (median of `reps`, the variants interleaved), then generation
     through the engine (specattn.run_modes: plain, dense speculation, SpecAttn) on one prompt
     of `context` tokens cut from the demo books, with each form."""
     import model as M
@@ -449,10 +449,11 @@ def bench_cpu(say, context: int, max_new_tokens: int, reps: int = 15) -> None:
 
     target, draft, tokenizer = load_pair(device="cpu")
     prompt = SA.book_prompts(tokenizer, 1, context)
-    few_rows = M.CPU_FEW_ROWS
-    forms = {f"(W·xᵀ)ᵀ up to {few_rows} rows": few_rows, "F.linear": 0}
+    chosen = M.cpu_few_rows_form()  # what this process's Linear uses, measured on its first call
+    forms = {f"(W·xᵀ)ᵀ up to {M.FEW_ROWS} rows": True, "F.linear": False}
     say(f"## (g) the demo pair on the CPU: {torch.get_num_threads()} threads, fp32, torch {torch.__version__}")
-    say(f"ms per forward of T tokens after {context} cached positions, median of {reps}; the forms interleaved")
+    say(f"ms per forward of T tokens after {context} cached positions, median of {reps}; the forms interleaved; "
+        f"model.Linear's own choice on this machine: {'(W·xᵀ)ᵀ' if chosen else 'F.linear'}")
     say("| model | T | " + " | ".join(forms) + " | ratio |")
     say("|---|---|" + "---|" * (len(forms) + 1))
     for name, model in (("target", target), ("draft", draft)):
@@ -462,8 +463,8 @@ def bench_cpu(say, context: int, max_new_tokens: int, reps: int = 15) -> None:
             block = torch.tensor([prompt[0][:T]])
             times = {form: [] for form in forms}
             for _ in range(reps):
-                for form, rows in forms.items():
-                    M.CPU_FEW_ROWS = rows
+                for form, few in forms.items():
+                    M.CPU_FEW_ROWS_FORM = few
                     t0 = time.perf_counter()
                     model(block, cache=cache, attend=attention_slot)
                     times[form].append(time.perf_counter() - t0)
@@ -472,14 +473,14 @@ def bench_cpu(say, context: int, max_new_tokens: int, reps: int = 15) -> None:
             say(f"| {name} | {T} | " + " | ".join(f"{m:.1f}" for m in ms) + f" | {ms[1] / ms[0]:.2f}x |")
     selection = SA.SelectionConfig(topp=0.9, sparse_from=SA.SPARSE_FROM)
     layer_map = layer_map_for(target, draft, tokenizer, None)
-    for form, rows in forms.items():
-        M.CPU_FEW_ROWS = rows
+    for form, few in forms.items():
+        M.CPU_FEW_ROWS_FORM = few
         say(f"generation, matmuls {form}: {max_new_tokens} new tokens, γ chosen per step up to 4")
         results = SA.run_modes(target, draft, prompt, max_new_tokens, 4, 0.0, layer_map, selection,
                                adaptive_gamma=True)
         for line in SA.results_table(results, 1, context, 1, SA.SPARSE_FROM)[:-1]:
             say(line)
-    M.CPU_FEW_ROWS = few_rows
+    M.CPU_FEW_ROWS_FORM = chosen
 
 
 def int_list(text: str, name: str) -> list[int]:

@@ -8,7 +8,7 @@ This file is the base the rest of specattn stands on, and it works copied alone
                   as they are), grouped-query attention, SwiGLU MLP, tied or untied head;
                   q|k|v and gate|up each one matrix (a decode step reads each weight once);
                   its matmuls are `Linear`s, which on a CPU write a decode step's few-row
-                  products in the form the CPU's BLAS streams fastest.
+                  products in whichever of two forms this CPU's BLAS runs faster.
 * `KVCache`     - fixed K/V buffers per layer plus each batch row's length (a device
                   tensor), with explicit `rewind` / `rewind_rows` for speculative decoding
                   (and `place_sink` for a model with `sink_distance`, such as the demo draft).
@@ -415,20 +415,21 @@ AttentionFn = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
 class Linear(nn.Linear):
-    """nn.Linear, with the few-row products of a decode step written for a CPU's BLAS.
+    """nn.Linear, with the few-row products of a decode step written for the CPU at hand.
 
-    A decode step multiplies 1 to γ + 1 rows by each weight: it is bound by reading the
-    weights, so a product should stream its weight at the memory's speed whatever the rows.
-    On a CPU, MKL computes x · Wᵀ for so few rows on slow paths: one row is a matrix-vector
-    product on one thread, and a few rows run up to 4x slower than the same product written
-    (W · xᵀ)ᵀ, which MKL's matrix-matrix kernel streams on every thread. So on a CPU products
-    of at most CPU_FEW_ROWS rows take that form, one row padded to two; larger ones, and every
-    product on a GPU, are F.linear's. `python bench.py --parts cpu` times both forms on the
-    demo pair (CPU_FEW_ROWS = 0: F.linear throughout)."""
+    A decode step multiplies a few rows by each weight: it is bound by reading the weights,
+    so a product should stream its weight at the memory's speed whatever the rows. How fast
+    a CPU's BLAS does that for so few rows depends on the machine: on 2 AMD EPYC cores MKL
+    computes x · Wᵀ for one row as a matrix-vector product on one thread, and for 2-4 rows
+    up to 4x slower than the same product written (W · xᵀ)ᵀ; on a 16-core host F.linear was
+    the faster form (`python bench.py --parts cpu` times both on the demo pair). So the
+    first CPU product of at most FEW_ROWS rows times both forms once (`cpu_few_rows_form`)
+    and the process keeps the clearly faster one; larger products, and every product on a
+    GPU, are F.linear's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.device.type == "cpu" else 0
-        if not 0 < rows <= CPU_FEW_ROWS:  # a GPU, no rows or many rows
+        if not 0 < rows <= FEW_ROWS or not cpu_few_rows_form():  # a GPU, no rows, many rows
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(rows, -1)  # [rows, in]
         x2 = x2.expand(2, -1).contiguous() if rows == 1 else x2.contiguous()  # BLAS reads xᵀ as a view
@@ -437,10 +438,31 @@ class Linear(nn.Linear):
         return y.reshape(*x.shape[:-1], -1)
 
 
-# The most rows Linear multiplies as (W · xᵀ)ᵀ on a CPU: with MKL, a forward of the demo models is
-# faster that way up to 8 rows and within about 10% either way from 12 on; 0 (F.linear) in a torch
-# built without MKL, where it was not measured.
-CPU_FEW_ROWS = 8 if torch.backends.mkl.is_available() else 0
+FEW_ROWS = 8  # the most rows Linear may multiply as (W · xᵀ)ᵀ on a CPU
+CPU_FEW_ROWS_FORM: Optional[bool] = None  # True/False: chosen (or set by hand); None: measure once
+
+
+def cpu_few_rows_form() -> bool:
+    """Whether this process's CPU products of a few rows use (W · xᵀ)ᵀ: decided once, on the
+    first call, by timing both forms on a 2-row product with a 50 MB weight (larger than most
+    CPUs' caches), the median of 3 runs each. The few-row form must be 1.3x faster to be kept, so a
+    machine where the two are close keeps F.linear and the same choice run after run."""
+    global CPU_FEW_ROWS_FORM
+    if CPU_FEW_ROWS_FORM is None:
+        import time
+        weight, x = torch.randn(12288, 1024), torch.randn(2, 1024)  # [out, in], [rows, in]
+        forms = {False: lambda: F.linear(x, weight), True: lambda: (weight @ x.T).T.contiguous()}
+        seconds = {}
+        for form, fn in forms.items():
+            fn()
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - t0)
+            seconds[form] = sorted(runs)[1]
+        CPU_FEW_ROWS_FORM = seconds[True] * 1.3 < seconds[False]
+    return CPU_FEW_ROWS_FORM
 
 
 def rotates_in_slot(attend, cache) -> bool:

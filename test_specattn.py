@@ -173,10 +173,13 @@ def test_attention_probs_match_transformers_eager(tmp_path):
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_few_row_form_equals_f_linear(bias, monkeypatch):
     """model.Linear's CPU form for a few rows, (W · xᵀ)ᵀ with one row padded to two, gives
-    F.linear's product for every row count on either side of CPU_FEW_ROWS, 2-D and 3-D inputs;
-    with CPU_FEW_ROWS = 0 it is F.linear itself."""
+    F.linear's product for every row count on either side of FEW_ROWS, 2-D and 3-D inputs;
+    with the form off it is F.linear itself; the form is chosen once and kept."""
     import model as M
-    monkeypatch.setattr(M, "CPU_FEW_ROWS", 8)
+    monkeypatch.setattr(M, "CPU_FEW_ROWS_FORM", None)
+    chosen = M.cpu_few_rows_form()
+    assert M.cpu_few_rows_form() is chosen and isinstance(chosen, bool)
+    monkeypatch.setattr(M, "CPU_FEW_ROWS_FORM", True)
     torch.manual_seed(0)
     layer = M.Linear(37, 53, bias=bias)
     for shape in [(1, 37), (2, 37), (3, 37), (1, 1, 37), (2, 3, 37), (1, 8, 37), (3, 3, 37), (0, 37)]:
@@ -185,7 +188,7 @@ def test_linear_few_row_form_equals_f_linear(bias, monkeypatch):
         assert got.shape == want.shape and got.is_contiguous(), shape
         err = (got - want).abs().max().item() if got.numel() else 0.0
         assert err < 1e-5, f"{shape}: max error {err:.2e}"
-    monkeypatch.setattr(M, "CPU_FEW_ROWS", 0)
+    monkeypatch.setattr(M, "CPU_FEW_ROWS_FORM", False)
     x = torch.randn(1, 2, 37)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
@@ -2801,17 +2804,16 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
 def test_bench_cpu_times_both_matmul_forms(monkeypatch):
     """bench.py --parts cpu with a tiny pair standing in for the demo's: every forward of 1-5
     tokens in both forms, then each form's generation table (plain, dense, SpecAttn); the
-    module's CPU_FEW_ROWS is as it was afterwards."""
+    module's choice of form is Linear's own afterwards."""
     import bench
     target, _ = tiny_pair(7)
     draft = self_draft(target)
     monkeypatch.setattr(bench, "load_pair", lambda device: (target, draft, None))
     monkeypatch.setattr(bench, "layer_map_for", lambda *args: [0, 1, 1])
     monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, n, context: [list(range(3, 3 + context))] * n)
-    before = M.CPU_FEW_ROWS
     lines = []
     bench.bench_cpu(lines.append, context=20, max_new_tokens=6, reps=2)
-    assert M.CPU_FEW_ROWS == before
+    assert M.CPU_FEW_ROWS_FORM is M.cpu_few_rows_form()
     forwards = [line.split(" | ")[:2] for line in lines if line.startswith(("| target", "| draft"))]
     assert forwards == [[f"| {m}", str(T)] for m in ("target", "draft") for T in range(1, 6)]
     modes = [line.split(" | ")[0][2:] for line in lines if line.startswith(("| plain", "| dense", "| specattn"))]
