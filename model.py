@@ -46,6 +46,7 @@ import math
 import os
 import shutil
 import struct
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -431,11 +432,17 @@ class Linear(nn.Linear):
         rows = x.numel() // x.shape[-1] if x.device.type == "cpu" else 0
         if not 0 < rows <= FEW_ROWS or not cpu_few_rows_form():  # a GPU, no rows, many rows
             return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(rows, -1)  # [rows, in]
-        x2 = x2.expand(2, -1).contiguous() if rows == 1 else x2.contiguous()  # BLAS reads xᵀ as a view
-        y = (self.weight @ x2.T).T[:rows].contiguous()  # [rows, out]
+        y = few_rows_product(x.reshape(rows, -1), self.weight)  # [rows, out]
         y = y + self.bias if self.bias is not None else y
         return y.reshape(*x.shape[:-1], -1)
+
+
+def few_rows_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] · weightᵀ -> [rows, out], written (W · xᵀ)ᵀ with x contiguous (BLAS reads
+    xᵀ as a view) and one row padded to two (a matrix-matrix product, not a matrix-vector one)."""
+    rows = x.shape[0]
+    x = x.expand(2, -1).contiguous() if rows == 1 else x.contiguous()
+    return (weight @ x.T).T[:rows].contiguous()
 
 
 FEW_ROWS = 8  # the most rows Linear may multiply as (W · xᵀ)ᵀ on a CPU
@@ -445,13 +452,12 @@ CPU_FEW_ROWS_FORM: Optional[bool] = None  # True/False: chosen (or set by hand);
 def cpu_few_rows_form() -> bool:
     """Whether this process's CPU products of a few rows use (W · xᵀ)ᵀ: decided once, on the
     first call, by timing both forms on a 2-row product with a 50 MB weight (larger than most
-    CPUs' caches), the median of 3 runs each. The few-row form must be 1.3x faster to be kept, so a
-    machine where the two are close keeps F.linear and the same choice run after run."""
+    CPUs' caches), the median of 3 runs each. The few-row form must be 1.3x faster to be kept,
+    so a machine where the two are close keeps F.linear and the same choice run after run."""
     global CPU_FEW_ROWS_FORM
     if CPU_FEW_ROWS_FORM is None:
-        import time
         weight, x = torch.randn(12288, 1024), torch.randn(2, 1024)  # [out, in], [rows, in]
-        forms = {False: lambda: F.linear(x, weight), True: lambda: (weight @ x.T).T.contiguous()}
+        forms = {False: lambda: F.linear(x, weight), True: lambda: few_rows_product(x, weight)}
         seconds = {}
         for form, fn in forms.items():
             fn()
