@@ -302,7 +302,7 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
     # accumulates attention from the target's, in chunks small enough that the attention maps
     # of a long prefill stay in memory.
     t0 = time.perf_counter()
-    draft_attend = window_attention(draft_window) if draft_window else None  # None: the model's own slot
+    draft_attend = window_attention(draft_window, draft) if draft_window else None  # None: the model's own slot
     if draft_window:
         window_prefill(draft, x[:, :prefill], d_cache, draft_window)
     else:

@@ -49,8 +49,8 @@ from tqdm import tqdm
 from calibrate import HelpFormatter, add_pair_arguments, check_device, layer_map_for, load_pair, parse_layers
 from demo import demo_books
 from kernels import argmax, attention_slot, check_topp, topp_mask, topp_select, union_select
-from model import (Tokenizer, Transformer, cache_attention, compile_pointwise, format_bytes, free_memory,
-                   kv_cache_bytes, write_atomic)
+from model import (Tokenizer, Transformer, apply_rope, cache_attention, compile_pointwise, format_bytes,
+                   free_memory, kv_cache_bytes, write_atomic)
 
 # ----------------------------------------------------------------------------------------
 # Loading a target/draft pair
@@ -138,7 +138,7 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
 # row a draft layer hands the target still covers every cached position (one launch scores
 # every position for the row and accumulates the output over the window: kernels.sparse_attention).
 
-PREFILL_BLOCK = 256  # the most tokens a windowed prefill's forward takes
+PREFILL_BLOCK = 256  # a windowed prefill's forward places the sink once per this many queries
 
 
 def draft_window_of(draft: Optional[Transformer], draft_window: Optional[int] = None) -> int:
@@ -163,27 +163,53 @@ def draft_attention_slot(window: int):
     return slot
 
 
-def window_attention(window: int):
+def window_attention(window: int, model: Optional[Transformer] = None):
     """An attention slot (model.AttentionFn) for forwards of rows that all hold the same number
     of positions (a prefill, teacher-forced evaluation) through the draft's window: the query
-    at position P reads position 0 and positions P - window + 1 .. P. A block of T tokens at
-    `start` then needs only position 0 and the positions from start - window + 1 on, so the
-    slot slices those out of the cache and masks them: its work is T x (window + T) per block,
-    however long the context. return_probs: also the same queries' attention over every
-    position (model.cache_attention's), which SpecAttn selects from."""
+    at position P reads position 0 and positions P - window + 1 .. P. return_probs: also the
+    same queries' attention over every position (model.cache_attention's), which SpecAttn
+    selects from.
+
+    A long forward (a prefill) is cut into chunks of PREFILL_BLOCK queries, and every chunk is
+    attended at once: chunk j at position s_j reads the sink and the keys s_j - window + 1 ..
+    s_j + PREFILL_BLOCK - 1, gathered into one [chunks, 1 + window - 1 + PREFILL_BLOCK] key
+    block per row and masked. Its work is T x (window + PREFILL_BLOCK), however long the
+    context, in a fixed number of launches. With the model's sink_distance d (model given),
+    each chunk reads the sink as a forward starting at s_j would (Transformer.forward's
+    place_sink): position 0's key rotated to sit at s_j - d (or at 0, if that is nearer). So
+    one forward of a prompt gives the cache that forwards of PREFILL_BLOCK tokens would."""
+    sink_distance = model.args.sink_distance if model is not None else 0
+
     def attend(q, k_new, v_new, k_cache, v_cache, lengths, start, keep=None, return_probs=False):
         if start is None or keep is not None:
             raise ValueError("window_attention needs rows of one length and no selection (a draft's "
                              "prefill or teacher-forced forward)")
-        T = q.shape[2]
-        oldest = max(1, start - (window - 1))  # the oldest position any query of the block reads after 0
-        k = torch.cat([k_cache[:, :, :1], k_cache[:, :, oldest:start + T]], 2)  # [B, Hkv, 1 + n, D]
-        v = torch.cat([v_cache[:, :, :1], v_cache[:, :, oldest:start + T]], 2)
-        position = torch.arange(oldest - 1, start + T, device=q.device)  # [1 + n]: each key's position
-        position[0] = 0
-        query = start + torch.arange(T, device=q.device)[:, None]  # [T, 1]
-        allowed = (position == 0) | ((position <= query) & (position > query - window))  # [T, 1 + n]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+        B, Hq, T, D = q.shape
+        dev = q.device
+        C = min(PREFILL_BLOCK, T)  # queries per chunk
+        n = -(-T // C)  # chunks
+        first = start + C * torch.arange(n, device=dev)  # [n]: each chunk's first position
+        oldest = (first - (window - 1)).clamp(min=1)  # [n]: the oldest position after 0 it reads
+        key_pos = oldest[:, None] + torch.arange(window - 1 + C, device=dev)  # [n, W + C - 1]
+        gather = key_pos.clamp(max=start + T - 1).flatten()  # (past the block's end: masked below)
+        k = k_cache.index_select(2, gather).unflatten(2, key_pos.shape)  # [B, Hkv, n, W + C - 1, D]
+        v = v_cache.index_select(2, gather).unflatten(2, key_pos.shape)
+        sink_k, sink_v = k_cache[:, :, :1, None], v_cache[:, :, :1, None]  # [B, Hkv, 1, 1, D]
+        if sink_distance and n > 1:  # the forward placed the sink for chunk 0; rotate it on for the rest
+            at = (first - sink_distance).clamp(min=0)  # [n]
+            turn = at - at[0]  # RoPE composes: rotating by a, then by b, is rotating by a + b
+            sink_k = apply_rope(sink_k[:, :, 0], model.rope_cos[turn], model.rope_sin[turn])[:, :, :, None]
+        k = torch.cat([sink_k.expand(-1, -1, n, -1, -1), k], 3)  # [B, Hkv, n, 1 + W + C - 1, D]
+        v = torch.cat([sink_v.expand(-1, -1, n, -1, -1), v], 3)
+        query_pos = first[:, None] + torch.arange(C, device=dev)  # [n, C] (the last chunk's tail: padding)
+        allowed = (key_pos[:, None, :] <= query_pos[:, :, None]) & \
+                  (key_pos[:, None, :] > query_pos[:, :, None] - window)  # [n, C, W + C - 1]
+        allowed = F.pad(allowed, (1, 0), value=True)  # the sink column: every query reads it
+        q_chunks = F.pad(q, (0, 0, 0, n * C - T)).unflatten(2, (n, C))  # [B, Hq, n, C, D]
+        out = F.scaled_dot_product_attention(  # chunks as batch rows: [B * n, H, ., D]
+            q_chunks.transpose(1, 2).flatten(0, 1), k.transpose(1, 2).flatten(0, 1),
+            v.transpose(1, 2).flatten(0, 1), attn_mask=allowed[:, None].repeat(B, 1, 1, 1), enable_gqa=True)
+        out = out.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)[:, :, :T]  # [B, Hq, T, D]
         probs = cache_attention(q, k_new, v_new, k_cache, v_cache, lengths, start, return_probs=True)[1] \
             if return_probs else None
         return out, probs
@@ -191,14 +217,11 @@ def window_attention(window: int):
 
 
 def window_prefill(draft: Transformer, tokens: torch.Tensor, cache, window: int) -> None:
-    """Cache tokens [B, T] (rows starting at 0) in the draft as it reads through its window,
-    PREFILL_BLOCK tokens a forward (`window_attention`): the keys and values its windowed
-    steps would have cached. (A block is a forward: with the sink placed, position 0 sits
-    sink_distance before it.)"""
-    attend = window_attention(window)
+    """Cache tokens [B, T] (rows starting at 0) in the draft as it reads through its window:
+    one forward (`window_attention`), the keys and values its windowed steps would have
+    cached, with the sink placed as forwards of PREFILL_BLOCK tokens place it."""
     first = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)  # logits: one, unused
-    for t0 in range(0, tokens.shape[1], PREFILL_BLOCK):
-        draft(tokens[:, t0:t0 + PREFILL_BLOCK], cache=cache, logits_at=first, attend=attend)
+    draft(tokens, cache=cache, logits_at=first, attend=window_attention(window, draft))
 
 
 # ----------------------------------------------------------------------------------------

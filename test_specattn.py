@@ -1589,6 +1589,32 @@ def test_draft_window_prefill_and_steps_equal_one_token_at_a_time(references, mo
         SA.make_engine("dense", target, draft, prompts, 8, 2, 0.0, None, SA.SelectionConfig(), draft_window=-1)
 
 
+def test_window_prefill_one_forward_equals_forwards_of_prefill_block_tokens(monkeypatch):
+    """window_prefill runs the prompt as one forward, its attention cut into chunks of
+    PREFILL_BLOCK queries attended at once: the cache equals forwards of PREFILL_BLOCK tokens
+    each (Transformer.forward placing the sink, sink_distance d, before each), for prompts
+    that end mid-chunk and on a chunk's edge; the next windowed step's logits too."""
+    W, d, C = 6, 5, 4
+    monkeypatch.setattr(SA, "PREFILL_BLOCK", C)
+    target, _ = tiny_pair(3)
+    draft = self_draft(target)
+    draft.args.sink_distance = d
+    g = torch.Generator().manual_seed(3)
+    for n in (4, 17, 20):
+        tokens = torch.randint(0, target.args.vocab_size, (2, n), generator=g)
+        one, blocks = draft.new_cache(2, 32), draft.new_cache(2, 32)
+        SA.window_prefill(draft, tokens, one, W)
+        for t0 in range(0, n, C):  # the definition: one forward per block of C tokens
+            draft(tokens[:, t0:t0 + C], cache=blocks, attend=SA.window_attention(W, draft))
+        assert one.lengths.tolist() == blocks.lengths.tolist() == [n, n]
+        for got, want in ((one.k, blocks.k), (one.v, blocks.v), (one.sink_k, blocks.sink_k)):
+            torch.testing.assert_close(got[:, :, :, 1:n], want[:, :, :, 1:n], atol=1e-5, rtol=1e-5) \
+                if got.dim() == 5 else torch.testing.assert_close(got, want)
+        step = torch.randint(0, target.args.vocab_size, (2, 2), generator=g)
+        logits = [draft(step, cache=c, attend=SA.draft_attention_slot(W)) for c in (one, blocks)]
+        torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+
+
 def test_engine_plain_decoding_equals_full_forwards(references):
     target, _ = tiny_pair(4)
     prompts = [[3, 1, 4, 1, 5], [9], list(range(20, 47))]
