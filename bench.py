@@ -7,8 +7,9 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     cut from the demo books; batch 1, 8, 32, 64 x contexts 1k, 4k and the longest that
     fits the model's 8192 positions. Plain decoding (the target alone), dense speculative
     decoding, SpecAttn; tokens/s side by side (SpecAttn sparse from --sparse-from positions;
-    each step's γ chosen up to --gamma, as specattn.py runs; --gamma 2,3,4 --fixed-gamma also
-    runs the speculative modes once per fixed γ).
+    each step's γ chosen up to --gamma and SpecAttn's verification, sparse or dense, chosen per
+    step, as specattn.py runs; --gamma 2,3,4 --fixed-gamma also runs the speculative modes once
+    per fixed γ, --also-always-sparse SpecAttn once with every step past --sparse-from sparse).
 (b) random-weight Llama-3-8B / Llama-3.2-1B shapes at batch 1 / 128k and batch 8 / 32k:
     one whole speculative step (γ draft steps + selection + verification + acceptance) of
     the engine, dense verification vs SpecAttn at the p that keeps ~25% of the draft
@@ -133,12 +134,14 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 @torch.no_grad()
 def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], topp: float, layer_map_path=None,
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
-               sink_distance=None, draft_window=None) -> dict:
+               sink_distance=None, draft_window=None, also_always_sparse: bool = False) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching). Plain decoding runs
-    once, the speculative modes once choosing each step's γ up to the largest of gammas (rows
-    "dense", "specattn", as specattn.py runs them) and, with fixed_gamma, once more per γ in
-    gammas with every step proposing it ("dense γ=2" and so on). sink_distance: the draft's
+    once, the speculative modes once choosing each step's γ up to the largest of gammas, and
+    SpecAttn each step's verification, sparse or dense (rows "dense", "specattn", as
+    specattn.py runs them); with fixed_gamma, once more per γ in gammas with every step
+    proposing it ("dense γ=2" and so on); with also_always_sparse, SpecAttn once more verifying
+    sparsely every step past sparse_from ("specattn always sparse"). sink_distance: the draft's
     (None: its config's, 512); draft_window: the draft's attention window (None: its training
     window, the same 512; see specattn.SpecEngine). Returns {(batch, context): {label: tokens/s}}."""
     target, draft, tokenizer = load_pair(device="cuda", sink_distance=sink_distance)
@@ -159,14 +162,15 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
         for B in batches:
             prompts = SA.book_prompts(tokenizer, B * prompts_per_row, context)
             results = {}
-            for g, auto in [(max(gammas), True)] + ([(g, False) for g in gammas] if fixed_gamma else []):
-                modes = SA.MODES if not results else ("dense", "specattn")  # plain needs no γ
+            runs = [(SA.MODES, max(gammas), True, True, "")]  # (modes, γ, γ chosen, verification chosen, tag)
+            runs += [(("dense", "specattn"), g, False, True, f" γ={g}") for g in gammas if fixed_gamma]
+            runs += [(("specattn",), max(gammas), True, False, " always sparse")] if also_always_sparse else []
+            for modes, g, auto, verify, tag in runs:
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
                                               selection, modes, batch_size=B, adaptive_gamma=auto,
-                                              draft_window=window).items():
-                    tag = "" if mode == "plain" or auto else f" γ={g}"
-                    results[mode + tag] = run
-            table = SA.results_table(results, B, context, len(prompts), sparse_from)
+                                              draft_window=window, choose_verification=verify).items():
+                    results[mode + ("" if mode == "plain" else tag)] = run
+            table = SA.results_table(results, B, context, len(prompts), sparse_from, verification_chosen=True)
             for line in (table[:-1] if not header_done else table[2:-1]):
                 say(line)
             header_done = True
@@ -434,6 +438,51 @@ def bench_draft_window(say, window: int = 512) -> None:
             return lambda: [K.sparse_attention(q, kc[i], vc[i], lengths, **block, **kw) for i in range(layers)]
         cells = [1e3 * do_bench(graphed(calls(kw)), return_mode="median") / layers for kw in variants]
         say(f"| {B} | {T} | {S} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    bench_prefill(say, window)
+
+
+@torch.no_grad()
+def bench_prefill(say, window: int = 512, reps: int = 5) -> None:
+    """A prompt's prefill, as SpecEngine runs it, at the demo pair's shapes (random bf16
+    weights): the target's and the draft's (one forward through cache_attention), and the
+    draft's through its window (specattn.window_prefill: one forward, the attention in chunks
+    of PREFILL_BLOCK queries, every chunk at once). Checked first: the windowed prefill's cache
+    equals forwards of PREFILL_BLOCK tokens each (their definition)."""
+    from model import cache_attention
+
+    demo = dict(dim=576, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536, vocab_size=49152,
+                rope_theta=1e5, max_seq_len=8192, tie_word_embeddings=True)
+    target = SA.random_model(ModelArgs(**demo, n_layers=30), "cuda", torch.bfloat16, seed=0)
+    draft = SA.random_model(ModelArgs(**demo, n_layers=4, sink_distance=window), "cuda", torch.bfloat16, seed=1)
+    tokens = torch.randint(0, demo["vocab_size"], (8, 7900), device="cuda")
+    one, blocks = draft.new_cache(batch_size=1, max_len=2048), draft.new_cache(batch_size=1, max_len=2048)
+    SA.window_prefill(draft, tokens[:1, :2000], one, window)
+    for t0 in range(0, 2000, SA.PREFILL_BLOCK):
+        draft(tokens[:1, t0:t0 + SA.PREFILL_BLOCK], cache=blocks, attend=SA.window_attention(window, draft))
+    err = (one.k[:, :, :, 1:2000].float() - blocks.k[:, :, :, 1:2000].float()).abs().max().item()
+    assert err < 0.1, f"window_prefill vs forwards of {SA.PREFILL_BLOCK} tokens: max |Δk| {err:.3g}"
+    say(f"## a prompt's prefill at the demo pair's shapes (random bf16 weights): ms, median of {reps}; "
+        f"the draft's window {window} (check: cache equal to forwards of {SA.PREFILL_BLOCK} tokens, max |Δk| {err:.2g})")
+    say("| B | prompt | target | draft, whole cache | draft, window |")
+    say("|---|---|---|---|---|")
+    first = torch.zeros(8, dtype=torch.long, device="cuda")
+    for B, T in itertools.product((1, 8), (1024, 4096, 7900)):
+        runs = {"target": lambda c: target(tokens[:B, :T], cache=c, logits_at=first[:B], attend=cache_attention),
+                "draft": lambda c: draft(tokens[:B, :T], cache=c, logits_at=first[:B], attend=cache_attention),
+                "window": lambda c: SA.window_prefill(draft, tokens[:B, :T], c, window)}
+        cells = []
+        for name, run in runs.items():
+            cache = (target if name == "target" else draft).new_cache(batch_size=B, max_len=T)
+            times = []
+            for _ in range(reps + 1):  # the first run compiles and allocates: not counted
+                cache.reset()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                run(cache)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            cells.append(1e3 * statistics.median(times[1:]))
+        say(f"| {B} | {T} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
 
 
 @torch.no_grad()
@@ -513,6 +562,9 @@ def main(argv=None):
                         "(rows 'dense', 'specattn')")
     parser.add_argument("--fixed-gamma", action="store_true", help="demo: the speculative modes also run once "
                         "per --gamma value with every step proposing it (rows 'dense γ=4' and so on)")
+    parser.add_argument("--also-always-sparse", action="store_true", help="demo: SpecAttn also runs once "
+                        "verifying sparsely every step past --sparse-from (row 'specattn always sparse'); the "
+                        "row 'specattn' chooses sparse or dense verification per step, as specattn.py does")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
     parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
                         "row densely until it holds this many positions (0: sparse from the first step)")
@@ -565,7 +617,7 @@ def main(argv=None):
     if "demo" in parts:
         demo = bench_demo(say, batches, contexts, args.max_new_tokens, gammas, args.topp, args.layer_map,
                           args.prompts_per_row, args.sparse_from, args.fixed_gamma, args.sink_distance,
-                          args.draft_window)
+                          args.draft_window, args.also_always_sparse)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

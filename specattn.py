@@ -242,6 +242,7 @@ class SpecStats:
     kv_dense_sparse_layers: int = 0
     accepted_hist: list = field(default_factory=list)  # [γ + 1]: steps that accepted 0, 1, ..., γ tokens
     gamma_steps: list = field(default_factory=list)  # [γ + 1]: engine steps that proposed 0, 1, ..., γ tokens
+    sparse_steps: int = 0  # engine steps that verified sparsely (SpecAttn)
     seconds: dict = field(default_factory=dict)  # wall time: prefill, decode; GPU time per step phase
 
     @property
@@ -264,6 +265,7 @@ class SpecStats:
             "steps": self.steps, "mean_accepted": round(self.mean_accepted, 3),
             "mean_gamma": round(self.mean_gamma, 3),
             "tokens_per_step": round(self.mean_accepted + 1, 3),
+            "sparse_steps": self.sparse_steps,
             "kv_saved_all_layers": round(1 - self.kv_read / max(1, self.kv_dense), 4),
             "kv_saved_sparse_layers": (round(1 - self.kv_read_sparse_layers / self.kv_dense_sparse_layers, 4)
                                        if self.kv_dense_sparse_layers else None),
@@ -329,10 +331,10 @@ class GammaChooser:
     """
 
     def __init__(self, gamma_max: int, costs: Optional[tuple[float, float]] = None, decay: float = 0.9,
-                 prior: tuple[float, float] = (3.0, 1.0)):
-        if gamma_max < 1:
-            raise ValueError(f"gamma_max must be >= 1, got {gamma_max}")
-        self.gamma_max, self.decay, self.prior = gamma_max, decay, prior
+                 prior: tuple[float, float] = (3.0, 1.0), gamma_min: int = 1):
+        if not 1 <= gamma_min <= gamma_max:
+            raise ValueError(f"need 1 <= gamma_min <= gamma_max, got gamma_min={gamma_min}, gamma_max={gamma_max}")
+        self.gamma_max, self.gamma_min, self.decay, self.prior = gamma_max, gamma_min, decay, prior
         self.fixed_costs = costs
         self.reset()
 
@@ -376,14 +378,87 @@ class GammaChooser:
                  / sum((x - x_mean) ** 2 for x in tried))
         return y_mean + max(slope, 0.0) * (gamma - x_mean)  # more tokens never cost less
 
-    def choose(self) -> int:
-        """The γ for the next step (gamma_max until a step has been observed and, with
-        measured costs, timed)."""
-        if not self.observed or (self.fixed_costs is None and not self.step_time):
-            return self.gamma_max
+    @property
+    def ready(self) -> bool:
+        """Whether a step has been observed and, with measured costs, timed (until then
+        `choose` proposes gamma_max and `best` has no rate to give)."""
+        return bool(self.observed) and (self.fixed_costs is not None or bool(self.step_time))
+
+    def best(self) -> tuple[float, int]:
+        """(expected tokens per unit time, γ) of the best γ in gamma_min..gamma_max (needs `ready`)."""
         a = min(self.alpha, 1 - 1e-6)
-        rate = {g: (1 - a ** (g + 1)) / (1 - a) / self.step_cost(g) for g in range(1, self.gamma_max + 1)}
-        return max(rate, key=rate.get)
+        rate = {g: (1 - a ** (g + 1)) / (1 - a) / self.step_cost(g)
+                for g in range(self.gamma_min, self.gamma_max + 1)}
+        g = max(rate, key=rate.get)
+        return rate[g], g
+
+    def choose(self) -> int:
+        """The γ for the next step (gamma_max until `ready`)."""
+        return self.best()[1] if self.ready else self.gamma_max
+
+    # What SpecEngine calls (VerifyChooser's interface too): a GammaChooser leaves the variant
+    # (sparse or dense verification) as the engine's sparse_from says.
+    def choose_step(self, sparse_allowed: bool) -> tuple[bool, int]:
+        return sparse_allowed, self.choose()
+
+    def observe_step(self, sparse: bool, gamma: int, accepted: list[int], draft_s=None, step_s=None) -> None:
+        self.observe(gamma, accepted, draft_s=draft_s, step_s=step_s)
+
+
+class VerifyChooser:
+    """Chooses, for each step of a SpecAttn engine, sparse or dense verification, and the
+    step's γ (SpecEngine(gamma_chooser=...); specattn.py's default for SpecAttn, off with
+    --always-sparse).
+
+    Sparse verification pays only where the KV reads it skips outweigh what it costs: the
+    draft's attention rows and the top-p cut each step, and tokens (at p < 1 the target,
+    reading fewer positions, agrees with the draft a little less often). Which side wins
+    depends on the batch, the context and the GPU, so it is measured, as γ is: each variant
+    keeps a GammaChooser of its own (its acceptance α and its step time per γ), and a step
+    goes to the variant and γ with the most expected tokens per unit time. A variant not yet
+    ready (GammaChooser.ready) runs first, sparse before dense; one left aside for
+    `explore_every` steps runs once more, since its α and its time move as the context grows
+    (costs measured at a shorter context read low, which also brings it back).
+
+    costs: {sparse: (draft, verify)} per variant (fixed costs, see GammaChooser: the choices
+    then follow the tokens alone); None: measured. Sparse steps are allowed only where the
+    engine allows them (its sparse_from). Where dense steps win, SpecAttn's generation is
+    dense speculation's, and its KV reads saved fall accordingly.
+    """
+
+    def __init__(self, gamma_max: int, costs: Optional[dict] = None, explore_every: int = 32,
+                 gamma_min: int = 1):
+        if explore_every < 1:
+            raise ValueError(f"explore_every must be >= 1, got {explore_every}")
+        self.gamma_max, self.gamma_min, self.explore_every = gamma_max, gamma_min, explore_every
+        self.variants = {sparse: GammaChooser(gamma_max, costs=costs[sparse] if costs else None,
+                                              gamma_min=gamma_min) for sparse in (True, False)}
+        self.reset()
+
+    def reset(self) -> None:
+        for chooser in self.variants.values():
+            chooser.reset()
+        self.steps = 0  # steps chosen
+        self.last_run = {True: 0, False: 0}  # the step each variant last ran (0: never)
+
+    def choose_step(self, sparse_allowed: bool) -> tuple[bool, int]:
+        """(sparse, γ) for the next step."""
+        self.steps += 1
+        if not sparse_allowed:
+            sparse = False
+        else:
+            waiting = [s for s in (True, False) if not self.variants[s].ready
+                       or self.steps - self.last_run[s] > self.explore_every]
+            if waiting:
+                sparse = waiting[0]
+            else:
+                sparse = max((True, False), key=lambda s: self.variants[s].best()[0])
+        self.last_run[sparse] = self.steps
+        return sparse, self.variants[sparse].choose()
+
+    def observe_step(self, sparse: bool, gamma: int, accepted: list[int], draft_s=None, step_s=None) -> None:
+        """One step's evidence (see GammaChooser.observe), for the variant it ran."""
+        self.variants[sparse].observe(gamma, accepted, draft_s=draft_s, step_s=step_s)
 
 
 class SpecEngine:
@@ -426,7 +501,9 @@ class SpecEngine:
     gamma_chooser (a GammaChooser) lets each step propose g <= γ draft tokens: the draft loop,
     the select phase's rows, the verify block and the accept phase read the first g; one set
     of phase graphs per g, all captured at the first step. `generate` asks the chooser for
-    each step's g and hands it what each step accepted and how long it took.
+    each step's g and hands it what each step accepted and how long it took. A VerifyChooser
+    (SpecAttn only) also chooses whether the step verifies sparsely or densely (both variants
+    captured), where sparse_from allows sparse steps.
 
     compile_accept (default: with CUDA graphs) runs the accept phase through torch.compile:
     it is ~30 element-wise ops on [B, γ + 1] tensors, one tiny kernel each in eager PyTorch,
@@ -446,6 +523,9 @@ class SpecEngine:
             raise ValueError(f"gamma (draft tokens per step) must be >= 1, got {gamma}")
         if gamma_chooser is not None and (draft is None or gamma_chooser.gamma_max != gamma):
             raise ValueError(f"a gamma_chooser needs a draft and gamma_max == gamma ({gamma})")
+        if isinstance(gamma_chooser, VerifyChooser) and not use_specattn:
+            raise ValueError("a VerifyChooser chooses between sparse and dense verification: it needs SpecAttn "
+                             "(use_specattn=True)")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if use_specattn and (draft is None or layer_map is None):
@@ -658,11 +738,12 @@ class SpecEngine:
 
     def _variants(self) -> list[bool]:
         """The values `sparse` takes in this engine's steps: a set of phase graphs each."""
-        return [True, False] if self.use_specattn and self.cfg.sparse_from else [self.use_specattn]
+        both = self.cfg.sparse_from or isinstance(self.chooser, VerifyChooser)
+        return [True, False] if self.use_specattn and both else [self.use_specattn]
 
     def _gammas(self) -> list[int]:
         """The γ a step may propose: each is a set of phase graphs (the block's shapes differ)."""
-        return list(range(1, self.gamma + 1)) if self.chooser is not None else [self.gamma]
+        return list(range(self.chooser.gamma_min, self.gamma + 1)) if self.chooser is not None else [self.gamma]
 
     def phase_graphs(self) -> int:
         """How many graphs the engine captures: one per phase of each variant and γ."""
@@ -834,12 +915,14 @@ class SpecEngine:
             self.chooser.reset()
         bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", disable=not progress, leave=False)
         while any(i is not None for i in serving):  # every step emits >= 1 token per running row
+            sparse_allowed = self.use_specattn
             if self.use_specattn and self.cfg.sparse_from:  # dense steps while every running row is short
                 longest = max(len(prompts[i]) + n_seen[b] + self.gamma for b, i in enumerate(serving)
                               if i is not None)
-                self.sparse_now = longest >= self.cfg.sparse_from
+                sparse_allowed = longest >= self.cfg.sparse_from
+            self.sparse_now = sparse_allowed
             if self.chooser is not None:
-                self.g = self.chooser.choose()
+                self.sparse_now, self.g = self.chooser.choose_step(sparse_allowed)
             self.step(timed=True)
             step = len(self.phase_events)  # steps queued so far; this one is `step`
             buf = flags[step % 2]
@@ -881,7 +964,8 @@ class SpecEngine:
                           prompts=len(prompts), kv_read=c[2], kv_dense=c[3], kv_read_sparse_layers=c[4],
                           kv_dense_sparse_layers=c[5], accepted_hist=c[6:],
                           engine_steps=len(self.phase_events),
-                          gamma_steps=[self.step_gammas.count(g) for g in range(self.gamma + 1)])
+                          gamma_steps=[self.step_gammas.count(g) for g in range(self.gamma + 1)],
+                          sparse_steps=sum("select" in names for names, _, _ in self.phase_events))
         stats.seconds = {"prefill": t1 - t0 + refill_s, "decode": t2 - t1 - refill_s, **self._phase_seconds()}
         return outputs, stats
 
@@ -895,8 +979,8 @@ class SpecEngine:
         running row accepted, its draft phase and whole-step times."""
         names, marks, gamma = self.phase_events[step - 1]
         seconds = [self._seconds(a, b) for a, b in zip(marks, marks[1:])]
-        self.chooser.observe(gamma, accepted, draft_s=seconds[names.index("draft")],
-                             step_s=sum(seconds))
+        self.chooser.observe_step("select" in names, gamma, accepted, draft_s=seconds[names.index("draft")],
+                                  step_s=sum(seconds))
 
     def _first_token(self, logits: torch.Tensor) -> torch.Tensor:
         """The target's choice after a prompt, from its last position's logits [B, V] -> [B]."""
@@ -1071,19 +1155,23 @@ def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[in
 def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float, layer_map,
               selection: SelectionConfig, modes=MODES, eos_id=None, seed: int = 0, progress: bool = False,
               warmup_tokens: int = 8, batch_size: Optional[int] = None, adaptive_gamma: bool = False,
-              draft_window: Optional[int] = None) -> dict:
+              draft_window: Optional[int] = None, choose_verification: bool = False) -> dict:
     """Each mode's engine (batch_size rows, default one per prompt): a short warm-up generation
     (captures the CUDA graphs, compiles; its wall time goes into the stats' seconds["warmup"]),
     then the timed one. adaptive_gamma: the speculative modes choose each step's γ in 1..gamma
-    (GammaChooser, measured costs). draft_window: see SpecEngine. Returns {mode: (ids per
-    prompt, SpecStats)}."""
+    (GammaChooser, measured costs). choose_verification: SpecAttn's steps also choose sparse or
+    dense verification (VerifyChooser, measured costs; γ fixed unless adaptive_gamma).
+    draft_window: see SpecEngine. Returns {mode: (ids per prompt, SpecStats)}."""
     results = {}
     device = target.output.weight.device
     for mode in modes:
         gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        if mode == "specattn" and choose_verification:
+            chooser = VerifyChooser(gamma, gamma_min=1 if adaptive_gamma else gamma)
+        else:
+            chooser = GammaChooser(gamma) if adaptive_gamma else None
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map,
-                             selection, eos_id, gen, batch_size=batch_size,
-                             gamma_chooser=GammaChooser(gamma) if adaptive_gamma else None,
+                             selection, eos_id, gen, batch_size=batch_size, gamma_chooser=chooser,
                              draft_window=draft_window)
         t0 = time.perf_counter()
         engine.generate(prompts[:engine.B], min(warmup_tokens, max_new_tokens))
@@ -1095,39 +1183,45 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
 
 
 def results_table(results: dict, batch: int, context, prompts: Optional[int] = None,
-                  sparse_from: int = 0) -> list[str]:
+                  sparse_from: int = 0, verification_chosen: bool = False) -> list[str]:
     """A markdown table of run_modes' results: speed, acceptance, KV reads, time per phase."""
     lines = ["| mode | batch | prompts | context | new tokens | tokens/s | vs plain | γ | tokens/step/row | "
-             "steps | KV reads saved | draft ms | select ms | verify ms "
-             "| accept ms | prefill s | warm-up s |", "|" + "---|" * 17]
+             "steps | sparse steps | KV reads saved | draft ms | select ms | verify ms "
+             "| accept ms | prefill s | warm-up s |", "|" + "---|" * 18]
     rates = {mode: st.decode_rate for mode, (_, st) in results.items()}
     for mode, (_, st) in results.items():
         phase = [f"{st.seconds[k] / max(1, st.engine_steps) * 1e3:.3f}" if k in st.seconds else ""
                  for k in ("draft", "select", "verify", "accept")]
         vs_plain = f"{rates[mode] / rates['plain']:.2f}x" if "plain" in rates else ""
         saved = f"{st.summary()['kv_saved_all_layers']:.1%}" if mode != "plain" else ""
+        sparse = f"{st.sparse_steps / max(1, st.engine_steps):.0%}" if mode.startswith("specattn") else ""
         gamma = f"{st.mean_gamma:.2f}".rstrip("0").rstrip(".") if mode != "plain" else ""
         warmup = f"{st.seconds['warmup']:.1f}" if "warmup" in st.seconds else ""
         lines.append(f"| {mode} | {batch} | {prompts or batch} | {context} | {st.tokens} | {rates[mode]:.1f} "
-                     f"| {vs_plain} | {gamma} | {st.mean_accepted + 1:.2f} | {st.engine_steps} | {saved} "
+                     f"| {vs_plain} | {gamma} | {st.mean_accepted + 1:.2f} | {st.engine_steps} | {sparse} | {saved} "
                      f"| {' | '.join(phase)} | {st.seconds['prefill']:.2f} | {warmup} |")
     return lines + ["tokens/s: the tokens the decode steps made (each prompt's first comes from its "
                     "prefill), all rows, over the steps' wall time; tokens/step/row: tokens a running row "
                     "gains per step; γ: draft tokens proposed per step (the mean where each step chooses it); "
-                    "steps: steps the engine ran, until the batch's last row was done; "
+                    "steps: steps the engine ran, until the batch's last row was done; sparse steps: "
+                    "the share of them that verified sparsely; "
                     "draft..accept: time per engine step (GPU time on CUDA); warm-up: the short "
                     "generation run before, untimed (on CUDA it captures the graphs and compiles)"
                     + (f"; SpecAttn verifies a row densely until it holds {sparse_from} positions "
-                       "(--sparse-from)" if sparse_from and any(m.startswith("specattn") for m in results) else "")]
+                       "(--sparse-from)" if sparse_from and any(m.startswith("specattn") for m in results) else "")
+                    + ("; past that, each SpecAttn step verifies sparsely or densely, whichever its measured "
+                       "tokens per second favour (VerifyChooser)" if verification_chosen and "specattn" in results
+                       else "")]
 
 
 def check_engine(target, draft, tokenizer_prompts, layer_map, selection: SelectionConfig, gamma: int,
                  label: str, draft_window: Optional[int] = None) -> None:
     """The graphed engine against the same engine run eagerly, on ragged prompts, every mode,
-    greedy: token for token, and the same counters. SpecAttn runs three times: sparse from the
+    greedy: token for token, and the same counters. SpecAttn runs four times: sparse from the
     first step; sparse from a length the rows reach while they generate (dense steps first,
     then sparse ones, from graphs captured at the first step); the same with each step's γ
-    chosen by a GammaChooser with fixed costs (so its choices follow the tokens alone). Also
+    chosen by a GammaChooser with fixed costs (so its choices follow the tokens alone), and
+    with γ and sparse or dense verification chosen by a VerifyChooser with fixed costs. Also
     reports how far the speculative modes follow plain decoding (bf16 may part them at
     near-ties)."""
     device = target.output.weight.device
@@ -1139,12 +1233,14 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
     runs = [("plain", selection, False), ("dense", selection, False),
             ("specattn", replace(selection, sparse_from=0), False),
             (f"specattn sparse from {crossing}", crossed, False),
-            (f"specattn sparse from {crossing}, γ chosen per step", crossed, True)]
+            (f"specattn sparse from {crossing}, γ chosen per step", crossed, True),
+            (f"specattn sparse from {crossing}, γ and verification chosen per step", crossed, "verify")]
     plain = None
     for mode, cfg, adaptive in runs:
         outs = []
         for graphs in (False, True):
-            chooser = GammaChooser(gamma, costs=(0.25, 1.0)) if adaptive else None
+            chooser = (VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8)
+                       if adaptive == "verify" else GammaChooser(gamma, costs=(0.25, 1.0)) if adaptive else None)
             engine = make_engine(mode.split()[0], target, draft, prompts, 48, gamma, 0.0, layer_map, cfg,
                                  cuda_graphs=graphs, gamma_chooser=chooser, draft_window=draft_window)
             outs.append(engine.generate(prompts, 48))
@@ -1214,6 +1310,11 @@ def main(argv=None):
                         help="SpecAttn: a row verifies densely until its cache holds this many positions "
                              "(below it, skipping reads saves less time than asking the draft for its "
                              "attention costs); 0: sparse from the first step")
+    parser.add_argument("--always-sparse", action="store_true",
+                        help="SpecAttn verifies sparsely at every step past --sparse-from. Without it each step "
+                             "chooses sparse or dense verification, whichever gives more tokens per second as "
+                             "measured so far (VerifyChooser), so where sparse reads do not pay, SpecAttn runs "
+                             "as dense speculation")
     experiments = parser.add_argument_group("experiments", "variants of SpecAttn's selection")
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
                              help="always read the first N positions (attention sinks), whatever the "
@@ -1282,14 +1383,15 @@ def main(argv=None):
         results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature,
                             layer_map, selection, modes, eos_id=tokenizer.eos_id, seed=args.seed,
                             progress=True, batch_size=batch, adaptive_gamma=not args.fixed_gamma,
-                            draft_window=args.draft_window)
+                            draft_window=args.draft_window, choose_verification=not args.always_sparse)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         sys.exit(f"error: {e}")
     for mode, (ids, stats) in results.items():
         for b in range(min(args.show, len(ids))):
             print(f"=== {mode}, row {b}")
             print(tokenizer.decode(prompts[b][-200:]) + tokenizer.decode(ids[b]))
-    table = results_table(results, batch, args.context or "prompt", len(prompts), args.sparse_from)
+    table = results_table(results, batch, args.context or "prompt", len(prompts), args.sparse_from,
+                          verification_chosen=not args.always_sparse)
     print("\n".join(table))
     if args.out:
         out = Path(args.out)

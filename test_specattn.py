@@ -1831,6 +1831,96 @@ def test_gamma_chooser_follows_acceptance_and_cost():
                       gamma_chooser=SA.GammaChooser(4))
 
 
+class ScheduledVerify(SA.VerifyChooser):
+    """A verify chooser that takes (sparse, γ) from `schedule` in turn, as far as the engine
+    allows sparse steps, and keeps what the engine hands it."""
+
+    def __init__(self, gamma_max, schedule):
+        self.schedule = schedule
+        super().__init__(gamma_max)
+
+    def reset(self):
+        super().reset()
+        self.seen = []
+
+    def choose_step(self, sparse_allowed):
+        self.steps += 1
+        sparse, gamma = self.schedule[(self.steps - 1) % len(self.schedule)]
+        return sparse and sparse_allowed, gamma
+
+    def observe_step(self, sparse, gamma, accepted, draft_s=None, step_s=None):
+        super().observe_step(sparse, gamma, accepted, draft_s, step_s)
+        self.seen.append((sparse, gamma))
+
+
+def test_verification_chosen_per_step_each_row_equals_itself_alone(references):
+    """A SpecAttn engine whose steps switch between sparse and dense verification (and γ) as
+    a VerifyChooser says: every row of a ragged batch gives the tokens, accepted counts and
+    KV reads it gives alone under the same choices (the rows take the same steps), the
+    sparse steps are counted, and each observed step is handed over with the variant it ran."""
+    target, _ = tiny_pair(6)
+    draft = self_draft(target)
+    prompts = [list(range(3, 30)), [7], list(range(40, 49)), [11, 12]]
+    cfg = SA.SelectionConfig(topp=0.6, dense_layers=1)
+    schedule = [(True, 3), (False, 2), (False, 3), (True, 1), (True, 3)]
+
+    def run(rows):
+        chooser = ScheduledVerify(3, schedule)
+        engine = SA.make_engine("specattn", target, draft, rows, 21, 3, 0.0, [0, 1, 1], cfg, gamma_chooser=chooser)
+        out, stats = engine.generate(rows, 21)
+        return out, stats, engine, chooser
+
+    out, stats, engine, chooser = run(prompts)
+    want_sparse = [schedule[i % len(schedule)][0] for i in range(stats.engine_steps)]
+    assert stats.sparse_steps == sum(want_sparse) and 0 < stats.sparse_steps < stats.engine_steps
+    assert engine.step_gammas == [schedule[i % len(schedule)][1] for i in range(stats.engine_steps)]
+    assert chooser.seen == [schedule[i % len(schedule)] for i in range(len(chooser.seen))]
+    for b, p in enumerate(prompts):
+        alone, _, alone_engine, _ = run([p])
+        assert out[b] == alone[0], f"row {b}"
+        assert engine.counters[:, b].tolist() == alone_engine.counters[:, 0].tolist(), f"row {b} counters"
+    assert engine.counters[2].sum() < engine.counters[3].sum()  # the sparse steps skipped reads
+    # sparse_from still rules: while no row may have reached it, every step is dense
+    late = SA.SelectionConfig(topp=0.6, dense_layers=1, sparse_from=10_000)
+    chooser = ScheduledVerify(3, [(True, 3)])
+    engine = SA.make_engine("specattn", target, draft, prompts, 21, 3, 0.0, [0, 1, 1], late, gamma_chooser=chooser)
+    assert engine.generate(prompts, 21)[1].sparse_steps == 0
+    with pytest.raises(ValueError, match="VerifyChooser"):
+        SA.make_engine("dense", target, draft, prompts, 21, 3, 0.0, None, cfg, gamma_chooser=SA.VerifyChooser(3))
+
+
+def test_verify_chooser_tries_both_then_follows_tokens_per_time():
+    """VerifyChooser: sparse steps only where allowed; each variant run first until ready,
+    sparse before dense; then the variant whose GammaChooser expects more tokens per unit
+    time (fixed costs here: sparse steps cheaper, dense ones accepted more often), each
+    variant at its own best γ; a variant left aside for explore_every steps runs once more."""
+    chooser = SA.VerifyChooser(4, costs={True: (0.1, 0.5), False: (0.1, 1.0)}, explore_every=5)
+    assert chooser.choose_step(False) == (False, 4)  # not allowed: dense, at γ_max before any evidence
+    chooser.observe_step(False, 4, [4, 4])
+    assert chooser.choose_step(True)[0] is True  # sparse not tried yet
+    for _ in range(20):  # sparse rejects nearly everything, dense accepts nearly everything
+        chooser.observe_step(True, 4, [0, 0])
+        chooser.observe_step(False, 4, [4, 4])
+    picks = [chooser.choose_step(True) for _ in range(12)]
+    dense_best = chooser.variants[False].best()
+    assert dense_best[0] > chooser.variants[True].best()[0]
+    assert [s for s, _ in picks] == [False] * 5 + [True] + [False] * 5 + [True]  # explore every 5 steps aside
+    assert all(g == dense_best[1] for s, g in picks if not s)
+    assert all(g == chooser.variants[True].best()[1] == 1 for s, g in picks if s)  # sparse's own best γ
+    chooser.reset()
+    assert chooser.choose_step(True) == (True, 4)
+    chooser.observe_step(True, 4, [3, 4])
+    assert chooser.choose_step(True) == (False, 4)  # sparse ready (its fixed costs need no timing), dense not
+    for _ in range(20):  # now both accept alike: sparse, half the verify cost, wins
+        chooser.observe_step(True, 4, [3, 4])
+        chooser.observe_step(False, 4, [3, 4])
+    assert chooser.choose_step(True)[0] is True
+    with pytest.raises(ValueError, match="explore_every"):
+        SA.VerifyChooser(4, explore_every=0)
+    with pytest.raises(ValueError, match="gamma_min"):
+        SA.GammaChooser(4, gamma_min=5)
+
+
 def test_compiled_accept_phase_equals_eager(references):
     """torch.compile'd accept phase (what CUDA engines run) against the eager one, through a
     continuous batch with EOS and SpecAttn: the same tokens and counters."""
@@ -2312,15 +2402,16 @@ def test_specattn_generation_cli_llama2_style_pair(llama2_style_pair, tmp_path, 
 
 
 def test_specattn_cli_chooses_gamma_per_step_unless_fixed(llama2_style_pair, tmp_path, monkeypatch):
-    """specattn.py's speculative modes choose each step's γ (a GammaChooser) by default, and
-    propose --gamma every step with --fixed-gamma; plain decoding proposes none."""
+    """specattn.py's speculative modes choose each step's γ (a GammaChooser; SpecAttn's inside
+    its VerifyChooser) by default, and propose --gamma every step with --fixed-gamma; plain
+    decoding proposes none."""
     target, draft, _, layer_map = llama2_style_pair
 
-    class AlwaysOne(SA.GammaChooser):  # stands in for the measured choice, so the test sees it
+    class AlwaysLeast(SA.GammaChooser):  # stands in for the measured choice, so the test sees it
         def choose(self):
-            return 1
+            return self.gamma_min
 
-    monkeypatch.setattr(SA, "GammaChooser", AlwaysOne)
+    monkeypatch.setattr(SA, "GammaChooser", AlwaysLeast)
     common = ["--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map), "--device", "cpu",
               "--prompt", "The king of the north", "--max-new-tokens", "8", "--gamma", "3"]
     for extra, gamma in (([], 1), (["--fixed-gamma"], 3)):
