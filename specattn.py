@@ -139,6 +139,7 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
 # every position for the row and accumulates the output over the window: kernels.sparse_attention).
 
 PREFILL_BLOCK = 256  # a windowed prefill's forward places the sink once per this many queries
+WINDOW_SCORES = 1 << 28  # the most attention scores one of window_attention's SDPA calls covers
 
 
 def draft_window_of(draft: Optional[Transformer], draft_window: Optional[int] = None) -> int:
@@ -206,9 +207,13 @@ def window_attention(window: int, model: Optional[Transformer] = None):
                   (key_pos[:, None, :] > query_pos[:, :, None] - window)  # [n, C, W + C - 1]
         allowed = F.pad(allowed, (1, 0), value=True)  # the sink column: every query reads it
         q_chunks = F.pad(q, (0, 0, 0, n * C - T)).unflatten(2, (n, C))  # [B, Hq, n, C, D]
-        out = F.scaled_dot_product_attention(  # chunks as batch rows: [B * n, H, ., D]
-            q_chunks.transpose(1, 2).flatten(0, 1), k.transpose(1, 2).flatten(0, 1),
-            v.transpose(1, 2).flatten(0, 1), attn_mask=allowed[:, None].repeat(B, 1, 1, 1), enable_gqa=True)
+        # chunks as batch rows, [B * n, H, ., D]; a few SDPA calls bound the scores a masked one may hold
+        q_rows, k_rows, v_rows = (x.transpose(1, 2).flatten(0, 1) for x in (q_chunks, k, v))
+        mask = allowed[:, None].repeat(B, 1, 1, 1)  # [B * n, 1, C, 1 + W + C - 1]
+        step = max(1, WINDOW_SCORES // (Hq * mask[0].numel()))
+        out = torch.cat([F.scaled_dot_product_attention(q_rows[i:i + step], k_rows[i:i + step], v_rows[i:i + step],
+                                                        attn_mask=mask[i:i + step], enable_gqa=True)
+                         for i in range(0, B * n, step)])
         out = out.unflatten(0, (B, n)).transpose(1, 2).flatten(2, 3)[:, :, :T]  # [B, Hq, T, D]
         probs = cache_attention(q, k_new, v_new, k_cache, v_cache, lengths, start, return_probs=True)[1] \
             if return_probs else None

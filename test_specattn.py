@@ -1593,14 +1593,16 @@ def test_window_prefill_one_forward_equals_forwards_of_prefill_block_tokens(monk
     """window_prefill runs the prompt as one forward, its attention cut into chunks of
     PREFILL_BLOCK queries attended at once: the cache equals forwards of PREFILL_BLOCK tokens
     each (Transformer.forward placing the sink, sink_distance d, before each), for prompts
-    that end mid-chunk and on a chunk's edge; the next windowed step's logits too."""
+    that end mid-chunk and on a chunk's edge, with the chunks in one SDPA call or one call
+    each (WINDOW_SCORES); the next windowed step's logits too."""
     W, d, C = 6, 5, 4
     monkeypatch.setattr(SA, "PREFILL_BLOCK", C)
     target, _ = tiny_pair(3)
     draft = self_draft(target)
     draft.args.sink_distance = d
     g = torch.Generator().manual_seed(3)
-    for n in (4, 17, 20):
+    for n, scores in ((4, SA.WINDOW_SCORES), (17, SA.WINDOW_SCORES), (20, SA.WINDOW_SCORES), (17, 1)):
+        monkeypatch.setattr(SA, "WINDOW_SCORES", scores)
         tokens = torch.randint(0, target.args.vocab_size, (2, n), generator=g)
         one, blocks = draft.new_cache(2, 32), draft.new_cache(2, 32)
         SA.window_prefill(draft, tokens, one, W)
