@@ -498,7 +498,7 @@ def bench_cpu(say, context: int, max_new_tokens: int, reps: int = 15) -> None:
 
     target, draft, tokenizer = load_pair(device="cpu")
     prompt = SA.book_prompts(tokenizer, 1, context)
-    chosen = M.cpu_few_rows_form()  # what this process's Linear uses, measured on its first call
+    chosen = M.cpu_few_rows_form()  # what Linear uses on this machine (measured once, remembered)
     forms = {f"(W·xᵀ)ᵀ up to {M.FEW_ROWS} rows": True, "F.linear": False}
     say(f"## (g) the demo pair on the CPU: {torch.get_num_threads()} threads, fp32, torch {torch.__version__}")
     say(f"ms per forward of T tokens after {context} cached positions, median of {reps}; the forms interleaved; "

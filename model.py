@@ -446,29 +446,90 @@ def few_rows_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 FEW_ROWS = 8  # the most rows Linear may multiply as (W · xᵀ)ᵀ on a CPU
-CPU_FEW_ROWS_FORM: Optional[bool] = None  # True/False: chosen (or set by hand); None: measure once
+CPU_FEW_ROWS_FORM: Optional[bool] = None  # True/False: chosen (or set by hand); None: not yet
 
 
 def cpu_few_rows_form() -> bool:
-    """Whether this process's CPU products of a few rows use (W · xᵀ)ᵀ: decided once, on the
-    first call, by timing both forms on a 2-row product with a 50 MB weight (larger than most
-    CPUs' caches), the median of 3 runs each. The few-row form must be 1.3x faster to be kept,
-    so a machine where the two are close keeps F.linear and the same choice run after run."""
+    """Whether this process's CPU products of a few rows use (W · xᵀ)ᵀ. The two forms round
+    differently, so the choice is made once per machine and remembered, and every process
+    on it (the ranks of a torchrun, a rerun of an evaluation) computes the same numbers:
+    $SPECATTN_CPU_FEW_ROWS (1 or 0) if set; else the answer stored in
+    $SPECATTN_CACHE/cpu_few_rows.json (default ~/.cache/specattn) for this CPU and torch; else a measurement, stored there (under a file lock, so processes starting
+    together measure once): both forms timed on a 2-row product with a 50 MB weight (larger
+    than most CPUs' caches), the median of 3 runs each, the few-row form kept only if 1.3x
+    faster, so a machine where the two are close keeps F.linear."""
     global CPU_FEW_ROWS_FORM
     if CPU_FEW_ROWS_FORM is None:
-        weight, x = torch.randn(12288, 1024), torch.randn(2, 1024)  # [out, in], [rows, in]
-        forms = {False: lambda: F.linear(x, weight), True: lambda: few_rows_product(x, weight)}
-        seconds = {}
-        for form, fn in forms.items():
-            fn()
-            runs = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                runs.append(time.perf_counter() - t0)
-            seconds[form] = sorted(runs)[1]
-        CPU_FEW_ROWS_FORM = seconds[True] * 1.3 < seconds[False]
+        forced = os.environ.get("SPECATTN_CPU_FEW_ROWS")
+        if forced is not None:
+            if forced not in ("0", "1"):
+                raise ValueError(f"SPECATTN_CPU_FEW_ROWS must be 1 or 0, got {forced!r}")
+            CPU_FEW_ROWS_FORM = forced == "1"
+        else:
+            CPU_FEW_ROWS_FORM = _remembered(Path(os.environ.get("SPECATTN_CACHE", "~/.cache/specattn")).expanduser()
+                                            / "cpu_few_rows.json", _cpu_key(), _time_few_rows_form)
     return CPU_FEW_ROWS_FORM
+
+
+def _time_few_rows_form() -> bool:
+    """The measurement of cpu_few_rows_form: True if (W · xᵀ)ᵀ is 1.3x faster than F.linear."""
+    weight, x = torch.randn(12288, 1024), torch.randn(2, 1024)  # [out, in], [rows, in]
+    forms = {False: lambda: F.linear(x, weight), True: lambda: few_rows_product(x, weight)}
+    seconds = {}
+    for form, fn in forms.items():
+        fn()
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t0)
+        seconds[form] = sorted(runs)[1]
+    return seconds[True] * 1.3 < seconds[False]
+
+
+def _cpu_key() -> str:
+    """This machine's CPU model and torch version (not the thread count: a torchrun rank runs
+    one thread, and must compute what a one-process run computes)."""
+    model_name = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{model_name or os.uname().machine}, torch {torch.__version__}"
+
+
+def _remembered(path: Path, key: str, measure: Callable[[], bool]) -> bool:
+    """path's answer for key, or measure()'s, then stored there. A file lock keeps processes
+    that start together from measuring at once (where fcntl exists); an unwritable cache
+    only means this process's answer is not kept."""
+    def read() -> Optional[bool]:
+        try:
+            return json.loads(path.read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            return None
+    if (known := read()) is not None:
+        return known
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "w")
+    except OSError:
+        return measure()
+    with lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except ImportError:
+            pass
+        if (known := read()) is not None:  # another process measured while this one waited
+            return known
+        answer = measure()
+        try:
+            stored = json.loads(path.read_text()) if path.exists() else {}
+            write_atomic(path, json.dumps({**(stored if isinstance(stored, dict) else {}), key: answer}, indent=1))
+        except (OSError, ValueError):
+            pass
+        return answer
 
 
 def rotates_in_slot(attend, cache) -> bool:

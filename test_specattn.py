@@ -193,6 +193,38 @@ def test_linear_few_row_form_equals_f_linear(bias, monkeypatch):
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
+def test_cpu_few_rows_form_is_remembered_per_machine(tmp_path, monkeypatch):
+    """The few-row form is chosen once per machine: SPECATTN_CPU_FEW_ROWS decides if set (1/0,
+    anything else a one-line error); else the stored answer for this machine's key, measured
+    and stored only when missing (other keys kept); an unwritable cache still answers."""
+    import model as M
+    path = tmp_path / "cache" / "cpu_few_rows.json"
+    calls = []
+
+    def measure(answer):
+        return lambda: calls.append(answer) or answer
+
+    assert M._remembered(path, "cpu A", measure(True)) is True and calls == [True]
+    assert M._remembered(path, "cpu A", measure(False)) is True and calls == [True]  # read, not measured
+    assert M._remembered(path, "cpu B", measure(False)) is False
+    assert json.loads(path.read_text()) == {"cpu A": True, "cpu B": False}
+    blocked = tmp_path / "a file" / "cpu_few_rows.json"
+    blocked.parent.write_text("not a directory")
+    assert M._remembered(blocked, "cpu A", measure(False)) is False
+    monkeypatch.setattr(M, "CPU_FEW_ROWS_FORM", None)
+    monkeypatch.setenv("SPECATTN_CPU_FEW_ROWS", "0")
+    assert M.cpu_few_rows_form() is False
+    monkeypatch.setattr(M, "CPU_FEW_ROWS_FORM", None)
+    monkeypatch.setenv("SPECATTN_CPU_FEW_ROWS", "yes")
+    with pytest.raises(ValueError, match="SPECATTN_CPU_FEW_ROWS"):
+        M.cpu_few_rows_form()
+    monkeypatch.delenv("SPECATTN_CPU_FEW_ROWS")
+    monkeypatch.setenv("SPECATTN_CACHE", str(tmp_path / "cache"))
+    path.write_text(json.dumps({M._cpu_key(): True}))
+    monkeypatch.setattr(M, "_time_few_rows_form", lambda: pytest.fail("measured a stored answer"))
+    assert M.cpu_few_rows_form() is True
+
+
 # ----------------------------------------------------------------------------------------
 # model.py: KV cache
 
