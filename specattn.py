@@ -1302,7 +1302,8 @@ def main(argv=None):
     parser.add_argument("--fixed-gamma", action="store_true",
                         help="every step proposes --gamma draft tokens. Without it the γ a step proposes follows "
                              "measured times, and so do SpecAttn's and sampled text (greedy dense speculation "
-                             "is the target's greedy text either way)")
+                             "is the target's greedy text either way); SpecAttn's text also follows its "
+                             "measured choice of sparse or dense steps unless --always-sparse")
     parser.add_argument("--draft-window", type=int,
                         help="the draft reads position 0 and its newest N - 1 positions, in its prefill and "
                              "every step (0: its whole cache). Default: the window it was trained on (the demo "
