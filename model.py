@@ -44,6 +44,7 @@ import base64
 import json
 import math
 import os
+import platform
 import shutil
 import struct
 import time
@@ -496,7 +497,7 @@ def _cpu_key() -> str:
             model_name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    return f"{model_name or os.uname().machine}, torch {torch.__version__}"
+    return f"{model_name or platform.processor() or platform.machine()}, torch {torch.__version__}"
 
 
 def _remembered(path: Path, key: str, measure: Callable[[], bool]) -> bool:
