@@ -21,7 +21,8 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     reference, the sparse attention against SDPA, the attention's launch choices; after
     `kernels.check_on_gpu`. Its last two tables also run alone: (e) `--parts merge`, the
     attention's merge variants at the demo's batch-1 decode shapes; (f) `--parts window`, the
-    draft's attention reading its whole cache or its window, without and with SpecAttn's row.
+    draft's attention reading its whole cache or its window, without and with SpecAttn's row,
+    and a prompt's prefill (the target's, the draft's whole and through its window).
 (g) `--parts cpu`, alone and with no GPU: the demo pair on the CPU, each forward and the
     generation with model.Linear's few-row matmul form against F.linear.
 
@@ -47,7 +48,7 @@ import specattn as SA
 import kernels as K
 from calibrate import HelpFormatter, check_sink_distance, layer_map_for, load_pair
 from kernels import topp_mask_reference
-from model import ModelArgs, Transformer, compile_pointwise, write_atomic
+from model import ModelArgs, Transformer, cache_attention, compile_pointwise, write_atomic
 
 TARGET_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                       vocab_size=128256, rope_theta=500000.0, max_seq_len=131072 + 512)
@@ -448,8 +449,6 @@ def bench_prefill(say, window: int = 512, reps: int = 5) -> None:
     draft's through its window (specattn.window_prefill: one forward, the attention in chunks
     of PREFILL_BLOCK queries, every chunk at once). Checked first: the windowed prefill's cache
     equals forwards of PREFILL_BLOCK tokens each (their definition)."""
-    from model import cache_attention
-
     demo = dict(dim=576, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536, vocab_size=49152,
                 rope_theta=1e5, max_seq_len=8192, tie_word_embeddings=True)
     target = SA.random_model(ModelArgs(**demo, n_layers=30), "cuda", torch.bfloat16, seed=0)
