@@ -489,8 +489,8 @@ def bench_cpu(say, context: int, max_new_tokens: int, reps: int = 15) -> None:
     """(g): the demo pair on this machine's CPU (fp32), its matmuls written both ways:
     model.Linear's few-row form (W · xᵀ)ᵀ (model.FEW_ROWS rows at most) and F.linear
     throughout (model.CPU_FEW_ROWS_FORM set to each in turn, then back to Linear's own
-    choice). First each model's forward of 1-5 tokens through a cache of `context` positions (median of `reps`, the variants interleaved), then generation
-    through the engine (specattn.run_modes: plain, dense speculation, SpecAttn) on one prompt
+    choice). First each model's forward of 1-5 tokens through a cache of `context` positions
+    (median of `reps`, the variants interleaved), then generation through the engine (specattn.run_modes: plain, dense speculation, SpecAttn) on one prompt
     of `context` tokens cut from the demo books, with each form."""
     import model as M
     from kernels import attention_slot

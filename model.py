@@ -424,10 +424,9 @@ class Linear(nn.Linear):
     a CPU's BLAS does that for so few rows depends on the machine: on 2 AMD EPYC cores MKL
     computes x · Wᵀ for one row as a matrix-vector product on one thread, and for 2-4 rows
     up to 4x slower than the same product written (W · xᵀ)ᵀ; on a 16-core host F.linear was
-    the faster form (`python bench.py --parts cpu` times both on the demo pair). So the
-    first CPU product of at most FEW_ROWS rows times both forms once (`cpu_few_rows_form`)
-    and the process keeps the clearly faster one; larger products, and every product on a
-    GPU, are F.linear's."""
+    the faster form (`python bench.py --parts cpu` times both on the demo pair). So products
+    of at most FEW_ROWS rows take the form `cpu_few_rows_form` chose for this machine (timed
+    once, remembered); larger products, and every product on a GPU, are F.linear's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.device.type == "cpu" else 0
@@ -455,8 +454,9 @@ def cpu_few_rows_form() -> bool:
     differently, so the choice is made once per machine and remembered, and every process
     on it (the ranks of a torchrun, a rerun of an evaluation) computes the same numbers:
     $SPECATTN_CPU_FEW_ROWS (1 or 0) if set; else the answer stored in
-    $SPECATTN_CACHE/cpu_few_rows.json (default ~/.cache/specattn) for this CPU and torch; else a measurement, stored there (under a file lock, so processes starting
-    together measure once): both forms timed on a 2-row product with a 50 MB weight (larger
+    $SPECATTN_CACHE/cpu_few_rows.json (default ~/.cache/specattn) for this CPU and torch;
+    else a measurement, stored there (under a file lock, so processes starting together
+    measure once): both forms timed on a 2-row product with a 50 MB weight (larger
     than most CPUs' caches), the median of 3 runs each, the few-row form kept only if 1.3x
     faster, so a machine where the two are close keeps F.linear."""
     global CPU_FEW_ROWS_FORM

@@ -1235,17 +1235,20 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
     prompts = tokenizer_prompts
     crossing = min(len(p) for p in prompts) + 24  # 48 new tokens take the shortest row past it
     crossed = replace(selection, sparse_from=crossing)
-    runs = [("plain", selection, False), ("dense", selection, False),
-            ("specattn", replace(selection, sparse_from=0), False),
-            (f"specattn sparse from {crossing}", crossed, False),
-            (f"specattn sparse from {crossing}, γ chosen per step", crossed, True),
-            (f"specattn sparse from {crossing}, γ and verification chosen per step", crossed, "verify")]
+    # (mode, selection, a fresh chooser for each of the two runs: fixed costs, so its choices follow the tokens)
+    none = lambda: None  # noqa: E731
+    runs = [("plain", selection, none), ("dense", selection, none),
+            ("specattn", replace(selection, sparse_from=0), none),
+            (f"specattn sparse from {crossing}", crossed, none),
+            (f"specattn sparse from {crossing}, γ chosen per step", crossed,
+             lambda: GammaChooser(gamma, costs=(0.25, 1.0))),
+            (f"specattn sparse from {crossing}, γ and verification chosen per step", crossed,
+             lambda: VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8))]
     plain = None
-    for mode, cfg, adaptive in runs:
+    for mode, cfg, new_chooser in runs:
         outs = []
         for graphs in (False, True):
-            chooser = (VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8)
-                       if adaptive == "verify" else GammaChooser(gamma, costs=(0.25, 1.0)) if adaptive else None)
+            chooser = new_chooser()
             engine = make_engine(mode.split()[0], target, draft, prompts, 48, gamma, 0.0, layer_map, cfg,
                                  cuda_graphs=graphs, gamma_chooser=chooser, draft_window=draft_window)
             outs.append(engine.generate(prompts, 48))
