@@ -9,7 +9,8 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     decoding, SpecAttn; tokens/s side by side (SpecAttn sparse from --sparse-from positions;
     each step's γ chosen up to --gamma and SpecAttn's verification, sparse or dense, chosen per
     step, as specattn.py runs; --gamma 2,3,4 --fixed-gamma also runs the speculative modes once
-    per fixed γ, --also-always-sparse SpecAttn once with every step past --sparse-from sparse).
+    per fixed γ, --also-always-sparse SpecAttn once with every step past --sparse-from sparse,
+    --also-combine first SpecAttn once selecting from the draft's first row alone).
 (b) random-weight Llama-3-8B / Llama-3.2-1B shapes at batch 1 / 128k and batch 8 / 32k:
     one whole speculative step (γ draft steps + selection + verification + acceptance) of
     the engine, dense verification vs SpecAttn at the p that keeps ~25% of the draft
@@ -40,6 +41,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -135,26 +137,29 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 @torch.no_grad()
 def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], topp: float, layer_map_path=None,
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
-               sink_distance=None, draft_window=None, also_always_sparse: bool = False) -> dict:
+               sink_distance=None, draft_window=None, also_always_sparse: bool = False,
+               combine: str = "union", also_combine=()) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching). Plain decoding runs
     once, the speculative modes once choosing each step's γ up to the largest of gammas, and
     SpecAttn each step's verification, sparse or dense (rows "dense", "specattn", as
     specattn.py runs them); with fixed_gamma, once more per γ in gammas with every step
     proposing it ("dense γ=2" and so on); with also_always_sparse, SpecAttn once more verifying
-    sparsely every step past sparse_from ("specattn always sparse"). sink_distance: the draft's
+    sparsely every step past sparse_from ("specattn always sparse"); for each of also_combine,
+    SpecAttn once more with that way of making the draft rows one selection ("specattn first":
+    see specattn.COMBINE; `combine` is the rows' own). sink_distance: the draft's
     (None: its config's, 512); draft_window: the draft's attention window (None: its training
     window, the same 512; see specattn.SpecEngine). Returns {(batch, context): {label: tokens/s}}."""
     target, draft, tokenizer = load_pair(device="cuda", sink_distance=sink_distance)
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
-    selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from)
+    selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from, combine=combine)
     window = SA.draft_window_of(draft, draft_window)
     fixed = f" and fixed at {','.join(map(str, gammas))}" if fixed_gamma else ""
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, "
         f"γ chosen per step up to {max(gammas)}{fixed}, "
         f"SpecAttn p={topp} "
-        f"(sparse from {sparse_from} positions), the draft's sink at {draft.args.sink_distance} "
+        f"(the draft rows' {combine}, --combine; sparse from {sparse_from} positions), the draft's sink at {draft.args.sink_distance} "
         f"(--sink-distance), its attention window "
         f"{window or 'off'} (--draft-window), {max_new_tokens} new tokens per row")
     header_done = False
@@ -163,12 +168,15 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
         for B in batches:
             prompts = SA.book_prompts(tokenizer, B * prompts_per_row, context)
             results = {}
-            runs = [(SA.MODES, max(gammas), True, True, "")]  # (modes, γ, γ chosen, verification chosen, tag)
-            runs += [(("dense", "specattn"), g, False, True, f" γ={g}") for g in gammas if fixed_gamma]
-            runs += [(("specattn",), max(gammas), True, False, " always sparse")] if also_always_sparse else []
-            for modes, g, auto, verify, tag in runs:
+            # (modes, γ, γ chosen, verification chosen, selection, tag)
+            runs = [(SA.MODES, max(gammas), True, True, selection, "")]
+            runs += [(("dense", "specattn"), g, False, True, selection, f" γ={g}") for g in gammas if fixed_gamma]
+            runs += [(("specattn",), max(gammas), True, False, selection, " always sparse")] * also_always_sparse
+            runs += [(("specattn",), max(gammas), True, True, replace(selection, combine=c), f" {c}")
+                     for c in also_combine]
+            for modes, g, auto, verify, run_selection, tag in runs:
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
-                                              selection, modes, batch_size=B, adaptive_gamma=auto,
+                                              run_selection, modes, batch_size=B, adaptive_gamma=auto,
                                               draft_window=window, choose_verification=verify).items():
                     results[mode + ("" if mode == "plain" else tag)] = run
             table = SA.results_table(results, B, context, len(prompts), sparse_from, verification_chosen=True)
@@ -565,6 +573,11 @@ def main(argv=None):
                         "verifying sparsely every step past --sparse-from (row 'specattn always sparse'); the "
                         "row 'specattn' chooses sparse or dense verification per step, as specattn.py does")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
+    parser.add_argument("--combine", choices=SA.COMBINE, default="union", help="demo: how SpecAttn makes the "
+                        "draft's attention rows one selection (see specattn.py --help)")
+    parser.add_argument("--also-combine", default="", help="demo: SpecAttn also runs once per value here "
+                        "(comma-separated, from --combine's choices) choosing its rows that way (rows "
+                        "'specattn first' and so on)")
     parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
                         "row densely until it holds this many positions (0: sparse from the first step)")
     parser.add_argument("--sink-distance", type=int, metavar="N", help="demo: the draft reads its attention "
@@ -593,6 +606,9 @@ def main(argv=None):
         raise SystemExit("error: --parts takes a comma-separated subset of "
                          f"demo,8b,hf,kernels,merge,window,cpu, got {args.parts!r}")
     batches, contexts, gammas = (int_list(getattr(args, name), name) for name in ("batches", "contexts", "gamma"))
+    also_combine = [c for c in args.also_combine.split(",") if c]
+    if any(c not in SA.COMBINE for c in also_combine):
+        raise SystemExit(f"error: --also-combine takes values from {','.join(SA.COMBINE)}, got {args.also_combine!r}")
     if "cpu" in parts and len(parts) > 1:
         raise SystemExit("error: --parts cpu runs alone (the other parts need a GPU)")
     if parts != {"cpu"} and not torch.cuda.is_available():
@@ -616,7 +632,7 @@ def main(argv=None):
     if "demo" in parts:
         demo = bench_demo(say, batches, contexts, args.max_new_tokens, gammas, args.topp, args.layer_map,
                           args.prompts_per_row, args.sparse_from, args.fixed_gamma, args.sink_distance,
-                          args.draft_window, args.also_always_sparse)
+                          args.draft_window, args.also_always_sparse, args.combine, also_combine)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

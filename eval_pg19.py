@@ -54,7 +54,7 @@ from calibrate import DEMO_DRAFT, add_pair_arguments, check_device, layer_map_fo
 from demo import demo_books, demo_target
 from kernels import check_topp, topp_mask
 from model import check_memory, kv_cache_bytes, write_atomic
-from specattn import (SelectionConfig, acceptance_probability, count_kv_reads, draft_selection, window_attention,
+from specattn import (COMBINE, SelectionConfig, acceptance_probability, count_kv_reads, draft_selection, window_attention,
                       window_prefill)
 
 METHODS = ("dense", "specattn", "oracle", "quest", "streamingllm", "h2o")
@@ -505,9 +505,9 @@ def parse_args(argv=None):
     experiments.add_argument("--quest-page", type=int, default=QuestConfig.page,
                              help="Quest: keys per page (its paper: 16); each page's min and max cost "
                                   "2/page of the keys' bytes, not counted in the KV reads")
-    experiments.add_argument("--combine", choices=["union", "mean"], default="union",
-                             help="SpecAttn: running union of the draft rows' top-p sets, or top-p of their "
-                                  "running mean")
+    experiments.add_argument("--combine", choices=COMBINE, default="union",
+                             help="SpecAttn: running union of the draft rows' top-p sets, top-p of their "
+                                  "running mean, or the block's first row's top-p set for every query")
     experiments.add_argument("--per-head", action="store_true",
                              help="SpecAttn: select per KV head (draft heads must group into the "
                                   "target's KV heads)")

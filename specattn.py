@@ -61,11 +61,24 @@ from model import (Tokenizer, Transformer, apply_rope, cache_attention, compile_
 # Draft attention -> target KV selection
 
 
+# A verification block's queries are [last, d1, ..., dγ]; draft step i's attention row is
+# the draft's at the query of the block's token i. "union": query t's selection is the union
+# of top-p sets of rows 0..t (generation takes all γ rows for the whole block). "mean": top-p
+# of those rows' mean. "first": row 0 alone, the draft's attention at the block's first
+# query, for every query: the draft computes one attention row a step instead of γ (its other
+# steps read only its window) and the target reads one top-p set. Query 0 is where most
+# speculation is decided (every accepted token needs its agreement), and consecutive queries
+# mostly attend to the same positions.
+COMBINE = ("union", "mean", "first")
+
+
 @dataclass
 class SelectionConfig:
     topp: float = 0.9
     dense_layers: int = 2  # the first layers always read everything
-    combine: str = "union"  # how the draft's rows become one selection: "union" of top-p sets, or "mean" rows
+    # How the draft's rows become one selection: "union" of their top-p sets, top-p of their
+    # "mean", or the "first" row's top-p set alone (see COMBINE).
+    combine: str = "union"
     sinks: int = 0  # always read the first `sinks` positions
     per_head: bool = False  # select per target KV head (needs draft heads == target heads)
     # Rows whose cache holds fewer positions than this verify densely: skipping reads saves
@@ -77,8 +90,8 @@ class SelectionConfig:
         if self.sparse_from < 0:
             raise ValueError(f"sparse_from (positions before verification turns sparse) must be >= 0, "
                              f"got {self.sparse_from}")
-        if self.combine not in ("union", "mean"):
-            raise ValueError(f"combine must be 'union' or 'mean', got {self.combine!r}")
+        if self.combine not in COMBINE:
+            raise ValueError(f"combine must be one of {', '.join(COMBINE)}, got {self.combine!r}")
 
 
 def draft_selection(draft_probs: list, past_len: int, layer_map: list[int], n_kv_heads: int,
@@ -112,6 +125,9 @@ def _select_from_rows(probs: torch.Tensor, n_kv_heads: int, cfg: SelectionConfig
         rows = probs.float().mean(1, keepdim=True)  # [B, 1, T, S]: one selection for all heads
     if S < cfg.sparse_from:  # a context this short is read whole
         keep = torch.ones(B, rows.shape[1], T if causal else 1, S, dtype=torch.bool, device=rows.device)
+    elif cfg.combine == "first":  # the block's first row serves every query (causal: row 0 precedes them all)
+        keep = topp_mask(rows[:, :, :1], cfg.topp)
+        keep = keep.expand(B, rows.shape[1], T, S) if causal else keep
     elif cfg.combine == "mean":  # average the rows (running average if causal), then one top-p cut
         if causal:
             rows = rows.cumsum(2) / torch.arange(1, T + 1, device=rows.device).view(1, 1, T, 1)
@@ -585,7 +601,8 @@ class SpecEngine:
             self.uses = torch.zeros(n_used, **i64)
             for j in sparse:
                 self.uses[self.layer_map[j] - self.first_used] += 1
-            self.draft_rows = torch.zeros(n_used, B, G, max_len, device=device)  # [used, B, γ, S]
+            n_rows = 1 if self.cfg.combine == "first" else G  # draft steps that keep their attention row
+            self.draft_rows = torch.zeros(n_used, B, n_rows, max_len, device=device)  # [used, B, γ or 1, S]
         # What the host reads after each step: [done, tokens so far (at most max_new)] per row.
         self.flags = torch.zeros(2, B, **i64)
         self.graphs: dict = {}
@@ -606,11 +623,12 @@ class SpecEngine:
         return self.use_specattn and self.sparse_now
 
     def _draft_phase(self):
-        """γ draft tokens per row, greedy or sampled; with SpecAttn each step's attention row."""
+        """γ draft tokens per row, greedy or sampled; with SpecAttn each step's attention row
+        (combine="first": the first step's alone)."""
         self.d_cache.length = self._bound
         inp = torch.stack([self.prev, self.last], 1)  # [B, 2]: re-read prev, then the newest token
         for i in range(self.g):
-            if self.sparse:
+            if self.sparse and i < self.draft_rows.shape[2]:  # (combine="first": step 0's row alone)
                 used = range(self.first_used, self.first_used + len(self.draft_rows))  # layers the map reads
                 logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used), attend=self.draft_attend)
                 self.draft_rows[:, :, i].copy_(torch.stack([rows[u] for u in used]))  # [B, S] per used layer
@@ -634,9 +652,9 @@ class SpecEngine:
         A row shorter than sparse_from lists every cached position."""
         cfg = self.cfg
         lengths = self.t_cache.lengths[None, :, None]  # [1, B, 1]: broadcast over used layers and rows
-        rows = self.draft_rows[:, :, :self.g]  # [used, B, γ, S]: this step's draft rows
+        rows = self.draft_rows[:, :, :self.g]  # [used, B, γ or 1, S]: this step's draft rows
         rows = rows.mean(2, keepdim=True) if cfg.combine == "mean" else rows
-        if cfg.combine == "mean" and not cfg.sinks and not cfg.sparse_from:  # one cut of the mean: one launch
+        if cfg.combine != "union" and not cfg.sinks and not cfg.sparse_from:  # one row's cut: one launch
             self.sel_idx, self.sel_count = topp_select(rows[:, :, 0], cfg.topp, lengths=lengths[..., 0])
             return
         keep = topp_mask(rows, cfg.topp, lengths=lengths)  # [used, B, γ or 1, S]: each row's top-p set
@@ -1222,11 +1240,12 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
 def check_engine(target, draft, tokenizer_prompts, layer_map, selection: SelectionConfig, gamma: int,
                  label: str, draft_window: Optional[int] = None) -> None:
     """The graphed engine against the same engine run eagerly, on ragged prompts, every mode,
-    greedy: token for token, and the same counters. SpecAttn runs four times: sparse from the
+    greedy: token for token, and the same counters. SpecAttn runs five times: sparse from the
     first step; sparse from a length the rows reach while they generate (dense steps first,
     then sparse ones, from graphs captured at the first step); the same with each step's γ
     chosen by a GammaChooser with fixed costs (so its choices follow the tokens alone), and
-    with γ and sparse or dense verification chosen by a VerifyChooser with fixed costs. Also
+    with γ and sparse or dense verification chosen by a VerifyChooser with fixed costs, once
+    with the selection's own combine and once selecting from the first draft row alone. Also
     reports how far the speculative modes follow plain decoding (bf16 may part them at
     near-ties)."""
     device = target.output.weight.device
@@ -1243,6 +1262,8 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
             (f"specattn sparse from {crossing}, γ chosen per step", crossed,
              lambda: GammaChooser(gamma, costs=(0.25, 1.0))),
             (f"specattn sparse from {crossing}, γ and verification chosen per step", crossed,
+             lambda: VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8)),
+            (f"specattn sparse from {crossing}, the first draft row alone", replace(crossed, combine="first"),
              lambda: VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8))]
     plain = None
     for mode, cfg, new_chooser in runs:
@@ -1328,8 +1349,9 @@ def main(argv=None):
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
                              help="always read the first N positions (attention sinks), whatever the "
                                   "draft says")
-    experiments.add_argument("--combine", choices=["union", "mean"], default="union",
-                             help="union of the draft rows' top-p sets, or top-p of their mean")
+    experiments.add_argument("--combine", choices=COMBINE, default="union",
+                             help="union of the draft rows' top-p sets, top-p of their mean, or the first "
+                                  "row's top-p set alone (one attention row a step from the draft)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="which to run, comma-separated: plain (the target alone), dense (speculative, "
                              "dense verification), specattn")

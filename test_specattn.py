@@ -1378,6 +1378,11 @@ def test_selection_from_hand_built_attention():
                                 causal=True)
     assert causal[1][0, 0].tolist() == [[True, True, False, False, False, False],
                                         [True, True, True, True, True, True]]
+    # "first": row a's top-p set for both queries, causal or not.
+    for causal in (False, True):
+        first = SA.draft_selection([probs], past, [0, 0], 1, SA.SelectionConfig(topp=0.75, dense_layers=1,
+                                                                                combine="first"), causal=causal)
+        assert first[1][0, 0].tolist() == [[True, True, False, False, False, False]] * (2 if causal else 1)
     # sparse_from: a context shorter than it is read whole; from it on, the top-p sets above.
     for sparse_from, first_row in ((7, [True] * 6), (6, [True, True, False, False, False, False])):
         cfg = SA.SelectionConfig(topp=0.75, dense_layers=1, sparse_from=sparse_from)
@@ -1400,18 +1405,21 @@ def test_kv_accounting_equals_brute_force():
     assert dense_sp == 3 * hkv * past and read_sp == brute - 2 * hkv * past
 
 
-@pytest.mark.parametrize("combine, sinks", [("union", 0), ("union", 3), ("mean", 0), ("mean", 2)])
+@pytest.mark.parametrize("combine, sinks", [("union", 0), ("union", 3), ("mean", 0), ("mean", 2), ("first", 0),
+                                            ("first", 2)])
 def test_engine_selection_is_each_rows_top_p_below_its_length(combine, sinks):
     """The select phase (kernels with per-row lengths on the device) against the definition
     spelled out row by row: per used draft layer and batch row, the draft rows cut to the
-    target's cached positions, top-p per row (or of their mean), their union, the sinks."""
+    target's cached positions, top-p per row (or of their mean, or of the first row alone),
+    their union, the sinks."""
     target, _ = tiny_pair(2)
     draft = self_draft(target)
     cfg = SA.SelectionConfig(topp=0.6, dense_layers=1, combine=combine, sinks=sinks)
     engine = SA.SpecEngine(target, draft, batch_size=3, max_len=40, gamma=3, layer_map=[0, 0, 1],
                            selection=cfg, use_specattn=True)
     g = torch.Generator().manual_seed(4)
-    engine.draft_rows.copy_(torch.rand(engine.draft_rows.shape, generator=g) ** 4)  # [used, B, γ, S]
+    engine.draft_rows.copy_(torch.rand(engine.draft_rows.shape, generator=g) ** 4)  # [used, B, γ or 1, S]
+    assert engine.draft_rows.shape[2] == (1 if combine == "first" else 3)  # "first" keeps one row a step
     lengths = [2, 17, 33]
     engine.t_cache.lengths.copy_(torch.tensor(lengths))
     engine._select_phase()
@@ -1423,6 +1431,27 @@ def test_engine_selection_is_each_rows_top_p_below_its_length(combine, sinks):
         keep[:sinks] = True
         listed = engine.sel_idx[u, b, :engine.sel_count[u, b]].tolist()
         assert listed == keep.nonzero().flatten().tolist(), f"layer {u} row {b}"
+
+
+def test_first_row_draft_phase_keeps_step_zeros_row_of_the_union_engine():
+    """combine="first": the draft phase keeps the attention row of its first step alone, the
+    same row (and the same draft tokens) as an engine that keeps every step's row."""
+    target, _ = tiny_pair(2)
+    draft = self_draft(target)
+    prompts = [list(range(3, 20)), [5, 6, 7]]
+    engines = {}
+    for combine in ("union", "first"):
+        cfg = SA.SelectionConfig(topp=0.6, dense_layers=1, combine=combine)
+        engine = SA.SpecEngine(target, draft, batch_size=2, max_len=40, gamma=3, layer_map=[0, 0, 1],
+                               selection=cfg, use_specattn=True)
+        engine.prefill(prompts, 8)
+        engine._draft_phase()
+        engines[combine] = engine
+    union, first = engines["union"], engines["first"]
+    assert first.draft_rows.shape[2] == 1 and union.draft_rows.shape[2] == 3
+    assert torch.equal(first.drafted, union.drafted)
+    assert torch.equal(first.draft_rows[:, :, 0], union.draft_rows[:, :, 0])
+    assert first.draft_rows[:, :, 0].sum() > 0  # a row was written
 
 
 def test_specattn_generation_counts_match_selection():
@@ -1655,8 +1684,8 @@ def test_engine_plain_decoding_equals_full_forwards(references):
     assert SA.greedy_generate(target, prompts, 17) == [naive_greedy(target, p, 17) for p in prompts]
 
 
-@pytest.mark.parametrize("mode", ["plain", "dense", "specattn", "specattn_mean_sinks", "dense_window",
-                                  "specattn_window"])
+@pytest.mark.parametrize("mode", ["plain", "dense", "specattn", "specattn_mean_sinks", "specattn_first",
+                                  "dense_window", "specattn_window"])
 def test_ragged_batch_equals_each_row_alone(mode, references):
     """A batch of prompts of different lengths: every row's tokens, accepted counts and KV
     reads equal that row run alone (its own acceptances, no row waits for another); at p=1
@@ -1664,8 +1693,8 @@ def test_ragged_batch_equals_each_row_alone(mode, references):
     target, _ = tiny_pair(6)
     draft = self_draft(target)
     prompts = [list(range(3, 30)), [7], list(range(40, 49)), [11, 12]]
-    cfg = SA.SelectionConfig(topp=0.6, dense_layers=1, **({"combine": "mean", "sinks": 2}
-                                                          if mode == "specattn_mean_sinks" else {}))
+    extra = {"specattn_mean_sinks": {"combine": "mean", "sinks": 2}, "specattn_first": {"combine": "first"}}
+    cfg = SA.SelectionConfig(topp=0.6, dense_layers=1, **extra.get(mode, {}))
     use = mode.startswith("specattn")
 
     def engine(rows):  # the _window modes: the draft reads position 0 and the 4 positions before a query
