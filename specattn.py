@@ -727,6 +727,11 @@ class SpecEngine:
         self.t_cache.rewind_rows(drop)
         if self.draft is not None:
             self.d_cache.rewind_rows(drop)
+        # A finished row's caches are emptied (its tokens are in `out`): the steps it still
+        # takes part in (the rest of a fixed batch, or the step before the host refills it)
+        # then attend over their own block alone, not over its whole context.
+        for cache in (self.t_cache, self.d_cache) if self.draft is not None else (self.t_cache,):
+            cache.lengths.masked_fill_(self.done, 0)
         if G:  # prev: the newest token the target keeps cached, d_k (or `last` if none was accepted)
             d_k = drafted.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0]
             newest_kept = torch.where(k > 0, d_k, self.last)
@@ -905,7 +910,7 @@ class SpecEngine:
         ended): the one host synchronisation per step, made while step t + 1 runs, so the GPU
         waits for the host only if the host's work per step outlasts a step. So a row is seen
         to finish one step late; that step changes nothing in a finished row (the accept phase
-        rewinds it, see `_accept_phase`), and the engine runs one step more than the rows
+        rewinds it, and a finished row's caches stay empty: see `_accept_phase`), and the engine runs one step more than the rows
         need. A step on which rows finish also reads their tokens.
 
         The same flags bound each row's length for SpecAttn's sparse_from: a row's target

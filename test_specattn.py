@@ -2043,6 +2043,32 @@ def test_rows_stop_at_their_own_eos(references):
     assert stats.tokens == sum(len(r) for r in got)
 
 
+def test_a_finished_row_reads_nothing_more(references):
+    """A row that stops (its EOS here) has both caches emptied, while the batch's other rows
+    run on with theirs: the steps it still takes part in attend over their own block alone."""
+    target, _ = tiny_pair(7)
+    draft = self_draft(target)
+    prompts = [[1, 2, 3], [50, 51, 52, 53, 54, 55]]
+    free = SA.greedy_generate(target, prompts, 20)
+    eos = free[0][3]
+    assert eos not in free[1]  # row 1 runs until its token limit
+    engine = SA.make_engine("dense", target, draft, prompts, 20, 2, 0.0, None, SA.SelectionConfig(), eos_id=eos)
+    engine.prefill(prompts, 20)
+    steps = 0
+    while not engine.done[0]:
+        engine.step()
+        steps += 1
+    assert not engine.done[1]
+    for _ in range(2):  # the step that finished row 0, then one it idles through
+        assert engine.t_cache.lengths[0] == 0 and engine.d_cache.lengths[0] == 0
+        n_out = int(engine.n_out[1])
+        assert (engine.t_cache.lengths[1], engine.d_cache.lengths[1]) == (len(prompts[1]) + n_out - 1,
+                                                                           len(prompts[1]) + n_out - 2)
+        engine.step()
+    got, _ = engine.generate(prompts, 20)  # and the rows' tokens are each row's own
+    assert got == [free[0][:free[0].index(eos) + 1], free[1]]
+
+
 @pytest.mark.parametrize("propose", [None, 1])
 def test_speculative_sampling_keeps_target_distribution_in_a_batch(references, propose):
     """Sampling: the first two tokens of every row follow the target's own joint distribution
