@@ -58,6 +58,10 @@ DRAFT_1B = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=6
                      vocab_size=128256, rope_theta=500000.0, max_seq_len=131072 + 512,
                      tie_word_embeddings=True)
 LAYER_MAP_8B = [j // 2 for j in range(32)]  # a monotone 32 -> 16 map, as calibrate.py would give
+# The demo pair's shapes (SmolLM2-135M and its 4-layer draft), for the random-weight tables (f).
+DEMO_TARGET = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536,
+                        vocab_size=49152, rope_theta=1e5, max_seq_len=8192, tie_word_embeddings=True)
+DEMO_DRAFT = replace(DEMO_TARGET, n_layers=4)
 
 
 def random_model(args: ModelArgs, seed: int) -> Transformer:
@@ -423,7 +427,7 @@ def bench_draft_window(say, window: int = 512) -> None:
         "draft step), 2 (a draft's first step); + row: also the last query's attention over every position")
     say("| B | queries | S | whole cache | window | whole + row | window + row |")
     say("|---|---|---|---|---|---|---|")
-    layers, Hq, Hkv, D = 4, 9, 3, 64
+    layers, Hq, Hkv, D = DEMO_DRAFT.n_layers, DEMO_DRAFT.n_heads, DEMO_DRAFT.n_kv_heads, DEMO_DRAFT.head_dim
     for B, T, S in itertools.product((1, 8), (1, 2), (1024, 4096, 7900)):
         kc = [torch.randn(B, Hkv, S + 8, D, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
         vc = [torch.randn_like(k) for k in kc]
@@ -457,11 +461,9 @@ def bench_prefill(say, window: int = 512, reps: int = 5) -> None:
     draft's through its window (specattn.window_prefill: one forward, the attention in chunks
     of PREFILL_BLOCK queries, every chunk at once). Checked first: the windowed prefill's cache
     equals forwards of PREFILL_BLOCK tokens each (their definition)."""
-    demo = dict(dim=576, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536, vocab_size=49152,
-                rope_theta=1e5, max_seq_len=8192, tie_word_embeddings=True)
-    target = SA.random_model(ModelArgs(**demo, n_layers=30), "cuda", torch.bfloat16, seed=0)
-    draft = SA.random_model(ModelArgs(**demo, n_layers=4, sink_distance=window), "cuda", torch.bfloat16, seed=1)
-    tokens = torch.randint(0, demo["vocab_size"], (8, 7900), device="cuda")
+    target = random_model(DEMO_TARGET, seed=0)
+    draft = random_model(replace(DEMO_DRAFT, sink_distance=window), seed=1)
+    tokens = torch.randint(0, DEMO_TARGET.vocab_size, (8, 7900), device="cuda")
     one, blocks = draft.new_cache(batch_size=1, max_len=2048), draft.new_cache(batch_size=1, max_len=2048)
     SA.window_prefill(draft, tokens[:1, :2000], one, window)
     for t0 in range(0, 2000, SA.PREFILL_BLOCK):
