@@ -3,8 +3,9 @@
 The loop, in one picture (γ = gamma), run for every row of a batch at once:
 
     draft : [prev, last] -> d1 -> ... -> dγ     γ cheap draft steps, each reading the draft's
-                                                trained window of its cache; each step's attention
-                                                row over the whole context is kept (SpecAttn)
+                                                trained window of its cache; SpecAttn keeps the
+                                                first step's attention row over the whole context
+                                                (every step's with combine="union", see COMBINE)
     select: for target layer j, draft layer layer_map[j]'s head-averaged attention,
             cut at top-p, says which cached positions the target reads
     target: [last, d1, ..., dγ] in ONE forward  (γ+1 queries, sparse in layers >= dense_layers)
@@ -53,11 +54,6 @@ from model import (Tokenizer, Transformer, apply_rope, cache_attention, compile_
                    free_memory, kv_cache_bytes, write_atomic)
 
 # ----------------------------------------------------------------------------------------
-# Loading a target/draft pair
-
-
-
-# ----------------------------------------------------------------------------------------
 # Draft attention -> target KV selection
 
 
@@ -70,6 +66,16 @@ from model import (Tokenizer, Transformer, apply_rope, cache_attention, compile_
 # speculation is decided (every accepted token needs its agreement), and consecutive queries
 # mostly attend to the same positions.
 COMBINE = ("union", "mean", "first")
+# Generation's default for SelectionConfig.combine: the draft's first row alone. A step then
+# asks the draft for one attention row, not γ, and the target reads one top-p set, so the γ
+# chooser can afford as many draft tokens as dense speculation: on one H200 with continuous
+# batching (docs/performance.md, "SpecAttn reading the draft's first row alone") 1.05-1.50x
+# dense speculation against the union's 0.96-1.33x, at 0.92-1.06x dense speculation's tokens
+# per step. Teacher-forced at γ = 4 (docs/results.md, "The first draft row alone") it buys less
+# perplexity per KV read than the union (eval_pg19.py's default), whose later queries read
+# their own rows' positions too: the same +4.4% at 57-58% of reads saved, but +42.8% at 87.1%
+# against the union's +18.0% at 80.0%.
+GENERATION_COMBINE = "first"
 
 
 @dataclass
@@ -485,9 +491,9 @@ class VerifyChooser:
 class SpecEngine:
     """Speculative decoding of a batch, on fixed buffers, one step as four phases.
 
-    A step is  draft (γ draft forwards, each keeping its attention row) -> select (top-p on
-    those rows: the target's reading list) -> verify (one target forward of γ + 1 tokens)
-    -> accept (how many draft tokens each row keeps; explicit rewind of both caches). Every
+    A step is  draft (γ draft forwards; with SpecAttn the first, or each, keeps its attention
+    row, see COMBINE) -> select (top-p on those rows: the target's reading list) -> verify
+    (one target forward of γ + 1 tokens) -> accept (how many draft tokens each row keeps; explicit rewind of both caches). Every
     phase reads and writes only tensors the engine owns, sized once for (batch, γ, max_len),
     and each batch row's cache length lives on the device. So on CUDA each phase is
     captured once as a CUDA graph and replayed for every later step, however the rows grow
@@ -910,8 +916,9 @@ class SpecEngine:
         ended): the one host synchronisation per step, made while step t + 1 runs, so the GPU
         waits for the host only if the host's work per step outlasts a step. So a row is seen
         to finish one step late; that step changes nothing in a finished row (the accept phase
-        rewinds it, and a finished row's caches stay empty: see `_accept_phase`), and the engine runs one step more than the rows
-        need. A step on which rows finish also reads their tokens.
+        rewinds it, and a finished row's caches stay empty: see `_accept_phase`), and the
+        engine runs one step more than the rows need. A step on which rows finish also reads
+        their tokens.
 
         The same flags bound each row's length for SpecAttn's sparse_from: a row's target
         cache holds its prompt + n_out - 1 positions, and each step adds at most γ + 1 to
@@ -1128,13 +1135,15 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
 
     temperature 0 is greedy: every row's output equals the target's own greedy decoding of
     it (with SpecAttn off, or topp=1). topp < 1 turns SpecAttn on (needs layer_map).
+    selection: None is SelectionConfig(combine=GENERATION_COMBINE), the draft's first row.
     engine: a SpecEngine to reuse (its captured graphs too); None builds one for this call.
     draft_window: see SpecEngine (None: the draft's training window).
     """
     prompts, single = _as_batch(prompt_ids)
     if topp is not None and layer_map is None:
         raise ValueError("SpecAttn (topp) needs a layer map: pass layer_map (see calibrate.py)")
-    cfg = replace(selection or SelectionConfig(), **({"topp": topp} if topp is not None else {}))  # a copy
+    cfg = replace(selection or SelectionConfig(combine=GENERATION_COMBINE),
+                  **({"topp": topp} if topp is not None else {}))  # a copy
     if engine is None:
         mode = "specattn" if topp is not None and topp < 1 else "dense"
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, cfg,
@@ -1354,9 +1363,10 @@ def main(argv=None):
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
                              help="always read the first N positions (attention sinks), whatever the "
                                   "draft says")
-    experiments.add_argument("--combine", choices=COMBINE, default="union",
-                             help="union of the draft rows' top-p sets, top-p of their mean, or the first "
-                                  "row's top-p set alone (one attention row a step from the draft)")
+    experiments.add_argument("--combine", choices=COMBINE, default=GENERATION_COMBINE,
+                             help="the first draft row's top-p set alone (one attention row a step from the "
+                                  "draft), the union of every draft row's top-p set (eval_pg19.py's default), "
+                                  "or top-p of their mean")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="which to run, comma-separated: plain (the target alone), dense (speculative, "
                              "dense verification), specattn")
