@@ -1259,7 +1259,7 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
     then sparse ones, from graphs captured at the first step); the same with each step's γ
     chosen by a GammaChooser with fixed costs (so its choices follow the tokens alone), and
     with γ and sparse or dense verification chosen by a VerifyChooser with fixed costs, once
-    with the selection's own combine and once selecting from the first draft row alone. Also
+    with the selection's own combine and once with the other of "first" and "union". Also
     reports how far the speculative modes follow plain decoding (bf16 may part them at
     near-ties)."""
     device = target.output.weight.device
@@ -1268,6 +1268,7 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
     prompts = tokenizer_prompts
     crossing = min(len(p) for p in prompts) + 24  # 48 new tokens take the shortest row past it
     crossed = replace(selection, sparse_from=crossing)
+    other = "union" if selection.combine == "first" else "first"  # the last run selects the other way
     # (mode, selection, a fresh chooser for each of the two runs: fixed costs, so its choices follow the tokens)
     none = lambda: None  # noqa: E731
     runs = [("plain", selection, none), ("dense", selection, none),
@@ -1277,7 +1278,8 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
              lambda: GammaChooser(gamma, costs=(0.25, 1.0))),
             (f"specattn sparse from {crossing}, γ and verification chosen per step", crossed,
              lambda: VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8)),
-            (f"specattn sparse from {crossing}, the first draft row alone", replace(crossed, combine="first"),
+            (f"specattn sparse from {crossing}, γ and verification chosen per step, combine={other}",
+             replace(crossed, combine=other),
              lambda: VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8))]
     plain = None
     for mode, cfg, new_chooser in runs:
