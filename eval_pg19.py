@@ -54,8 +54,8 @@ from calibrate import DEMO_DRAFT, add_pair_arguments, check_device, layer_map_fo
 from demo import demo_books, demo_target
 from kernels import check_topp, topp_mask
 from model import check_memory, kv_cache_bytes, write_atomic
-from specattn import (COMBINE, SelectionConfig, acceptance_probability, count_kv_reads, draft_selection, window_attention,
-                      window_prefill)
+from specattn import (COMBINE, SelectionConfig, acceptance_probability, count_kv_reads, draft_selection,
+                      window_attention, window_prefill)
 
 METHODS = ("dense", "specattn", "oracle", "quest", "streamingllm", "h2o")
 BUDGETED = ("quest", "streamingllm", "h2o")

@@ -493,10 +493,10 @@ class SpecEngine:
 
     A step is  draft (γ draft forwards; with SpecAttn the first, or each, keeps its attention
     row, see COMBINE) -> select (top-p on those rows: the target's reading list) -> verify
-    (one target forward of γ + 1 tokens) -> accept (how many draft tokens each row keeps; explicit rewind of both caches). Every
-    phase reads and writes only tensors the engine owns, sized once for (batch, γ, max_len),
-    and each batch row's cache length lives on the device. So on CUDA each phase is
-    captured once as a CUDA graph and replayed for every later step, however the rows grow
+    (one target forward of γ + 1 tokens) -> accept (how many draft tokens each row keeps;
+    explicit rewind of both caches). Every phase reads and writes only tensors the engine
+    owns, sized once for (batch, γ, max_len), and each batch row's cache length lives on the
+    device. So on CUDA each phase is captured once as a CUDA graph and replayed for every later step, however the rows grow
     (no recapture, no recompilation); on a CPU the same phase functions run eagerly, with
     the PyTorch references inside `kernels.attention_slot`.
 
