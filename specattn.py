@@ -496,9 +496,9 @@ class SpecEngine:
     (one target forward of γ + 1 tokens) -> accept (how many draft tokens each row keeps;
     explicit rewind of both caches). Every phase reads and writes only tensors the engine
     owns, sized once for (batch, γ, max_len), and each batch row's cache length lives on the
-    device. So on CUDA each phase is captured once as a CUDA graph and replayed for every later step, however the rows grow
-    (no recapture, no recompilation); on a CPU the same phase functions run eagerly, with
-    the PyTorch references inside `kernels.attention_slot`.
+    device. So on CUDA each phase is captured once as a CUDA graph and replayed for every
+    later step, however the rows grow (no recapture, no recompilation); on a CPU the same
+    phase functions run eagerly, with the PyTorch references inside `kernels.attention_slot`.
 
     Row state between steps (b: batch row): the target cache holds lengths[b] positions;
     `prev[b]` is the token at the last of them, `last[b]` the newest token, in no cache yet.
