@@ -10,7 +10,7 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     each step's γ chosen up to --gamma and SpecAttn's verification, sparse or dense, chosen per
     step, as specattn.py runs; --gamma 2,3,4 --fixed-gamma also runs the speculative modes once
     per fixed γ, --also-always-sparse SpecAttn once with every step past --sparse-from sparse,
-    --also-combine union SpecAttn once selecting from the union of every draft row's top-p set).
+    --also-combine first SpecAttn once selecting from the draft's first row alone).
 (b) random-weight Llama-3-8B / Llama-3.2-1B shapes at batch 1 / 128k and batch 8 / 32k:
     one whole speculative step (γ draft steps + selection + verification + acceptance) of
     the engine, dense verification vs SpecAttn at the p that keeps ~25% of the draft
@@ -142,7 +142,7 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], topp: float, layer_map_path=None,
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
                sink_distance=None, draft_window=None, also_always_sparse: bool = False,
-               combine: str = SA.GENERATION_COMBINE, also_combine=()) -> dict:
+               combine: str = "union", also_combine=()) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching). Plain decoding runs
     once, the speculative modes once choosing each step's γ up to the largest of gammas, and
@@ -150,7 +150,7 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
     specattn.py runs them); with fixed_gamma, once more per γ in gammas with every step
     proposing it ("dense γ=2" and so on); with also_always_sparse, SpecAttn once more verifying
     sparsely every step past sparse_from ("specattn always sparse"); for each of also_combine,
-    SpecAttn once more with that way of making the draft rows one selection ("specattn union":
+    SpecAttn once more with that way of making the draft rows one selection ("specattn first":
     see specattn.COMBINE; `combine` is the other rows'). sink_distance: the draft's
     (None: its config's, 512); draft_window: the draft's attention window (None: its training
     window, the same 512; see specattn.SpecEngine). Returns {(batch, context): {label: tokens/s}}."""
@@ -530,7 +530,7 @@ def bench_cpu(say, context: int, max_new_tokens: int, reps: int = 15) -> None:
                     cache.rewind(T)  # the next forward writes the same positions
             ms = [1e3 * statistics.median(v) for v in times.values()]
             say(f"| {name} | {T} | " + " | ".join(f"{m:.1f}" for m in ms) + f" | {ms[1] / ms[0]:.2f}x |")
-    selection = SA.SelectionConfig(topp=0.9, sparse_from=SA.SPARSE_FROM, combine=SA.GENERATION_COMBINE)
+    selection = SA.SelectionConfig(topp=0.9, sparse_from=SA.SPARSE_FROM)
     layer_map = layer_map_for(target, draft, tokenizer, None)
     for form, few in forms.items():
         M.CPU_FEW_ROWS_FORM = few
@@ -576,11 +576,11 @@ def main(argv=None):
                         "verifying sparsely every step past --sparse-from (row 'specattn always sparse'); the "
                         "row 'specattn' chooses sparse or dense verification per step, as specattn.py does")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
-    parser.add_argument("--combine", choices=SA.COMBINE, default=SA.GENERATION_COMBINE, help="demo: how SpecAttn "
-                        "makes the draft's attention rows one selection, as specattn.py --combine")
+    parser.add_argument("--combine", choices=SA.COMBINE, default="union", help="demo: how SpecAttn makes the "
+                        "draft's attention rows one selection, as specattn.py --combine")
     parser.add_argument("--also-combine", default="", help="demo: SpecAttn also runs once per value here "
                         "(comma-separated, from --combine's choices) selecting that way (rows 'specattn "
-                        "union' and so on)")
+                        "first' and so on)")
     parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
                         "row densely until it holds this many positions (0: sparse from the first step)")
     parser.add_argument("--sink-distance", type=int, metavar="N", help="demo: the draft reads its attention "

@@ -3,9 +3,9 @@
 The loop, in one picture (γ = gamma), run for every row of a batch at once:
 
     draft : [prev, last] -> d1 -> ... -> dγ     γ cheap draft steps, each reading the draft's
-                                                trained window of its cache; SpecAttn keeps the
-                                                first step's attention row over the whole context
-                                                (every step's with combine="union", see COMBINE)
+                                                trained window of its cache; SpecAttn keeps each
+                                                step's attention row over the whole context (the
+                                                first step's alone with combine="first", COMBINE)
     select: for target layer j, draft layer layer_map[j]'s head-averaged attention,
             cut at top-p, says which cached positions the target reads
     target: [last, d1, ..., dγ] in ONE forward  (γ+1 queries, sparse in layers >= dense_layers)
@@ -65,17 +65,18 @@ from model import (Tokenizer, Transformer, apply_rope, cache_attention, compile_
 # steps read only its window) and the target reads one top-p set. Query 0 is where most
 # speculation is decided (every accepted token needs its agreement), and consecutive queries
 # mostly attend to the same positions.
+#
+# What each costs and buys, measured (docs/results.md, "The first draft row alone";
+# docs/performance.md, "SpecAttn reading the draft's first row alone"): teacher-forced at γ = 4
+# the union buys more perplexity per KV read (both +4.4% at 57-58% of reads saved; at 80-87%
+# saved the union +18.0%, the first row +42.8%). In generation the union costs the draft an
+# attention row per draft token, so the γ chooser proposes fewer tokens (1.1-1.5 a step at
+# batch 32-64); with the first row it proposes as many as dense speculation, and with
+# continuous batching on one H200 SpecAttn made 1.05-1.50x dense speculation with the first
+# row against 0.96-1.33x with the union. In fixed batches, which wait for their slowest row,
+# the first row's slowest rows were slower, and the union did better in 10 of 11 rows. The
+# union is the default; --combine first is the faster choice for continuous batching.
 COMBINE = ("union", "mean", "first")
-# Generation's default for SelectionConfig.combine: the draft's first row alone. A step then
-# asks the draft for one attention row, not γ, and the target reads one top-p set, so the γ
-# chooser can afford as many draft tokens as dense speculation: on one H200 with continuous
-# batching (docs/performance.md, "SpecAttn reading the draft's first row alone") 1.05-1.50x
-# dense speculation against the union's 0.96-1.33x, at 0.92-1.06x dense speculation's tokens
-# per step. Teacher-forced at γ = 4 (docs/results.md, "The first draft row alone") it buys less
-# perplexity per KV read than the union (eval_pg19.py's default), whose later queries read
-# their own rows' positions too: the same +4.4% at 57-58% of reads saved, but +42.8% at 87.1%
-# against the union's +18.0% at 80.0%.
-GENERATION_COMBINE = "first"
 
 
 @dataclass
@@ -1135,15 +1136,13 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
 
     temperature 0 is greedy: every row's output equals the target's own greedy decoding of
     it (with SpecAttn off, or topp=1). topp < 1 turns SpecAttn on (needs layer_map).
-    selection: None is SelectionConfig(combine=GENERATION_COMBINE), the draft's first row.
     engine: a SpecEngine to reuse (its captured graphs too); None builds one for this call.
     draft_window: see SpecEngine (None: the draft's training window).
     """
     prompts, single = _as_batch(prompt_ids)
     if topp is not None and layer_map is None:
         raise ValueError("SpecAttn (topp) needs a layer map: pass layer_map (see calibrate.py)")
-    cfg = replace(selection or SelectionConfig(combine=GENERATION_COMBINE),
-                  **({"topp": topp} if topp is not None else {}))  # a copy
+    cfg = replace(selection or SelectionConfig(), **({"topp": topp} if topp is not None else {}))  # a copy
     if engine is None:
         mode = "specattn" if topp is not None and topp < 1 else "dense"
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, cfg,
@@ -1365,10 +1364,10 @@ def main(argv=None):
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
                              help="always read the first N positions (attention sinks), whatever the "
                                   "draft says")
-    experiments.add_argument("--combine", choices=COMBINE, default=GENERATION_COMBINE,
-                             help="the first draft row's top-p set alone (one attention row a step from the "
-                                  "draft), the union of every draft row's top-p set (eval_pg19.py's default), "
-                                  "or top-p of their mean")
+    experiments.add_argument("--combine", choices=COMBINE, default="union",
+                             help="the union of every draft row's top-p set; the first draft row's top-p set "
+                                  "alone (one attention row a step from the draft: faster with continuous "
+                                  "batching, --requests); or top-p of the rows' mean")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="which to run, comma-separated: plain (the target alone), dense (speculative, "
                              "dense verification), specattn")
