@@ -71,7 +71,7 @@ from model import (Tokenizer, Transformer, apply_rope, cache_attention, compile_
 # the union buys more perplexity per KV read (both +4.4% at 57-58% of reads saved; at 80-87%
 # saved the union +18.0%, the first row +42.8%). In generation the union costs the draft an
 # attention row per draft token, so the γ chooser proposes fewer tokens (1.1-1.5 a step at
-# batch 32-64); with the first row it proposes as many as dense speculation, and with
+# batch 32-64, continuous batching); with the first row it proposes as many as dense speculation, and with
 # continuous batching on one H200 SpecAttn made 1.05-1.50x dense speculation with the first
 # row against 0.96-1.33x with the union. In fixed batches, which wait for their slowest row,
 # the first row's slowest rows were slower, and the union did better in 10 of 11 rows. The
