@@ -2054,10 +2054,8 @@ def test_a_finished_row_reads_nothing_more(references):
     assert eos not in free[1]  # row 1 runs until its token limit
     engine = SA.make_engine("dense", target, draft, prompts, 20, 2, 0.0, None, SA.SelectionConfig(), eos_id=eos)
     engine.prefill(prompts, 20)
-    steps = 0
     while not engine.done[0]:
         engine.step()
-        steps += 1
     assert not engine.done[1]
     for _ in range(2):  # the step that finished row 0, then one it idles through
         assert engine.t_cache.lengths[0] == 0 and engine.d_cache.lengths[0] == 0
