@@ -472,7 +472,8 @@ def bench_prefill(say, window: int = 512, reps: int = 5) -> None:
     err = (one.k[:, :, :, 1:2000].float() - blocks.k[:, :, :, 1:2000].float()).abs().max().item()
     assert err < 0.1, f"window_prefill vs forwards of {SA.PREFILL_BLOCK} tokens: max |Δk| {err:.3g}"
     say(f"## a prompt's prefill at the demo pair's shapes (random bf16 weights): ms, median of {reps}; "
-        f"the draft's window {window} (check: cache equal to forwards of {SA.PREFILL_BLOCK} tokens, max |Δk| {err:.2g})")
+        f"the draft's window {window} (check: cache equal to forwards of {SA.PREFILL_BLOCK} tokens, "
+        f"max |Δk| {err:.2g})")
     say("| B | prompt | target | draft, whole cache | draft, window |")
     say("|---|---|---|---|---|")
     first = torch.zeros(8, dtype=torch.long, device="cuda")
@@ -501,8 +502,9 @@ def bench_cpu(say, context: int, max_new_tokens: int, reps: int = 15) -> None:
     model.Linear's few-row form (W · xᵀ)ᵀ (model.FEW_ROWS rows at most) and F.linear
     throughout (model.CPU_FEW_ROWS_FORM set to each in turn, then back to Linear's own
     choice). First each model's forward of 1-5 tokens through a cache of `context` positions
-    (median of `reps`, the variants interleaved), then generation through the engine (specattn.run_modes: plain, dense speculation, SpecAttn) on one prompt
-    of `context` tokens cut from the demo books, with each form."""
+    (median of `reps`, the variants interleaved), then generation through the engine
+    (specattn.run_modes: plain, dense speculation, SpecAttn) on one prompt of `context`
+    tokens cut from the demo books, with each form."""
     import model as M
     from kernels import attention_slot
 

@@ -13,9 +13,9 @@ the block with that sparse attention. Perplexity = exp(mean NLL) over scored tok
 Causality. The selection used to predict token x[t+1] may depend only on what a real
 decoder would have when predicting it: draft rows of queries <= t. Draft row t+1 has
 read x[t+1], the label, so query t uses the running union (or mean) of rows block-start..t
-(or, with --combine first, row block-start alone), never the whole block's. The same rule holds for every method (the oracle uses the
-target's own row t; Quest scores pages with query t). A block's KV reads are the union
-over its rows (see specattn.py for the accounting).
+(or, with --combine first, row block-start alone), never the whole block's. The same rule
+holds for every method (the oracle uses the target's own row t; Quest scores pages with
+query t). A block's KV reads are the union over its rows (see specattn.py for the accounting).
 
 Methods (the first --dense-layers target layers stay dense for all of them):
   dense         every cached position

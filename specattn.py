@@ -70,12 +70,12 @@ from model import (Tokenizer, Transformer, apply_rope, cache_attention, compile_
 # docs/performance.md, "SpecAttn reading the draft's first row alone"): teacher-forced at γ = 4
 # the union buys more perplexity per KV read (both +4.4% at 57-58% of reads saved; at 80-87%
 # saved the union +18.0%, the first row +42.8%). In generation the union costs the draft an
-# attention row per draft token, so the γ chooser proposes fewer tokens (1.1-1.5 a step at
-# batch 32-64, continuous batching); with the first row it proposes as many as dense speculation, and with
-# continuous batching on one H200 SpecAttn made 1.05-1.50x dense speculation with the first
-# row against 0.96-1.33x with the union. In fixed batches, which wait for their slowest row,
-# the first row's slowest rows were slower, and the union did better in 10 of 11 rows. The
-# union is the default; --combine first is the faster choice for continuous batching.
+# attention row per draft token, so the γ chooser proposes fewer tokens (1.1-1.5 a step at batch
+# 32-64, continuous batching); with the first row it proposes as many as dense speculation, and
+# with continuous batching on one H200 SpecAttn made 1.05-1.50x dense speculation with the first
+# row against 0.96-1.33x with the union. In fixed batches, which wait for their slowest row, the
+# first row's slowest rows were slower, and the union did better in 10 of 11 rows. The union is
+# the default; --combine first is the faster choice for continuous batching.
 COMBINE = ("union", "mean", "first")
 
 
@@ -1270,16 +1270,15 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
     other = "union" if selection.combine == "first" else "first"  # the last run selects the other way
     # (mode, selection, a fresh chooser for each of the two runs: fixed costs, so its choices follow the tokens)
     none = lambda: None  # noqa: E731
+    verify = lambda: VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8)  # noqa: E731
     runs = [("plain", selection, none), ("dense", selection, none),
             ("specattn", replace(selection, sparse_from=0), none),
             (f"specattn sparse from {crossing}", crossed, none),
             (f"specattn sparse from {crossing}, γ chosen per step", crossed,
              lambda: GammaChooser(gamma, costs=(0.25, 1.0))),
-            (f"specattn sparse from {crossing}, γ and verification chosen per step", crossed,
-             lambda: VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8)),
+            (f"specattn sparse from {crossing}, γ and verification chosen per step", crossed, verify),
             (f"specattn sparse from {crossing}, γ and verification chosen per step, combine={other}",
-             replace(crossed, combine=other),
-             lambda: VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8))]
+             replace(crossed, combine=other), verify)]
     plain = None
     for mode, cfg, new_chooser in runs:
         outs = []
