@@ -142,9 +142,10 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], topp: float, layer_map_path=None,
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
                sink_distance=None, draft_window=None, also_always_sparse: bool = False,
-               combine: str = "union", also_combine=()) -> dict:
+               combine: str = "union", also_combine=(), refill: bool = True) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
-    each batch row serves that many prompts in turn (continuous batching). Plain decoding runs
+    each batch row serves that many prompts in turn (continuous batching; refill=False: fixed
+    batches, one after another). Plain decoding runs
     once, the speculative modes once choosing each step's γ up to the largest of gammas, and
     SpecAttn each step's verification, sparse or dense (rows "dense", "specattn", as
     specattn.py runs them); with fixed_gamma, once more per γ in gammas with every step
@@ -166,7 +167,9 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
         f"(selecting from the draft rows: {combine}, --combine; sparse from {sparse_from} positions), "
         f"the draft's sink at {draft.args.sink_distance} "
         f"(--sink-distance), its attention window "
-        f"{window or 'off'} (--draft-window), {max_new_tokens} new tokens per row")
+        f"{window or 'off'} (--draft-window), {max_new_tokens} new tokens per prompt, "
+        f"{prompts_per_row} prompt(s) per batch row"
+        + ("" if prompts_per_row == 1 else " (continuous batching)" if refill else " (fixed batches, --fixed-batches)"))
     header_done = False
     rates = {}
     for context in contexts:
@@ -182,7 +185,8 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
             for modes, g, auto, verify, run_selection, tag in runs:
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
                                               run_selection, modes, batch_size=B, adaptive_gamma=auto,
-                                              draft_window=window, choose_verification=verify).items():
+                                              draft_window=window, choose_verification=verify,
+                                              refill=refill).items():
                     results[mode + ("" if mode == "plain" else tag)] = run
             table = SA.results_table(results, B, context, len(prompts), sparse_from, verification_chosen=True)
             for line in (table[:-1] if not header_done else table[2:-1]):
@@ -569,6 +573,9 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
     parser.add_argument("--prompts-per-row", type=int, default=1, help="demo: prompts each batch row serves "
                         "in turn (continuous batching: a finished row takes the next waiting prompt)")
+    parser.add_argument("--fixed-batches", action="store_true", help="demo: serve the --prompts-per-row "
+                        "prompts of each row in fixed batches instead, one after another, each running until "
+                        "its last row is done")
     parser.add_argument("--gamma", default="4", help="demo: the most draft tokens a step proposes; the "
                         "speculative modes choose each step's γ up to the largest value, as specattn.py does "
                         "(rows 'dense', 'specattn')")
@@ -637,7 +644,8 @@ def main(argv=None):
     if "demo" in parts:
         demo = bench_demo(say, batches, contexts, args.max_new_tokens, gammas, args.topp, args.layer_map,
                           args.prompts_per_row, args.sparse_from, args.fixed_gamma, args.sink_distance,
-                          args.draft_window, args.also_always_sparse, args.combine, also_combine)
+                          args.draft_window, args.also_always_sparse, args.combine, also_combine,
+                          refill=not args.fixed_batches)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

@@ -38,7 +38,7 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -287,6 +287,17 @@ class SpecStats:
     def mean_gamma(self) -> float:
         """Draft tokens proposed per engine step (γ, or its mean with a gamma chooser)."""
         return sum(g * n for g, n in enumerate(self.gamma_steps)) / max(1, sum(self.gamma_steps))
+
+    def __add__(self, other: "SpecStats") -> "SpecStats":
+        """Two generations' stats as one (fixed batches run one after another): counts and
+        seconds add up, histograms add up position by position."""
+        def add(a, b):
+            if isinstance(a, dict):
+                return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in a.keys() | b.keys()}
+            if isinstance(a, list):
+                return [x + y for x, y in itertools.zip_longest(a, b, fillvalue=0)]
+            return a + b
+        return SpecStats(**{f.name: add(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
 
     def summary(self) -> dict:
         return {
@@ -905,12 +916,16 @@ class SpecEngine:
         self.done[r] = done | (self.n_out[r] >= self.max_new)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, progress: bool = False):
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, progress: bool = False,
+                 refill: bool = True):
         """New tokens for each prompt (a list per prompt, each stopping at its EOS or
         max_new_tokens) and the SpecStats. With more prompts than the engine has rows, the
         first B start and each row that finishes takes the next waiting prompt (`_prefill_rows`
         for that row alone, eager), so while prompts wait a row idles for one step at most (the
         step below that the host runs before it sees the row finished): continuous batching.
+        refill=False: fixed batches instead, B prompts at a time, each batch running until its
+        last row is done before the next starts (the stats are their sum; len(prompts) must be
+        a multiple of B).
 
         The host runs one step ahead of what it knows. After queueing step t + 1 it waits for
         step t's `done` flags and token counts alone (copied to pinned host memory when step t
@@ -932,6 +947,13 @@ class SpecEngine:
         if len(prompts) < self.B:
             raise ValueError(f"this engine holds {self.B} rows; got {len(prompts)} prompts")
         self._check_prompts(prompts, max_new_tokens)  # the waiting ones too, before any is run
+        if not refill and len(prompts) > self.B:
+            if len(prompts) % self.B:
+                raise ValueError(f"fixed batches of {self.B} rows need a multiple of {self.B} prompts, "
+                                 f"got {len(prompts)}")
+            runs = [self.generate(prompts[i:i + self.B], max_new_tokens, progress)
+                    for i in range(0, len(prompts), self.B)]
+            return [ids for outputs, _ in runs for ids in outputs], sum((st for _, st in runs[1:]), runs[0][1])
         t0 = time.perf_counter()
         self.prefill(prompts[:self.B], max_new_tokens)
         self.phase_events = []
@@ -1191,11 +1213,12 @@ def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[in
 def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float, layer_map,
               selection: SelectionConfig, modes=MODES, eos_id=None, seed: int = 0, progress: bool = False,
               warmup_tokens: int = 8, batch_size: Optional[int] = None, adaptive_gamma: bool = False,
-              draft_window: Optional[int] = None, choose_verification: bool = False) -> dict:
+              draft_window: Optional[int] = None, choose_verification: bool = False, refill: bool = True) -> dict:
     """Each mode's engine (batch_size rows, default one per prompt): a short warm-up generation
     (captures the CUDA graphs, compiles; its wall time goes into the stats' seconds["warmup"]),
-    then the timed one. adaptive_gamma: the speculative modes choose each step's γ in 1..gamma
-    (GammaChooser, measured costs). choose_verification: SpecAttn's steps also choose sparse or
+    then the timed one, serving more prompts than rows by continuous batching or, with
+    refill=False, in fixed batches (SpecEngine.generate). adaptive_gamma: the speculative modes
+    choose each step's γ in 1..gamma (GammaChooser, measured costs). choose_verification: SpecAttn's steps also choose sparse or
     dense verification (VerifyChooser, measured costs; γ fixed unless adaptive_gamma).
     draft_window: see SpecEngine. Returns {mode: (ids per prompt, SpecStats)}."""
     results = {}
@@ -1212,7 +1235,7 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
         t0 = time.perf_counter()
         engine.generate(prompts[:engine.B], min(warmup_tokens, max_new_tokens))
         warmup_s = time.perf_counter() - t0  # generate returns after its last step is done
-        ids, stats = engine.generate(prompts, max_new_tokens, progress=progress)
+        ids, stats = engine.generate(prompts, max_new_tokens, progress=progress, refill=refill)
         stats.seconds["warmup"] = warmup_s
         results[mode] = ids, stats
     return results
@@ -1333,6 +1356,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1, help="batch rows (a single --prompt is repeated)")
     parser.add_argument("--requests", type=int, help="prompts served through the --batch rows: a row that "
                         "finishes takes the next waiting one (continuous batching); default: one per row")
+    parser.add_argument("--fixed-batches", action="store_true", help="with --requests: serve them in fixed "
+                        "batches of --batch instead, one after another, each running until its last row is "
+                        "done (--requests a multiple of --batch)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per row")
     parser.add_argument("--gamma", type=int, default=4, help="the most draft tokens a step proposes: each step "
                         "chooses its γ in 1..GAMMA from the acceptance so far and the measured step times "
@@ -1393,6 +1419,9 @@ def main(argv=None):
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
         if args.requests is not None and args.requests < args.batch:
             raise ValueError(f"--requests must be >= --batch ({args.batch}), got {args.requests}")
+        if args.fixed_batches and (args.requests or args.batch) % args.batch:
+            raise ValueError(f"--fixed-batches needs --requests a multiple of --batch ({args.batch}), "
+                             f"got {args.requests}")
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.sparse_from < 0:
@@ -1429,7 +1458,8 @@ def main(argv=None):
         results = run_modes(target, draft, prompts, args.max_new_tokens, args.gamma, args.temperature,
                             layer_map, selection, modes, eos_id=tokenizer.eos_id, seed=args.seed,
                             progress=True, batch_size=batch, adaptive_gamma=not args.fixed_gamma,
-                            draft_window=args.draft_window, choose_verification=not args.always_sparse)
+                            draft_window=args.draft_window, choose_verification=not args.always_sparse,
+                            refill=not args.fixed_batches)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         sys.exit(f"error: {e}")
     for mode, (ids, stats) in results.items():

@@ -1791,6 +1791,34 @@ def test_continuous_batching_equals_each_prompt_alone(mode, references):
         shared.generate(prompts + [list(range(200))], 14)
 
 
+def test_fixed_batches_equal_each_batch_alone(references):
+    """generate(refill=False): the prompts go through in fixed batches of B, one after another;
+    the tokens are each batch's run alone, the stats their sum (SpecStats.__add__), and a
+    number of prompts that is not a multiple of B is refused in one line."""
+    target, _ = tiny_pair(9)
+    draft = self_draft(target)
+    prompts = [list(range(3, 30)), [7], list(range(40, 49)), [11, 12]]
+    eos = SA.greedy_generate(target, prompts[:1], 14)[0][5]  # prompt 0 stops early
+    cfg = SA.SelectionConfig(topp=0.6, dense_layers=1)
+
+    def engine():
+        return SA.make_engine("specattn", target, draft, prompts, 14, 3, 0.0, [0, 1, 1], cfg, eos_id=eos,
+                              batch_size=2)
+
+    got, stats = engine().generate(prompts, 14, refill=False)
+    runs = [engine().generate(prompts[i:i + 2], 14) for i in (0, 2)]
+    assert got == runs[0][0] + runs[1][0]
+    (_, a), (_, b) = runs
+    for name in ("steps", "engine_steps", "accepted", "tokens", "prompts", "kv_read", "kv_dense", "sparse_steps"):
+        assert getattr(stats, name) == getattr(a, name) + getattr(b, name), name
+    assert stats.accepted_hist == [x + y for x, y in zip(a.accepted_hist, b.accepted_hist)]
+    assert stats.gamma_steps == [x + y for x, y in zip(a.gamma_steps, b.gamma_steps)]
+    assert stats.seconds.keys() == a.seconds.keys()  # each phase's time, summed over the two batches
+    assert a.engine_steps > 0 and b.engine_steps > 0
+    with pytest.raises(ValueError, match="multiple of 2"):
+        engine().generate(prompts + [[5, 6]], 14, refill=False)
+
+
 class ScheduledGamma(SA.GammaChooser):
     """A gamma chooser that proposes the γ of `schedule` in turn, whatever it observes, and
     keeps what the engine hands it (a test's γ schedule)."""
@@ -2122,7 +2150,10 @@ def test_generation_bad_input_errors():
 @pytest.mark.parametrize("argv,message", [(["--gamma", "0"], "--gamma"), (["--topp", "0"], "--topp"),
                                           (["--topp", "1.5"], "--topp"), (["--batch", "0"], "--batch"),
                                           (["--modes", "fast"], "--modes"), (["--sparse-from", "-1"], "--sparse-from"),
-                                          (["--draft-window", "-1"], "--draft-window")])
+                                          (["--draft-window", "-1"], "--draft-window"),
+                                          (["--batch", "4", "--requests", "2"], "--requests"),
+                                          (["--batch", "2", "--requests", "3", "--fixed-batches"],
+                                           "--fixed-batches")])
 def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         SA.main(argv)
