@@ -3034,6 +3034,11 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
     assert "γ chosen per step up to 3 and fixed at 1,3" in lines[0]
     lines = []
     assert list(bench.bench_demo(lines.append, [1], [20], 6, [3], 0.6, sparse_from=0)[(1, 20)]) == list(SA.MODES)
+    lines = []  # two prompts per row in fixed batches (--fixed-batches): both served, one after the other
+    bench.bench_demo(lines.append, [1], [20], 6, [3], 0.6, sparse_from=0, prompts_per_row=2, refill=False)
+    rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert "2 prompt(s) per batch row (fixed batches" in lines[0]
+    assert [(r[1], r[2], r[4]) for r in rows] == [("1", "2", "12")] * len(SA.MODES)  # batch, prompts, new tokens
 
 
 def test_bench_cpu_times_both_matmul_forms(monkeypatch):
