@@ -34,7 +34,6 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import itertools
 import json
@@ -93,13 +92,6 @@ def time_steps(engine: SA.SpecEngine, steps: int) -> float:
     return start.elapsed_time(end) / steps
 
 
-def free_engines() -> None:
-    """Give back the GPU memory of engines no longer referenced (an engine sits in reference
-    cycles, so its caches wait for the cycle collector without this)."""
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 def filled_engine(target, draft, B: int, S: int, gamma: int, selection, use_specattn: bool,
                   cuda_graphs: bool = True) -> SA.SpecEngine:
     """An engine whose rows already hold S random cached positions (as after a prefill)."""
@@ -133,7 +125,6 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
         rows = probe.draft_rows.mean(2)[:2, :, :S]  # [2 draft layers, B, S]
         p = topp_for_fraction(rows, 0.25)
         probe = rows = None
-        free_engines()
         times = {}
         for mode, cfg in (("dense", SA.SelectionConfig(combine="mean")),
                           ("specattn", SA.SelectionConfig(topp=p, combine="mean"))):
@@ -141,8 +132,7 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
             times[mode] = time_steps(engine, steps)
             if mode == "specattn":
                 kept = (engine.sel_count.float().mean() / S).item()
-            engine = None
-            free_engines()
+            engine = None  # the next engine's memory check collects it (specattn.check_engine_memory)
         say(f"| {B} | {S} | {times['dense']:.3f} | {times['specattn']:.3f} | {kept:.0%} | "
             f"{times['dense'] / times['specattn']:.2f}x |")
 

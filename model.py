@@ -728,11 +728,13 @@ def kv_cache_bytes(args: ModelArgs, batch_size: int, max_len: int, dtype=torch.b
 
 
 def free_memory(device) -> Optional[int]:
-    """Bytes free for new tensors on `device`: the GPU's free memory, or the host's
+    """Bytes free for new tensors on `device`: the GPU's free memory plus what torch's caching
+    allocator holds unused (freed tensors' blocks, which new tensors reuse), or the host's
     MemAvailable on Linux; None where it cannot be told."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))

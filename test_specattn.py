@@ -6,6 +6,7 @@ Run: pytest -q test_specattn.py
 """
 
 import base64
+import gc
 import itertools
 import json
 import math
@@ -16,6 +17,7 @@ import struct
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by kernels below)
@@ -2734,6 +2736,20 @@ def test_generation_refuses_what_does_not_fit(monkeypatch):
     with pytest.raises(MemoryError, match=r"--batch 3 fits at this context") as info:
         SA.speculative_generate(target, draft, [[1, 2, 3]] * 8, 20)
     assert "\n" not in str(info.value)
+    # An engine no longer referenced still holds its memory until the cycle collector frees it:
+    # the check collects it before refusing (bench.py's loops over shapes build one after another).
+    fits_eight = SA.engine_memory(target, draft, 8, 40, 4, 0.0) / 0.9
+    dropped = SA.make_engine("specattn", target, draft, [[1, 2, 3]] * 3, 20, 4, 0.0, [0, 1, 1], SA.SelectionConfig())
+    gone = weakref.ref(dropped)
+    monkeypatch.setattr(SA, "free_memory", lambda device: fits_three if gone() is not None else fits_eight)
+    gc.disable()  # no automatic collection in between: the check's own must free it
+    try:
+        del dropped
+        assert gone() is not None  # in reference cycles, not freed by del alone
+        SA.speculative_generate(target, draft, [[1, 2, 3]] * 8, 20)
+    finally:
+        gc.enable()
+    assert gone() is None
     for argv, message in ((["--device", "tpu0"], "is not a device"), (["--device", "mps"], "only cpu and "
                                                                                            "cuda")):
         with pytest.raises(SystemExit, match=message):
