@@ -75,8 +75,9 @@ from model import (Tokenizer, Transformer, apply_rope, cache_attention, compile_
 # 32-64, continuous batching); with the first row it proposes as many as dense speculation, and
 # with continuous batching on one H200 SpecAttn made 1.05-1.50x dense speculation with the first
 # row against 0.96-1.33x with the union. In fixed batches, which wait for their slowest row, the
-# first row's slowest rows were slower, and the union did better in 10 of 11 rows. The union is
-# the default; --combine first is the faster choice for continuous batching.
+# union did better: 1.06-1.61x dense speculation over 64-128 prompts on one H100, the first row
+# 0.99-1.49x. The union is the default; --combine first is the faster choice for continuous
+# batching.
 COMBINE = ("union", "mean", "first")
 
 
