@@ -584,8 +584,9 @@ def main(argv=None):
                         "verifying sparsely every step past --sparse-from (row 'specattn always sparse'); the "
                         "row 'specattn' chooses sparse or dense verification per step, as specattn.py does")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
-    parser.add_argument("--combine", choices=SA.COMBINE, default="union", help="demo: how SpecAttn makes the "
-                        "draft's attention rows one selection, as specattn.py --combine")
+    parser.add_argument("--combine", choices=SA.COMBINE, help="demo: how SpecAttn makes the draft's attention "
+                        "rows one selection, as specattn.py --combine (default: first with --prompts-per-row > 1 "
+                        "and continuous batching, union otherwise)")
     parser.add_argument("--also-combine", default="", help="demo: SpecAttn also runs once per value here "
                         "(comma-separated, from --combine's choices) selecting that way (rows 'specattn "
                         "first' and so on)")
@@ -643,7 +644,9 @@ def main(argv=None):
     if "demo" in parts:
         demo = bench_demo(say, batches, contexts, args.max_new_tokens, gammas, args.topp, args.layer_map,
                           args.prompts_per_row, args.sparse_from, args.fixed_gamma, args.sink_distance,
-                          args.draft_window, args.also_always_sparse, args.combine, also_combine,
+                          args.draft_window, args.also_always_sparse,
+                          args.combine or SA.default_combine(args.prompts_per_row > 1 and not args.fixed_batches),
+                          also_combine,
                           refill=not args.fixed_batches)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)

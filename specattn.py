@@ -76,9 +76,16 @@ from model import (Tokenizer, Transformer, apply_rope, cache_attention, compile_
 # with continuous batching on one H200 SpecAttn made 1.05-1.50x dense speculation with the first
 # row against 0.96-1.33x with the union. In fixed batches, which wait for their slowest row, the
 # union did better: 1.06-1.61x dense speculation over 64-128 prompts on one H100, the first row
-# 0.99-1.49x. The union is the default; --combine first is the faster choice for continuous
-# batching.
+# 0.99-1.49x. So specattn.py and bench.py select from the first row where a finished row takes
+# the next prompt and from the union otherwise (default_combine); SelectionConfig's default is
+# the union.
 COMBINE = ("union", "mean", "first")
+
+
+def default_combine(continuous: bool) -> str:
+    """The selection specattn.py and bench.py make unless --combine names one: the first row's
+    when prompts are served by continuous batching, the union's otherwise (see COMBINE)."""
+    return "first" if continuous else "union"
 
 
 @dataclass
@@ -1225,9 +1232,9 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
     (captures the CUDA graphs, compiles; its wall time goes into the stats' seconds["warmup"]),
     then the timed one, serving more prompts than rows by continuous batching or, with
     refill=False, in fixed batches (SpecEngine.generate). adaptive_gamma: the speculative modes
-    choose each step's γ in 1..gamma (GammaChooser, measured costs). choose_verification: SpecAttn's steps also choose sparse or
-    dense verification (VerifyChooser, measured costs; γ fixed unless adaptive_gamma).
-    draft_window: see SpecEngine. Returns {mode: (ids per prompt, SpecStats)}."""
+    choose each step's γ in 1..gamma (GammaChooser, measured costs). choose_verification:
+    SpecAttn's steps also choose sparse or dense verification (VerifyChooser, measured costs; γ
+    fixed unless adaptive_gamma). draft_window: see SpecEngine. Returns {mode: (ids per prompt, SpecStats)}."""
     results = {}
     device = target.output.weight.device
     for mode in modes:
@@ -1396,10 +1403,11 @@ def main(argv=None):
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
                              help="always read the first N positions (attention sinks), whatever the "
                                   "draft says")
-    experiments.add_argument("--combine", choices=COMBINE, default="union",
+    experiments.add_argument("--combine", choices=COMBINE,
                              help="the union of every draft row's top-p set; the first draft row's top-p set "
-                                  "alone (one attention row a step from the draft: faster with continuous "
-                                  "batching, --requests); or top-p of the rows' mean")
+                                  "alone (one attention row a step from the draft); or top-p of the rows' "
+                                  "mean. Default: first where --requests refills rows (continuous batching), "
+                                  "union otherwise, the faster of the two in each as measured")
     parser.add_argument("--modes", default=",".join(MODES),
                         help="which to run, comma-separated: plain (the target alone), dense (speculative, "
                              "dense verification), specattn")
@@ -1440,8 +1448,10 @@ def main(argv=None):
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
                                              device=args.device, bos=args.bos, sink_distance=args.sink_distance)
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
-        selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, combine=args.combine,
-                                    sinks=args.sinks, sparse_from=args.sparse_from)
+        continuous = (args.requests or args.batch) > args.batch and not args.fixed_batches
+        selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, sinks=args.sinks,
+                                    combine=args.combine or default_combine(continuous),
+                                    sparse_from=args.sparse_from)
         n_prompts = args.requests or args.batch
         if args.context:
             prompts = book_prompts(tokenizer, n_prompts, args.context)

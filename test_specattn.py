@@ -2541,6 +2541,32 @@ def test_specattn_cli_chooses_gamma_per_step_unless_fixed(llama2_style_pair, tmp
         assert [stats[mode]["mean_gamma"] for mode in SA.MODES] == [0, gamma, gamma], extra
 
 
+def test_specattn_cli_combine_default_follows_batching(llama2_style_pair, monkeypatch):
+    """specattn.py selects from the draft's first row when --requests refills rows (continuous
+    batching) and from the union otherwise (specattn.default_combine), unless --combine names
+    one; --fixed-batches serves the requests without refills."""
+    target, draft, _, layer_map = llama2_style_pair
+    seen = []
+
+    class Ran(Exception):  # stops main once it has handed run_modes its selection
+        pass
+
+    def run_modes(*args, **kwargs):
+        seen.append((args[7].combine, kwargs["refill"]))
+        raise Ran
+
+    monkeypatch.setattr(SA, "run_modes", run_modes)
+    common = ["--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map), "--device", "cpu",
+              "--prompt", "The king of the north", "--max-new-tokens", "4", "--batch", "2"]
+    cases = [([], ("union", True)), (["--requests", "2"], ("union", True)), (["--requests", "4"], ("first", True)),
+             (["--requests", "4", "--fixed-batches"], ("union", False)),
+             (["--requests", "4", "--combine", "union"], ("union", True)), (["--combine", "first"], ("first", True))]
+    for extra, _ in cases:
+        with pytest.raises(Ran):
+            SA.main(common + extra)
+    assert seen == [want for _, want in cases]
+
+
 def test_load_books_formats(tmp_path):
     pg = tmp_path / "pg19"
     (pg / "test").mkdir(parents=True)
