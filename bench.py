@@ -144,16 +144,16 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                combine: str = "union", also_combine=(), refill: bool = True) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching; refill=False: fixed
-    batches, one after another). Plain decoding runs
-    once, the speculative modes once choosing each step's γ up to the largest of gammas, and
-    SpecAttn each step's verification, sparse or dense (rows "dense", "specattn", as
-    specattn.py runs them); with fixed_gamma, once more per γ in gammas with every step
-    proposing it ("dense γ=2" and so on); with also_always_sparse, SpecAttn once more verifying
-    sparsely every step past sparse_from ("specattn always sparse"); for each of also_combine,
-    SpecAttn once more with that way of making the draft rows one selection ("specattn first":
-    see specattn.COMBINE; `combine` is the other rows'). sink_distance: the draft's
-    (None: its config's, 512); draft_window: the draft's attention window (None: its training
-    window, the same 512; see specattn.SpecEngine). Returns {(batch, context): {label: tokens/s}}."""
+    batches, one after another). Plain decoding runs once, the speculative modes once choosing
+    each step's γ up to the largest of gammas, and SpecAttn each step's verification, sparse or
+    dense (rows "dense", "specattn", as specattn.py runs them); with fixed_gamma, once more per
+    γ in gammas with every step proposing it ("dense γ=2" and so on); with also_always_sparse,
+    SpecAttn once more verifying sparsely every step past sparse_from ("specattn always
+    sparse"); for each of also_combine, SpecAttn once more with that way of making the draft
+    rows one selection ("specattn first": see specattn.COMBINE; `combine` is the other rows').
+    sink_distance: the draft's (None: its config's, 512); draft_window: the draft's attention
+    window (None: its training window, the same 512; see specattn.SpecEngine). Returns
+    {(batch, context): {label: tokens/s}}."""
     target, draft, tokenizer = load_pair(device="cuda", sink_distance=sink_distance)
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)

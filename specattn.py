@@ -1234,7 +1234,8 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
     refill=False, in fixed batches (SpecEngine.generate). adaptive_gamma: the speculative modes
     choose each step's γ in 1..gamma (GammaChooser, measured costs). choose_verification:
     SpecAttn's steps also choose sparse or dense verification (VerifyChooser, measured costs; γ
-    fixed unless adaptive_gamma). draft_window: see SpecEngine. Returns {mode: (ids per prompt, SpecStats)}."""
+    fixed unless adaptive_gamma). draft_window: see SpecEngine. Returns {mode: (ids per prompt,
+    SpecStats)}."""
     results = {}
     device = target.output.weight.device
     for mode in modes:
