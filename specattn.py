@@ -1486,6 +1486,11 @@ def main(argv=None):
             print(tokenizer.decode(prompts[b][-200:]) + tokenizer.decode(ids[b]))
     table = results_table(results, batch, args.context or "prompt", len(prompts), args.sparse_from,
                           verification_chosen=not args.always_sparse)
+    if "specattn" in modes:
+        source = {"union": "the union of the draft rows' top-p sets", "first": "the draft's first row",
+                  "mean": "the draft rows' mean"}[selection.combine]
+        print(f"SpecAttn: top-p {args.topp}, selecting {source} (--combine {selection.combine}), "
+              f"the first {args.dense_layers} layers dense")
     print("\n".join(table))
     if args.out:
         out = Path(args.out)

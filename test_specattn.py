@@ -2510,6 +2510,7 @@ def test_specattn_generation_cli_llama2_style_pair(llama2_style_pair, tmp_path, 
              "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "<s> The king of the north" in printed  # BOS in front (decoded as HF decodes it)
+    assert "SpecAttn: top-p 0.9, selecting the union of the draft rows' top-p sets (--combine union)" in printed
     stats = json.loads((tmp_path / "generate.json").read_text())
     assert set(stats) == set(SA.MODES) and all(s["tokens"] == 12 for s in stats.values())
     # Greedy speculative decoding (p = 1) reproduces the target's greedy text row by row.
