@@ -10,7 +10,8 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     each step's γ chosen up to --gamma and SpecAttn's verification, sparse or dense, chosen per
     step, as specattn.py runs; --gamma 2,3,4 --fixed-gamma also runs the speculative modes once
     per fixed γ, --also-always-sparse SpecAttn once with every step past --sparse-from sparse,
-    --also-combine first SpecAttn once selecting from the draft's first row alone).
+    --also-combine SpecAttn once more per other selection: the default is the draft's first
+    row with continuous batching, the union otherwise, specattn.default_combine).
 (b) random-weight Llama-3-8B / Llama-3.2-1B shapes at batch 1 / 128k and batch 8 / 32k:
     one whole speculative step (γ draft steps + selection + verification + acceptance) of
     the engine, dense verification vs SpecAttn at the p that keeps ~25% of the draft
