@@ -750,14 +750,12 @@ class SpecEngine:
         # Rewind. The target cached [last, d1..dγ] and keeps [last, d1..dk]; the draft cached
         # [prev, last, d1..d(γ-1)] and keeps one position fewer than the target, so both drop
         # γ - k. A row that had finished keeps none of this step's positions.
-        drop = torch.where(active, G - k, G + 1).int()
-        self.t_cache.rewind_rows(drop)
-        if self.draft is not None:
-            self.d_cache.rewind_rows(drop)
-        # A finished row's caches are emptied (its tokens are in `out`): the steps it still
+        # A finished row's caches are then emptied (its tokens are in `out`): the steps it still
         # takes part in (the rest of a fixed batch, or the step before the host refills it)
-        # then attend over their own block alone, not over its whole context.
+        # attend over their own block alone, not over its whole context.
+        drop = torch.where(active, G - k, G + 1).int()
         for cache in (self.t_cache, self.d_cache) if self.draft is not None else (self.t_cache,):
+            cache.rewind_rows(drop)
             cache.lengths.masked_fill_(self.done, 0)
         if G:  # prev: the newest token the target keeps cached, d_k (or `last` if none was accepted)
             d_k = drafted.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0]
