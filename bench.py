@@ -11,7 +11,10 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     step, as specattn.py runs; --gamma 2,3,4 --fixed-gamma also runs the speculative modes once
     per fixed γ, --also-always-sparse SpecAttn once with every step past --sparse-from sparse,
     --also-combine SpecAttn once more per other selection: the default is the draft's first
-    row with continuous batching, the union otherwise, specattn.default_combine).
+    row with continuous batching, the union otherwise, specattn.default_combine; --rounds R
+    serves each row's prompts in R parts, plain, dense and SpecAttn taking turns on each part,
+    and gives their ratios paired by part: where one mode's edge over another is a few percent,
+    as at batch 1, this tells it from the GPU's drift over a run).
 (b) random-weight Llama-3-8B / Llama-3.2-1B shapes at batch 1 / 128k and batch 8 / 32k:
     one whole speculative step (γ draft steps + selection + verification + acceptance) of
     the engine, dense verification vs SpecAttn at the p that keeps ~25% of the draft
@@ -142,7 +145,7 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], topp: float, layer_map_path=None,
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
                sink_distance=None, draft_window=None, also_always_sparse: bool = False,
-               combine: str = "union", also_combine=(), refill: bool = True) -> dict:
+               combine: str = "union", also_combine=(), refill: bool = True, rounds: int = 1) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching; refill=False: fixed
     batches, one after another). Plain decoding runs once, the speculative modes once choosing
@@ -153,8 +156,10 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
     sparse"); for each of also_combine, SpecAttn once more with that way of making the draft
     rows one selection ("specattn first": see specattn.COMBINE; `combine` is the other rows').
     sink_distance: the draft's (None: its config's, 512); draft_window: the draft's attention
-    window (None: its training window, the same 512; see specattn.SpecEngine). Returns
-    {(batch, context): {label: tokens/s}}."""
+    window (None: its training window, the same 512; see specattn.SpecEngine). rounds > 1:
+    each row's prompts in that many parts, plain, dense and SpecAttn taking turns on each part
+    (run_modes(rounds=...)), and after each table the ratios of those three paired by part:
+    median and range over the parts. Returns {(batch, context): {label: tokens/s}}."""
     target, draft, tokenizer = load_pair(device="cuda", sink_distance=sink_distance)
 
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
@@ -169,7 +174,9 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
         f"(--sink-distance), its attention window "
         f"{window or 'off'} (--draft-window), {max_new_tokens} new tokens per prompt, "
         f"{prompts_per_row} prompt(s) per batch row"
-        + ("" if prompts_per_row == 1 else " (continuous batching)" if refill else " (fixed batches, --fixed-batches)"))
+        + ("" if prompts_per_row == 1 else " (continuous batching)" if refill else " (fixed batches, --fixed-batches)")
+        + (f", in {rounds} rounds (--rounds: plain, dense and SpecAttn take turns on each round's prompts)"
+           if rounds > 1 else ""))
     header_done = False
     rates = {}
     for context in contexts:
@@ -186,16 +193,27 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
                                               run_selection, modes, batch_size=B, adaptive_gamma=auto,
                                               draft_window=window, choose_verification=verify,
-                                              refill=refill).items():
+                                              refill=refill, rounds=rounds).items():
                     results[mode + ("" if mode == "plain" else tag)] = run
             table = SA.results_table(results, B, context, len(prompts), sparse_from, verification_chosen=True)
             for line in (table[:-1] if not header_done else table[2:-1]):
                 say(line)
             header_done = True
+            if rounds > 1:
+                say(f"| ↳ paired by round (batch {B}, context {context}): "
+                    + "; ".join(f"{a} / {b} {round_ratios(results[a][1], results[b][1])}"
+                                for a, b in (("dense", "plain"), ("specattn", "dense"))) + " |")
             rates[(B, context)] = {mode: st.decode_rate for mode, (_, st) in results.items()}
             torch.cuda.empty_cache()
     say(table[-1])
     return rates
+
+
+def round_ratios(a: SA.SpecStats, b: SA.SpecStats) -> str:
+    """a's tokens/s over b's, round by round (the same prompts, served one after the other):
+    the median and the range over the rounds."""
+    ratios = [x / y for x, y in zip(a.round_rates, b.round_rates)]
+    return f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} rounds)"
 
 
 @torch.no_grad()
@@ -576,6 +594,10 @@ def main(argv=None):
     parser.add_argument("--fixed-batches", action="store_true", help="demo: serve the --prompts-per-row "
                         "prompts of each row in fixed batches instead, one after another, each running until "
                         "its last row is done")
+    parser.add_argument("--rounds", type=int, default=1, help="demo: serve each row's --prompts-per-row "
+                        "prompts in this many parts, plain, dense and SpecAttn taking turns on each part (their "
+                        "order rotating), so that the GPU's drift over the run falls on each mode alike; the "
+                        "ratios paired by part follow each table. Keeps the three engines in memory at once")
     parser.add_argument("--gamma", default="4", help="demo: the most draft tokens a step proposes; the "
                         "speculative modes choose each step's γ up to the largest value, as specattn.py does "
                         "(rows 'dense', 'specattn')")
@@ -604,6 +626,9 @@ def main(argv=None):
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench.md")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
+    if args.rounds < 1 or args.prompts_per_row % args.rounds:
+        raise SystemExit(f"error: --rounds must divide --prompts-per-row ({args.prompts_per_row}), "
+                         f"got {args.rounds}")
     if args.peer_runs < 1:
         raise SystemExit(f"error: --peer-runs must be >= 1, got {args.peer_runs}")
     if args.sparse_from < 0:
@@ -648,7 +673,7 @@ def main(argv=None):
                           args.draft_window, args.also_always_sparse,
                           args.combine or SA.default_combine(args.prompts_per_row > 1 and not args.fixed_batches),
                           also_combine,
-                          refill=not args.fixed_batches)
+                          refill=not args.fixed_batches, rounds=args.rounds)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

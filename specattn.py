@@ -281,6 +281,7 @@ class SpecStats:
     gamma_steps: list = field(default_factory=list)  # [γ + 1]: engine steps that proposed 0, 1, ..., γ tokens
     sparse_steps: int = 0  # engine steps that verified sparsely (SpecAttn)
     seconds: dict = field(default_factory=dict)  # wall time: prefill, decode; GPU time per step phase
+    round_rates: list = field(default_factory=list)  # run_modes(rounds=R): decode_rate of each round
 
     @property
     def mean_accepted(self) -> float:
@@ -299,14 +300,18 @@ class SpecStats:
 
     def __add__(self, other: "SpecStats") -> "SpecStats":
         """Two generations' stats as one (fixed batches run one after another): counts and
-        seconds add up, histograms add up position by position."""
-        def add(a, b):
+        seconds add up, histograms add up position by position, per-round rates are listed
+        one after the other."""
+        def add(a, b, name):
+            if name == "round_rates":
+                return a + b
             if isinstance(a, dict):
                 return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in a.keys() | b.keys()}
             if isinstance(a, list):
                 return [x + y for x, y in itertools.zip_longest(a, b, fillvalue=0)]
             return a + b
-        return SpecStats(**{f.name: add(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+        return SpecStats(**{f.name: add(getattr(self, f.name), getattr(other, f.name), f.name)
+                            for f in fields(self)})
 
     def summary(self) -> dict:
         return {
@@ -924,7 +929,7 @@ class SpecEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, progress: bool = False,
-                 refill: bool = True):
+                 refill: bool = True, reset_chooser: bool = True):
         """New tokens for each prompt (a list per prompt, each stopping at its EOS or
         max_new_tokens) and the SpecStats. With more prompts than the engine has rows, the
         first B start and each row that finishes takes the next waiting prompt (`_prefill_rows`
@@ -932,7 +937,9 @@ class SpecEngine:
         step below that the host runs before it sees the row finished): continuous batching.
         refill=False: fixed batches instead, B prompts at a time, each batch running until its
         last row is done before the next starts (the stats are their sum; len(prompts) must be
-        a multiple of B).
+        a multiple of B). reset_chooser=False: the gamma chooser goes on from what it learnt
+        in the engine's last generation (its acceptance, its step times) instead of starting
+        over, as if these prompts had been waiting in the same generation.
 
         The host runs one step ahead of what it knows. After queueing step t + 1 it waits for
         step t's `done` flags and token counts alone (copied to pinned host memory when step t
@@ -958,7 +965,8 @@ class SpecEngine:
             if len(prompts) % self.B:
                 raise ValueError(f"fixed batches of {self.B} rows need a multiple of {self.B} prompts, "
                                  f"got {len(prompts)}")
-            runs = [self.generate(prompts[i:i + self.B], max_new_tokens, progress)
+            runs = [self.generate(prompts[i:i + self.B], max_new_tokens, progress,
+                                  reset_chooser=reset_chooser and i == 0)
                     for i in range(0, len(prompts), self.B)]
             return [ids for outputs, _ in runs for ids in outputs], sum((st for _, st in runs[1:]), runs[0][1])
         t0 = time.perf_counter()
@@ -976,7 +984,7 @@ class SpecEngine:
         in_flight = None  # (flags buffer, step number, event) of the step queued before the newest
         started = [0] * self.B  # step at which row b's prompt started: flags of earlier steps are not its own
         n_seen = [1] * self.B  # row b's n_out in the newest flags of its prompt that the host has read
-        if self.chooser is not None:
+        if self.chooser is not None and reset_chooser:
             self.chooser.reset()
         bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", disable=not progress, leave=False)
         while any(i is not None for i in serving):  # every step emits >= 1 token per running row
@@ -1225,33 +1233,62 @@ def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[in
 def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float, layer_map,
               selection: SelectionConfig, modes=MODES, eos_id=None, seed: int = 0, progress: bool = False,
               warmup_tokens: int = 8, batch_size: Optional[int] = None, adaptive_gamma: bool = False,
-              draft_window: Optional[int] = None, choose_verification: bool = False, refill: bool = True) -> dict:
-    """Each mode's engine (batch_size rows, default one per prompt): a short warm-up generation
-    (captures the CUDA graphs, compiles; its wall time goes into the stats' seconds["warmup"]),
-    then the timed one, serving more prompts than rows by continuous batching or, with
-    refill=False, in fixed batches (SpecEngine.generate). adaptive_gamma: the speculative modes
-    choose each step's γ in 1..gamma (GammaChooser, measured costs). choose_verification:
-    SpecAttn's steps also choose sparse or dense verification (VerifyChooser, measured costs; γ
-    fixed unless adaptive_gamma). draft_window: see SpecEngine. Returns {mode: (ids per prompt,
-    SpecStats)}."""
-    results = {}
+              draft_window: Optional[int] = None, choose_verification: bool = False, refill: bool = True,
+              rounds: int = 1) -> dict:
+    """Each mode's engine (batch_size rows, default one per prompt of a round): a short warm-up
+    generation (captures the CUDA graphs, compiles; its wall time goes into the stats'
+    seconds["warmup"]), then the timed one, serving more prompts than rows by continuous
+    batching or, with refill=False, in fixed batches (SpecEngine.generate). adaptive_gamma: the
+    speculative modes choose each step's γ in 1..gamma (GammaChooser, measured costs).
+    choose_verification: SpecAttn's steps also choose sparse or dense verification
+    (VerifyChooser, measured costs; γ fixed unless adaptive_gamma). draft_window: see SpecEngine.
+
+    rounds=1: one mode after another, each engine freed before the next is built. rounds=R:
+    the prompts are served in R equal parts, each part by every mode in turn (the modes' order
+    rotating from part to part) before the next part, so that the machine's drift over the run
+    (clocks, temperature, other work) falls on every mode alike; every mode's engine is built
+    once and kept, its chooser going on from part to part. A mode's stats are summed over the
+    parts; stats.round_rates holds its tokens/s in each part, for ratios paired by part.
+    Returns {mode: (ids per prompt, SpecStats)}."""
+    if rounds < 1 or len(prompts) % rounds:
+        raise ValueError(f"rounds must be >= 1 and divide the {len(prompts)} prompts, got {rounds}")
+    part = len(prompts) // rounds
+    if batch_size and part < batch_size:
+        raise ValueError(f"{rounds} rounds of {part} prompts do not fill {batch_size} batch rows; "
+                         f"use at most {len(prompts) // batch_size} rounds")
     device = target.output.weight.device
-    for mode in modes:
+    modes = list(modes)
+
+    def build(mode):
         gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         if mode == "specattn" and choose_verification:
             chooser = VerifyChooser(gamma, gamma_min=1 if adaptive_gamma else gamma)
         else:
             chooser = GammaChooser(gamma) if adaptive_gamma else None
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map,
-                             selection, eos_id, gen, batch_size=batch_size, gamma_chooser=chooser,
+                             selection, eos_id, gen, batch_size=batch_size or part, gamma_chooser=chooser,
                              draft_window=draft_window)
         t0 = time.perf_counter()
         engine.generate(prompts[:engine.B], min(warmup_tokens, max_new_tokens))
-        warmup_s = time.perf_counter() - t0  # generate returns after its last step is done
-        ids, stats = engine.generate(prompts, max_new_tokens, progress=progress, refill=refill)
-        stats.seconds["warmup"] = warmup_s
-        results[mode] = ids, stats
-    return results
+        return engine, time.perf_counter() - t0  # generate returns after its last step is done
+
+    engines, results = {}, {}
+    for r in range(rounds):
+        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+            if mode not in engines:
+                engines[mode] = build(mode)
+            engine, warmup_s = engines[mode]
+            ids, stats = engine.generate(prompts[r * part:(r + 1) * part], max_new_tokens, progress=progress,
+                                         refill=refill, reset_chooser=r == 0)
+            stats.round_rates = [stats.decode_rate]
+            if r == 0:
+                stats.seconds["warmup"] = warmup_s
+                results[mode] = ids, stats
+            else:
+                results[mode] = results[mode][0] + ids, results[mode][1] + stats
+            if rounds == 1:  # its buffers go before the next mode's engine allocates its own
+                del engines[mode], engine
+    return {mode: results[mode] for mode in modes}
 
 
 def results_table(results: dict, batch: int, context, prompts: Optional[int] = None,

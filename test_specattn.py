@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -1821,6 +1822,63 @@ def test_fixed_batches_equal_each_batch_alone(references):
         engine().generate(prompts + [[5, 6]], 14, refill=False)
 
 
+def test_run_modes_in_rounds_equals_one_run(monkeypatch):
+    """run_modes(rounds=R): each mode's engine is built once, the modes take turns on each
+    round's prompts (their order rotating), and every prompt gets the tokens one run of all
+    the prompts gives it; the stats are the rounds' sum, with one rate per round. Rounds that
+    do not divide the prompts, or leave batch rows empty, are refused in one line."""
+    target, _ = tiny_pair(12)
+    draft = self_draft(target)
+    prompts = [list(range(3, 20)), [7, 8], list(range(40, 52)), [11, 12, 13]]
+    cfg = SA.SelectionConfig(topp=0.6, dense_layers=1)
+    built, served = [], []
+    make_engine, generate = SA.make_engine, SA.SpecEngine.generate
+    monkeypatch.setattr(SA, "make_engine", lambda mode, *a, **k: built.append(mode) or make_engine(mode, *a, **k))
+
+    def logged(engine, prompts, *args, **kwargs):
+        served.append((engine.use_specattn, engine.draft is not None, len(prompts), args[0]))
+        return generate(engine, prompts, *args, **kwargs)
+    monkeypatch.setattr(SA.SpecEngine, "generate", logged)
+
+    def run(rounds):
+        built.clear(), served.clear()
+        return SA.run_modes(target, draft, prompts, 6, 3, 0.0, [0, 1, 1], cfg, batch_size=2, rounds=rounds,
+                            warmup_tokens=2)
+    one, two = run(1), run(2)
+    assert built == list(SA.MODES)  # one engine per mode, for both rounds
+    kinds = {(False, False): "plain", (False, True): "dense", (True, True): "specattn"}
+    timed = [kinds[k[:2]] for k in served if k[3] == 6]  # (each engine's warm-up makes 2 tokens)
+    assert timed == ["plain", "dense", "specattn", "dense", "specattn", "plain"]
+    assert [k[2] for k in served] == [2] * 9  # warm-ups and rounds: one prompt per row
+    for mode in SA.MODES:
+        (ids1, st1), (ids2, st2) = one[mode], two[mode]
+        assert ids2 == ids1, mode
+        for name in ("tokens", "prompts", "steps", "accepted", "kv_read", "kv_dense"):
+            assert getattr(st2, name) == getattr(st1, name), (mode, name)
+        assert len(st1.round_rates) == 1 and len(st2.round_rates) == 2 and min(st2.round_rates) > 0
+        assert "warmup" in st2.seconds
+    with pytest.raises(ValueError, match="divide the 4 prompts"):
+        SA.run_modes(target, draft, prompts, 8, 3, 0.0, [0, 1, 1], cfg, batch_size=1, rounds=3)
+    with pytest.raises(ValueError, match="do not fill 3 batch rows; use at most 1 rounds"):
+        SA.run_modes(target, draft, prompts, 8, 3, 0.0, [0, 1, 1], cfg, batch_size=3, rounds=2)
+
+
+def test_generate_keeps_its_chooser_when_asked():
+    """generate(reset_chooser=False) goes on from what the gamma chooser learnt in the engine's
+    last generation; by default each generation starts it over."""
+    target, _ = tiny_pair(13)
+    draft = self_draft(target)
+    chooser = SA.GammaChooser(3, costs=(1.0, 4.0))
+    engine = SA.SpecEngine(target, draft, batch_size=1, max_len=64, gamma=3, gamma_chooser=chooser)
+    engine.generate([[3, 4, 5]], 8)
+    first = chooser.observed
+    engine.generate([[6, 7]], 8, reset_chooser=False)
+    assert first > 0 and chooser.observed > first + 1
+    kept = chooser.observed
+    engine.generate([[6, 7]], 8)
+    assert 0 < chooser.observed < kept
+
+
 class ScheduledGamma(SA.GammaChooser):
     """A gamma chooser that proposes the γ of `schedule` in turn, whatever it observes, and
     keeps what the engine hands it (a test's γ schedule)."""
@@ -3082,6 +3140,13 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert "2 prompt(s) per batch row (fixed batches" in lines[0]
     assert [(r[1], r[2], r[4]) for r in rows] == [("1", "2", "12")] * len(SA.MODES)  # batch, prompts, new tokens
+    lines = []  # four prompts per row in two rounds (--rounds 2): the modes take turns; ratios paired by round
+    bench.bench_demo(lines.append, [1], [20], 6, [3], 0.6, sparse_from=0, prompts_per_row=4, rounds=2)
+    rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:-1]
+    assert [(r[1], r[2], r[4]) for r in rows] == [("1", "4", "24")] * len(SA.MODES)
+    assert "in 2 rounds" in lines[0]
+    assert re.fullmatch(r"\| ↳ paired by round \(batch 1, context 20\): dense / plain [\d.]+x \([\d.]+-[\d.]+, 2 rounds\); "
+                        r"specattn / dense [\d.]+x \([\d.]+-[\d.]+, 2 rounds\) \|", lines[-2]), lines[-2]
 
 
 def test_bench_cpu_times_both_matmul_forms(monkeypatch):
