@@ -936,8 +936,8 @@ class SpecEngine:
         for that row alone, eager), so while prompts wait a row idles for one step at most (the
         step below that the host runs before it sees the row finished): continuous batching.
         refill=False: fixed batches instead, B prompts at a time, each batch running until its
-        last row is done before the next starts (the stats are their sum; len(prompts) must be
-        a multiple of B). reset_chooser=False: the gamma chooser goes on from what it learnt
+        last row is done before the next starts (the stats are their sum, the gamma chooser
+        goes on from batch to batch; len(prompts) must be a multiple of B). reset_chooser=False: the gamma chooser goes on from what it learnt
         in the engine's last generation (its acceptance, its step times) instead of starting
         over, as if these prompts had been waiting in the same generation.
 
