@@ -937,9 +937,10 @@ class SpecEngine:
         step below that the host runs before it sees the row finished): continuous batching.
         refill=False: fixed batches instead, B prompts at a time, each batch running until its
         last row is done before the next starts (the stats are their sum, the gamma chooser
-        goes on from batch to batch; len(prompts) must be a multiple of B). reset_chooser=False: the gamma chooser goes on from what it learnt
-        in the engine's last generation (its acceptance, its step times) instead of starting
-        over, as if these prompts had been waiting in the same generation.
+        goes on from batch to batch; len(prompts) must be a multiple of B).
+        reset_chooser=False: the gamma chooser goes on from what it learnt in the engine's last
+        generation (its acceptance, its step times) instead of starting over, as if these
+        prompts had been waiting in the same generation.
 
         The host runs one step ahead of what it knows. After queueing step t + 1 it waits for
         step t's `done` flags and token counts alone (copied to pinned host memory when step t
