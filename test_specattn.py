@@ -1877,6 +1877,9 @@ def test_generate_keeps_its_chooser_when_asked():
     kept = chooser.observed
     engine.generate([[6, 7]], 8)
     assert 0 < chooser.observed < kept
+    alone = chooser.observed  # [[6, 7]] alone, from a fresh chooser
+    engine.generate([[3, 4, 5], [6, 7]], 8, refill=False)  # fixed batches of one row: one chooser throughout
+    assert chooser.observed > alone
 
 
 class ScheduledGamma(SA.GammaChooser):
@@ -3140,10 +3143,10 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert "2 prompt(s) per batch row (fixed batches" in lines[0]
     assert [(r[1], r[2], r[4]) for r in rows] == [("1", "2", "12")] * len(SA.MODES)  # batch, prompts, new tokens
-    lines = []  # four prompts per row in two rounds (--rounds 2): the modes take turns; ratios paired by round
-    bench.bench_demo(lines.append, [1], [20], 6, [3], 0.6, sparse_from=0, prompts_per_row=4, rounds=2)
+    lines = []  # two prompts per row in two rounds (--rounds 2): the modes take turns; ratios paired by round
+    bench.bench_demo(lines.append, [1], [20], 6, [3], 0.6, sparse_from=0, prompts_per_row=2, rounds=2)
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:-1]
-    assert [(r[1], r[2], r[4]) for r in rows] == [("1", "4", "24")] * len(SA.MODES)
+    assert [(r[1], r[2], r[4]) for r in rows] == [("1", "2", "12")] * len(SA.MODES)
     assert "in 2 rounds" in lines[0]
     assert re.fullmatch(r"\| ↳ paired by round \(batch 1, context 20\): dense / plain [\d.]+x \([\d.]+-[\d.]+, 2 rounds\); "
                         r"specattn / dense [\d.]+x \([\d.]+-[\d.]+, 2 rounds\) \|", lines[-2]), lines[-2]
