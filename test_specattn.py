@@ -1841,7 +1841,8 @@ def test_run_modes_in_rounds_equals_one_run(monkeypatch):
     monkeypatch.setattr(SA.SpecEngine, "generate", logged)
 
     def run(rounds):
-        built.clear(), served.clear()
+        built.clear()
+        served.clear()
         return SA.run_modes(target, draft, prompts, 6, 3, 0.0, [0, 1, 1], cfg, batch_size=2, rounds=rounds,
                             warmup_tokens=2)
     one, two = run(1), run(2)
@@ -1865,7 +1866,8 @@ def test_run_modes_in_rounds_equals_one_run(monkeypatch):
 
 def test_generate_keeps_its_chooser_when_asked():
     """generate(reset_chooser=False) goes on from what the gamma chooser learnt in the engine's
-    last generation; by default each generation starts it over."""
+    last generation; by default each generation starts it over; fixed batches (refill=False)
+    keep one chooser from batch to batch."""
     target, _ = tiny_pair(13)
     draft = self_draft(target)
     chooser = SA.GammaChooser(3, costs=(1.0, 4.0))
