@@ -1296,8 +1296,8 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
                   sparse_from: int = 0, verification_chosen: bool = False) -> list[str]:
     """A markdown table of run_modes' results: speed, acceptance, KV reads, time per phase."""
     lines = ["| mode | batch | prompts | context | new tokens | tokens/s | vs plain | γ | tokens/step/row | "
-             "steps | sparse steps | KV reads saved | draft ms | select ms | verify ms "
-             "| accept ms | prefill s | warm-up s |", "|" + "---|" * 18]
+             "steps | rows busy | sparse steps | KV reads saved | draft ms | select ms | verify ms "
+             "| accept ms | prefill s | warm-up s |", "|" + "---|" * 19]
     rates = {mode: st.decode_rate for mode, (_, st) in results.items()}
     for mode, (_, st) in results.items():
         phase = [f"{st.seconds[k] / max(1, st.engine_steps) * 1e3:.3f}" if k in st.seconds else ""
@@ -1307,13 +1307,17 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
         sparse = f"{st.sparse_steps / max(1, st.engine_steps):.0%}" if mode.startswith("specattn") else ""
         gamma = f"{st.mean_gamma:.2f}".rstrip("0").rstrip(".") if mode != "plain" else ""
         warmup = f"{st.seconds['warmup']:.1f}" if "warmup" in st.seconds else ""
+        busy = st.steps / max(1, st.engine_steps * batch)  # row-steps that served a prompt
         lines.append(f"| {mode} | {batch} | {prompts or batch} | {context} | {st.tokens} | {rates[mode]:.1f} "
-                     f"| {vs_plain} | {gamma} | {st.mean_accepted + 1:.2f} | {st.engine_steps} | {sparse} | {saved} "
+                     f"| {vs_plain} | {gamma} | {st.mean_accepted + 1:.2f} | {st.engine_steps} | {busy:.0%} | {sparse} | {saved} "
                      f"| {' | '.join(phase)} | {st.seconds['prefill']:.2f} | {warmup} |")
     return lines + ["tokens/s: the tokens the decode steps made (each prompt's first comes from its "
                     "prefill), all rows, over the steps' wall time; tokens/step/row: tokens a running row "
                     "gains per step; γ: draft tokens proposed per step (the mean where each step chooses it); "
-                    "steps: steps the engine ran, until the batch's last row was done; sparse steps: "
+                    "steps: steps the engine ran, until the batch's last row was done; rows busy: the "
+                    "share of the batch rows' steps that served a prompt (the rest: rows idle while "
+                    "the last prompts finish, and the step the host runs before it sees a row done); "
+                    "sparse steps: "
                     "the share of them that verified sparsely; "
                     "draft..accept: time per engine step (GPU time on CUDA); warm-up: the short "
                     "generation run before, untimed (on CUDA it captures the graphs and compiles)"

@@ -3145,6 +3145,9 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert "2 prompt(s) per batch row (fixed batches" in lines[0]
     assert [(r[1], r[2], r[4]) for r in rows] == [("1", "2", "12")] * len(SA.MODES)  # batch, prompts, new tokens
+    # rows busy: plain decoding's row served 5 steps per prompt (its first token from the prefill)
+    # of the 6 each batch ran (one more than the row needed, see SpecEngine.generate)
+    assert (rows[0][9], rows[0][10]) == ("12", "83%")
     lines = []  # two prompts per row in two rounds (--rounds 2): the modes take turns; ratios paired by round
     bench.bench_demo(lines.append, [1], [20], 6, [3], 0.6, sparse_from=0, prompts_per_row=2, rounds=2)
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:-1]
