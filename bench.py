@@ -624,7 +624,10 @@ def main(argv=None):
                         "(the table gives their median and range; the ratios use the median)")
     parser.add_argument("--layer-map",
                         help="the demo pair's layer map JSON (default: calibrated once, cached)")
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench.md")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the report: bench.md "
+                        "(bench_cpu.md with --parts cpu), rewritten as each line prints, so a run cut short "
+                        "keeps its tables; bench.json (tokens/s per row) when the run ends; kernels_bench.md "
+                        "with --parts kernels")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     if args.rounds < 1 or args.prompts_per_row % args.rounds:
@@ -652,18 +655,21 @@ def main(argv=None):
         raise SystemExit("error: --parts cpu runs alone (the other parts need a GPU)")
     if parts != {"cpu"} and not torch.cuda.is_available():
         raise SystemExit("error: bench.py times the engine on a CUDA GPU; none is visible here")
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    report = out / ("bench_cpu.md" if parts == {"cpu"} else "bench.md") if out else None
     lines = []
 
     def say(s=""):
         print(s, flush=True)
         lines.append(s)
+        if report:  # rewritten after every line: a run cut short (a time limit, ^C) keeps what it printed
+            write_atomic(report, "\n".join(lines) + "\n")
 
     if parts == {"cpu"}:
         say(f"# CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
         bench_cpu(say, contexts[0], args.max_new_tokens)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            write_atomic(Path(args.out) / "bench_cpu.md", "\n".join(lines) + "\n")
         return
     compile_pointwise(True)
     say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
@@ -698,10 +704,7 @@ def main(argv=None):
             bench_merge(say)
         if "window" in parts:
             bench_draft_window(say)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "bench.md", "\n".join(lines) + "\n")
+    if out:
         write_atomic(out / "bench.json", json.dumps({"demo": {f"{b}x{c}": r for (b, c), r in demo.items()},
                                                         "hf": {c: {"median": m, "runs": each}
                                                                for c, (m, each) in hf.items()}}, indent=1))
@@ -711,4 +714,4 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("interrupted: the tables printed so far are all there is")
+        sys.exit("interrupted: the tables printed so far are all there is (also in --out's bench.md)")

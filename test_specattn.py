@@ -3177,6 +3177,20 @@ def test_bench_cpu_times_both_matmul_forms(monkeypatch):
     assert sum(line.startswith("generation, matmuls") for line in lines) == 2
 
 
+def test_bench_report_keeps_the_lines_of_a_run_cut_short(monkeypatch, tmp_path):
+    """bench.py --out: the report file holds every line printed before the run was stopped."""
+    import bench
+
+    def cut_short(say, context, max_new_tokens):
+        say("| a finished table row |")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "bench_cpu", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--parts", "cpu", "--out", str(tmp_path)])
+    report = (tmp_path / "bench_cpu.md").read_text().splitlines()
+    assert report[0].startswith("# CPU, torch ") and report[1:] == ["| a finished table row |"]
+
+
 def test_bench_peer_says_why_transformers_does_not_import(monkeypatch):
     """No peer row, and a line that says why: transformers missing, or present but failing to
     import (as transformers >= 5.25 does next to this repo's kernels.py)."""
