@@ -1461,7 +1461,8 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="GPU: check the graphed engine against the "
                         "eager one (this pair and a random-weight pair of its shapes), then exit")
     parser.add_argument("--out",
-                        help="also write the table and each mode's stats as JSON into this directory")
+                        help="also write into this directory the table (generate.md) and, per mode, its "
+                        "stats, tokens/s and each prompt's generated text (generate.json)")
     args = parser.parse_args(argv)
     try:
         modes = [m for m in args.modes.split(",") if m]
@@ -1535,8 +1536,10 @@ def main(argv=None):
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        payload = {mode: {**st.summary(), "tokens": st.tokens, "accepted_hist": st.accepted_hist,
-                          "seconds": st.seconds} for mode, (_, st) in results.items()}
+        payload = {mode: {**st.summary(), "tokens": st.tokens, "tokens_per_s": st.decode_rate,
+                          "accepted_hist": st.accepted_hist, "seconds": st.seconds,
+                          "texts": [tokenizer.decode(row) for row in ids]}  # each prompt's new text
+                   for mode, (ids, st) in results.items()}
         write_atomic(out / "generate.json", json.dumps(payload, indent=1))
         write_atomic(out / "generate.md", "\n".join(table) + "\n")
 

@@ -2583,6 +2583,9 @@ def test_specattn_generation_cli_llama2_style_pair(llama2_style_pair, tmp_path, 
     prompts = [tok.encode("The king of the north"), tok.encode("Chapter 3. The fox")]
     greedy = SA.greedy_generate(model, prompts, 6)
     assert SA.speculative_generate(model, small, prompts, 6, layer_map=[0, 1, 1], topp=1.0)[0] == greedy
+    # generate.json's texts: each prompt's new tokens, decoded; plain and dense speculation's are greedy's
+    assert stats["plain"]["texts"] == stats["dense"]["texts"] == [tok.decode(ids) for ids in greedy]
+    assert all(s["tokens_per_s"] > 0 for s in stats.values())
 
 
 def test_specattn_cli_chooses_gamma_per_step_unless_fixed(llama2_style_pair, tmp_path, monkeypatch):
