@@ -1309,7 +1309,8 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
         warmup = f"{st.seconds['warmup']:.1f}" if "warmup" in st.seconds else ""
         busy = st.steps / max(1, st.engine_steps * batch)  # row-steps that served a prompt
         lines.append(f"| {mode} | {batch} | {prompts or batch} | {context} | {st.tokens} | {rates[mode]:.1f} "
-                     f"| {vs_plain} | {gamma} | {st.mean_accepted + 1:.2f} | {st.engine_steps} | {busy:.0%} | {sparse} | {saved} "
+                     f"| {vs_plain} | {gamma} | {st.mean_accepted + 1:.2f} | {st.engine_steps} | {busy:.0%} "
+                     f"| {sparse} | {saved} "
                      f"| {' | '.join(phase)} | {st.seconds['prefill']:.2f} | {warmup} |")
     return lines + ["tokens/s: the tokens the decode steps made (each prompt's first comes from its "
                     "prefill), all rows, over the steps' wall time; tokens/step/row: tokens a running row "

@@ -3156,7 +3156,8 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:-1]
     assert [(r[1], r[2], r[4]) for r in rows] == [("1", "2", "12")] * len(SA.MODES)
     assert "in 2 rounds" in lines[0]
-    assert re.fullmatch(r"\| ↳ paired by round \(batch 1, context 20\): dense / plain [\d.]+x \([\d.]+-[\d.]+, 2 rounds\); "
+    assert re.fullmatch(r"\| ↳ paired by round \(batch 1, context 20\): "
+                        r"dense / plain [\d.]+x \([\d.]+-[\d.]+, 2 rounds\); "
                         r"specattn / dense [\d.]+x \([\d.]+-[\d.]+, 2 rounds\) \|", lines[-2]), lines[-2]
 
 
