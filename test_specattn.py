@@ -1843,12 +1843,12 @@ def test_run_modes_in_rounds_equals_one_run(monkeypatch):
     def run(rounds):
         built.clear()
         served.clear()
-        return SA.run_modes(target, draft, prompts, 6, 3, 0.0, [0, 1, 1], cfg, batch_size=2, rounds=rounds,
+        return SA.run_modes(target, draft, prompts, 4, 3, 0.0, [0, 1, 1], cfg, batch_size=2, rounds=rounds,
                             warmup_tokens=2)
     one, two = run(1), run(2)
     assert built == list(SA.MODES)  # one engine per mode, for both rounds
     kinds = {(False, False): "plain", (False, True): "dense", (True, True): "specattn"}
-    timed = [kinds[k[:2]] for k in served if k[3] == 6]  # (each engine's warm-up makes 2 tokens)
+    timed = [kinds[k[:2]] for k in served if k[3] == 4]  # (each engine's warm-up makes 2 tokens)
     assert timed == ["plain", "dense", "specattn", "dense", "specattn", "plain"]
     assert [k[2] for k in served] == [2] * 9  # warm-ups and rounds: one prompt per row
     for mode in SA.MODES:
@@ -2823,23 +2823,26 @@ def test_eval_bad_inputs_give_one_line_errors(tiny_checkpoint, tmp_path, monkeyp
 
 def test_generation_refuses_what_does_not_fit(monkeypatch):
     target, draft = tiny_pair()
-    fits_three = SA.engine_memory(target, draft, 3, 40, 4, 0.0) / 0.9
+    new_tokens = 2  # (the interpreter runs the attention: a short generation keeps the test quick)
+    max_len = SA.engine_max_len(target, [[1, 2, 3]], new_tokens, 4)  # what speculative_generate sizes (γ = 4)
+    fits_three = SA.engine_memory(target, draft, 3, max_len, 4, 0.0) / 0.9
     monkeypatch.setattr(SA, "free_memory", lambda device: fits_three)
-    SA.speculative_generate(target, draft, [[1, 2, 3]] * 3, 20)  # fits
+    SA.speculative_generate(target, draft, [[1, 2, 3]] * 3, new_tokens)  # fits
     with pytest.raises(MemoryError, match=r"--batch 3 fits at this context") as info:
-        SA.speculative_generate(target, draft, [[1, 2, 3]] * 8, 20)
+        SA.speculative_generate(target, draft, [[1, 2, 3]] * 4, new_tokens)
     assert "\n" not in str(info.value)
     # An engine no longer referenced still holds its memory until the cycle collector frees it:
     # the check collects it before refusing (bench.py's loops over shapes build one after another).
-    fits_eight = SA.engine_memory(target, draft, 8, 40, 4, 0.0) / 0.9
-    dropped = SA.make_engine("specattn", target, draft, [[1, 2, 3]] * 3, 20, 4, 0.0, [0, 1, 1], SA.SelectionConfig())
+    fits_eight = SA.engine_memory(target, draft, 8, max_len, 4, 0.0) / 0.9
+    dropped = SA.make_engine("specattn", target, draft, [[1, 2, 3]] * 3, new_tokens, 4, 0.0, [0, 1, 1],
+                             SA.SelectionConfig())
     gone = weakref.ref(dropped)
     monkeypatch.setattr(SA, "free_memory", lambda device: fits_three if gone() is not None else fits_eight)
     gc.disable()  # no automatic collection in between: the check's own must free it
     try:
         del dropped
         assert gone() is not None  # in reference cycles, not freed by del alone
-        SA.speculative_generate(target, draft, [[1, 2, 3]] * 8, 20)
+        SA.speculative_generate(target, draft, [[1, 2, 3]] * 8, new_tokens)
     finally:
         gc.enable()
     assert gone() is None
@@ -3133,7 +3136,7 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
     monkeypatch.setattr(bench, "layer_map_for", lambda *args: [0, 1, 1])
     monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, n, context: [list(range(3, 3 + context))] * n)
     lines = []
-    rates = bench.bench_demo(lines.append, [1], [20], 6, [1, 3], 0.6, sparse_from=0, fixed_gamma=True)
+    rates = bench.bench_demo(lines.append, [1], [20], 4, [1, 3], 0.6, sparse_from=0, fixed_gamma=True)
     labels = ["plain", "dense", "specattn", "dense γ=1", "specattn γ=1", "dense γ=3", "specattn γ=3"]
     assert list(rates[(1, 20)]) == labels
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:]
@@ -3142,19 +3145,19 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
     assert all(1 <= float(r[7]) <= 3 for r in rows[1:3])  # chosen per step, at most the largest
     assert "γ chosen per step up to 3 and fixed at 1,3" in lines[0]
     lines = []
-    assert list(bench.bench_demo(lines.append, [1], [20], 6, [3], 0.6, sparse_from=0)[(1, 20)]) == list(SA.MODES)
+    assert list(bench.bench_demo(lines.append, [1], [20], 4, [3], 0.6, sparse_from=0)[(1, 20)]) == list(SA.MODES)
     lines = []  # two prompts per row in fixed batches (--fixed-batches): both served, one after the other
-    bench.bench_demo(lines.append, [1], [20], 6, [3], 0.6, sparse_from=0, prompts_per_row=2, refill=False)
+    bench.bench_demo(lines.append, [1], [20], 4, [3], 0.6, sparse_from=0, prompts_per_row=2, refill=False)
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert "2 prompt(s) per batch row (fixed batches" in lines[0]
-    assert [(r[1], r[2], r[4]) for r in rows] == [("1", "2", "12")] * len(SA.MODES)  # batch, prompts, new tokens
-    # rows busy: plain decoding's row served 5 steps per prompt (its first token from the prefill)
-    # of the 6 each batch ran (one more than the row needed, see SpecEngine.generate)
-    assert (rows[0][9], rows[0][10]) == ("12", "83%")
+    assert [(r[1], r[2], r[4]) for r in rows] == [("1", "2", "8")] * len(SA.MODES)  # batch, prompts, new tokens
+    # rows busy: plain decoding's row served 3 steps per prompt (its first token from the prefill)
+    # of the 4 each batch ran (one more than the row needed, see SpecEngine.generate)
+    assert (rows[0][9], rows[0][10]) == ("8", "75%")
     lines = []  # two prompts per row in two rounds (--rounds 2): the modes take turns; ratios paired by round
-    bench.bench_demo(lines.append, [1], [20], 6, [3], 0.6, sparse_from=0, prompts_per_row=2, rounds=2)
+    bench.bench_demo(lines.append, [1], [20], 4, [3], 0.6, sparse_from=0, prompts_per_row=2, rounds=2)
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:-1]
-    assert [(r[1], r[2], r[4]) for r in rows] == [("1", "2", "12")] * len(SA.MODES)
+    assert [(r[1], r[2], r[4]) for r in rows] == [("1", "2", "8")] * len(SA.MODES)
     assert "in 2 rounds" in lines[0]
     assert re.fullmatch(r"\| ↳ paired by round \(batch 1, context 20\): "
                         r"dense / plain [\d.]+x \([\d.]+-[\d.]+, 2 rounds\); "
