@@ -2600,7 +2600,7 @@ def test_specattn_cli_chooses_gamma_per_step_unless_fixed(llama2_style_pair, tmp
 
     monkeypatch.setattr(SA, "GammaChooser", AlwaysLeast)
     common = ["--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map), "--device", "cpu",
-              "--prompt", "The king of the north", "--max-new-tokens", "8", "--gamma", "3"]
+              "--prompt", "The king of the north", "--max-new-tokens", "5", "--gamma", "3"]
     for extra, gamma in (([], 1), (["--fixed-gamma"], 3)):
         out = tmp_path / str(gamma)
         SA.main(common + extra + ["--out", str(out)])
