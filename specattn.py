@@ -281,7 +281,8 @@ class SpecStats:
     gamma_steps: list = field(default_factory=list)  # [γ + 1]: engine steps that proposed 0, 1, ..., γ tokens
     sparse_steps: int = 0  # engine steps that verified sparsely (SpecAttn)
     seconds: dict = field(default_factory=dict)  # wall time: prefill, decode; GPU time per step phase
-    round_rates: list = field(default_factory=list)  # run_modes(rounds=R): decode_rate of each round
+    # run_modes(rounds=R): decode_rate of each round; two stats' lists concatenate (see __add__)
+    round_rates: list = field(default_factory=list, metadata={"add": "concatenate"})
 
     @property
     def mean_accepted(self) -> float:
@@ -300,17 +301,17 @@ class SpecStats:
 
     def __add__(self, other: "SpecStats") -> "SpecStats":
         """Two generations' stats as one (fixed batches run one after another): counts and
-        seconds add up, histograms add up position by position, per-round rates are listed
-        one after the other."""
-        def add(a, b, name):
-            if name == "round_rates":
+        seconds add up, histograms add up position by position, and a field marked
+        metadata={"add": "concatenate"} (the per-round rates) lists self's then other's."""
+        def add(a, b, how):
+            if how == "concatenate":
                 return a + b
             if isinstance(a, dict):
                 return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in a.keys() | b.keys()}
             if isinstance(a, list):
                 return [x + y for x, y in itertools.zip_longest(a, b, fillvalue=0)]
             return a + b
-        return SpecStats(**{f.name: add(getattr(self, f.name), getattr(other, f.name), f.name)
+        return SpecStats(**{f.name: add(getattr(self, f.name), getattr(other, f.name), f.metadata.get("add"))
                             for f in fields(self)})
 
     def summary(self) -> dict:
