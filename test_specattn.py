@@ -2634,6 +2634,28 @@ def test_specattn_cli_combine_default_follows_batching(llama2_style_pair, monkey
     assert seen == [want for _, want in cases]
 
 
+def test_specattn_cli_dtype_loads_both_models_in_it(llama2_style_pair, monkeypatch):
+    """--dtype sets the weights' (and so the caches') dtype of target and draft; by default a
+    CPU run is fp32."""
+    target, draft, _, layer_map = llama2_style_pair
+    seen = []
+
+    class Ran(Exception):  # stops main once it has handed run_modes the models
+        pass
+
+    def run_modes(target_model, draft_model, *args, **kwargs):
+        seen.append((target_model.output.weight.dtype, draft_model.output.weight.dtype))
+        raise Ran
+
+    monkeypatch.setattr(SA, "run_modes", run_modes)
+    common = ["--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map), "--device", "cpu",
+              "--prompt", "The king of the north", "--max-new-tokens", "4"]
+    for extra in ([], ["--dtype", "bf16"], ["--dtype", "fp32"]):
+        with pytest.raises(Ran):
+            SA.main(common + extra)
+    assert seen == [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float32,) * 2]
+
+
 def test_load_books_formats(tmp_path):
     pg = tmp_path / "pg19"
     (pg / "test").mkdir(parents=True)
