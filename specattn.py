@@ -1332,6 +1332,27 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
                        else "")]
 
 
+def parting_points(target, prompts, reference, rows) -> list[Optional[tuple[int, float]]]:
+    """Where each row's tokens part from its reference (plain decoding's): (the index of the
+    first token that differs, how far apart the target's two best logits were there, from one
+    forward of the prompt and the reference's tokens before it, in the target's dtype), or None
+    for a row equal to its reference over their common length. Greedy speculation equals plain
+    decoding in exact arithmetic; under bf16 rounding they may part where the two best logits
+    nearly tie, and the gap shows whether they did."""
+    device = target.output.weight.device
+    points = []
+    for prompt, ref, row in zip(prompts, reference, rows):
+        i = next((i for i, (a, b) in enumerate(zip(row, ref)) if a != b), None)
+        if i is None:
+            points.append(None)
+            continue
+        tokens = torch.tensor(prompt + ref[:i], device=device)[None]  # [1, T]
+        with torch.no_grad():
+            best = target(tokens, logits_at=torch.tensor([tokens.shape[1] - 1], device=device))[0, -1].topk(2)
+        points.append((i, float(best.values[0] - best.values[1])))
+    return points
+
+
 def check_engine(target, draft, tokenizer_prompts, layer_map, selection: SelectionConfig, gamma: int,
                  label: str, draft_window: Optional[int] = None) -> None:
     """The graphed engine against the same engine run eagerly, on ragged prompts, every mode,
@@ -1341,8 +1362,8 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
     chosen by a GammaChooser with fixed costs (so its choices follow the tokens alone), and
     with γ and sparse or dense verification chosen by a VerifyChooser with fixed costs, once
     with the selection's own combine and once with the other of "first" and "union". Also
-    reports how far the speculative modes follow plain decoding (bf16 may part them at
-    near-ties)."""
+    reports how far the speculative modes follow plain decoding, and the gap between the
+    target's two best logits where a row parts from it (parting_points)."""
     device = target.output.weight.device
     if device.type != "cuda":
         raise ValueError("--check compares CUDA graphs with eager runs: it needs --device cuda")
@@ -1377,10 +1398,12 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
             raise AssertionError(f"{label} {mode}: {engine.captures} captures "
                                  f"for {engine.phase_graphs()} phase graphs")
         plain = plain or graphed
-        same = [next((i for i, (a, b) in enumerate(zip(r, p)) if a != b), len(r))
-                for r, p in zip(graphed, plain)]
+        parted = parting_points(target, prompts, plain, graphed)
+        same = [len(r) if at is None else at[0] for r, at in zip(graphed, parted)]
+        gaps = ", ".join(f"row {b} at token {at[0]}: {at[1]:.3g}" for b, at in enumerate(parted) if at)
         print(f"check {label} {mode}: graphed == eager on {len(prompts)} rows of {[len(p) for p in prompts]} "
-              f"tokens; tokens equal to plain decoding before the first difference: {same}", flush=True)
+              f"tokens; tokens equal to plain decoding before the first difference: {same}"
+              + (f" (the target's two best logits there: {gaps} apart)" if gaps else ""), flush=True)
 
 
 def random_model(args, device, dtype, seed: int) -> Transformer:

@@ -1687,6 +1687,21 @@ def test_engine_plain_decoding_equals_full_forwards(references):
     assert SA.greedy_generate(target, prompts, 17) == [naive_greedy(target, p, 17) for p in prompts]
 
 
+def test_parting_points_name_the_first_difference_and_the_logit_gap_there(references):
+    """check_engine's report: where a row parts from plain decoding, the index of the first
+    differing token and the target's top-2 logit gap there, from a full forward of the prompt
+    and the reference's tokens before it; None for rows equal over their common length."""
+    target, _ = tiny_pair(4)
+    prompts = [[3, 1, 4, 1, 5], [9], list(range(20, 47))]
+    plain = SA.greedy_generate(target, prompts, 8)
+    logits = target(torch.tensor([prompts[2] + plain[2][:5]]))[0, -1]  # [vocab]: before token 5 of row 2
+    best = logits.topk(2)
+    parted = plain[2][:5] + [int(best.indices[1])] + plain[2][6:]  # the runner-up chosen at token 5
+    points = SA.parting_points(target, prompts, plain, [plain[0], plain[1][:4], parted])
+    assert points[:2] == [None, None] and points[2][0] == 5
+    assert abs(points[2][1] - float(best.values[0] - best.values[1])) < 1e-5 and points[2][1] > 0
+
+
 @pytest.mark.parametrize("mode", ["plain", "dense", "specattn", "specattn_mean_sinks", "specattn_first",
                                   "dense_window", "specattn_window"])
 def test_ragged_batch_equals_each_row_alone(mode, references):
