@@ -1492,7 +1492,8 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="GPU: check the graphed engine against the "
                         "eager one (this pair and a random-weight pair of its shapes), then exit")
     parser.add_argument("--out",
-                        help="also write into this directory the table (generate.md) and, per mode, its "
+                        help="also write into this directory the table under the device and dtype it ran on "
+                        "(generate.md) and, per mode, its "
                         "stats, tokens/s and each prompt's generated text (generate.json)")
     args = parser.parse_args(argv)
     try:
@@ -1557,8 +1558,11 @@ def main(argv=None):
         for b in range(min(args.show, len(ids))):
             print(f"=== {mode}, row {b}")
             print(tokenizer.decode(prompts[b][-200:]) + tokenizer.decode(ids[b]))
-    table = results_table(results, batch, args.context or "prompt", len(prompts), args.sparse_from,
-                          verification_chosen=not args.always_sparse)
+    weights = target.output.weight
+    where = f"# {torch.cuda.get_device_name(weights.device) if weights.is_cuda else 'CPU'}, " \
+            f"{str(weights.dtype).removeprefix('torch.')}"  # e.g. "# NVIDIA H100 80GB HBM3, bfloat16"
+    table = [where] + results_table(results, batch, args.context or "prompt", len(prompts), args.sparse_from,
+                                    verification_chosen=not args.always_sparse)
     if "specattn" in modes:
         source = {"union": "the union of the draft rows' top-p sets", "first": "the draft's first row",
                   "mean": "the draft rows' mean"}[selection.combine]
