@@ -1213,7 +1213,6 @@ def greedy_generate(model: Transformer, prompt_ids, max_new_tokens: int, eos_id:
 
 
 MODES = ("plain", "dense", "specattn")  # target alone; speculative, dense verification; SpecAttn
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # specattn.py --dtype
 # Generation's default for SelectionConfig.sparse_from (rows shorter than this verify densely).
 # From docs/performance.md, "Why SpecAttn verifies densely below 4096 positions" (one H200,
 # 2026-12-03, commit 39eaf67, batch 1, 8 prompts): sparse verification saved 0.01, 0.09 and 0.16 ms
@@ -1484,9 +1483,9 @@ def main(argv=None):
     parser.add_argument("--layer-map",
                         help="layer map JSON from calibrate.py (default: calibrate once, cached)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES),
-                        help="weights and caches (default: bf16 on cuda, fp32 on cpu); fp32 on a GPU is slower, "
-                             "for comparing modes without bf16 rounding (e.g. with --check)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],  # as eval_pg19.py spells them
+                        help="weights and caches (default: bfloat16 on cuda, float32 on cpu); float32 on a GPU is "
+                             "slower, for comparing modes without bf16 rounding (e.g. with --check)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--show", type=int, default=1, help="print the text of this many rows per mode")
     parser.add_argument("--check", action="store_true", help="GPU: check the graphed engine against the "
@@ -1520,8 +1519,9 @@ def main(argv=None):
                              f"got {args.draft_window}")
         check_device(args.device)
         target, draft, tokenizer = load_pair(args.target, args.draft, parse_layers(args.draft_layers),
-                                             device=args.device, dtype=DTYPES.get(args.dtype), bos=args.bos,
-                                             sink_distance=args.sink_distance)
+                                             device=args.device,
+                                             dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                             bos=args.bos, sink_distance=args.sink_distance)
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
         continuous = (args.requests or args.batch) > args.batch and not args.fixed_batches
         selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, sinks=args.sinks,

@@ -2666,7 +2666,7 @@ def test_specattn_cli_dtype_loads_both_models_in_it(llama2_style_pair, monkeypat
     monkeypatch.setattr(SA, "run_modes", run_modes)
     common = ["--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map), "--device", "cpu",
               "--prompt", "The king of the north", "--max-new-tokens", "4"]
-    for extra in ([], ["--dtype", "bf16"], ["--dtype", "fp32"]):
+    for extra in ([], ["--dtype", "bfloat16"], ["--dtype", "float32"]):
         with pytest.raises(Ran):
             SA.main(common + extra)
     assert seen == [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float32,) * 2]
