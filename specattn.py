@@ -1179,9 +1179,10 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
     own). Returns (new ids: a list, or a list per row for a batch, SpecStats).
 
     temperature 0 is greedy: every row's output equals the target's own greedy decoding of
-    it (with SpecAttn off, or topp=1), token for token in fp32; in bf16 a verify forward of
-    γ + 1 tokens rounds differently from a one-token forward, so where the two best logits
-    nearly tie the texts may part. topp < 1 turns SpecAttn on (needs layer_map).
+    it (with SpecAttn off, or topp=1), token for token in exact arithmetic and in the CPU
+    tests' fp32; on a GPU a verify forward of γ + 1 tokens rounds differently from a one-token
+    forward, so where the two best logits tie at the dtype's resolution the texts may part
+    (README, "Generation on a GPU"). topp < 1 turns SpecAttn on (needs layer_map).
     engine: a SpecEngine to reuse (its captured graphs too); None builds one for this call.
     draft_window: see SpecEngine (None: the draft's training window).
     """
@@ -1447,7 +1448,7 @@ def main(argv=None):
     parser.add_argument("--fixed-gamma", action="store_true",
                         help="every step proposes --gamma draft tokens. Without it the γ a step proposes follows "
                              "measured times, and so do SpecAttn's and sampled text (greedy dense speculation "
-                             "is the target's greedy text either way, up to bf16 rounding at near-ties); "
+                             "is the target's greedy text either way, up to rounding at ties); "
                              "SpecAttn's text also follows its measured choice of sparse or dense steps unless "
                              "--always-sparse")
     parser.add_argument("--draft-window", type=int,
