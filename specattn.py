@@ -846,11 +846,12 @@ class SpecEngine:
                 for name, fn in self._phases():
                     self.graphs[name, sparse, g] = self._capture(fn)
             self.sparse_now, self.g = now
-            # Compiling and capturing leave a few million long-lived Python objects. Left as they
-            # are, they trigger one of the cycle collector's full passes during generation, which
-            # walks every one of them: the host stalls for tenths of a second while the GPU waits
-            # for the next replay. Collect once now and freeze what survives (gc.freeze: the
-            # collector skips those objects from then on), as serving engines do after capture.
+            # Compiling and capturing leave hundreds of thousands of long-lived Python objects.
+            # Left as they are, they bring on one of the cycle collector's full passes during
+            # generation, which walks every one of them: the host stalls for tenths of a second
+            # while the GPU waits for the next replay. Collect once now and freeze what survives
+            # (gc.freeze: the collector skips those objects from then on), as serving engines do
+            # after capture.
             gc.collect()
             gc.freeze()
         phases = self._phases()
