@@ -599,6 +599,10 @@ class SpecEngine:
         device = target.output.weight.device
         self.device = device
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # An engine dropped since the last capture was frozen with everything else (see `step`),
+        # and the collector never frees frozen objects: unfreeze, so the memory check below and
+        # this engine's own capture can free what is no longer referenced.
+        gc.unfreeze()
         check_engine_memory(target, draft, batch_size, max_len, self.gamma, temperature)
         self.t_cache = target.new_cache(batch_size=batch_size, max_len=max_len)
         self.d_cache = draft.new_cache(batch_size=batch_size, max_len=max_len) if draft is not None else None
@@ -851,7 +855,8 @@ class SpecEngine:
             # generation, which walks every one of them: the host stalls for tenths of a second
             # while the GPU waits for the next replay. Collect once now and freeze what survives
             # (gc.freeze: the collector skips those objects from then on), as serving engines do
-            # after capture.
+            # after capture. A frozen engine that is dropped is freed once gc.unfreeze() runs:
+            # the next engine's constructor calls it.
             gc.collect()
             gc.freeze()
         phases = self._phases()

@@ -2870,18 +2870,21 @@ def test_generation_refuses_what_does_not_fit(monkeypatch):
         SA.speculative_generate(target, draft, [[1, 2, 3]] * 4, new_tokens)
     assert "\n" not in str(info.value)
     # An engine no longer referenced still holds its memory until the cycle collector frees it:
-    # the check collects it before refusing (bench.py's loops over shapes build one after another).
+    # the check collects it before refusing (bench.py's loops over shapes build one after another),
+    # also where the engine's capture froze it (gc.freeze, on CUDA; done by hand here).
     fits_eight = SA.engine_memory(target, draft, 8, max_len, 4, 0.0) / 0.9
     dropped = SA.make_engine("specattn", target, draft, [[1, 2, 3]] * 3, new_tokens, 4, 0.0, [0, 1, 1],
                              SA.SelectionConfig())
     gone = weakref.ref(dropped)
     monkeypatch.setattr(SA, "free_memory", lambda device: fits_three if gone() is not None else fits_eight)
     gc.disable()  # no automatic collection in between: the check's own must free it
+    gc.freeze()
     try:
         del dropped
         assert gone() is not None  # in reference cycles, not freed by del alone
         SA.speculative_generate(target, draft, [[1, 2, 3]] * 8, new_tokens)
     finally:
+        gc.unfreeze()
         gc.enable()
     assert gone() is None
     for argv, message in ((["--device", "tpu0"], "is not a device"), (["--device", "mps"], "only cpu and "
