@@ -1350,8 +1350,8 @@ def parting_points(target, prompts, reference, rows) -> list[Optional[tuple[int,
     first token that differs, how far apart the target's two best logits were there, from one
     forward of the prompt and the reference's tokens before it, in the target's dtype), or None
     for a row equal to its reference over their common length. Greedy speculation equals plain
-    decoding in exact arithmetic; under bf16 rounding they may part where the two best logits
-    nearly tie, and the gap shows whether they did."""
+    decoding in exact arithmetic; rounding (bf16, or fp32 on a GPU) may part them where the two
+    best logits tie at the dtype's resolution, and the gap shows whether they did."""
     device = target.output.weight.device
     points = []
     for prompt, ref, row in zip(prompts, reference, rows):
