@@ -470,17 +470,9 @@ class VerifyChooser:
     depends on the batch, the context and the GPU, so it is measured, as γ is: each variant
     keeps a GammaChooser of its own (its acceptance α and its step time per γ), and a step
     goes to the variant and γ with the most expected tokens per unit time. A variant not yet
-    ready (GammaChooser.ready) runs first, sparse before dense; then the one behind runs once
-    more after some steps aside, since its α and its time move as the context grows (costs
-    measured at a shorter context read low, which also brings it back).
-
-    How many steps aside: the variant behind rests on few steps, so its estimate is noisy,
-    and most where the two are close, where a wrong verdict is likeliest. But a try costs
-    what the variant behind is behind: a fraction `gap` = 1 - its rate / the leader's of one
-    step. So it waits explore_every * min(1, gap / close) steps (at least 1): trying it every
-    explore_every·gap/close steps costs about close / explore_every of the time (0.3% by
-    default) at any gap below close, while two variants within a few percent alternate
-    nearly step by step and their estimates firm up on as many steps as the leader's.
+    ready (GammaChooser.ready) runs first, sparse before dense; one left aside for
+    `explore_every` steps runs once more, since its α and its time move as the context grows
+    (costs measured at a shorter context read low, which also brings it back).
 
     costs: {sparse: (draft, verify)} per variant (fixed costs, see GammaChooser: the choices
     then follow the tokens alone); None: measured. Sparse steps are allowed only where the
@@ -489,10 +481,10 @@ class VerifyChooser:
     """
 
     def __init__(self, gamma_max: int, costs: Optional[dict] = None, explore_every: int = 32,
-                 gamma_min: int = 1, close: float = 0.1):
-        if explore_every < 1 or close <= 0:
-            raise ValueError(f"need explore_every >= 1 and close > 0, got {explore_every} and {close}")
-        self.gamma_max, self.gamma_min, self.explore_every, self.close = gamma_max, gamma_min, explore_every, close
+                 gamma_min: int = 1):
+        if explore_every < 1:
+            raise ValueError(f"explore_every must be >= 1, got {explore_every}")
+        self.gamma_max, self.gamma_min, self.explore_every = gamma_max, gamma_min, explore_every
         self.variants = {sparse: GammaChooser(gamma_max, costs=costs[sparse] if costs else None,
                                               gamma_min=gamma_min) for sparse in (True, False)}
         self.reset()
@@ -508,14 +500,13 @@ class VerifyChooser:
         self.steps += 1
         if not sparse_allowed:
             sparse = False
-        elif not (self.variants[True].ready and self.variants[False].ready):
-            sparse = not self.variants[True].ready  # the first not ready, sparse before dense
         else:
-            rate = {s: self.variants[s].best()[0] for s in (True, False)}
-            lead = max(rate, key=rate.get)
-            gap = 1 - rate[not lead] / rate[lead]
-            wait = max(1, round(self.explore_every * min(1.0, gap / self.close)))
-            sparse = (not lead) if self.steps - self.last_run[not lead] > wait else lead
+            waiting = [s for s in (True, False) if not self.variants[s].ready
+                       or self.steps - self.last_run[s] > self.explore_every]
+            if waiting:
+                sparse = waiting[0]
+            else:
+                sparse = max((True, False), key=lambda s: self.variants[s].best()[0])
         self.last_run[sparse] = self.steps
         return sparse, self.variants[sparse].choose()
 
