@@ -30,6 +30,9 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     and a prompt's prefill (the target's, the draft's whole and through its window).
 (g) `--parts cpu`, alone and with no GPU: the demo pair on the CPU, each forward and the
     generation with model.Linear's few-row matmul form against F.linear.
+(h) `--parts profile --batches 1 --contexts 1024`: where a decode step's GPU time goes, kernel
+    by kernel (torch.profiler over CUDA graph replays), for plain decoding and dense
+    speculation at the demo pair's shapes (random weights).
 
     python bench.py --out DIR               # (a), (c), then (b)
     python bench.py --parts demo,hf         # some parts
@@ -84,8 +87,13 @@ def topp_for_fraction(rows: torch.Tensor, fraction: float) -> float:
 
 
 def time_steps(engine: SA.SpecEngine, steps: int) -> float:
-    """ms per engine step (graph replays), after the captures."""
+    """ms per engine step (graph replays on a GPU), after the first (which captures)."""
     engine.step()
+    if engine.t_cache.k.device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        return (time.perf_counter() - start) * 1e3 / steps
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -97,16 +105,18 @@ def time_steps(engine: SA.SpecEngine, steps: int) -> float:
 
 
 def filled_engine(target, draft, B: int, S: int, gamma: int, selection, use_specattn: bool,
-                  cuda_graphs: bool = True) -> SA.SpecEngine:
-    """An engine whose rows already hold S random cached positions (as after a prefill)."""
-    engine = SA.SpecEngine(target, draft, batch_size=B, max_len=S + 256, gamma=gamma, layer_map=LAYER_MAP_8B,
+                  cuda_graphs: bool = True, layer_map=LAYER_MAP_8B, room: int = 256) -> SA.SpecEngine:
+    """An engine whose rows already hold S random cached positions (as after a prefill), with
+    room for `room` more; draft None: plain decoding."""
+    engine = SA.SpecEngine(target, draft, batch_size=B, max_len=S + room, gamma=gamma, layer_map=layer_map,
                            selection=selection, use_specattn=use_specattn, cuda_graphs=cuda_graphs)
-    for cache, n in ((engine.t_cache, S), (engine.d_cache, S - 1)):  # draft: all but prev (see SpecEngine)
+    filled = ((engine.t_cache, S),) + (((engine.d_cache, S - 1),) if draft is not None else ())
+    for cache, n in filled:  # draft: all but prev (see SpecEngine)
         cache.k.normal_()
         cache.v.normal_()
         cache.set_lengths([n] * B)
-    engine.last.random_(0, TARGET_8B.vocab_size)
-    engine.prev.random_(0, TARGET_8B.vocab_size)
+    engine.last.random_(0, target.args.vocab_size)
+    engine.prev.random_(0, target.args.vocab_size)
     engine.done.zero_()
     engine.max_new.fill_(S)  # never reached in the timed steps
     return engine
@@ -139,6 +149,56 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
             engine = None  # the next engine's memory check collects it (specattn.check_engine_memory)
         say(f"| {B} | {S} | {times['dense']:.3f} | {times['specattn']:.3f} | {kept:.0%} | "
             f"{times['dense'] / times['specattn']:.2f}x |")
+
+
+@torch.no_grad()
+def bench_profile(say, batches, contexts, gamma: int, steps: int = 32, top: int = 12, pair=None) -> dict:
+    """(h): where a decode step's time goes, kernel by kernel. Plain decoding and dense
+    speculation (γ fixed) on rows that already hold `context` random cached positions, at the
+    demo pair's shapes with random weights (a kernel's time does not depend on the weights, and
+    nothing is downloaded). torch.profiler records `steps` steps (CUDA graph replays) after the
+    first (which captures); each table groups the GPU's kernels by name, calls and µs per
+    step, and sets their sum against the step's time measured without the profiler: the rest
+    is the GPU waiting between kernels. pair=(target, draft): other models (the tests' tiny
+    pair on a CPU, where the rows are the CPU's operators, self time).
+    Returns {(mode, batch, context): {name: (calls per step, µs per step)}}."""
+    from torch.profiler import ProfilerActivity, profile
+    target, draft = pair or (random_model(DEMO_TARGET, seed=0),
+                             random_model(replace(DEMO_DRAFT, sink_distance=512), seed=1))
+    on_gpu = target.output.weight.is_cuda
+    say(f"## (h) where a decode step's time goes: the demo pair's shapes, random weights, bf16; {steps} steps "
+        f"profiled (torch.profiler, {'CUDA graph replays' if on_gpu else 'CPU operators'}); dense "
+        f"speculation proposes γ={gamma} every step")
+    tables = {}
+    for B, S, (mode, g) in itertools.product(batches, contexts, (("plain", 0), ("dense", gamma))):
+        engine = filled_engine(target, draft if g else None, B, S, g, SA.SelectionConfig(), False,
+                               cuda_graphs=None, layer_map=None, room=(2 * steps + 2) * (g + 1))
+        step_ms = time_steps(engine, steps)  # the step's own time, the profiler off
+        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine.step()
+            SA._sync(target.output.weight.device)
+        engine = None
+        per_step = {}  # kernel -> (calls per step, µs per step)
+        for e in prof.key_averages():
+            us = e.self_device_time_total if on_gpu else e.self_cpu_time_total
+            if us > 0:
+                per_step[e.key] = (e.count / steps, us / steps)
+        tables[mode, B, S] = per_step
+        busy_us = sum(us for _, us in per_step.values())
+        calls = sum(n for n, _ in per_step.values())
+        say(f"### {mode}, batch {B}, {S} cached positions: a step {step_ms * 1e3:.1f} µs, "
+            f"{calls:.0f} kernels busy for {busy_us:.1f} µs ({busy_us / (step_ms * 1e3):.0%})")
+        say("| kernel | calls per step | µs per call | µs per step | share of the step |")
+        say("|---|---|---|---|---|")
+        ranked = sorted(per_step.items(), key=lambda kv: -kv[1][1])
+        rest = ranked[top:]
+        for name, (n, us) in ranked[:top]:
+            say(f"| `{name[:72]}` | {n:.1f} | {us / n:.2f} | {us:.1f} | {us / (step_ms * 1e3):.1%} |")
+        if rest:
+            n_rest, us_rest = sum(n for _, (n, _) in rest), sum(us for _, (_, us) in rest)
+            say(f"| {len(rest)} others | {n_rest:.1f} | | {us_rest:.1f} | {us_rest / (step_ms * 1e3):.1%} |")
+    return tables
 
 
 @torch.no_grad()
@@ -585,7 +645,8 @@ def main(argv=None):
                         "(a), 8b (b), hf (c), kernels (d: the kernels alone, written to kernels_bench.md), "
                         "merge (e: the attention's merge at the demo's decode shapes, also in d), window (f: the "
                         "draft's attention, whole cache vs its window, also in d), cpu (g: the demo pair on the "
-                        "CPU, the matmul forms of model.Linear; needs no GPU, runs alone)")
+                        "CPU, the matmul forms of model.Linear; needs no GPU, runs alone), profile (h: where a plain and a dense "
+                        "speculative step's GPU time goes, kernel by kernel, at each --batches x --contexts)")
     parser.add_argument("--batches", default="1,8,32,64", help="demo batch sizes")
     parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens); the demo "
                         "model has 8192 positions, which also hold the new tokens")
@@ -644,9 +705,9 @@ def main(argv=None):
         check_sink_distance(args.sink_distance)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if not parts or parts - {"demo", "8b", "hf", "kernels", "merge", "window", "cpu"}:
+    if not parts or parts - {"demo", "8b", "hf", "kernels", "merge", "window", "cpu", "profile"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
-                         f"demo,8b,hf,kernels,merge,window,cpu, got {args.parts!r}")
+                         f"demo,8b,hf,kernels,merge,window,cpu,profile, got {args.parts!r}")
     batches, contexts, gammas = (int_list(getattr(args, name), name) for name in ("batches", "contexts", "gamma"))
     also_combine = [c for c in args.also_combine.split(",") if c]
     if any(c not in SA.COMBINE for c in also_combine):
@@ -697,6 +758,8 @@ def main(argv=None):
                     + " |")
     if "8b" in parts:
         bench_8b(say)
+    if "profile" in parts:
+        bench_profile(say, batches, contexts, max(gammas))
     if "kernels" in parts:
         bench_kernels(out_dir=args.out)
     else:

@@ -3225,6 +3225,23 @@ def test_bench_cpu_times_both_matmul_forms(monkeypatch):
     assert sum(line.startswith("generation, matmuls") for line in lines) == 2
 
 
+def test_bench_profile_counts_each_steps_kernels():
+    """bench.py --parts profile on the CPU with a tiny pair: the operators of one step, grouped,
+    count what a step runs: a plain step one target forward (4 matmuls a layer and the head),
+    a dense step γ draft forwards and one target forward."""
+    import bench
+    target, _ = tiny_pair(7)
+    draft = self_draft(target)
+    lines = []
+    tables = bench.bench_profile(lines.append, [2], [20], 3, steps=3, pair=(target, draft))
+    matmuls = {mode: sum(n for name, (n, _) in tables[mode, 2, 20].items() if name in ("aten::mm", "aten::addmm"))
+               for mode in ("plain", "dense")}
+    per_forward = lambda model: 4 * model.args.n_layers + 1  # noqa: E731
+    assert matmuls == {"plain": per_forward(target), "dense": 3 * per_forward(draft) + per_forward(target)}, matmuls
+    assert [line.split(",")[0] for line in lines if line.startswith("### ")] == ["### plain", "### dense"]
+    assert sum(line.startswith("| `aten::") for line in lines) >= 2
+
+
 def test_bench_report_keeps_the_lines_of_a_run_cut_short(monkeypatch, tmp_path):
     """bench.py --out: the report file holds every line printed before the run was stopped."""
     import bench
