@@ -645,10 +645,12 @@ def main(argv=None):
                         "(a), 8b (b), hf (c), kernels (d: the kernels alone, written to kernels_bench.md), "
                         "merge (e: the attention's merge at the demo's decode shapes, also in d), window (f: the "
                         "draft's attention, whole cache vs its window, also in d), cpu (g: the demo pair on the "
-                        "CPU, the matmul forms of model.Linear; needs no GPU, runs alone), profile (h: where a plain and a dense "
-                        "speculative step's GPU time goes, kernel by kernel, at each --batches x --contexts)")
-    parser.add_argument("--batches", default="1,8,32,64", help="demo batch sizes")
-    parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens); the demo "
+                        "CPU, the matmul forms of model.Linear; needs no GPU, runs alone), profile (h: where a "
+                        "plain and a dense speculative step's GPU time goes, kernel by kernel, at each --batches x "
+                        "--contexts)")
+    parser.add_argument("--batches", default="1,8,32,64", help="demo (and profile) batch sizes")
+    parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens; profile: cached "
+                        "positions); the demo "
                         "model has 8192 positions, which also hold the new tokens")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
     parser.add_argument("--prompts-per-row", type=int, default=1, help="demo: prompts each batch row serves "
