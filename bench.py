@@ -166,9 +166,9 @@ def bench_profile(say, batches, contexts, gamma: int, steps: int = 32, top: int 
     target, draft = pair or (random_model(DEMO_TARGET, seed=0),
                              random_model(replace(DEMO_DRAFT, sink_distance=512), seed=1))
     on_gpu = target.output.weight.is_cuda
-    say(f"## (h) where a decode step's time goes: the demo pair's shapes, random weights, bf16; {steps} steps "
-        f"profiled (torch.profiler, {'CUDA graph replays' if on_gpu else 'CPU operators'}); dense "
-        f"speculation proposes γ={gamma} every step")
+    models = "the demo pair's shapes, random weights, bf16" if pair is None else "the given pair"
+    say(f"## (h) where a decode step's time goes: {models}; {steps} steps profiled (torch.profiler, "
+        f"{'CUDA graph replays' if on_gpu else 'CPU operators'}); dense speculation proposes γ={gamma} every step")
     tables = {}
     for B, S, (mode, g) in itertools.product(batches, contexts, (("plain", 0), ("dense", gamma))):
         engine = filled_engine(target, draft if g else None, B, S, g, SA.SelectionConfig(), False,
@@ -177,7 +177,8 @@ def bench_profile(say, batches, contexts, gamma: int, steps: int = 32, top: int 
         with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 engine.step()
-            SA._sync(target.output.weight.device)
+            if on_gpu:
+                torch.cuda.synchronize()
         engine = None
         per_step = {}  # kernel -> (calls per step, µs per step)
         for e in prof.key_averages():
@@ -650,8 +651,7 @@ def main(argv=None):
                         "--contexts)")
     parser.add_argument("--batches", default="1,8,32,64", help="demo (and profile) batch sizes")
     parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens; profile: cached "
-                        "positions); the demo "
-                        "model has 8192 positions, which also hold the new tokens")
+                        "positions); the demo model has 8192 positions, which also hold the new tokens")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
     parser.add_argument("--prompts-per-row", type=int, default=1, help="demo: prompts each batch row serves "
                         "in turn (continuous batching: a finished row takes the next waiting prompt)")
