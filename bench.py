@@ -151,8 +151,17 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
             f"{times['dense'] / times['specattn']:.2f}x |")
 
 
+PROFILE_STEPS = 32  # steps bench_profile times and profiles
+
+
+def profile_room(steps: int, gamma: int) -> int:
+    """Positions a profiled engine's rows grow by: a first step and `steps` more, γ + 1 each at most."""
+    return (steps + 1) * (gamma + 1)
+
+
 @torch.no_grad()
-def bench_profile(say, batches, contexts, gamma: int, steps: int = 32, top: int = 12, pair=None) -> dict:
+def bench_profile(say, batches, contexts, gamma: int, steps: int = PROFILE_STEPS, top: int = 12,
+                  pair=None) -> dict:
     """(h): where a decode step's time goes, kernel by kernel. Plain decoding and dense
     speculation (γ fixed) on rows that already hold `context` random cached positions, at the
     demo pair's shapes with random weights (a kernel's time does not depend on the weights, and
@@ -171,9 +180,14 @@ def bench_profile(say, batches, contexts, gamma: int, steps: int = 32, top: int 
         f"{'CUDA graph replays' if on_gpu else 'CPU operators'}); dense speculation proposes γ={gamma} every step")
     tables = {}
     for B, S, (mode, g) in itertools.product(batches, contexts, (("plain", 0), ("dense", gamma))):
-        engine = filled_engine(target, draft if g else None, B, S, g, SA.SelectionConfig(), False,
-                               cuda_graphs=None, layer_map=None, room=(2 * steps + 2) * (g + 1))
+        def build():  # rows with room for a first step (which captures) and `steps` more
+            return filled_engine(target, draft if g else None, B, S, g, SA.SelectionConfig(), False,
+                                 cuda_graphs=None, layer_map=None, room=profile_room(steps, g))
+        engine = build()
         step_ms = time_steps(engine, steps)  # the step's own time, the profiler off
+        engine = None  # freed before the next one allocates
+        engine = build()  # rows as new for the profiled steps
+        engine.step()  # its capture, not profiled
         with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 engine.step()
@@ -714,6 +728,11 @@ def main(argv=None):
     also_combine = [c for c in args.also_combine.split(",") if c]
     if any(c not in SA.COMBINE for c in also_combine):
         raise SystemExit(f"error: --also-combine takes values from {','.join(SA.COMBINE)}, got {args.also_combine!r}")
+    room = profile_room(PROFILE_STEPS, max(gammas))
+    if "profile" in parts and max(contexts) + room > DEMO_TARGET.max_seq_len:
+        raise SystemExit(f"error: --parts profile takes --contexts up to {DEMO_TARGET.max_seq_len - room} (the demo "
+                         f"model's {DEMO_TARGET.max_seq_len} positions less the {room} its steps may add), "
+                         f"got {max(contexts)}")
     if "cpu" in parts and len(parts) > 1:
         raise SystemExit("error: --parts cpu runs alone (the other parts need a GPU)")
     if parts != {"cpu"} and not torch.cuda.is_available():

@@ -2258,7 +2258,8 @@ def test_cli_help_states_each_default_once(capsys):
                                           (["--sparse-from", "-1"], "--sparse-from"), (["--parts", "x"], "--parts"),
                                           (["--sink-distance", "-2"], "--sink-distance"),
                                           (["--draft-window", "-1"], "--draft-window"),
-                                          (["--parts", "cpu,demo"], "--parts cpu")])
+                                          (["--parts", "cpu,demo"], "--parts cpu"),
+                                          (["--parts", "profile", "--contexts", "8100"], "--parts profile")])
 def test_bench_bad_arguments(argv, message):
     import bench
     with pytest.raises(SystemExit) as info:
