@@ -188,7 +188,8 @@ def bench_profile(say, batches, contexts, gamma: int, steps: int = PROFILE_STEPS
         engine = None  # freed before the next one allocates
         engine = build()  # rows as new for the profiled steps
         engine.step()  # its capture, not profiled
-        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU],
+                     acc_events=True) as prof:  # (one recording: without it, torch warns it keeps only the last)
             for _ in range(steps):
                 engine.step()
             if on_gpu:
