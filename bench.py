@@ -184,7 +184,7 @@ def bench_profile(say, batches, contexts, gamma: int, steps: int = PROFILE_STEPS
             return filled_engine(target, draft if g else None, B, S, g, SA.SelectionConfig(), False,
                                  cuda_graphs=None, layer_map=None, room=profile_room(steps, g))
         engine = build()
-        step_ms = time_steps(engine, steps)  # the step's own time, the profiler off
+        step_us = time_steps(engine, steps) * 1e3  # the step's own time, the profiler off
         engine = None  # freed before the next one allocates
         engine = build()  # rows as new for the profiled steps
         engine.step()  # its capture, not profiled
@@ -203,17 +203,17 @@ def bench_profile(say, batches, contexts, gamma: int, steps: int = PROFILE_STEPS
         tables[mode, B, S] = per_step
         busy_us = sum(us for _, us in per_step.values())
         calls = sum(n for n, _ in per_step.values())
-        say(f"### {mode}, batch {B}, {S} cached positions: a step {step_ms * 1e3:.1f} µs, "
-            f"{calls:.0f} kernels busy for {busy_us:.1f} µs ({busy_us / (step_ms * 1e3):.0%})")
+        say(f"### {mode}, batch {B}, {S} cached positions: a step {step_us:.1f} µs, "
+            f"{calls:.0f} kernels busy for {busy_us:.1f} µs ({busy_us / step_us:.0%})")
         say("| kernel | calls per step | µs per call | µs per step | share of the step |")
         say("|---|---|---|---|---|")
         ranked = sorted(per_step.items(), key=lambda kv: -kv[1][1])
         rest = ranked[top:]
         for name, (n, us) in ranked[:top]:
-            say(f"| `{name[:72]}` | {n:.1f} | {us / n:.2f} | {us:.1f} | {us / (step_ms * 1e3):.1%} |")
+            say(f"| `{name[:72]}` | {n:.1f} | {us / n:.2f} | {us:.1f} | {us / step_us:.1%} |")
         if rest:
             n_rest, us_rest = sum(n for _, (n, _) in rest), sum(us for _, (_, us) in rest)
-            say(f"| {len(rest)} others | {n_rest:.1f} | | {us_rest:.1f} | {us_rest / (step_ms * 1e3):.1%} |")
+            say(f"| {len(rest)} others | {n_rest:.1f} | | {us_rest:.1f} | {us_rest / step_us:.1%} |")
     return tables
 
 
