@@ -57,7 +57,7 @@ import specattn as SA
 import kernels as K
 from calibrate import HelpFormatter, check_sink_distance, layer_map_for, load_pair
 from kernels import topp_mask_reference
-from model import ModelArgs, Transformer, cache_attention, compile_pointwise, write_atomic
+from model import ModelArgs, Transformer, cache_attention, write_atomic
 
 TARGET_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                       vocab_size=128256, rope_theta=500000.0, max_seq_len=131072 + 512)
@@ -754,7 +754,7 @@ def main(argv=None):
         say(f"# CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
         bench_cpu(say, contexts[0], args.max_new_tokens)
         return
-    compile_pointwise(True)
+    SA.use_gpu_kernels(True)
     say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     demo, hf = {}, {}
     if "demo" in parts:

@@ -49,6 +49,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -1143,6 +1144,139 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------
+# A decode step's matmuls, each in one launch with the pointwise work before it
+#
+# A small model's decode step multiplies one row (or a few) by each weight: SmolLM2-135M's
+# largest layer weight is 3.5 MB, which the GPU reads in about a microsecond, so each matmul
+# costs what its launch costs, and so do the RMSNorm and SwiGLU kernels between them. Here a
+# program owns BLOCK_N output columns: it loads its [BLOCK_N, K] slice of the weight whole,
+# recomputes the prologue (the residual add and RMSNorm, or SwiGLU; K entries a row, cheap to
+# repeat in every program) and reduces. Three tricks:
+# - Fusing the prologue removes the norm and SwiGLU launches (3 of a layer's 8).
+# - The weight does not depend on the kernel before, so on Hopper and newer the launch is
+#   programmatic (PDL): the program loads its weight slice *before* waiting for the previous
+#   kernel (gdc_wait), overlapping the largest read with that kernel's tail.
+# - The residual sum h + delta, which the next sublayer adds to, is written by program 0
+#   alone; the others recompute it for their norm.
+# `decode_linear_suits` says where this beats separate kernels and cuBLAS (measured on an
+# H100, `python bench.py --parts kernels`).
+
+
+def decode_linear_reference(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, swiglu=False):
+    """The prologue, then x · weightᵀ (+ bias). x [..., K] ([..., 2K] with swiglu), weight [N, K].
+    delta: x = x + delta (the residual add, returned too); norm_weight: x = rms_norm(x) * norm_weight
+    (mean square in fp32, as model.rms_norm); swiglu: x = silu(gate) * up, x = gate | up.
+    Returns y [..., N], or (x + delta, y) with delta."""
+    h = x if delta is None else x + delta
+    if swiglu:
+        gate, up = h.chunk(2, -1)
+        h_in = F.silu(gate) * up
+    elif norm_weight is not None:
+        hf = h.float()
+        h_in = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).type_as(h) * norm_weight
+    else:
+        h_in = h
+    y = F.linear(h_in, weight, bias)
+    return y if delta is None else (h, y)
+
+
+@triton.jit
+def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, N, K, eps,
+                          sx, sd, sy, sh, sw, ROWS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, K_PAD)
+    inside = k < K
+    w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=(n[:, None] < N) & inside[None, :], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+    if NORM:
+        g = tl.load(norm_ptr + k, mask=inside, other=0.0)
+    if PDL:  # the weights are constant: read before the previous kernel's outputs are ready
+        tl.extra.cuda.gdc_wait()
+    dtype = y_ptr.dtype.element_ty
+    for r in tl.static_range(ROWS):
+        # Each step rounds to the model's dtype where the eager reference does.
+        x = tl.load(x_ptr + r * sx + k, mask=inside, other=0.0)
+        if ADD:
+            x = (x.to(tl.float32) + tl.load(delta_ptr + r * sd + k, mask=inside, other=0.0).to(tl.float32)).to(dtype)
+            if pid == 0:
+                tl.store(h_ptr + r * sh + k, x, mask=inside)
+        if NORM:
+            xf = x.to(tl.float32)
+            x = ((xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)).to(dtype) * g).to(dtype)
+        if SWIGLU:
+            gate = x.to(tl.float32)
+            up = tl.load(x_ptr + r * sx + K + k, mask=inside, other=0.0)
+            x = ((gate / (1.0 + tl.exp(-gate))).to(dtype) * up).to(dtype)
+        y = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
+        if HAS_BIAS:
+            y = y.to(dtype).to(tl.float32) + bias
+        tl.store(y_ptr + r * sy + n, y.to(dtype), mask=n < N)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+DECODE_LINEAR_ROWS = 2  # the most rows decode_linear_suits gives the kernel
+DECODE_LINEAR_MAX_K = 2048  # the widest input row its programs hold whole
+
+
+def decode_linear_suits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether decode_linear beats the separate kernels and cuBLAS here: a CUDA input of at
+    most DECODE_LINEAR_ROWS rows, a weight of at most DECODE_LINEAR_MAX_K columns and at most
+    8M entries (16 MB in bf16: beyond it cuBLAS reads at full bandwidth)."""
+    rows = x.numel() // x.shape[-1]
+    return (HAS_TRITON and x.is_cuda and 0 < rows <= DECODE_LINEAR_ROWS
+            and weight.shape[1] <= DECODE_LINEAR_MAX_K and weight.numel() <= 8 * 2 ** 20)
+
+
+_PDL: dict = {}
+
+
+def _pdl(device) -> bool:
+    """Programmatic dependent launch: CUDA on Hopper (compute capability 9) or newer."""
+    if device.type != "cuda":
+        return False
+    if device not in _PDL:
+        _PDL[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _PDL[device]
+
+
+def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, swiglu=False, block_n=None,
+                  num_warps=4):
+    """decode_linear_reference in one launch (see above): for a few rows (at most 16) and
+    weights of at most DECODE_LINEAR_MAX_K columns; any leading dims, a contiguous last dim.
+    block_n: output columns per program (None: 8, or 16 for weights over 1M entries).
+    Falls back to the reference on a CPU without the interpreter."""
+    if not _use_triton(x):
+        return decode_linear_reference(x, weight, bias, delta, norm_weight, eps, swiglu)
+    N, K = weight.shape
+    rows = x.numel() // x.shape[-1]
+    if swiglu and (delta is not None or norm_weight is not None):
+        raise ValueError("decode_linear: swiglu comes alone (no delta or norm_weight)")
+    if x.shape[-1] != (2 * K if swiglu else K) or rows > 16 or K > DECODE_LINEAR_MAX_K:
+        raise ValueError(f"decode_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit (need "
+                         f"x's last dim {'2K' if swiglu else 'K'}, at most 16 rows, K <= {DECODE_LINEAR_MAX_K})")
+    x2 = x.reshape(rows, x.shape[-1])
+    d2 = delta.reshape(rows, K) if delta is not None else None
+    if x2.stride(-1) != 1 or weight.stride(-1) != 1 or (d2 is not None and d2.stride(-1) != 1):
+        raise ValueError("decode_linear: x, delta and weight need a contiguous last dim")
+    y = torch.empty((rows, N), device=x.device, dtype=x.dtype)
+    h = torch.empty((rows, K), device=x.device, dtype=x.dtype) if delta is not None else None
+    block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
+    pdl = _pdl(x.device)
+    _decode_linear_kernel[(triton.cdiv(N, block_n),)](
+        x2, d2, norm_weight, weight, bias, y, h, N, K, eps, x2.stride(0), d2.stride(0) if d2 is not None else 0,
+        y.stride(0), K, weight.stride(0), ROWS=rows, K_PAD=triton.next_power_of_2(K), BLOCK_N=block_n,
+        ADD=delta is not None, NORM=norm_weight is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, PDL=pdl,
+        num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+    y = y.reshape(*x.shape[:-1], N)
+    return y if delta is None else (h.reshape(*x.shape[:-1], K), y)
+
+
+# ----------------------------------------------------------------------------------------
 # Checks (tests, and python kernels.py --check on a GPU)
 
 
@@ -1229,6 +1363,22 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         x = torch.randn(rows, V, device=dev, dtype=torch.bfloat16)
         x[0, V // 3] = x[0, V - 1] = 100.0
         assert torch.equal(argmax(x), argmax_reference(x)), f"argmax {rows}x{V}: differs from torch.argmax"
+    # A decode step's matmuls with each prologue, bf16: awkward sizes, SmolLM2's, a head's.
+    for rows, N, K in ((2, 37, 100), (1, 960, 576), (2, 3072, 576), (1, 576, 1536), (1, 49152, 576)):
+        x, delta = (torch.randn(rows, K, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        weight = torch.randn(N, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
+        norm_weight = (1 + 0.2 * torch.randn(K, device=dev)).to(torch.bfloat16)
+        for kw in (dict(), dict(bias=torch.randn(N, device=dev, dtype=torch.bfloat16)),
+                   dict(delta=delta, norm_weight=norm_weight), dict(x=torch.randn(rows, 2 * K, device=dev,
+                                                                                  dtype=torch.bfloat16), swiglu=True)):
+            args = {"x": x, "weight": weight, **kw}
+            got, ref = decode_linear(**args), decode_linear_reference(**args)
+            if "delta" in kw:
+                assert torch.equal(got[0], ref[0]), f"decode_linear {rows}x{N}x{K}: the residual sum differs"
+                got, ref = got[1], ref[1]
+            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            assert err < 1e-2, (f"decode_linear {rows}x{N}x{K} {sorted(kw)}: rel err {err:.2e}, max abs "
+                                f"{(got.float() - ref.float()).abs().max().item():.2e}")
     # (B, Hq, Hkv, T, S, kept, D): awkward sizes with GQA 4 and 3, then the benchmark's shapes.
     attention_cases = ((2, 8, 2, 5, 577, 0.25, 64), (3, 9, 3, 9, 63, 1.0, 128), (2, 12, 4, 1, 4099, 0.1, 128),
                        (8, 32, 8, 5, 8192, 0.25, 128), (1, 32, 8, 8, 4099, 0.25, 128),

@@ -231,6 +231,10 @@ class Pointwise:
     add_rms_norm = staticmethod(add_rms_norm)
     swiglu = staticmethod(swiglu)
     placed_sink = staticmethod(placed_sink)
+    # A decode step's matmul with the add, norm or SwiGLU before it in one launch, and where it
+    # beats the separate kernels (see use_decode_linear); None: separate kernels everywhere.
+    decode_linear: Optional[Callable] = None
+    decode_linear_suits: Optional[Callable[[torch.Tensor, torch.Tensor], bool]] = None
 
 
 def compile_pointwise(enable: bool = True) -> None:
@@ -246,6 +250,31 @@ def compile_pointwise(enable: bool = True) -> None:
     for name, fn in (("rope", apply_rope), ("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm),
                      ("swiglu", swiglu), ("placed_sink", placed_sink)):
         setattr(Pointwise, name, staticmethod(torch.compile(fn, options=options) if enable else fn))
+
+
+def use_decode_linear(kernel: Optional[Callable] = None, suits: Optional[Callable] = None) -> None:
+    """Plug in a kernel that runs a matmul with the pointwise work before it in one launch
+    (kernels.decode_linear, with the signature of kernels.decode_linear_reference), for the
+    (input, weight) pairs suits() accepts (kernels.decode_linear_suits: a decode step's few
+    rows on a GPU); every model in this process uses it. No kernel: separate kernels again."""
+    Pointwise.decode_linear = staticmethod(kernel) if kernel else None
+    Pointwise.decode_linear_suits = staticmethod(suits) if kernel else None
+
+
+def _decode_linear_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return Pointwise.decode_linear is not None and Pointwise.decode_linear_suits(x, weight)
+
+
+def norm_linear(h: torch.Tensor, delta: Optional[torch.Tensor], norm: "RMSNorm", linear: "Linear"):
+    """A residual add, the norm that reads its result and the matmul that reads the norm:
+    (h + delta, linear(norm(h + delta))), or (h, linear(norm(h))) with delta None. One launch
+    where a decode_linear kernel is plugged in and suits the shapes, else the norm (with the
+    add: one kernel under compile_pointwise) and the matmul."""
+    if _decode_linear_takes(h, linear.weight):
+        got = Pointwise.decode_linear(h, linear.weight, linear.bias, delta, norm.weight, norm.eps)
+        return (h, got) if delta is None else got
+    h, x = (h, norm(h)) if delta is None else norm.add_and_norm(h, delta)
+    return h, linear(x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -429,6 +458,8 @@ class Linear(nn.Linear):
     once, remembered); larger products, and every product on a GPU, are F.linear's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _decode_linear_takes(x, self.weight):  # a GPU decode step's few rows: one launch, no cuBLAS
+            return Pointwise.decode_linear(x, self.weight, self.bias)
         rows = x.numel() // x.shape[-1] if x.device.type == "cpu" else 0
         if not 0 < rows <= FEW_ROWS or not cpu_few_rows_form():  # a GPU, no rows, many rows
             return F.linear(x, self.weight, self.bias)
@@ -549,12 +580,14 @@ class Attention(nn.Module):
                            bias=args.attention_bias)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=args.output_bias)
 
-    def forward(self, x, cos, sin, layer: int, cache: Optional[KVCache], lengths: torch.Tensor,
+    def forward(self, qkv, cos, sin, layer: int, cache: Optional[KVCache], lengths: torch.Tensor,
                 start: Optional[int], select: Union[SelectFn, dict, None], return_probs: bool,
                 attend: AttentionFn):
-        B, T, _ = x.shape
+        """qkv = wqkv(attention_norm(h)), [B, T, (Hq + 2 Hkv) D] (the block computes it with the
+        norm: see norm_linear) -> (wo(attention), the slot's probs)."""
+        B, T, _ = qkv.shape
         Hq, Hkv = self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x).view(B, T, Hq + 2 * Hkv, self.head_dim)  # heads: Hq queries, Hkv keys, Hkv values
+        qkv = qkv.view(B, T, Hq + 2 * Hkv, self.head_dim)  # heads: Hq queries, Hkv keys, Hkv values
         v = qkv[:, :, Hq + Hkv:].transpose(1, 2)  # [B, Hkv, T, D]
         # kernels.attention_slot rotates q and k and writes the block to the cache in the launch
         # that attends (a decode step's layer then has no RoPE or cache-copy kernels); for any
@@ -594,8 +627,11 @@ class FeedForward(nn.Module):
         self.w13 = Linear(args.dim, 2 * args.hidden_dim, bias=args.mlp_bias)  # gate | up, one read
         self.w2 = Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
 
-    def forward(self, x):
-        gate, up = self.w13(x).chunk(2, -1)
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """w2(silu(gate) * up) from w13's output gate | up: one launch where decode_linear suits."""
+        if _decode_linear_takes(gate_up, self.w2.weight):
+            return Pointwise.decode_linear(gate_up, self.w2.weight, self.w2.bias, swiglu=True)
+        gate, up = gate_up.chunk(2, -1)
         return self.w2(Pointwise.swiglu(gate, up))
 
 
@@ -621,16 +657,16 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h, x, next_norm: RMSNorm, cos, sin, layer, cache, lengths, start, select, return_probs,
-                attend):
+    def forward(self, h, delta, cos, sin, layer, cache, lengths, start, select, return_probs, attend):
         """Pre-norm block: h += attention(attention_norm(h)); h += feed_forward(ffn_norm(h)).
-        h [B, T, dim] is the residual stream and x = attention_norm(h), which the block before
-        computed: each residual add comes with the norm that reads its result (one fused kernel
-        under compile_pointwise), so the block returns (h, next_norm(h), attention probs)."""
-        a, probs = self.attention(x, cos, sin, layer, cache, lengths, start, select, return_probs, attend)
-        h, x = self.ffn_norm.add_and_norm(h, a)
-        h, x = next_norm.add_and_norm(h, self.feed_forward(x))
-        return h, x, probs
+        Each residual add is made where its result is read, by the norm and the matmul after it
+        (norm_linear: one launch for a decode step on a GPU). So the block takes the residual
+        stream h [B, T, dim] and the block before's output delta not yet added (None for the
+        first block), and returns (h, its own output delta, attention probs)."""
+        h, qkv = norm_linear(h, delta, self.attention_norm, self.attention.wqkv)
+        a, probs = self.attention(qkv, cos, sin, layer, cache, lengths, start, select, return_probs, attend)
+        h, gate_up = norm_linear(h, a, self.ffn_norm, self.feed_forward.w13)
+        return h, self.feed_forward.down(gate_up), probs
 
 
 class Transformer(nn.Module):
@@ -699,21 +735,20 @@ class Transformer(nn.Module):
         if sink and start != 0:  # (start == 0: every row starts here; its sink is this block's)
             cache.place_sink(self.rope_cos, self.rope_sin, sink)
         h = self.tok_embeddings(tokens)  # [B, T, dim]: the residual stream
-        x = self.layers[0].attention_norm(h)
-        next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
+        delta = None  # the last block's output, added to h by the norm_linear that reads it
         probs_per_layer = []
-        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+        for i, layer in enumerate(self.layers):
             want_probs = return_attn if isinstance(return_attn, bool) else i in return_attn
-            h, x, probs = layer(h, x, next_norm, cos, sin, i, cache, lengths, start, select, want_probs,
-                                attend)
+            h, delta, probs = layer(h, delta, cos, sin, i, cache, lengths, start, select, want_probs, attend)
             probs_per_layer.append(probs)
         if sink and start == 0:
             cache.keep_sink()
         if cache is not None:
             cache.advance(T)
-        if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # [B, 1, dim]
-        logits = self.output(x).float()  # x is self.norm(h), from the last block
+        if logits_at is not None:  # [B, 1, dim]: the rows whose logits are wanted
+            rows = torch.arange(B, device=h.device), logits_at
+            h, delta = h[rows][:, None], delta[rows][:, None]
+        logits = norm_linear(h, delta, self.norm, self.output)[1].float()
         return (logits, probs_per_layer) if return_attn is not False else logits
 
 

@@ -50,9 +50,10 @@ from tqdm import tqdm
 
 from calibrate import HelpFormatter, add_pair_arguments, check_device, layer_map_for, load_pair, parse_layers
 from demo import demo_books
-from kernels import argmax, attention_slot, check_topp, topp_mask, topp_select, union_select
+from kernels import (argmax, attention_slot, check_topp, decode_linear, decode_linear_suits, topp_mask, topp_select,
+                     union_select)
 from model import (Tokenizer, Transformer, apply_rope, cache_attention, compile_pointwise, format_bytes,
-                   free_memory, kv_cache_bytes, write_atomic)
+                   free_memory, kv_cache_bytes, use_decode_linear, write_atomic)
 
 # ----------------------------------------------------------------------------------------
 # Draft attention -> target KV selection
@@ -1097,6 +1098,15 @@ class SpecEngine:
         return total
 
 
+def use_gpu_kernels(enable: bool = True) -> None:
+    """What a GPU run plugs into every model between the attention launches: the pointwise
+    functions fused by torch.compile (model.compile_pointwise), and kernels.decode_linear, a
+    decode step's matmul with the residual add and norm, or the SwiGLU, before it in one launch
+    (model.use_decode_linear). enable=False puts the separate eager kernels back."""
+    compile_pointwise(enable)
+    use_decode_linear(decode_linear if enable else None, decode_linear_suits)
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -1551,8 +1561,8 @@ def main(argv=None):
             if any(not t for t in texts):
                 raise ValueError("an empty --prompt: give some text to continue")
             prompts = [tokenizer.encode(t) for t in texts]
-        if target.output.weight.is_cuda:  # fused pointwise kernels
-            compile_pointwise(True)
+        if target.output.weight.is_cuda:
+            use_gpu_kernels(True)
         if args.check:
             ragged = [p[:max(1, len(p) - 7 * b)] for b, p in enumerate((prompts * 3)[:3])]
             check_engine(target, draft, ragged, layer_map, selection, args.gamma, "pair", args.draft_window)

@@ -866,6 +866,66 @@ def test_argmax_kernel_is_torch_argmax(V):
         K.argmax(torch.zeros(2, 0))
 
 
+@pytest.mark.parametrize("rows, N, width", [(1, 37, 100), (3, 64, 48), (2, 5, 16)])
+def test_decode_linear_matches_reference(rows, N, width):
+    """The matmul with each prologue (none, bias, residual add + RMSNorm, RMSNorm alone, SwiGLU)
+    against its reference at awkward sizes (K padded to a power of 2 in the kernel, N not a
+    multiple of the columns per program), with leading dims; the residual sum equals exactly."""
+    g = torch.Generator().manual_seed(rows * N + width)
+    x, delta = torch.randn(rows, 1, width, generator=g), torch.randn(rows, 1, width, generator=g)
+    weight, bias = torch.randn(N, width, generator=g), torch.randn(N, generator=g)
+    norm_weight = 1 + 0.2 * torch.randn(width, generator=g)
+    cases = {"plain": dict(), "bias": dict(bias=bias), "add+norm": dict(delta=delta, norm_weight=norm_weight),
+             "norm": dict(norm_weight=norm_weight, eps=1e-5)}
+    for name, kw in cases.items():
+        for block_n in (None, 4):
+            got = K.decode_linear(x, weight, block_n=block_n, **kw)
+            ref = K.decode_linear_reference(x, weight, **kw)
+            if "delta" in kw:
+                assert torch.equal(got[0], ref[0]), f"{name}: residual sum differs"
+                got, ref = got[1], ref[1]
+            err = (got - ref).abs().max().item()
+            assert got.shape == (rows, 1, N) and err < 1e-4, f"{name} block_n={block_n}: max err {err:.2e}"
+    gate_up = torch.randn(rows, 2 * width, generator=g)
+    got, ref = K.decode_linear(gate_up, weight, swiglu=True), K.decode_linear_reference(gate_up, weight, swiglu=True)
+    assert (got - ref).abs().max() < 1e-4, f"swiglu: max err {(got - ref).abs().max():.2e}"
+
+
+def test_decode_linear_rejects_what_it_cannot_run():
+    w = torch.randn(8, 16)
+    for bad, match in ((dict(x=torch.randn(1, 15)), "do not fit"), (dict(x=torch.randn(17, 16)), "do not fit"),
+                       (dict(x=torch.randn(1, 32), swiglu=True, norm_weight=torch.ones(16)), "swiglu comes alone"),
+                       (dict(x=torch.randn(1, 32)[:, ::2]), "contiguous")):
+        with pytest.raises(ValueError, match=match):
+            K.decode_linear(weight=w, **bad)
+
+
+def test_model_with_decode_linear_plugged_in_matches_separate_kernels():
+    """A decode step through norm_linear/FeedForward.down/Linear with decode_linear plugged in
+    (the interpreter standing in for the GPU) gives the logits of the separate kernels, and
+    every layer's four matmuls and the head went through it; a prefill's many rows did not."""
+    model = tiny_model(4)
+    prompt = torch.tensor([[5, 9, 2, 7, 1, 3]])
+    step = torch.tensor([[11]])
+    calls = []
+
+    def counted(*args, **kw):
+        calls.append(args[0].shape)
+        return K.decode_linear(*args, **kw)
+    logits = {}
+    for plugged in (False, True):
+        M.use_decode_linear(counted if plugged else None, lambda x, w: x.numel() // x.shape[-1] <= 2)
+        try:
+            cache = model.new_cache(1, 16)
+            model(prompt, cache=cache)
+            before = len(calls)
+            logits[plugged] = model(step, cache=cache)
+        finally:
+            M.use_decode_linear(None)
+    assert before == 0 and len(calls) == 4 * model.args.n_layers + 1
+    assert (logits[True] - logits[False]).abs().max() < 1e-4
+
+
 def test_topp_per_row_p_and_half_precision(topp_path):
     g = torch.Generator().manual_seed(5)
     w = torch.softmax(3 * torch.randn(2, 3, 300, generator=g), -1)  # [..., N] with two leading dims
@@ -1216,6 +1276,11 @@ K.topp_select(torch.rand(1, 40000), 0.9)  # long rows: the multi-pass search
 K.topp_mask(torch.rand(3, 2, 300), 0.9)
 K.union_select(torch.rand(2, 3, 4, 700) < 0.1, lengths=torch.tensor([[600, 17, 0]] * 2), dense_below=100)
 K.argmax(torch.randn(2, 49152, **bf))
+K._pdl = lambda device: True  # the programmatic-launch variant, as on Hopper
+h = torch.randn(1, 1, 576, **bf)
+K.decode_linear(h, torch.randn(960, 576, **bf), delta=torch.randn(1, 1, 576, **bf), norm_weight=torch.randn(576, **bf))
+K.decode_linear(torch.randn(2, 3072, **bf), torch.randn(576, 1536, **bf), swiglu=True)
+K.decode_linear(h, torch.randn(576, 576, **bf), bias=torch.randn(576, **bf))
 
 TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64",
          torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1"}
@@ -1231,7 +1296,7 @@ for kernel, args, kw in launches:
             sig[name] = "*" + TYPES[value.dtype]
         else:
             sig[name] = "i1" if isinstance(value, bool) else "i32" if isinstance(value, int) else "fp32"
-    options = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    options = {k: kw[k] for k in ("num_warps", "num_stages", "launch_pdl") if k in kw}
     key = repr((kernel.fn.__name__, sig, consts, options))
     if key not in done:
         done.add(key)
@@ -1253,7 +1318,7 @@ def test_kernels_compile_for_hopper():
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = run.stdout.split()
     names = {"_sparse_attn_split_kernel", "_last_row_kernel", "_topp_row_kernel", "_topp_pass_kernel",
-             "_topp_final_kernel", "_union_select_kernel", "_argmax_kernel"}
+             "_topp_final_kernel", "_union_select_kernel", "_argmax_kernel", "_decode_linear_kernel"}
     assert names <= set(compiled), f"kernels never launched: {names - set(compiled)}"
     assert compiled.count("_sparse_attn_split_kernel") >= 15  # 3 block sizes x 6 variants (some coincide)
 
