@@ -1181,45 +1181,64 @@ def decode_linear_reference(x, weight, bias=None, delta=None, norm_weight=None, 
 
 
 @triton.jit
+def _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, mask, K, eps, sx, sd, sh, dtype, pid,
+                            ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr):
+    """The prologue of rows r (entries k) of the input, rounded to `dtype` at each step where
+    the eager reference rounds. r, k broadcast to a [rows, K_PAD] tile or a [K_PAD] row."""
+    x = tl.load(x_ptr + r * sx + k, mask=mask, other=0.0)
+    if ADD:
+        x = (x.to(tl.float32) + tl.load(delta_ptr + r * sd + k, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+        if pid == 0:  # the residual sum, written once
+            tl.store(h_ptr + r * sh + k, x, mask=mask)
+    if NORM:
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=-1, keep_dims=True) / K + eps)
+        x = ((xf * rstd).to(dtype) * g).to(dtype)
+    if SWIGLU:
+        gate = x.to(tl.float32)
+        up = tl.load(x_ptr + r * sx + K + k, mask=mask, other=0.0)
+        x = ((gate / (1.0 + tl.exp(-gate))).to(dtype) * up).to(dtype)
+    return x
+
+
+@triton.jit
 def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, N, K, eps,
                           sx, sd, sy, sh, sw, ROWS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                           ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          PDL: tl.constexpr):
+                          DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, K_PAD)
     inside = k < K
     w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=(n[:, None] < N) & inside[None, :], other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)
-    if NORM:
-        g = tl.load(norm_ptr + k, mask=inside, other=0.0)
+    bias = tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32) if HAS_BIAS else None
+    g = tl.load(norm_ptr + k, mask=inside, other=0.0) if NORM else None
     if PDL:  # the weights are constant: read before the previous kernel's outputs are ready
         tl.extra.cuda.gdc_wait()
     dtype = y_ptr.dtype.element_ty
-    for r in tl.static_range(ROWS):
-        # Each step rounds to the model's dtype where the eager reference does.
-        x = tl.load(x_ptr + r * sx + k, mask=inside, other=0.0)
-        if ADD:
-            x = (x.to(tl.float32) + tl.load(delta_ptr + r * sd + k, mask=inside, other=0.0).to(tl.float32)).to(dtype)
-            if pid == 0:
-                tl.store(h_ptr + r * sh + k, x, mask=inside)
-        if NORM:
-            xf = x.to(tl.float32)
-            x = ((xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)).to(dtype) * g).to(dtype)
-        if SWIGLU:
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptr + r * sx + K + k, mask=inside, other=0.0)
-            x = ((gate / (1.0 + tl.exp(-gate))).to(dtype) * up).to(dtype)
-        y = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
+    if DOT:  # several rows: all at once, padded to 16 for the tensor cores
+        r = tl.arange(0, 16)
+        x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g[None, :] if NORM else None, r[:, None],
+                                    k[None, :], (r[:, None] < ROWS) & inside[None, :], K, eps, sx, sd, sh, dtype,
+                                    pid, ADD, NORM, SWIGLU)
+        y = tl.dot(x, tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N] fp32
         if HAS_BIAS:
-            y = y.to(dtype).to(tl.float32) + bias
-        tl.store(y_ptr + r * sy + n, y.to(dtype), mask=n < N)
+            y = y + bias[None, :]
+        tl.store(y_ptr + r[:, None] * sy + n[None, :], y.to(dtype), mask=(r[:, None] < ROWS) & (n[None, :] < N))
+    else:  # one row or two: one at a time, a product and a sum across the tile
+        for r in tl.static_range(ROWS):
+            x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, inside, K, eps, sx, sd, sh, dtype, pid,
+                                        ADD, NORM, SWIGLU)
+            y = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
+            if HAS_BIAS:
+                y = y + bias
+            tl.store(y_ptr + r * sy + n, y.to(dtype), mask=n < N)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
 
 DECODE_LINEAR_ROWS = 2  # the most rows decode_linear_suits gives the kernel
+DECODE_LINEAR_DOT_FROM = 2  # more rows than this: the tensor-core path
 DECODE_LINEAR_MAX_K = 2048  # the widest input row its programs hold whole
 
 
@@ -1265,12 +1284,14 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
         raise ValueError("decode_linear: x, delta and weight need a contiguous last dim")
     y = torch.empty((rows, N), device=x.device, dtype=x.dtype)
     h = torch.empty((rows, K), device=x.device, dtype=x.dtype) if delta is not None else None
-    block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
+    dot = rows > DECODE_LINEAR_DOT_FROM
+    block_n = max(16, block_n or 16) if dot else block_n or (16 if weight.numel() > 2 ** 20 else 8)
     pdl = _pdl(x.device)
     _decode_linear_kernel[(triton.cdiv(N, block_n),)](
         x2, d2, norm_weight, weight, bias, y, h, N, K, eps, x2.stride(0), d2.stride(0) if d2 is not None else 0,
         y.stride(0), K, weight.stride(0), ROWS=rows, K_PAD=triton.next_power_of_2(K), BLOCK_N=block_n,
-        ADD=delta is not None, NORM=norm_weight is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, PDL=pdl,
+        ADD=delta is not None, NORM=norm_weight is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, DOT=dot,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     y = y.reshape(*x.shape[:-1], N)
     return y if delta is None else (h.reshape(*x.shape[:-1], K), y)

@@ -866,7 +866,7 @@ def test_argmax_kernel_is_torch_argmax(V):
         K.argmax(torch.zeros(2, 0))
 
 
-@pytest.mark.parametrize("rows, N, width", [(1, 37, 100), (3, 64, 48), (2, 5, 16)])
+@pytest.mark.parametrize("rows, N, width", [(1, 37, 100), (3, 64, 48), (2, 5, 16), (7, 37, 100)])
 def test_decode_linear_matches_reference(rows, N, width):
     """The matmul with each prologue (none, bias, residual add + RMSNorm, RMSNorm alone, SwiGLU)
     against its reference at awkward sizes (K padded to a power of 2 in the kernel, N not a
