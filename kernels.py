@@ -1269,12 +1269,12 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
     weights of at most DECODE_LINEAR_MAX_K columns; any leading dims, a contiguous last dim.
     block_n: output columns per program (None: 8, or 16 for weights over 1M entries).
     Falls back to the reference on a CPU without the interpreter."""
-    if not _use_triton(x):
-        return decode_linear_reference(x, weight, bias, delta, norm_weight, eps, swiglu)
     N, K = weight.shape
     rows = x.numel() // x.shape[-1]
     if swiglu and (delta is not None or norm_weight is not None):
         raise ValueError("decode_linear: swiglu comes alone (no delta or norm_weight)")
+    if not _use_triton(x):
+        return decode_linear_reference(x, weight, bias, delta, norm_weight, eps, swiglu)
     if x.shape[-1] != (2 * K if swiglu else K) or rows > 16 or K > DECODE_LINEAR_MAX_K:
         raise ValueError(f"decode_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit (need "
                          f"x's last dim {'2K' if swiglu else 'K'}, at most 16 rows, K <= {DECODE_LINEAR_MAX_K})")
