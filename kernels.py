@@ -1237,8 +1237,8 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
         tl.extra.cuda.gdc_launch_dependents()
 
 
-DECODE_LINEAR_ROWS = 2  # the most rows decode_linear_suits gives the kernel
-DECODE_LINEAR_DOT_FROM = 2  # more rows than this: the tensor-core path
+DECODE_LINEAR_ROWS = 8  # the most rows decode_linear_suits gives the kernel
+DECODE_LINEAR_DOT_FROM = 3  # more rows than this: the tensor-core path
 DECODE_LINEAR_MAX_K = 2048  # the widest input row its programs hold whole
 
 
@@ -1267,7 +1267,9 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
                   num_warps=4):
     """decode_linear_reference in one launch (see above): for a few rows (at most 16) and
     weights of at most DECODE_LINEAR_MAX_K columns; any leading dims, a contiguous last dim.
-    block_n: output columns per program (None: 8, or 16 for weights over 1M entries).
+    Up to DECODE_LINEAR_DOT_FROM rows, one row at a time; more, all at once through tl.dot.
+    block_n: output columns per program (None: one row at a time 8, or 16 for weights over 1M
+    entries; through tl.dot 16, or 32 for 2048 outputs or more).
     Falls back to the reference on a CPU without the interpreter."""
     N, K = weight.shape
     rows = x.numel() // x.shape[-1]
@@ -1285,7 +1287,10 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
     y = torch.empty((rows, N), device=x.device, dtype=x.dtype)
     h = torch.empty((rows, K), device=x.device, dtype=x.dtype) if delta is not None else None
     dot = rows > DECODE_LINEAR_DOT_FROM
-    block_n = max(16, block_n or 16) if dot else block_n or (16 if weight.numel() > 2 ** 20 else 8)
+    if dot:
+        block_n = max(16, block_n or (32 if N >= 2048 else 16))
+    else:
+        block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
     pdl = _pdl(x.device)
     _decode_linear_kernel[(triton.cdiv(N, block_n),)](
         x2, d2, norm_weight, weight, bias, y, h, N, K, eps, x2.stride(0), d2.stride(0) if d2 is not None else 0,
