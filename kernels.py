@@ -1158,8 +1158,10 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 #   kernel (gdc_wait), overlapping the largest read with that kernel's tail.
 # - The residual sum h + delta, which the next sublayer adds to, is written by program 0
 #   alone; the others recompute it for their norm.
-# `decode_linear_suits` says where this beats separate kernels and cuBLAS (measured on an
-# H100, `python bench.py --parts kernels`).
+# Rows go one at a time (each a product and a sum across the tile), so every further row
+# costs another pass: `decode_linear_suits` keeps the kernel to one or two rows of small
+# weights (a decode step at batch 1 or 2, a draft's step) and leaves the rest to cuBLAS and
+# the separate kernels. `python bench.py --parts profile` shows what a step runs.
 
 
 def decode_linear_reference(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, swiglu=False):
@@ -1183,8 +1185,8 @@ def decode_linear_reference(x, weight, bias=None, delta=None, norm_weight=None, 
 @triton.jit
 def _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, mask, K, eps, sx, sd, sh, dtype, pid,
                             ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr):
-    """The prologue of rows r (entries k) of the input, rounded to `dtype` at each step where
-    the eager reference rounds. r, k broadcast to a [rows, K_PAD] tile or a [K_PAD] row."""
+    """The prologue of input row r (entries k, [K_PAD]), rounded to `dtype` at each step where
+    the eager reference rounds."""
     x = tl.load(x_ptr + r * sx + k, mask=mask, other=0.0)
     if ADD:
         x = (x.to(tl.float32) + tl.load(delta_ptr + r * sd + k, mask=mask, other=0.0).to(tl.float32)).to(dtype)
@@ -1192,7 +1194,7 @@ def _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, mask, K, eps, sx, 
             tl.store(h_ptr + r * sh + k, x, mask=mask)
     if NORM:
         xf = x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xf * xf, axis=-1, keep_dims=True) / K + eps)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
         x = ((xf * rstd).to(dtype) * g).to(dtype)
     if SWIGLU:
         gate = x.to(tl.float32)
@@ -1205,7 +1207,7 @@ def _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, mask, K, eps, sx, 
 def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, N, K, eps,
                           sx, sd, sy, sh, sw, ROWS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                           ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                          PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, K_PAD)
@@ -1216,36 +1218,26 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
     if PDL:  # the weights are constant: read before the previous kernel's outputs are ready
         tl.extra.cuda.gdc_wait()
     dtype = y_ptr.dtype.element_ty
-    if DOT:  # several rows: all at once, padded to 16 for the tensor cores
-        r = tl.arange(0, 16)
-        x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g[None, :] if NORM else None, r[:, None],
-                                    k[None, :], (r[:, None] < ROWS) & inside[None, :], K, eps, sx, sd, sh, dtype,
-                                    pid, ADD, NORM, SWIGLU)
-        y = tl.dot(x, tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N] fp32
+    for r in tl.static_range(ROWS):  # one row at a time: a product and a sum across the tile
+        x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, inside, K, eps, sx, sd, sh, dtype, pid,
+                                    ADD, NORM, SWIGLU)
+        y = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
         if HAS_BIAS:
-            y = y + bias[None, :]
-        tl.store(y_ptr + r[:, None] * sy + n[None, :], y.to(dtype), mask=(r[:, None] < ROWS) & (n[None, :] < N))
-    else:  # one row or two: one at a time, a product and a sum across the tile
-        for r in tl.static_range(ROWS):
-            x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, inside, K, eps, sx, sd, sh, dtype, pid,
-                                        ADD, NORM, SWIGLU)
-            y = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
-            if HAS_BIAS:
-                y = y + bias
-            tl.store(y_ptr + r * sy + n, y.to(dtype), mask=n < N)
+            y = y + bias
+        tl.store(y_ptr + r * sy + n, y.to(dtype), mask=n < N)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
 
-DECODE_LINEAR_ROWS = 8  # the most rows decode_linear_suits gives the kernel
-DECODE_LINEAR_DOT_FROM = 3  # more rows than this: the tensor-core path
+DECODE_LINEAR_ROWS = 2  # the most rows decode_linear_suits gives the kernel
 DECODE_LINEAR_MAX_K = 2048  # the widest input row its programs hold whole
 
 
 def decode_linear_suits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether decode_linear beats the separate kernels and cuBLAS here: a CUDA input of at
-    most DECODE_LINEAR_ROWS rows, a weight of at most DECODE_LINEAR_MAX_K columns and at most
-    8M entries (16 MB in bf16: beyond it cuBLAS reads at full bandwidth)."""
+    """Whether a model should run this matmul through decode_linear: a CUDA input of at most
+    DECODE_LINEAR_ROWS rows and a weight of at most DECODE_LINEAR_MAX_K columns and 8M entries
+    (16 MB in bf16), the latency-bound small weights of a small model's decode step. The
+    larger weights (an 8B model's layers, a vocabulary head) stay with cuBLAS."""
     rows = x.numel() // x.shape[-1]
     return (HAS_TRITON and x.is_cuda and 0 < rows <= DECODE_LINEAR_ROWS
             and weight.shape[1] <= DECODE_LINEAR_MAX_K and weight.numel() <= 8 * 2 ** 20)
@@ -1267,9 +1259,7 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
                   num_warps=4):
     """decode_linear_reference in one launch (see above): for a few rows (at most 16) and
     weights of at most DECODE_LINEAR_MAX_K columns; any leading dims, a contiguous last dim.
-    Up to DECODE_LINEAR_DOT_FROM rows, one row at a time; more, all at once through tl.dot.
-    block_n: output columns per program (None: one row at a time 8, or 16 for weights over 1M
-    entries; through tl.dot 16, or 32 for 2048 outputs or more).
+    block_n: output columns per program (None: 8, or 16 for weights over 1M entries).
     Falls back to the reference on a CPU without the interpreter."""
     N, K = weight.shape
     rows = x.numel() // x.shape[-1]
@@ -1286,17 +1276,12 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
         raise ValueError("decode_linear: x, delta and weight need a contiguous last dim")
     y = torch.empty((rows, N), device=x.device, dtype=x.dtype)
     h = torch.empty((rows, K), device=x.device, dtype=x.dtype) if delta is not None else None
-    dot = rows > DECODE_LINEAR_DOT_FROM
-    if dot:
-        block_n = max(16, block_n or (32 if N >= 2048 else 16))
-    else:
-        block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
+    block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
     pdl = _pdl(x.device)
     _decode_linear_kernel[(triton.cdiv(N, block_n),)](
         x2, d2, norm_weight, weight, bias, y, h, N, K, eps, x2.stride(0), d2.stride(0) if d2 is not None else 0,
         y.stride(0), K, weight.stride(0), ROWS=rows, K_PAD=triton.next_power_of_2(K), BLOCK_N=block_n,
-        ADD=delta is not None, NORM=norm_weight is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, DOT=dot,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl,
+        ADD=delta is not None, NORM=norm_weight is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, PDL=pdl,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     y = y.reshape(*x.shape[:-1], N)
     return y if delta is None else (h.reshape(*x.shape[:-1], K), y)

@@ -3354,9 +3354,38 @@ def test_gpu_kernels_match_references():
 
 
 @needs_gpu
+def test_gpu_decode_linear_in_the_model_matches_separate_kernels():
+    """A bf16 decode step of two rows with decode_linear plugged in (programmatic launches
+    between the attention kernels) gives the logits of cuBLAS and the separate kernels, and
+    every layer's four matmuls went through it."""
+    args = M.ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512,
+                       vocab_size=1000, max_seq_len=256, rope_theta=10000.0)
+    model = SA.random_model(args, "cuda", torch.bfloat16, 0)
+    prompt = torch.randint(0, args.vocab_size, (2, 40), device="cuda")
+    calls = []
+
+    def counted(*a, **kw):
+        calls.append(a[0].shape)
+        return K.decode_linear(*a, **kw)
+    logits = {}
+    for plugged in (False, True):
+        M.use_decode_linear(counted if plugged else None, K.decode_linear_suits)
+        try:
+            cache = model.new_cache(2, 64)
+            model(prompt, cache=cache, attend=K.attention_slot)
+            logits[plugged] = model(prompt[:, -1:], cache=cache, attend=K.attention_slot)
+        finally:
+            M.use_decode_linear(None)
+    assert len(calls) == 4 * args.n_layers + 1  # the head (1000 x 256 entries) too
+    err = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
+    assert err < 2e-2, f"decode_linear in the model: rel err {err:.2e}"
+
+
+@needs_gpu
 def test_gpu_graphed_engine_equals_eager():
-    """Every mode (plain, dense speculative, SpecAttn) of a random bf16 pair on ragged prompts:
-    CUDA graphs give the eager engine's tokens and counters, one capture per phase. The draft
+    """Every mode (plain, dense speculative, SpecAttn) of a random bf16 pair on ragged prompts,
+    with the GPU's fused kernels plugged in (decode_linear for the one-row matmuls): CUDA graphs
+    give the eager engine's tokens and counters, one capture per phase. The draft
     places its sink (sink_distance) and reads through its window (by default as long as
     sink_distance) in two of the three rows."""
     args = M.ModelArgs(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512,
@@ -3365,12 +3394,12 @@ def test_gpu_graphed_engine_equals_eager():
     draft = SA.random_model(M.ModelArgs(**{**args.__dict__, "n_layers": 3, "sink_distance": 64}), "cuda",
                             torch.bfloat16, 1)
     prompts = [list(range(5, 300)), list(range(7, 90)), [3, 1, 4, 1, 5]]
-    M.compile_pointwise(True)
+    SA.use_gpu_kernels(True)
     try:
         SA.check_engine(target, draft, prompts, [0, 0, 1, 1, 2, 2],
                         SA.SelectionConfig(topp=0.8, dense_layers=1), 4, "random pair")
     finally:
-        M.compile_pointwise(False)
+        SA.use_gpu_kernels(False)
 
 
 @needs_gpu
@@ -3387,7 +3416,7 @@ def test_gpu_engine_graphs_captured_once_while_context_grows():
             **args.__dict__, "n_layers": 2, "sink_distance": 256})).eval()
     for m in (target, draft):
         m.init_rope("cuda")
-    M.compile_pointwise(True)
+    SA.use_gpu_kernels(True)
     try:
         prompts = [[1, 2, 3], list(range(50))]
         # sparse_from: the steps turn from dense to sparse verification halfway; each step's γ is
@@ -3404,4 +3433,4 @@ def test_gpu_engine_graphs_captured_once_while_context_grows():
         assert 0 < stats.kv_read < stats.kv_dense
         assert sum(dynamo_utils.counters["stats"].values()) == compiled
     finally:
-        M.compile_pointwise(False)
+        SA.use_gpu_kernels(False)
