@@ -1,6 +1,6 @@
 """Triton kernels for SpecAttn, each with a plain PyTorch reference beside it.
 
-Works copied alone (torch + triton). Three pieces:
+Works copied alone (torch + triton). Four pieces:
 
 1. Top-p selection without sorting. `topp_mask(w, p)` keeps exactly {w >= θ}, where θ
    is the largest value whose "mass at or above" reaches p · rowsum. Instead of sorting
@@ -34,9 +34,16 @@ Works copied alone (torch + triton). Three pieces:
 3. The greedy choice: `argmax(logits)`, torch.argmax in one launch that splits each row
    over many programs (a draft step takes one per row, γ times a step).
 
-`topp_mask_reference`, `topp_select_reference`, `union_select_reference`, `argmax_reference`
-and `sparse_attention_reference` are the definitions, used by the tests and as the CPU
-fallback (also where triton is not installed). On a GPU, `python kernels.py --check`
+4. A decode step's matmuls: `decode_linear(x, weight, delta=, norm_weight=)` (or
+   `swiglu=True`) runs a residual add and RMSNorm (or SwiGLU) and the matmul after them in
+   one launch, for the one or two rows of a small model's decode step, where every kernel
+   costs its launch more than its bytes; on Hopper it is launched programmatically and reads
+   its weights before the previous kernel finishes. model.py calls it through
+   `model.use_decode_linear` (specattn.use_gpu_kernels plugs it in on a GPU).
+
+`topp_mask_reference`, `topp_select_reference`, `union_select_reference`, `argmax_reference`,
+`sparse_attention_reference` and `decode_linear_reference` are the definitions, used by the
+tests and as the CPU fallback (also where triton is not installed). On a GPU, `python kernels.py --check`
 compares the kernels with them (bf16 included, which the CPU interpreter cannot run);
 `python bench.py --parts kernels` checks, then times them.
 """

@@ -8,7 +8,9 @@ This file is the base the rest of specattn stands on, and it works copied alone
                   as they are), grouped-query attention, SwiGLU MLP, tied or untied head;
                   q|k|v and gate|up each one matrix (a decode step reads each weight once);
                   its matmuls are `Linear`s, which on a CPU write a decode step's few-row
-                  products in whichever of two forms this CPU's BLAS runs faster.
+                  products in whichever of two forms this CPU's BLAS runs faster. Each
+                  residual add is made by the norm and matmul that read it (`norm_linear`),
+                  so that a fused kernel can do all three in one launch (`use_decode_linear`).
 * `KVCache`     - fixed K/V buffers per layer plus each batch row's length (a device
                   tensor), with explicit `rewind` / `rewind_rows` for speculative decoding
                   (and `place_sink` for a model with `sink_distance`, such as the demo draft).
