@@ -33,6 +33,8 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
 (h) `--parts profile --batches 1 --contexts 1024`: where a decode step's GPU time goes, kernel
     by kernel (torch.profiler over CUDA graph replays), for plain decoding and dense
     speculation at the demo pair's shapes (random weights).
+(i) `--parts linear` (also in d): a decode step's matmuls with their prologues, 1-8 rows at the
+    demo target's shapes, kernels.decode_linear against the separate kernels it replaces.
 
     python bench.py --out DIR               # (a), (c), then (b)
     python bench.py --parts demo,hf         # some parts
@@ -466,6 +468,8 @@ def bench_kernels(out_dir=None):
     bench_merge(say)
     say()
     bench_draft_window(say)
+    say()
+    bench_decode_linear(say)
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(out_dir) / "kernels_bench.md", "\n".join(lines) + "\n")
@@ -511,6 +515,59 @@ def bench_merge(say) -> None:
             cells = [1e3 * do_bench(graphed(step(kw)), return_mode="median") / layers for kw in variants.values()]
             say(f"| {T} | {S} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
             kc = vc = None
+
+
+def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="cuda") -> None:
+    """(i): kernels.decode_linear against what it replaces, at the demo target's layer shapes:
+    the compiled residual add + RMSNorm (or SwiGLU) kernel, then cuBLAS's matmul (F.linear).
+    Each case is checked against the reference first (bf16 against fp32, rel err < 1e-2),
+    then timed in a CUDA graph of `layers` calls on as many weights, as a step runs them (each
+    call after one of its own kind: what a programmatic launch overlaps is its own kind).
+    device="cpu" (the tests, under TRITON_INTERPRET=1): fp32, each case timed once, eagerly."""
+    import model as M
+    dev, dt = device, torch.bfloat16 if device == "cuda" else torch.float32
+
+    def us(fn) -> float:  # µs for one run of fn
+        if dev == "cuda":
+            from triton.testing import do_bench
+            return 1e3 * do_bench(graphed(fn), return_mode="median")
+        t0 = time.perf_counter()
+        fn()
+        return 1e6 * (time.perf_counter() - t0)
+    shapes = ((r"q\|k\|v after add + RMSNorm", 960, 576, "norm"), ("output", 576, 576, None),
+              (r"gate\|up after add + RMSNorm", 3072, 576, "norm"), ("down after SwiGLU", 576, 1536, "swiglu"))
+    say("## a decode step's matmul with its prologue: kernels.decode_linear against the separate kernels")
+    say(f"µs per call, median, a CUDA graph of {layers} calls on {layers} weights; the demo target's shapes, bf16; "
+        "separate: the compiled add + RMSNorm or SwiGLU kernel, then cuBLAS (F.linear); the engine runs "
+        f"decode_linear up to {K.DECODE_LINEAR_ROWS} rows (kernels.decode_linear_suits)")
+    say("| matmul | N x K | " + " | ".join(f"{r} rows: separate / decode_linear" for r in rows) + " |")
+    say("|---|---|" + "---|" * len(rows))
+    for name, N, width, prologue in shapes:
+        weights = [torch.randn(N, width, device=dev, dtype=dt) / width ** 0.5 for _ in range(layers)]
+        norm_weight = (1 + 0.1 * torch.randn(width, device=dev)).to(dt)
+        cells = []
+        for r in rows:
+            x = torch.randn(r, 2 * width if prologue == "swiglu" else width, device=dev, dtype=dt)
+            delta = torch.randn(r, width, device=dev, dtype=dt)
+            kw = (dict(delta=delta, norm_weight=norm_weight) if prologue == "norm" else
+                  dict(swiglu=True) if prologue == "swiglu" else {})
+            got = K.decode_linear(x, weights[0], **kw)
+            ref = K.decode_linear_reference(x.float(), weights[0].float(),
+                                            **{k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()})
+            got, ref = (got[1], ref[1]) if prologue == "norm" else (got, ref)
+            err = ((got.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, f"decode_linear {name}, {r} rows: rel err {err:.2e}"
+
+            def separate(w):
+                if prologue == "norm":
+                    return torch.nn.functional.linear(M.Pointwise.add_rms_norm(x, delta, norm_weight, 1e-5)[1], w)
+                if prologue == "swiglu":
+                    return torch.nn.functional.linear(M.Pointwise.swiglu(*x.chunk(2, -1)), w)
+                return torch.nn.functional.linear(x, w)
+            times = [us(lambda: [fn(w) for w in weights]) / layers
+                     for fn in (separate, lambda w: K.decode_linear(x, w, eps=1e-5, **kw))]
+            cells.append(f"{times[0]:.2f} / {times[1]:.2f}")
+        say(f"| {name} | {N} x {width} | " + " | ".join(cells) + " |")
 
 
 def bench_draft_window(say, window: int = 512) -> None:
@@ -663,7 +720,8 @@ def main(argv=None):
                         "draft's attention, whole cache vs its window, also in d), cpu (g: the demo pair on the "
                         "CPU, the matmul forms of model.Linear; needs no GPU, runs alone), profile (h: where a "
                         "plain and a dense speculative step's GPU time goes, kernel by kernel, at each --batches x "
-                        "--contexts)")
+                        "--contexts), linear (i: a decode step's matmuls, kernels.decode_linear against the "
+                        "separate kernels, also in d)")
     parser.add_argument("--batches", default="1,8,32,64", help="demo (and profile) batch sizes")
     parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens; profile: cached "
                         "positions); the demo model has 8192 positions, which also hold the new tokens")
@@ -722,7 +780,7 @@ def main(argv=None):
         check_sink_distance(args.sink_distance)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if not parts or parts - {"demo", "8b", "hf", "kernels", "merge", "window", "cpu", "profile"}:
+    if not parts or parts - {"demo", "8b", "hf", "kernels", "merge", "window", "cpu", "profile", "linear"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
                          f"demo,8b,hf,kernels,merge,window,cpu,profile, got {args.parts!r}")
     batches, contexts, gammas = (int_list(getattr(args, name), name) for name in ("batches", "contexts", "gamma"))
@@ -789,6 +847,8 @@ def main(argv=None):
             bench_merge(say)
         if "window" in parts:
             bench_draft_window(say)
+        if "linear" in parts:
+            bench_decode_linear(say)
     if out:
         write_atomic(out / "bench.json", json.dumps({"demo": {f"{b}x{c}": r for (b, c), r in demo.items()},
                                                         "hf": {c: {"median": m, "runs": each}

@@ -3310,6 +3310,19 @@ def test_bench_profile_counts_each_steps_kernels():
     assert sum(line.startswith("| `aten::") for line in lines) >= 2
 
 
+def test_bench_decode_linear_checks_then_tables_each_shape():
+    """bench.py --parts linear on the CPU (the interpreter, fp32, tiny weights' count): each of
+    the demo's four layer shapes checked against the reference, then one table row of timings."""
+    import bench
+    lines = []
+    bench.bench_decode_linear(lines.append, rows=(1, 3), layers=1, device="cpu")
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines if line.startswith("| ")]  # "\|": in a cell
+    rows = [c for c in cells if re.fullmatch(r" \d+ x \d+ ", c[1])]
+    assert [c[0].strip() for c in rows] == [r"q\|k\|v after add + RMSNorm", "output",
+                                            r"gate\|up after add + RMSNorm", "down after SwiGLU"]
+    assert all(len(c) == 4 for c in rows), rows
+
+
 def test_bench_report_keeps_the_lines_of_a_run_cut_short(monkeypatch, tmp_path):
     """bench.py --out: the report file holds every line printed before the run was stopped."""
     import bench
