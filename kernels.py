@@ -1168,7 +1168,8 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 # Rows go one at a time (each a product and a sum across the tile), so every further row
 # costs another pass: `decode_linear_suits` keeps the kernel to one or two rows of small
 # weights (a decode step at batch 1 or 2, a draft's step) and leaves the rest to cuBLAS and
-# the separate kernels. `python bench.py --parts profile` shows what a step runs.
+# the separate kernels. `python bench.py --parts linear` times it against them at 1-8 rows,
+# `--parts profile` shows what a whole step runs.
 
 
 def decode_linear_reference(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, swiglu=False):

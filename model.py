@@ -663,7 +663,7 @@ class TransformerBlock(nn.Module):
         """Pre-norm block: h += attention(attention_norm(h)); h += feed_forward(ffn_norm(h)).
         Each residual add is made where its result is read, by the norm and the matmul after it
         (norm_linear: one launch for a decode step on a GPU). So the block takes the residual
-        stream h [B, T, dim] and the block before's output delta not yet added (None for the
+        stream h [B, T, dim] and the previous block's output delta, not yet added (None for the
         first block), and returns (h, its own output delta, attention probs)."""
         h, qkv = norm_linear(h, delta, self.attention_norm, self.attention.wqkv)
         a, probs = self.attention(qkv, cos, sin, layer, cache, lengths, start, select, return_probs, attend)
@@ -749,7 +749,7 @@ class Transformer(nn.Module):
             cache.advance(T)
         if logits_at is not None:  # [B, 1, dim]: the rows whose logits are wanted
             rows = torch.arange(B, device=h.device), logits_at
-            h, delta = h[rows][:, None], delta[rows][:, None]
+            h, delta = h[rows][:, None], delta[rows][:, None] if delta is not None else None
         logits = norm_linear(h, delta, self.norm, self.output)[1].float()
         return (logits, probs_per_layer) if return_attn is not False else logits
 
