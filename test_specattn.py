@@ -902,29 +902,35 @@ def test_decode_linear_rejects_what_it_cannot_run():
             K.decode_linear(weight=w, **bad)
 
 
+def decode_step_logits(model, prompt, step, suits, **forward_kw):
+    """A prefill of prompt, then the logits of a decode step of `step`, with the separate kernels
+    and with kernels.decode_linear plugged in for the inputs suits() takes: ({False: logits,
+    True: logits}, the rows of each decode_linear call, the calls made in the prefill)."""
+    calls, logits = [], {}
+
+    def counted(*args, **kw):
+        calls.append(args[0].shape)
+        return K.decode_linear(*args, **kw)
+    for plugged in (False, True):
+        M.use_decode_linear(counted if plugged else None, suits)
+        try:
+            cache = model.new_cache(prompt.shape[0], prompt.shape[1] + step.shape[1] + 8)
+            model(prompt, cache=cache, **forward_kw)
+            in_prefill = len(calls)
+            logits[plugged] = model(step, cache=cache, **forward_kw)
+        finally:
+            M.use_decode_linear(None)
+    return logits, calls, in_prefill
+
+
 def test_model_with_decode_linear_plugged_in_matches_separate_kernels():
     """A decode step through norm_linear/FeedForward.down/Linear with decode_linear plugged in
     (the interpreter standing in for the GPU) gives the logits of the separate kernels, and
     every layer's four matmuls and the head went through it; a prefill's many rows did not."""
     model = tiny_model(4)
-    prompt = torch.tensor([[5, 9, 2, 7, 1, 3]])
-    step = torch.tensor([[11]])
-    calls = []
-
-    def counted(*args, **kw):
-        calls.append(args[0].shape)
-        return K.decode_linear(*args, **kw)
-    logits = {}
-    for plugged in (False, True):
-        M.use_decode_linear(counted if plugged else None, lambda x, w: x.numel() // x.shape[-1] <= 2)
-        try:
-            cache = model.new_cache(1, 16)
-            model(prompt, cache=cache)
-            before = len(calls)
-            logits[plugged] = model(step, cache=cache)
-        finally:
-            M.use_decode_linear(None)
-    assert before == 0 and len(calls) == 4 * model.args.n_layers + 1
+    logits, calls, in_prefill = decode_step_logits(model, torch.tensor([[5, 9, 2, 7, 1, 3]]), torch.tensor([[11]]),
+                                                   lambda x, w: x.numel() // x.shape[-1] <= 2)
+    assert in_prefill == 0 and len(calls) == 4 * model.args.n_layers + 1
     assert (logits[True] - logits[False]).abs().max() < 1e-4
 
 
@@ -3370,26 +3376,14 @@ def test_gpu_kernels_match_references():
 def test_gpu_decode_linear_in_the_model_matches_separate_kernels():
     """A bf16 decode step of two rows with decode_linear plugged in (programmatic launches
     between the attention kernels) gives the logits of cuBLAS and the separate kernels, and
-    every layer's four matmuls went through it."""
+    every layer's four matmuls and the head went through it."""
     args = M.ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512,
                        vocab_size=1000, max_seq_len=256, rope_theta=10000.0)
     model = SA.random_model(args, "cuda", torch.bfloat16, 0)
     prompt = torch.randint(0, args.vocab_size, (2, 40), device="cuda")
-    calls = []
-
-    def counted(*a, **kw):
-        calls.append(a[0].shape)
-        return K.decode_linear(*a, **kw)
-    logits = {}
-    for plugged in (False, True):
-        M.use_decode_linear(counted if plugged else None, K.decode_linear_suits)
-        try:
-            cache = model.new_cache(2, 64)
-            model(prompt, cache=cache, attend=K.attention_slot)
-            logits[plugged] = model(prompt[:, -1:], cache=cache, attend=K.attention_slot)
-        finally:
-            M.use_decode_linear(None)
-    assert len(calls) == 4 * args.n_layers + 1  # the head (1000 x 256 entries) too
+    logits, calls, in_prefill = decode_step_logits(model, prompt, prompt[:, -1:], K.decode_linear_suits,
+                                                   attend=K.attention_slot)
+    assert in_prefill == 0 and len(calls) == 4 * args.n_layers + 1  # the head (1000 x 256 entries) too
     err = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
     assert err < 2e-2, f"decode_linear in the model: rel err {err:.2e}"
 
