@@ -518,8 +518,9 @@ def bench_merge(say) -> None:
 
 
 def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="cuda") -> None:
-    """(i): kernels.decode_linear against what it replaces, at the demo target's layer shapes:
-    the compiled residual add + RMSNorm (or SwiGLU) kernel, then cuBLAS's matmul (F.linear).
+    """(i): kernels.decode_linear, in both forms (one row at a time; tensor_cores), against what
+    it replaces, at the demo target's layer shapes: the compiled residual add + RMSNorm (or
+    SwiGLU) kernel, then cuBLAS's matmul (F.linear).
     Each case is checked against the reference first (bf16 against fp32, rel err < 1e-2),
     then timed in a CUDA graph of `layers` calls on as many weights, as a step runs them (each
     call after one of its own kind: what a programmatic launch overlaps is its own kind).
@@ -538,9 +539,10 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
               (r"gate\|up after add + RMSNorm", 3072, 576, "norm"), ("down after SwiGLU", 576, 1536, "swiglu"))
     say("## a decode step's matmul with its prologue: kernels.decode_linear against the separate kernels")
     say(f"µs per call, median, a CUDA graph of {layers} calls on {layers} weights; the demo target's shapes, bf16; "
-        "separate: the compiled add + RMSNorm or SwiGLU kernel, then cuBLAS (F.linear); the engine runs "
-        f"decode_linear up to {K.DECODE_LINEAR_ROWS} rows (kernels.decode_linear_suits)")
-    say("| matmul | N x K | " + " | ".join(f"{r} rows: separate / decode_linear" for r in rows) + " |")
+        "separate: the compiled add + RMSNorm or SwiGLU kernel, then cuBLAS (F.linear); decode_linear one row at "
+        "a time, then on the tensor cores (tensor_cores=True); the engine runs decode_linear one row at a time "
+        f"up to {K.DECODE_LINEAR_ROWS} rows (kernels.decode_linear_suits)")
+    say("| matmul | N x K | " + " | ".join(f"{r} rows: separate / one at a time / tensor cores" for r in rows) + " |")
     say("|---|---|" + "---|" * len(rows))
     for name, N, width, prologue in shapes:
         weights = [torch.randn(N, width, device=dev, dtype=dt) / width ** 0.5 for _ in range(layers)]
@@ -551,12 +553,14 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
             delta = torch.randn(r, width, device=dev, dtype=dt)
             kw = (dict(delta=delta, norm_weight=norm_weight) if prologue == "norm" else
                   dict(swiglu=True) if prologue == "swiglu" else {})
-            got = K.decode_linear(x, weights[0], **kw)
             ref = K.decode_linear_reference(x.float(), weights[0].float(),
                                             **{k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()})
-            got, ref = (got[1], ref[1]) if prologue == "norm" else (got, ref)
-            err = ((got.float() - ref).norm() / ref.norm()).item()
-            assert err < 1e-2, f"decode_linear {name}, {r} rows: rel err {err:.2e}"
+            ref = ref[1] if prologue == "norm" else ref
+            for tensor_cores in (False, True):
+                got = K.decode_linear(x, weights[0], tensor_cores=tensor_cores, **kw)
+                got = got[1] if prologue == "norm" else got
+                err = ((got.float() - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, f"decode_linear {name}, {r} rows, tensor_cores={tensor_cores}: rel err {err:.2e}"
 
             def separate(w):
                 if prologue == "norm":
@@ -565,8 +569,9 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
                     return torch.nn.functional.linear(M.Pointwise.swiglu(*x.chunk(2, -1)), w)
                 return torch.nn.functional.linear(x, w)
             times = [us(lambda: [fn(w) for w in weights]) / layers
-                     for fn in (separate, lambda w: K.decode_linear(x, w, eps=1e-5, **kw))]
-            cells.append(f"{times[0]:.2f} / {times[1]:.2f}")
+                     for fn in (separate, lambda w: K.decode_linear(x, w, eps=1e-5, **kw),
+                                lambda w: K.decode_linear(x, w, eps=1e-5, tensor_cores=True, **kw))]
+            cells.append(" / ".join(f"{t:.2f}" for t in times))
         say(f"| {name} | {N} x {width} | " + " | ".join(cells) + " |")
 
 

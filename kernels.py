@@ -1168,7 +1168,9 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 # Rows go one at a time (each a product and a sum across the tile), so every further row
 # costs another pass: `decode_linear_suits` keeps the kernel to one or two rows of small
 # weights (a decode step at batch 1 or 2, a draft's step) and leaves the rest to cuBLAS and
-# the separate kernels. `python bench.py --parts linear` times it against them at 1-8 rows,
+# the separate kernels. A second form, `tensor_cores=True`, multiplies up to 16 rows at once
+# with tl.dot, walking K in chunks (a verification block, batch 8); the engine does not use
+# it. `python bench.py --parts linear` times both against the separate kernels at 1-8 rows,
 # `--parts profile` shows what a whole step runs.
 
 
@@ -1237,6 +1239,62 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
         tl.extra.cuda.gdc_launch_dependents()
 
 
+@triton.jit
+def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, N, K, eps,
+                              sx, sd, sy, sh, sw, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """decode_linear for several rows on the tensor cores: the rows padded to 16 (tl.dot's
+    smallest tile), K walked in chunks of BLOCK_K so that no whole row or weight slice sits in
+    registers. With NORM a first pass over the chunks sums each row's squares (the add
+    included), the second normalizes chunk by chunk as it multiplies."""
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = tl.arange(0, 16)
+    real = r < ROWS
+    kk = tl.arange(0, BLOCK_K)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    dtype = y_ptr.dtype.element_ty
+    if NORM:
+        squares = tl.zeros([16], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            m = real[:, None] & (k < K)[None, :]
+            x = tl.load(x_ptr + r[:, None] * sx + k[None, :], mask=m, other=0.0)
+            if ADD:
+                x = (x.to(tl.float32) + tl.load(delta_ptr + r[:, None] * sd + k[None, :], mask=m,
+                                                other=0.0).to(tl.float32)).to(dtype)
+            xf = x.to(tl.float32)
+            squares += tl.sum(xf * xf, axis=1)
+        rstd = tl.rsqrt(squares / K + eps)
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        inside = k < K
+        m = real[:, None] & inside[None, :]
+        w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=(n[:, None] < N) & inside[None, :], other=0.0)
+        x = tl.load(x_ptr + r[:, None] * sx + k[None, :], mask=m, other=0.0)
+        if ADD:
+            x = (x.to(tl.float32) + tl.load(delta_ptr + r[:, None] * sd + k[None, :], mask=m,
+                                            other=0.0).to(tl.float32)).to(dtype)
+            if pid == 0:
+                tl.store(h_ptr + r[:, None] * sh + k[None, :], x, mask=m)
+        if NORM:
+            g = tl.load(norm_ptr + k, mask=inside, other=0.0)
+            x = ((x.to(tl.float32) * rstd[:, None]).to(dtype) * g[None, :]).to(dtype)
+        if SWIGLU:
+            gate = x.to(tl.float32)
+            up = tl.load(x_ptr + r[:, None] * sx + K + k[None, :], mask=m, other=0.0)
+            x = ((gate / (1.0 + tl.exp(-gate))).to(dtype) * up).to(dtype)
+        acc += tl.dot(x.to(dtype), tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + r[:, None] * sy + n[None, :], acc.to(dtype), mask=real[:, None] & (n[None, :] < N))
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 DECODE_LINEAR_ROWS = 2  # the most rows decode_linear_suits gives the kernel
 DECODE_LINEAR_MAX_K = 2048  # the widest input row its programs hold whole
 
@@ -1264,10 +1322,12 @@ def _pdl(device) -> bool:
 
 
 def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, swiglu=False, block_n=None,
-                  num_warps=4):
+                  num_warps=4, tensor_cores=False):
     """decode_linear_reference in one launch (see above): for a few rows (at most 16) and
     weights of at most DECODE_LINEAR_MAX_K columns; any leading dims, a contiguous last dim.
     block_n: output columns per program (None: 8, or 16 for weights over 1M entries).
+    tensor_cores: all rows at once through tl.dot, K in chunks (_decode_linear_dot_kernel)
+    instead of one row at a time; `python bench.py --parts linear` times both forms.
     Falls back to the reference on a CPU without the interpreter."""
     N, K = weight.shape
     rows = x.numel() // x.shape[-1]
@@ -1284,13 +1344,20 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
         raise ValueError("decode_linear: x, delta and weight need a contiguous last dim")
     y = torch.empty((rows, N), device=x.device, dtype=x.dtype)
     h = torch.empty((rows, K), device=x.device, dtype=x.dtype) if delta is not None else None
-    block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
     pdl = _pdl(x.device)
-    _decode_linear_kernel[(triton.cdiv(N, block_n),)](
-        x2, d2, norm_weight, weight, bias, y, h, N, K, eps, x2.stride(0), d2.stride(0) if d2 is not None else 0,
-        y.stride(0), K, weight.stride(0), ROWS=rows, K_PAD=triton.next_power_of_2(K), BLOCK_N=block_n,
-        ADD=delta is not None, NORM=norm_weight is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, PDL=pdl,
-        num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+    args = (x2, d2, norm_weight, weight, bias, y, h, N, K, eps, x2.stride(0), d2.stride(0) if d2 is not None else 0,
+            y.stride(0), K, weight.stride(0))
+    common = dict(ADD=delta is not None, NORM=norm_weight is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None,
+                  PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+    if tensor_cores:
+        block_n = max(16, block_n or 16)
+        _decode_linear_dot_kernel[(triton.cdiv(N, block_n),)](
+            *args, ROWS=rows, BLOCK_N=block_n, BLOCK_K=min(256, triton.next_power_of_2(K)),
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
+    else:
+        block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
+        _decode_linear_kernel[(triton.cdiv(N, block_n),)](
+            *args, ROWS=rows, K_PAD=triton.next_power_of_2(K), BLOCK_N=block_n, **common)
     y = y.reshape(*x.shape[:-1], N)
     return y if delta is None else (h.reshape(*x.shape[:-1], K), y)
 
@@ -1383,7 +1450,9 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         x[0, V // 3] = x[0, V - 1] = 100.0
         assert torch.equal(argmax(x), argmax_reference(x)), f"argmax {rows}x{V}: differs from torch.argmax"
     # A decode step's matmuls with each prologue, bf16: awkward sizes, SmolLM2's, a head's.
-    for rows, N, K in ((2, 37, 100), (1, 960, 576), (2, 3072, 576), (1, 576, 1536), (1, 49152, 576)):
+    for rows, N, K, tensor_cores in ((2, 37, 100, False), (1, 960, 576, False), (2, 3072, 576, False),
+                                     (1, 576, 1536, False), (1, 49152, 576, False), (5, 37, 100, True),
+                                     (5, 3072, 576, True), (8, 576, 1536, True)):
         x, delta = (torch.randn(rows, K, device=dev, dtype=torch.bfloat16) for _ in range(2))
         weight = torch.randn(N, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
         norm_weight = (1 + 0.2 * torch.randn(K, device=dev)).to(torch.bfloat16)
@@ -1391,12 +1460,13 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
                    dict(delta=delta, norm_weight=norm_weight), dict(x=torch.randn(rows, 2 * K, device=dev,
                                                                                   dtype=torch.bfloat16), swiglu=True)):
             args = {"x": x, "weight": weight, **kw}
-            got, ref = decode_linear(**args), decode_linear_reference(**args)
+            got, ref = decode_linear(**args, tensor_cores=tensor_cores), decode_linear_reference(**args)
             if "delta" in kw:
                 assert torch.equal(got[0], ref[0]), f"decode_linear {rows}x{N}x{K}: the residual sum differs"
                 got, ref = got[1], ref[1]
             err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-            assert err < 1e-2, (f"decode_linear {rows}x{N}x{K} {sorted(kw)}: rel err {err:.2e}, max abs "
+            assert err < 1e-2, (f"decode_linear {rows}x{N}x{K} {sorted(kw)} tensor_cores={tensor_cores}: "
+                                f"rel err {err:.2e}, max abs "
                                 f"{(got.float() - ref.float()).abs().max().item():.2e}")
     # (B, Hq, Hkv, T, S, kept, D): awkward sizes with GQA 4 and 3, then the benchmark's shapes.
     attention_cases = ((2, 8, 2, 5, 577, 0.25, 64), (3, 9, 3, 9, 63, 1.0, 128), (2, 12, 4, 1, 4099, 0.1, 128),

@@ -866,29 +866,33 @@ def test_argmax_kernel_is_torch_argmax(V):
         K.argmax(torch.zeros(2, 0))
 
 
-@pytest.mark.parametrize("rows, N, width", [(1, 37, 100), (3, 64, 48), (2, 5, 16), (7, 37, 100)])
+@pytest.mark.parametrize("rows, N, width", [(1, 37, 100), (3, 64, 48), (2, 5, 16), (7, 37, 300)])
 def test_decode_linear_matches_reference(rows, N, width):
     """The matmul with each prologue (none, bias, residual add + RMSNorm, RMSNorm alone, SwiGLU)
-    against its reference at awkward sizes (K padded to a power of 2 in the kernel, N not a
-    multiple of the columns per program), with leading dims; the residual sum equals exactly."""
+    in both forms (one row at a time, K padded to a power of 2; the rows on the tensor cores, K
+    in chunks) against its reference at awkward sizes (N not a multiple of the columns per
+    program; width 300: a last chunk part-filled), with leading dims; the residual sum exactly."""
     g = torch.Generator().manual_seed(rows * N + width)
     x, delta = torch.randn(rows, 1, width, generator=g), torch.randn(rows, 1, width, generator=g)
     weight, bias = torch.randn(N, width, generator=g), torch.randn(N, generator=g)
     norm_weight = 1 + 0.2 * torch.randn(width, generator=g)
     cases = {"plain": dict(), "bias": dict(bias=bias), "add+norm": dict(delta=delta, norm_weight=norm_weight),
              "norm": dict(norm_weight=norm_weight, eps=1e-5)}
-    for name, kw in cases.items():
-        for block_n in (None, 4):
-            got = K.decode_linear(x, weight, block_n=block_n, **kw)
-            ref = K.decode_linear_reference(x, weight, **kw)
-            if "delta" in kw:
-                assert torch.equal(got[0], ref[0]), f"{name}: residual sum differs"
-                got, ref = got[1], ref[1]
-            err = (got - ref).abs().max().item()
-            assert got.shape == (rows, 1, N) and err < 1e-4, f"{name} block_n={block_n}: max err {err:.2e}"
+    forms = ((False, None), (False, 4), (True, None), (True, 32))  # (tensor_cores, block_n)
+    for (name, kw), (tensor_cores, block_n) in itertools.product(cases.items(), forms):
+        got = K.decode_linear(x, weight, block_n=block_n, tensor_cores=tensor_cores, **kw)
+        ref = K.decode_linear_reference(x, weight, **kw)
+        if "delta" in kw:
+            assert torch.equal(got[0], ref[0]), f"{name}: residual sum differs"
+            got, ref = got[1], ref[1]
+        err = (got - ref).abs().max().item()
+        assert got.shape == (rows, 1, N) and err < 1e-4, \
+            f"{name} tensor_cores={tensor_cores} block_n={block_n}: max err {err:.2e}"
     gate_up = torch.randn(rows, 2 * width, generator=g)
-    got, ref = K.decode_linear(gate_up, weight, swiglu=True), K.decode_linear_reference(gate_up, weight, swiglu=True)
-    assert (got - ref).abs().max() < 1e-4, f"swiglu: max err {(got - ref).abs().max():.2e}"
+    ref = K.decode_linear_reference(gate_up, weight, swiglu=True)
+    for tensor_cores in (False, True):
+        got = K.decode_linear(gate_up, weight, swiglu=True, tensor_cores=tensor_cores)
+        assert (got - ref).abs().max() < 1e-4, f"swiglu: max err {(got - ref).abs().max():.2e}"
 
 
 def test_decode_linear_rejects_what_it_cannot_run():
@@ -1289,6 +1293,9 @@ h = torch.randn(1, 1, 576, **bf)
 K.decode_linear(h, torch.randn(960, 576, **bf), delta=torch.randn(1, 1, 576, **bf), norm_weight=torch.randn(576, **bf))
 K.decode_linear(torch.randn(2, 3072, **bf), torch.randn(576, 1536, **bf), swiglu=True)
 K.decode_linear(h, torch.randn(576, 576, **bf), bias=torch.randn(576, **bf))
+rows5 = torch.randn(5, 576, **bf)
+K.decode_linear(rows5, torch.randn(960, 576, **bf), delta=rows5, norm_weight=torch.randn(576, **bf), tensor_cores=True)
+K.decode_linear(torch.randn(5, 3072, **bf), torch.randn(576, 1536, **bf), swiglu=True, tensor_cores=True)
 
 TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64",
          torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1"}
@@ -1326,7 +1333,8 @@ def test_kernels_compile_for_hopper():
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = run.stdout.split()
     names = {"_sparse_attn_split_kernel", "_last_row_kernel", "_topp_row_kernel", "_topp_pass_kernel",
-             "_topp_final_kernel", "_union_select_kernel", "_argmax_kernel", "_decode_linear_kernel"}
+             "_topp_final_kernel", "_union_select_kernel", "_argmax_kernel", "_decode_linear_kernel",
+             "_decode_linear_dot_kernel"}
     assert names <= set(compiled), f"kernels never launched: {names - set(compiled)}"
     assert compiled.count("_sparse_attn_split_kernel") >= 15  # 3 block sizes x 6 variants (some coincide)
 
@@ -3317,16 +3325,17 @@ def test_bench_profile_counts_each_steps_kernels():
 
 
 def test_bench_decode_linear_checks_then_tables_each_shape():
-    """bench.py --parts linear on the CPU (the interpreter, fp32, tiny weights' count): each of
-    the demo's four layer shapes checked against the reference, then one table row of timings."""
+    """bench.py --parts linear on the CPU (the interpreter, fp32, one weight per shape): each of
+    the demo's four layer shapes checked in both forms against the reference, then one table row
+    of timings (separate kernels, one row at a time, tensor cores)."""
     import bench
     lines = []
-    bench.bench_decode_linear(lines.append, rows=(1, 3), layers=1, device="cpu")
+    bench.bench_decode_linear(lines.append, rows=(3,), layers=1, device="cpu")
     cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines if line.startswith("| ")]  # "\|": in a cell
     rows = [c for c in cells if re.fullmatch(r" \d+ x \d+ ", c[1])]
     assert [c[0].strip() for c in rows] == [r"q\|k\|v after add + RMSNorm", "output",
                                             r"gate\|up after add + RMSNorm", "down after SwiGLU"]
-    assert all(len(c) == 4 for c in rows), rows
+    assert all(len(c) == 3 and len(c[2].split(" / ")) == 3 for c in rows), rows
 
 
 def test_bench_report_keeps_the_lines_of_a_run_cut_short(monkeypatch, tmp_path):
