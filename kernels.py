@@ -1352,7 +1352,7 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
     if tensor_cores:
         block_n = max(16, block_n or 16)
         _decode_linear_dot_kernel[(triton.cdiv(N, block_n),)](
-            *args, ROWS=rows, BLOCK_N=block_n, BLOCK_K=min(256, triton.next_power_of_2(K)),
+            *args, ROWS=rows, BLOCK_N=block_n, BLOCK_K=min(256, max(16, triton.next_power_of_2(K))),
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
     else:
         block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
