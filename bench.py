@@ -787,7 +787,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     if not parts or parts - {"demo", "8b", "hf", "kernels", "merge", "window", "cpu", "profile", "linear"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
-                         f"demo,8b,hf,kernels,merge,window,cpu,profile, got {args.parts!r}")
+                         f"demo,8b,hf,kernels,merge,window,cpu,profile,linear, got {args.parts!r}")
     batches, contexts, gammas = (int_list(getattr(args, name), name) for name in ("batches", "contexts", "gamma"))
     also_combine = [c for c in args.also_combine.split(",") if c]
     if any(c not in SA.COMBINE for c in also_combine):
