@@ -24,17 +24,19 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     --peer-runs times per context: the median and the range (it varies from run to run).
 (d) the kernels alone (`--parts kernels`, not in the default): top-p against the sort
     reference, the sparse attention against SDPA, the attention's launch choices; after
-    `kernels.check_on_gpu`. Its last two tables also run alone: (e) `--parts merge`, the
+    `kernels.check_on_gpu`. Its last three tables also run alone: (e) `--parts merge`, the
     attention's merge variants at the demo's batch-1 decode shapes; (f) `--parts window`, the
     draft's attention reading its whole cache or its window, without and with SpecAttn's row,
-    and a prompt's prefill (the target's, the draft's whole and through its window).
+    and a prompt's prefill (the target's, the draft's whole and through its window); (i)
+    `--parts linear`, below.
 (g) `--parts cpu`, alone and with no GPU: the demo pair on the CPU, each forward and the
     generation with model.Linear's few-row matmul form against F.linear.
 (h) `--parts profile --batches 1 --contexts 1024`: where a decode step's GPU time goes, kernel
     by kernel (torch.profiler over CUDA graph replays), for plain decoding and dense
     speculation at the demo pair's shapes (random weights).
 (i) `--parts linear` (also in d): a decode step's matmuls with their prologues, 1-8 rows at the
-    demo target's shapes, kernels.decode_linear against the separate kernels it replaces.
+    demo target's shapes, kernels.decode_linear (both forms) against the separate kernels it
+    replaces.
 
     python bench.py --out DIR               # (a), (c), then (b)
     python bench.py --parts demo,hf         # some parts
