@@ -1313,11 +1313,13 @@ _PDL: dict = {}
 
 
 def _pdl(device) -> bool:
-    """Programmatic dependent launch: CUDA on Hopper (compute capability 9) or newer."""
+    """Programmatic dependent launch: CUDA on Hopper (compute capability 9) or newer, and a
+    Triton that has it (tl.extra.cuda.gdc_wait)."""
     if device.type != "cuda":
         return False
     if device not in _PDL:
-        _PDL[device] = torch.cuda.get_device_capability(device)[0] >= 9
+        has_it = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+        _PDL[device] = has_it and torch.cuda.get_device_capability(device)[0] >= 9
     return _PDL[device]
 
 
