@@ -553,7 +553,7 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
         for r in rows:
             x = torch.randn(r, 2 * width if prologue == "swiglu" else width, device=dev, dtype=dt)
             delta = torch.randn(r, width, device=dev, dtype=dt)
-            kw = (dict(delta=delta, norm_weight=norm_weight) if prologue == "norm" else
+            kw = (dict(delta=delta, norm_weight=norm_weight, eps=1e-5) if prologue == "norm" else
                   dict(swiglu=True) if prologue == "swiglu" else {})
             ref = K.decode_linear_reference(x.float(), weights[0].float(),
                                             **{k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()})
@@ -566,13 +566,13 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
 
             def separate(w):
                 if prologue == "norm":
-                    return torch.nn.functional.linear(M.Pointwise.add_rms_norm(x, delta, norm_weight, 1e-5)[1], w)
+                    return torch.nn.functional.linear(M.Pointwise.add_rms_norm(x, delta, norm_weight, kw["eps"])[1], w)
                 if prologue == "swiglu":
                     return torch.nn.functional.linear(M.Pointwise.swiglu(*x.chunk(2, -1)), w)
                 return torch.nn.functional.linear(x, w)
             times = [us(lambda: [fn(w) for w in weights]) / layers
-                     for fn in (separate, lambda w: K.decode_linear(x, w, eps=1e-5, **kw),
-                                lambda w: K.decode_linear(x, w, eps=1e-5, tensor_cores=True, **kw))]
+                     for fn in (separate, lambda w: K.decode_linear(x, w, **kw),
+                                lambda w: K.decode_linear(x, w, tensor_cores=True, **kw))]
             cells.append(" / ".join(f"{t:.2f}" for t in times))
         say(f"| {name} | {N} x {width} | " + " | ".join(cells) + " |")
 

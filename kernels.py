@@ -1194,23 +1194,36 @@ def decode_linear_reference(x, weight, bias=None, delta=None, norm_weight=None, 
 
 
 @triton.jit
+def _input_plus_delta(x_ptr, delta_ptr, x_offs, d_offs, mask, dtype, ADD: tl.constexpr):
+    """The input entries at x_offs, plus delta's at d_offs with ADD, rounded to `dtype` as the
+    eager residual add rounds its sum."""
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+    if ADD:
+        x = (x.to(tl.float32) + tl.load(delta_ptr + d_offs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+    return x
+
+
+@triton.jit
+def _swiglu(gate, up, dtype):
+    """silu(gate) * up, rounded to `dtype` after each, as the eager reference rounds."""
+    gate = gate.to(tl.float32)
+    return ((gate / (1.0 + tl.exp(-gate))).to(dtype) * up).to(dtype)
+
+
+@triton.jit
 def _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, mask, K, eps, sx, sd, sh, dtype, pid,
                             ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr):
     """The prologue of input row r (entries k, [K_PAD]), rounded to `dtype` at each step where
     the eager reference rounds."""
-    x = tl.load(x_ptr + r * sx + k, mask=mask, other=0.0)
-    if ADD:
-        x = (x.to(tl.float32) + tl.load(delta_ptr + r * sd + k, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-        if pid == 0:  # the residual sum, written once
-            tl.store(h_ptr + r * sh + k, x, mask=mask)
+    x = _input_plus_delta(x_ptr, delta_ptr, r * sx + k, r * sd + k, mask, dtype, ADD)
+    if ADD and pid == 0:  # the residual sum, written once
+        tl.store(h_ptr + r * sh + k, x, mask=mask)
     if NORM:
         xf = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
         x = ((xf * rstd).to(dtype) * g).to(dtype)
     if SWIGLU:
-        gate = x.to(tl.float32)
-        up = tl.load(x_ptr + r * sx + K + k, mask=mask, other=0.0)
-        x = ((gate / (1.0 + tl.exp(-gate))).to(dtype) * up).to(dtype)
+        x = _swiglu(x, tl.load(x_ptr + r * sx + K + k, mask=mask, other=0.0), dtype)
     return x
 
 
@@ -1262,10 +1275,8 @@ def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kk
             m = real[:, None] & (k < K)[None, :]
-            x = tl.load(x_ptr + r[:, None] * sx + k[None, :], mask=m, other=0.0)
-            if ADD:
-                x = (x.to(tl.float32) + tl.load(delta_ptr + r[:, None] * sd + k[None, :], mask=m,
-                                                other=0.0).to(tl.float32)).to(dtype)
+            x = _input_plus_delta(x_ptr, delta_ptr, r[:, None] * sx + k[None, :], r[:, None] * sd + k[None, :], m,
+                                  dtype, ADD)
             xf = x.to(tl.float32)
             squares += tl.sum(xf * xf, axis=1)
         rstd = tl.rsqrt(squares / K + eps)
@@ -1275,19 +1286,15 @@ def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr
         inside = k < K
         m = real[:, None] & inside[None, :]
         w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=(n[:, None] < N) & inside[None, :], other=0.0)
-        x = tl.load(x_ptr + r[:, None] * sx + k[None, :], mask=m, other=0.0)
-        if ADD:
-            x = (x.to(tl.float32) + tl.load(delta_ptr + r[:, None] * sd + k[None, :], mask=m,
-                                            other=0.0).to(tl.float32)).to(dtype)
-            if pid == 0:
-                tl.store(h_ptr + r[:, None] * sh + k[None, :], x, mask=m)
+        x = _input_plus_delta(x_ptr, delta_ptr, r[:, None] * sx + k[None, :], r[:, None] * sd + k[None, :], m,
+                              dtype, ADD)
+        if ADD and pid == 0:  # the residual sum, written once
+            tl.store(h_ptr + r[:, None] * sh + k[None, :], x, mask=m)
         if NORM:
             g = tl.load(norm_ptr + k, mask=inside, other=0.0)
             x = ((x.to(tl.float32) * rstd[:, None]).to(dtype) * g[None, :]).to(dtype)
         if SWIGLU:
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptr + r[:, None] * sx + K + k[None, :], mask=m, other=0.0)
-            x = ((gate / (1.0 + tl.exp(-gate))).to(dtype) * up).to(dtype)
+            x = _swiglu(x, tl.load(x_ptr + r[:, None] * sx + K + k[None, :], mask=m, other=0.0), dtype)
         acc += tl.dot(x.to(dtype), tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
