@@ -1213,15 +1213,16 @@ def _swiglu(gate, up, dtype):
 @triton.jit
 def _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, mask, K, eps, sx, sd, sh, dtype, pid,
                             ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr):
-    """The prologue of input row r (entries k, [K_PAD]), rounded to `dtype` at each step where
-    the eager reference rounds."""
+    """The prologue of every input row at once: r [ROWS_PAD, 1] rows, k [1, K_PAD] entries,
+    g [K_PAD] the norm's weight; rounded to `dtype` at each step where the eager reference
+    rounds. Returns [ROWS_PAD, K_PAD]."""
     x = _input_plus_delta(x_ptr, delta_ptr, r * sx + k, r * sd + k, mask, dtype, ADD)
     if ADD and pid == 0:  # the residual sum, written once
         tl.store(h_ptr + r * sh + k, x, mask=mask)
     if NORM:
         xf = x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
-        x = ((xf * rstd).to(dtype) * g).to(dtype)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / K + eps)  # [ROWS_PAD]
+        x = ((xf * rstd[:, None]).to(dtype) * g[None, :]).to(dtype)
     if SWIGLU:
         x = _swiglu(x, tl.load(x_ptr + r * sx + K + k, mask=mask, other=0.0), dtype)
     return x
@@ -1229,12 +1230,13 @@ def _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, mask, K, eps, sx, 
 
 @triton.jit
 def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, N, K, eps,
-                          sx, sd, sy, sh, sw, ROWS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          PDL: tl.constexpr):
+                          sx, sd, sy, sh, sw, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                          BLOCK_N: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, K_PAD)
+    r = tl.arange(0, ROWS_PAD)
     inside = k < K
     w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=(n[:, None] < N) & inside[None, :], other=0.0)
     bias = tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32) if HAS_BIAS else None
@@ -1242,13 +1244,17 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
     if PDL:  # the weights are constant: read before the previous kernel's outputs are ready
         tl.extra.cuda.gdc_wait()
     dtype = y_ptr.dtype.element_ty
-    for r in tl.static_range(ROWS):  # one row at a time: a product and a sum across the tile
-        x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, inside, K, eps, sx, sd, sh, dtype, pid,
-                                    ADD, NORM, SWIGLU)
-        y = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
+    # Every row's prologue in one pass, so that all rows' loads are in flight together (a
+    # loop that loaded row by row would wait out the memory latency once per row).
+    mask = (r < ROWS)[:, None] & inside[None, :]
+    x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r[:, None], k[None, :], mask, K, eps, sx, sd, sh, dtype,
+                                pid, ADD, NORM, SWIGLU).to(tl.float32)  # [ROWS_PAD, K_PAD]
+    for row in tl.static_range(ROWS):  # one row at a time: a product and a sum across the tile
+        x_row = tl.sum(tl.where(r[:, None] == row, x, 0.0), axis=0)  # [K_PAD], picked out exactly
+        y = tl.sum(w.to(tl.float32) * x_row[None, :], axis=1)  # [BLOCK_N]
         if HAS_BIAS:
             y = y + bias
-        tl.store(y_ptr + r * sy + n, y.to(dtype), mask=n < N)
+        tl.store(y_ptr + row * sy + n, y.to(dtype), mask=n < N)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -1367,7 +1373,8 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
     else:
         block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
         _decode_linear_kernel[(triton.cdiv(N, block_n),)](
-            *args, ROWS=rows, K_PAD=triton.next_power_of_2(K), BLOCK_N=block_n, **common)
+            *args, ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), K_PAD=triton.next_power_of_2(K),
+            BLOCK_N=block_n, **common)
     y = y.reshape(*x.shape[:-1], N)
     return y if delta is None else (h.reshape(*x.shape[:-1], K), y)
 
