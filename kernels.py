@@ -36,7 +36,7 @@ Works copied alone (torch + triton). Four pieces:
 
 4. A decode step's matmuls: `decode_linear(x, weight, delta=, norm_weight=)` (or
    `swiglu=True`) runs a residual add and RMSNorm (or SwiGLU) and the matmul after them in
-   one launch, for the one or two rows of a small model's decode step, where every kernel
+   one launch, for the few rows (at most 5) of a small model's decode or verification step, where every kernel
    costs its launch more than its bytes; on Hopper it is launched programmatically and reads
    its weights before the previous kernel finishes. model.py calls it through
    `model.use_decode_linear` (specattn.use_gpu_kernels plugs it in on a GPU).
@@ -1166,12 +1166,14 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 #   form below; the tensor-core form reads its weight chunks after the wait).
 # - The residual sum h + delta, which the next sublayer adds to, is written by program 0
 #   alone; the others recompute it for their norm.
-# Rows go one at a time (each a product and a sum across the tile), so every further row
-# costs another pass: `decode_linear_suits` keeps the kernel to one or two rows of small
-# weights (a decode step at batch 1 or 2, a draft's step) and leaves the rest to cuBLAS and
-# the separate kernels. A second form, `tensor_cores=True`, multiplies up to 16 rows at once
-# with tl.dot, walking K in chunks (a verification block, batch 8); the engine does not use
-# it. `python bench.py --parts linear` times both against the separate kernels at 1-8 rows,
+# Every row's prologue runs in one pass (all rows' loads in flight together); the products
+# then go one row at a time (each a product and a sum across the tile), so every further row
+# costs another reduction: `decode_linear_suits` keeps the kernel to at most 5 rows of small
+# weights (a decode step at batch 1-5, a draft's step, a verification of up to 4 draft tokens
+# at batch 1) and leaves the rest to cuBLAS and the separate kernels. A second form,
+# `tensor_cores=True`, multiplies up to 16 rows at once with tl.dot, walking K in chunks; the
+# engine does not use it (slower than cuBLAS for the gate|up and down shapes at 5 and 8 rows).
+# `python bench.py --parts linear` times both against the separate kernels at 1-8 rows,
 # `--parts profile` shows what a whole step runs.
 
 
@@ -1309,7 +1311,7 @@ def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr
         tl.extra.cuda.gdc_launch_dependents()
 
 
-DECODE_LINEAR_ROWS = 2  # the most rows decode_linear_suits gives the kernel
+DECODE_LINEAR_ROWS = 5  # the most rows decode_linear_suits gives the kernel
 DECODE_LINEAR_MAX_K = 2048  # the widest input row its programs hold whole
 
 
@@ -1468,7 +1470,8 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         assert torch.equal(argmax(x), argmax_reference(x)), f"argmax {rows}x{V}: differs from torch.argmax"
     # A decode step's matmuls with each prologue, bf16: awkward sizes, SmolLM2's, a head's.
     for rows, N, K, tensor_cores in ((2, 37, 100, False), (1, 960, 576, False), (2, 3072, 576, False),
-                                     (1, 576, 1536, False), (1, 49152, 576, False), (5, 37, 100, True),
+                                     (1, 576, 1536, False), (1, 49152, 576, False), (5, 960, 576, False),
+                                     (3, 576, 1536, False), (5, 37, 100, True),
                                      (5, 3072, 576, True), (8, 576, 1536, True)):
         x, delta = (torch.randn(rows, K, device=dev, dtype=torch.bfloat16) for _ in range(2))
         weight = torch.randn(N, K, device=dev, dtype=torch.bfloat16) / math.sqrt(K)
