@@ -1162,7 +1162,7 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 # - Fusing the prologue removes the norm and SwiGLU launches (3 of a layer's 8).
 # - The weight does not depend on the kernel before, so on Hopper and newer the launch is
 #   programmatic (PDL): the program loads its weight slice *before* waiting for the previous
-#   kernel (gdc_wait), overlapping the largest read with that kernel's tail (the one-row
+#   kernel (gdc_wait), overlapping the largest read with that kernel's tail (the row-by-row
 #   form below; the tensor-core form reads its weight chunks after the wait).
 # - The residual sum h + delta, which the next sublayer adds to, is written by program 0
 #   alone; the others recompute it for their norm.

@@ -3400,7 +3400,7 @@ def test_gpu_decode_linear_in_the_model_matches_separate_kernels():
 @needs_gpu
 def test_gpu_graphed_engine_equals_eager():
     """Every mode (plain, dense speculative, SpecAttn) of a random bf16 pair on ragged prompts,
-    with the GPU's fused kernels plugged in (decode_linear for the one-row matmuls): CUDA graphs
+    with the GPU's fused kernels plugged in (decode_linear for the matmuls of up to 5 rows): CUDA graphs
     give the eager engine's tokens and counters, one capture per phase. The draft
     places its sink (sink_distance) and reads through its window (by default as long as
     sink_distance) in two of the three rows."""
