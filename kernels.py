@@ -1162,8 +1162,8 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 # - Fusing the prologue removes the norm and SwiGLU launches (3 of a layer's 8).
 # - The weight does not depend on the kernel before, so on Hopper and newer the launch is
 #   programmatic (PDL): the program loads its weight slice *before* waiting for the previous
-#   kernel (gdc_wait), overlapping the largest read with that kernel's tail (the row-by-row
-#   form below; the tensor-core form reads its weight chunks after the wait).
+#   kernel (gdc_wait), overlapping the largest read with that kernel's tail (both forms
+#   below, but the tensor-core form walking K in chunks, which reads them after the wait).
 # - The residual sum h + delta, which the next sublayer adds to, is written by program 0
 #   alone; the others recompute it for their norm.
 # Every row's prologue runs in one pass (all rows' loads in flight together); the products
@@ -1171,8 +1171,9 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 # costs another reduction: `decode_linear_suits` keeps the kernel to at most 5 rows of small
 # weights (a decode step at batch 1-5, a draft's step, a verification of up to 4 draft tokens
 # at batch 1) and leaves the rest to cuBLAS and the separate kernels. A second form,
-# `tensor_cores=True`, multiplies up to 16 rows at once with tl.dot, walking K in chunks; the
-# engine does not use it (slower than cuBLAS for the gate|up and down shapes at 5 and 8 rows).
+# `tensor_cores=True`, multiplies up to 16 rows at once with tl.dot, holding K whole up to
+# 1024 columns and walking it in chunks beyond; the engine does not use it (with K in chunks
+# it was slower than cuBLAS for the gate|up and down shapes at 5 and 8 rows).
 # `python bench.py --parts linear` times both against the separate kernels at 1-8 rows,
 # `--parts profile` shows what a whole step runs.
 
@@ -1264,46 +1265,57 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
 @triton.jit
 def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, N, K, eps,
                               sx, sd, sy, sh, sw, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              PRECISION: tl.constexpr, PDL: tl.constexpr):
+                              WHOLE_K: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """decode_linear for several rows on the tensor cores: the rows padded to 16 (tl.dot's
-    smallest tile), K walked in chunks of BLOCK_K so that no whole row or weight slice sits in
-    registers. With NORM a first pass over the chunks sums each row's squares (the add
-    included), the second normalizes chunk by chunk as it multiplies."""
+    smallest tile). WHOLE_K (BLOCK_K >= K): the program's [BLOCK_N, K] weight slice is read
+    before the wait, as in the row-by-row form, and one tl.dot takes every row. Otherwise K
+    is walked in chunks of BLOCK_K so that no whole row or weight slice sits in registers;
+    with NORM a first pass over the chunks sums each row's squares (the add included), the
+    second normalizes chunk by chunk as it multiplies."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.arange(0, 16)
     real = r < ROWS
     kk = tl.arange(0, BLOCK_K)
+    if WHOLE_K:  # the weights are constant: read before the previous kernel's outputs are ready
+        w = tl.load(w_ptr + n[:, None] * sw + kk[None, :], mask=(n[:, None] < N) & (kk < K)[None, :], other=0.0)
+        g = tl.load(norm_ptr + kk, mask=kk < K, other=0.0) if NORM else None
     if PDL:
         tl.extra.cuda.gdc_wait()
     dtype = y_ptr.dtype.element_ty
-    if NORM:
-        squares = tl.zeros([16], dtype=tl.float32)
+    if WHOLE_K:
+        x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r[:, None], kk[None, :],
+                                    real[:, None] & (kk < K)[None, :], K, eps, sx, sd, sh, dtype, pid,
+                                    ADD, NORM, SWIGLU)  # [16, BLOCK_K]
+        acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N] fp32
+    else:
+        if NORM:
+            squares = tl.zeros([16], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + kk
+                m = real[:, None] & (k < K)[None, :]
+                x = _input_plus_delta(x_ptr, delta_ptr, r[:, None] * sx + k[None, :], r[:, None] * sd + k[None, :],
+                                      m, dtype, ADD)
+                xf = x.to(tl.float32)
+                squares += tl.sum(xf * xf, axis=1)
+            rstd = tl.rsqrt(squares / K + eps)
+        acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kk
-            m = real[:, None] & (k < K)[None, :]
+            inside = k < K
+            m = real[:, None] & inside[None, :]
+            w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=(n[:, None] < N) & inside[None, :], other=0.0)
             x = _input_plus_delta(x_ptr, delta_ptr, r[:, None] * sx + k[None, :], r[:, None] * sd + k[None, :], m,
                                   dtype, ADD)
-            xf = x.to(tl.float32)
-            squares += tl.sum(xf * xf, axis=1)
-        rstd = tl.rsqrt(squares / K + eps)
-    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + kk
-        inside = k < K
-        m = real[:, None] & inside[None, :]
-        w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=(n[:, None] < N) & inside[None, :], other=0.0)
-        x = _input_plus_delta(x_ptr, delta_ptr, r[:, None] * sx + k[None, :], r[:, None] * sd + k[None, :], m,
-                              dtype, ADD)
-        if ADD and pid == 0:  # the residual sum, written once
-            tl.store(h_ptr + r[:, None] * sh + k[None, :], x, mask=m)
-        if NORM:
-            g = tl.load(norm_ptr + k, mask=inside, other=0.0)
-            x = ((x.to(tl.float32) * rstd[:, None]).to(dtype) * g[None, :]).to(dtype)
-        if SWIGLU:
-            x = _swiglu(x, tl.load(x_ptr + r[:, None] * sx + K + k[None, :], mask=m, other=0.0), dtype)
-        acc += tl.dot(x.to(dtype), tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N]
+            if ADD and pid == 0:  # the residual sum, written once
+                tl.store(h_ptr + r[:, None] * sh + k[None, :], x, mask=m)
+            if NORM:
+                g = tl.load(norm_ptr + k, mask=inside, other=0.0)
+                x = ((x.to(tl.float32) * rstd[:, None]).to(dtype) * g[None, :]).to(dtype)
+            if SWIGLU:
+                x = _swiglu(x, tl.load(x_ptr + r[:, None] * sx + K + k[None, :], mask=m, other=0.0), dtype)
+            acc += tl.dot(x.to(dtype), tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + r[:, None] * sy + n[None, :], acc.to(dtype), mask=real[:, None] & (n[None, :] < N))
@@ -1313,6 +1325,7 @@ def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr
 
 DECODE_LINEAR_ROWS = 5  # the most rows decode_linear_suits gives the kernel
 DECODE_LINEAR_MAX_K = 2048  # the widest input row its programs hold whole
+DECODE_LINEAR_WHOLE_K = 1024  # the widest the tensor-core form holds whole (wider: K in chunks of 256)
 
 
 def decode_linear_suits(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -1340,12 +1353,13 @@ def _pdl(device) -> bool:
 
 
 def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, swiglu=False, block_n=None,
-                  num_warps=4, tensor_cores=False):
+                  num_warps=4, tensor_cores=False, block_k=None):
     """decode_linear_reference in one launch (see above): for a few rows (at most 16) and
     weights of at most DECODE_LINEAR_MAX_K columns; any leading dims, a contiguous last dim.
     block_n: output columns per program (None: 8, or 16 for weights over 1M entries).
-    tensor_cores: all rows at once through tl.dot, K in chunks (_decode_linear_dot_kernel)
-    instead of one row at a time; `python bench.py --parts linear` times both forms.
+    tensor_cores: all rows at once through tl.dot (_decode_linear_dot_kernel) instead of one
+    row at a time; block_k: its K chunk (None: K whole up to DECODE_LINEAR_WHOLE_K columns,
+    else 256). `python bench.py --parts linear` times both forms.
     Falls back to the reference on a CPU without the interpreter."""
     N, K = weight.shape
     rows = x.numel() // x.shape[-1]
@@ -1369,8 +1383,9 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
                   PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     if tensor_cores:
         block_n = max(16, block_n or 16)
+        block_k = max(16, block_k or (triton.next_power_of_2(K) if K <= DECODE_LINEAR_WHOLE_K else 256))
         _decode_linear_dot_kernel[(triton.cdiv(N, block_n),)](
-            *args, ROWS=rows, BLOCK_N=block_n, BLOCK_K=min(256, max(16, triton.next_power_of_2(K))),
+            *args, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, WHOLE_K=block_k >= K,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
     else:
         block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)

@@ -870,29 +870,31 @@ def test_argmax_kernel_is_torch_argmax(V):
 def test_decode_linear_matches_reference(rows, N, width):
     """The matmul with each prologue (none, bias, residual add + RMSNorm, RMSNorm alone, SwiGLU)
     in both forms (one row at a time, K padded to a power of 2; the rows on the tensor cores, K
-    in chunks) against its reference at awkward sizes (N not a multiple of the columns per
-    program; width 300: a last chunk part-filled), with leading dims; the residual sum exactly."""
+    whole or in chunks of 64) against its reference at awkward sizes (N not a multiple of the
+    columns per program; widths 100 and 300: a last chunk part-filled), with leading dims; the
+    residual sum exactly."""
     g = torch.Generator().manual_seed(rows * N + width)
     x, delta = torch.randn(rows, 1, width, generator=g), torch.randn(rows, 1, width, generator=g)
     weight, bias = torch.randn(N, width, generator=g), torch.randn(N, generator=g)
     norm_weight = 1 + 0.2 * torch.randn(width, generator=g)
     cases = {"plain": dict(), "bias": dict(bias=bias), "add+norm": dict(delta=delta, norm_weight=norm_weight),
              "norm": dict(norm_weight=norm_weight, eps=1e-5)}
-    forms = ((False, None), (False, 4), (True, None), (True, 32))  # (tensor_cores, block_n)
-    for (name, kw), (tensor_cores, block_n) in itertools.product(cases.items(), forms):
-        got = K.decode_linear(x, weight, block_n=block_n, tensor_cores=tensor_cores, **kw)
+    forms = ((False, None, None), (False, 4, None), (True, None, None), (True, 32, 64))  # tensor_cores, block_n, _k
+    for (name, kw), (tensor_cores, block_n, block_k) in itertools.product(cases.items(), forms):
+        got = K.decode_linear(x, weight, block_n=block_n, tensor_cores=tensor_cores, block_k=block_k, **kw)
         ref = K.decode_linear_reference(x, weight, **kw)
         if "delta" in kw:
             assert torch.equal(got[0], ref[0]), f"{name}: residual sum differs"
             got, ref = got[1], ref[1]
         err = (got - ref).abs().max().item()
         assert got.shape == (rows, 1, N) and err < 1e-4, \
-            f"{name} tensor_cores={tensor_cores} block_n={block_n}: max err {err:.2e}"
+            f"{name} tensor_cores={tensor_cores} block_n={block_n} block_k={block_k}: max err {err:.2e}"
     gate_up = torch.randn(rows, 2 * width, generator=g)
     ref = K.decode_linear_reference(gate_up, weight, swiglu=True)
-    for tensor_cores in (False, True):
-        got = K.decode_linear(gate_up, weight, swiglu=True, tensor_cores=tensor_cores)
-        assert (got - ref).abs().max() < 1e-4, f"swiglu: max err {(got - ref).abs().max():.2e}"
+    for tensor_cores, block_k in ((False, None), (True, None), (True, 64)):
+        got = K.decode_linear(gate_up, weight, swiglu=True, tensor_cores=tensor_cores, block_k=block_k)
+        assert (got - ref).abs().max() < 1e-4, \
+            f"swiglu tensor_cores={tensor_cores} block_k={block_k}: max err {(got - ref).abs().max():.2e}"
 
 
 def test_decode_linear_rejects_what_it_cannot_run():
