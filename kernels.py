@@ -36,9 +36,9 @@ Works copied alone (torch + triton). Four pieces:
 
 4. A decode step's matmuls: `decode_linear(x, weight, delta=, norm_weight=)` (or
    `swiglu=True`) runs a residual add and RMSNorm (or SwiGLU) and the matmul after them in
-   one launch, for the few rows (at most 5) of a small model's decode or verification step, where every kernel
-   costs its launch more than its bytes; on Hopper it is launched programmatically and reads
-   its weights before the previous kernel finishes. model.py calls it through
+   one launch, for the few rows (at most 5) of a small model's decode or verification step,
+   where every kernel costs its launch more than its bytes; on Hopper it is launched
+   programmatically and reads its weights before the previous kernel finishes. model.py calls it through
    `model.use_decode_linear` (specattn.use_gpu_kernels plugs it in on a GPU).
 
 `topp_mask_reference`, `topp_select_reference`, `union_select_reference`, `argmax_reference`,
@@ -1367,6 +1367,8 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
         raise ValueError("decode_linear: swiglu comes alone (no delta or norm_weight)")
     if not _use_triton(x):
         return decode_linear_reference(x, weight, bias, delta, norm_weight, eps, swiglu)
+    if block_k is not None and (block_k < 16 or block_k & (block_k - 1)):
+        raise ValueError(f"decode_linear: block_k must be a power of 2 of at least 16, got {block_k}")
     if x.shape[-1] != (2 * K if swiglu else K) or rows > 16 or K > DECODE_LINEAR_MAX_K:
         raise ValueError(f"decode_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit (need "
                          f"x's last dim {'2K' if swiglu else 'K'}, at most 16 rows, K <= {DECODE_LINEAR_MAX_K})")
@@ -1383,7 +1385,7 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
                   PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     if tensor_cores:
         block_n = max(16, block_n or 16)
-        block_k = max(16, block_k or (triton.next_power_of_2(K) if K <= DECODE_LINEAR_WHOLE_K else 256))
+        block_k = block_k or max(16, triton.next_power_of_2(K) if K <= DECODE_LINEAR_WHOLE_K else 256)
         _decode_linear_dot_kernel[(triton.cdiv(N, block_n),)](
             *args, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, WHOLE_K=block_k >= K,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)

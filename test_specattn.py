@@ -903,7 +903,8 @@ def test_decode_linear_rejects_what_it_cannot_run():
         pytest.skip("the kernel's limits: on the GPU, or on a CPU under TRITON_INTERPRET=1")
     for bad, match in ((dict(x=torch.randn(1, 15)), "do not fit"), (dict(x=torch.randn(17, 16)), "do not fit"),
                        (dict(x=torch.randn(1, 32), swiglu=True, norm_weight=torch.ones(16)), "swiglu comes alone"),
-                       (dict(x=torch.randn(1, 32)[:, ::2]), "contiguous")):
+                       (dict(x=torch.randn(1, 32)[:, ::2]), "contiguous"),
+                       (dict(x=torch.randn(3, 16), tensor_cores=True, block_k=24), "power of 2")):
         with pytest.raises(ValueError, match=match):
             K.decode_linear(weight=w, **bad)
 
