@@ -931,14 +931,18 @@ def decode_step_logits(model, prompt, step, suits, **forward_kw):
 
 
 def test_model_with_decode_linear_plugged_in_matches_separate_kernels():
-    """A decode step through norm_linear/FeedForward.down/Linear with decode_linear plugged in
-    (the interpreter standing in for the GPU) gives the logits of the separate kernels, and
-    every layer's four matmuls and the head went through it; a prefill's many rows did not."""
+    """A decode step, and a verification block of 5 tokens, through norm_linear/FeedForward.down/
+    Linear with decode_linear plugged in (the interpreter standing in for the GPU) give the
+    logits of the separate kernels, and every layer's four matmuls and the head went through
+    it; a prefill's many rows did not."""
     model = tiny_model(4)
-    logits, calls, in_prefill = decode_step_logits(model, torch.tensor([[5, 9, 2, 7, 1, 3]]), torch.tensor([[11]]),
-                                                   lambda x, w: x.numel() // x.shape[-1] <= 2)
-    assert in_prefill == 0 and len(calls) == 4 * model.args.n_layers + 1
-    assert (logits[True] - logits[False]).abs().max() < 1e-4
+    prompt = torch.tensor([[5, 9, 2, 7, 1, 3]])
+    for step in (torch.tensor([[11]]), torch.tensor([[11, 4, 8, 6, 10]])):
+        logits, calls, in_prefill = decode_step_logits(
+            model, prompt, step, lambda x, w: x.numel() // x.shape[-1] <= K.DECODE_LINEAR_ROWS)
+        assert in_prefill == 0 and len(calls) == 4 * model.args.n_layers + 1
+        assert all(shape[-2] == step.shape[1] for shape in calls), calls
+        assert (logits[True] - logits[False]).abs().max() < 1e-4, f"{step.shape[1]} rows"
 
 
 def test_topp_per_row_p_and_half_precision(topp_path):
@@ -3386,18 +3390,20 @@ def test_gpu_kernels_match_references():
 
 @needs_gpu
 def test_gpu_decode_linear_in_the_model_matches_separate_kernels():
-    """A bf16 decode step of two rows with decode_linear plugged in (programmatic launches
-    between the attention kernels) gives the logits of cuBLAS and the separate kernels, and
-    every layer's four matmuls and the head went through it."""
+    """A bf16 decode step of two rows, and a verification block of 5 tokens at batch 1, with
+    decode_linear plugged in (programmatic launches between the attention kernels) give the
+    logits of cuBLAS and the separate kernels, and every layer's four matmuls and the head went
+    through it."""
     args = M.ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512,
                        vocab_size=1000, max_seq_len=256, rope_theta=10000.0)
     model = SA.random_model(args, "cuda", torch.bfloat16, 0)
     prompt = torch.randint(0, args.vocab_size, (2, 40), device="cuda")
-    logits, calls, in_prefill = decode_step_logits(model, prompt, prompt[:, -1:], K.decode_linear_suits,
-                                                   attend=K.attention_slot)
-    assert in_prefill == 0 and len(calls) == 4 * args.n_layers + 1  # the head (1000 x 256 entries) too
-    err = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
-    assert err < 2e-2, f"decode_linear in the model: rel err {err:.2e}"
+    for prompt, step in ((prompt, prompt[:, -1:]), (prompt[:1], prompt[:1, -5:])):
+        logits, calls, in_prefill = decode_step_logits(model, prompt, step, K.decode_linear_suits,
+                                                       attend=K.attention_slot)
+        assert in_prefill == 0 and len(calls) == 4 * args.n_layers + 1  # the head (1000 x 256 entries) too
+        err = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
+        assert err < 2e-2, f"decode_linear in the model, {step.numel()} rows: rel err {err:.2e}"
 
 
 @needs_gpu
