@@ -542,7 +542,8 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
     say("## a decode step's matmul with its prologue: kernels.decode_linear against the separate kernels")
     say(f"µs per call, median, a CUDA graph of {layers} calls on {layers} weights; the demo target's shapes, bf16; "
         "separate: the compiled add + RMSNorm or SwiGLU kernel, then cuBLAS (F.linear); decode_linear one row at "
-        "a time, then on the tensor cores (tensor_cores=True); the engine runs decode_linear one row at a time "
+        f"a time, then on the tensor cores (tensor_cores=True: K whole up to {K.DECODE_LINEAR_WHOLE_K} columns, "
+        "wider in chunks of 256); the engine runs decode_linear one row at a time "
         f"up to {K.DECODE_LINEAR_ROWS} rows (kernels.decode_linear_suits)")
     say("| matmul | N x K | " + " | ".join(f"{r} rows: separate / one at a time / tensor cores" for r in rows) + " |")
     say("|---|---|" + "---|" * len(rows))
