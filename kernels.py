@@ -38,8 +38,8 @@ Works copied alone (torch + triton). Four pieces:
    `swiglu=True`) runs a residual add and RMSNorm (or SwiGLU) and the matmul after them in
    one launch, for the few rows (at most 5) of a small model's decode or verification step,
    where every kernel costs its launch more than its bytes; on Hopper it is launched
-   programmatically and reads its weights before the previous kernel finishes. model.py calls it through
-   `model.use_decode_linear` (specattn.use_gpu_kernels plugs it in on a GPU).
+   programmatically and reads its weights before the previous kernel finishes. model.py
+   calls it through `model.use_decode_linear` (specattn.use_gpu_kernels plugs it in on a GPU).
 
 `topp_mask_reference`, `topp_select_reference`, `union_select_reference`, `argmax_reference`,
 `sparse_attention_reference` and `decode_linear_reference` are the definitions, used by the
@@ -1279,15 +1279,15 @@ def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr
     real = r < ROWS
     kk = tl.arange(0, BLOCK_K)
     if WHOLE_K:  # the weights are constant: read before the previous kernel's outputs are ready
-        w = tl.load(w_ptr + n[:, None] * sw + kk[None, :], mask=(n[:, None] < N) & (kk < K)[None, :], other=0.0)
-        g = tl.load(norm_ptr + kk, mask=kk < K, other=0.0) if NORM else None
+        k_in = kk < K
+        w = tl.load(w_ptr + n[:, None] * sw + kk[None, :], mask=(n[:, None] < N) & k_in[None, :], other=0.0)
+        g = tl.load(norm_ptr + kk, mask=k_in, other=0.0) if NORM else None
     if PDL:
         tl.extra.cuda.gdc_wait()
     dtype = y_ptr.dtype.element_ty
     if WHOLE_K:
-        x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r[:, None], kk[None, :],
-                                    real[:, None] & (kk < K)[None, :], K, eps, sx, sd, sh, dtype, pid,
-                                    ADD, NORM, SWIGLU)  # [16, BLOCK_K]
+        x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r[:, None], kk[None, :], real[:, None] & k_in[None, :],
+                                    K, eps, sx, sd, sh, dtype, pid, ADD, NORM, SWIGLU)  # [16, BLOCK_K]
         acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N] fp32
     else:
         if NORM:

@@ -3397,8 +3397,8 @@ def test_gpu_decode_linear_in_the_model_matches_separate_kernels():
     args = M.ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512,
                        vocab_size=1000, max_seq_len=256, rope_theta=10000.0)
     model = SA.random_model(args, "cuda", torch.bfloat16, 0)
-    prompt = torch.randint(0, args.vocab_size, (2, 40), device="cuda")
-    for prompt, step in ((prompt, prompt[:, -1:]), (prompt[:1], prompt[:1, -5:])):
+    prompts = torch.randint(0, args.vocab_size, (2, 40), device="cuda")
+    for prompt, step in ((prompts, prompts[:, -1:]), (prompts[:1], prompts[:1, -5:])):
         logits, calls, in_prefill = decode_step_logits(model, prompt, step, K.decode_linear_suits,
                                                        attend=K.attention_slot)
         assert in_prefill == 0 and len(calls) == 4 * args.n_layers + 1  # the head (1000 x 256 entries) too
@@ -3409,8 +3409,8 @@ def test_gpu_decode_linear_in_the_model_matches_separate_kernels():
 @needs_gpu
 def test_gpu_graphed_engine_equals_eager():
     """Every mode (plain, dense speculative, SpecAttn) of a random bf16 pair on ragged prompts,
-    with the GPU's fused kernels plugged in (decode_linear for the matmuls of up to 5 rows): CUDA graphs
-    give the eager engine's tokens and counters, one capture per phase. The draft
+    with the GPU's fused kernels plugged in (decode_linear for the matmuls of up to 5 rows):
+    CUDA graphs give the eager engine's tokens and counters, one capture per phase. The draft
     places its sink (sink_distance) and reads through its window (by default as long as
     sink_distance) in two of the three rows."""
     args = M.ModelArgs(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512,
