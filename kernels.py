@@ -1166,6 +1166,8 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 #   below, but the tensor-core form walking K in chunks, which reads them after the wait).
 # - The residual sum h + delta, which the next sublayer adds to, is written by program 0
 #   alone; the others recompute it for their norm.
+# Triton tiles are powers of 2, so K is held as two: 576 entries as 512 + 64 lanes rather than
+# 1024, which nearly halves the multiplies of SmolLM2's K = 576 weights (1536 = 1024 + 512).
 # Every row's prologue runs in one pass (all rows' loads in flight together); the products
 # then go one row at a time (each a product and a sum across the tile), so every further row
 # costs another reduction: `decode_linear_suits` keeps the kernel to at most 5 rows of small
@@ -1197,64 +1199,81 @@ def decode_linear_reference(x, weight, bias=None, delta=None, norm_weight=None, 
 
 
 @triton.jit
-def _input_plus_delta(x_ptr, delta_ptr, x_offs, d_offs, mask, dtype, ADD: tl.constexpr):
-    """The input entries at x_offs, plus delta's at d_offs with ADD, rounded to `dtype` as the
-    eager residual add rounds its sum."""
-    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+def _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, mask, sx, sd, sh, dtype, pid, ADD: tl.constexpr):
+    """The input rows r [ROWS, 1] at entries k [1, KB], plus delta with ADD (rounded to `dtype`
+    as the eager residual add rounds its sum, and written to h by program 0 alone)."""
+    x = tl.load(x_ptr + r * sx + k, mask=mask, other=0.0)
     if ADD:
-        x = (x.to(tl.float32) + tl.load(delta_ptr + d_offs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+        x = (x.to(tl.float32) + tl.load(delta_ptr + r * sd + k, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+        if pid == 0:
+            tl.store(h_ptr + r * sh + k, x, mask=mask)
     return x
 
 
 @triton.jit
-def _swiglu(gate, up, dtype):
-    """silu(gate) * up, rounded to `dtype` after each, as the eager reference rounds."""
-    gate = gate.to(tl.float32)
-    return ((gate / (1.0 + tl.exp(-gate))).to(dtype) * up).to(dtype)
+def _squares(x):
+    """Each row's sum of squares in fp32: [ROWS, KB] -> [ROWS]."""
+    xf = x.to(tl.float32)
+    return tl.sum(xf * xf, axis=1)
 
 
 @triton.jit
-def _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r, k, mask, K, eps, sx, sd, sh, dtype, pid,
-                            ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr):
-    """The prologue of every input row at once: r [ROWS_PAD, 1] rows, k [1, K_PAD] entries,
-    g [K_PAD] the norm's weight; rounded to `dtype` at each step where the eager reference
-    rounds. Returns [ROWS_PAD, K_PAD]."""
-    x = _input_plus_delta(x_ptr, delta_ptr, r * sx + k, r * sd + k, mask, dtype, ADD)
-    if ADD and pid == 0:  # the residual sum, written once
-        tl.store(h_ptr + r * sh + k, x, mask=mask)
+def _prologue_out(x, x_ptr, g, r, k, mask, K, rstd, sx, dtype, NORM: tl.constexpr, SWIGLU: tl.constexpr):
+    """What the matmul takes from _prologue_in's x: RMSNorm (rstd [ROWS] from every entry's
+    _squares) times the norm's weight g [1, KB], or silu(gate) * up (x the gate, up K entries
+    further); rounded to `dtype` after each step, as the eager reference rounds."""
     if NORM:
-        xf = x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / K + eps)  # [ROWS_PAD]
-        x = ((xf * rstd[:, None]).to(dtype) * g[None, :]).to(dtype)
+        x = ((x.to(tl.float32) * rstd[:, None]).to(dtype) * g).to(dtype)
     if SWIGLU:
-        x = _swiglu(x, tl.load(x_ptr + r * sx + K + k, mask=mask, other=0.0), dtype)
+        gate = x.to(tl.float32)
+        up = tl.load(x_ptr + r * sx + K + k, mask=mask, other=0.0)
+        x = ((gate / (1.0 + tl.exp(-gate))).to(dtype) * up).to(dtype)
     return x
 
 
 @triton.jit
 def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, N, K, eps,
-                          sx, sd, sy, sh, sw, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, K_PAD: tl.constexpr,
-                          BLOCK_N: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+                          sx, sd, sy, sh, sw, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, K_HEAD: tl.constexpr,
+                          K_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
+                          SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    """K in two power-of-2 pieces, K_HEAD (the largest power of 2 <= K) and K_TAIL (the rest
+    rounded up; 0: none), so that a row of 576 entries is 512 + 64 lanes, not 1024."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.arange(0, K_PAD)
-    r = tl.arange(0, ROWS_PAD)
-    inside = k < K
-    w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=(n[:, None] < N) & inside[None, :], other=0.0)
+    r = tl.arange(0, ROWS_PAD)[:, None]  # [ROWS_PAD, 1]
+    k = tl.arange(0, K_HEAD)[None, :]  # [1, K_HEAD]
+    rows_in = r < ROWS
+    w = tl.load(w_ptr + n[:, None] * sw + k, mask=n[:, None] < N, other=0.0)  # [BLOCK_N, K_HEAD]
+    if K_TAIL:
+        kt = K_HEAD + tl.arange(0, K_TAIL)[None, :]  # [1, K_TAIL]
+        w_tail = tl.load(w_ptr + n[:, None] * sw + kt, mask=(n[:, None] < N) & (kt < K), other=0.0)
+        g_tail = tl.load(norm_ptr + kt, mask=kt < K, other=0.0) if NORM else None
+    g = tl.load(norm_ptr + k) if NORM else None
     bias = tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32) if HAS_BIAS else None
-    g = tl.load(norm_ptr + k, mask=inside, other=0.0) if NORM else None
     if PDL:  # the weights are constant: read before the previous kernel's outputs are ready
         tl.extra.cuda.gdc_wait()
     dtype = y_ptr.dtype.element_ty
     # Every row's prologue in one pass, so that all rows' loads are in flight together (a
     # loop that loaded row by row would wait out the memory latency once per row).
-    mask = (r < ROWS)[:, None] & inside[None, :]
-    x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r[:, None], k[None, :], mask, K, eps, sx, sd, sh, dtype,
-                                pid, ADD, NORM, SWIGLU).to(tl.float32)  # [ROWS_PAD, K_PAD]
+    x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, rows_in, sx, sd, sh, dtype, pid, ADD)  # [ROWS_PAD, K_HEAD]
+    if K_TAIL:
+        tail_in = rows_in & (kt < K)
+        x_tail = _prologue_in(x_ptr, delta_ptr, h_ptr, r, kt, tail_in, sx, sd, sh, dtype, pid, ADD)
+    rstd = None
+    if NORM:
+        squares = _squares(x)
+        if K_TAIL:
+            squares += _squares(x_tail)
+        rstd = tl.rsqrt(squares / K + eps)  # [ROWS_PAD]
+    x = _prologue_out(x, x_ptr, g, r, k, rows_in, K, rstd, sx, dtype, NORM, SWIGLU).to(tl.float32)
+    if K_TAIL:
+        x_tail = _prologue_out(x_tail, x_ptr, g_tail, r, kt, tail_in, K, rstd, sx, dtype, NORM, SWIGLU).to(tl.float32)
     for row in tl.static_range(ROWS):  # one row at a time: a product and a sum across the tile
-        x_row = tl.sum(tl.where(r[:, None] == row, x, 0.0), axis=0)  # [K_PAD], picked out exactly
+        x_row = tl.sum(tl.where(r == row, x, 0.0), axis=0)  # [K_HEAD], picked out exactly
         y = tl.sum(w.to(tl.float32) * x_row[None, :], axis=1)  # [BLOCK_N]
+        if K_TAIL:
+            x_row_tail = tl.sum(tl.where(r == row, x_tail, 0.0), axis=0)
+            y += tl.sum(w_tail.to(tl.float32) * x_row_tail[None, :], axis=1)
         if HAS_BIAS:
             y = y + bias
         tl.store(y_ptr + row * sy + n, y.to(dtype), mask=n < N)
@@ -1275,50 +1294,42 @@ def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr
     second normalizes chunk by chunk as it multiplies."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    r = tl.arange(0, 16)
-    real = r < ROWS
-    kk = tl.arange(0, BLOCK_K)
+    r = tl.arange(0, 16)[:, None]  # [16, 1]
+    kk = tl.arange(0, BLOCK_K)[None, :]  # [1, BLOCK_K]
     if WHOLE_K:  # the weights are constant: read before the previous kernel's outputs are ready
-        k_in = kk < K
-        w = tl.load(w_ptr + n[:, None] * sw + kk[None, :], mask=(n[:, None] < N) & k_in[None, :], other=0.0)
-        g = tl.load(norm_ptr + kk, mask=k_in, other=0.0) if NORM else None
+        w = tl.load(w_ptr + n[:, None] * sw + kk, mask=(n[:, None] < N) & (kk < K), other=0.0)
+        g = tl.load(norm_ptr + kk, mask=kk < K, other=0.0) if NORM else None
     if PDL:
         tl.extra.cuda.gdc_wait()
     dtype = y_ptr.dtype.element_ty
+    rstd = None
     if WHOLE_K:
-        x = _decode_linear_prologue(x_ptr, delta_ptr, h_ptr, g, r[:, None], kk[None, :], real[:, None] & k_in[None, :],
-                                    K, eps, sx, sd, sh, dtype, pid, ADD, NORM, SWIGLU)  # [16, BLOCK_K]
+        m = (r < ROWS) & (kk < K)
+        x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, kk, m, sx, sd, sh, dtype, pid, ADD)  # [16, BLOCK_K]
+        if NORM:
+            rstd = tl.rsqrt(_squares(x) / K + eps)
+        x = _prologue_out(x, x_ptr, g, r, kk, m, K, rstd, sx, dtype, NORM, SWIGLU)
         acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N] fp32
     else:
         if NORM:
             squares = tl.zeros([16], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                k = k0 + kk
-                m = real[:, None] & (k < K)[None, :]
-                x = _input_plus_delta(x_ptr, delta_ptr, r[:, None] * sx + k[None, :], r[:, None] * sd + k[None, :],
-                                      m, dtype, ADD)
-                xf = x.to(tl.float32)
-                squares += tl.sum(xf * xf, axis=1)
+                m = (r < ROWS) & (k0 + kk < K)
+                squares += _squares(_prologue_in(x_ptr, delta_ptr, h_ptr, r, k0 + kk, m, sx, sd, sh, dtype, 1,
+                                                 ADD))  # (pid 1: the sum is written in the second pass)
             rstd = tl.rsqrt(squares / K + eps)
         acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kk
-            inside = k < K
-            m = real[:, None] & inside[None, :]
-            w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=(n[:, None] < N) & inside[None, :], other=0.0)
-            x = _input_plus_delta(x_ptr, delta_ptr, r[:, None] * sx + k[None, :], r[:, None] * sd + k[None, :], m,
-                                  dtype, ADD)
-            if ADD and pid == 0:  # the residual sum, written once
-                tl.store(h_ptr + r[:, None] * sh + k[None, :], x, mask=m)
-            if NORM:
-                g = tl.load(norm_ptr + k, mask=inside, other=0.0)
-                x = ((x.to(tl.float32) * rstd[:, None]).to(dtype) * g[None, :]).to(dtype)
-            if SWIGLU:
-                x = _swiglu(x, tl.load(x_ptr + r[:, None] * sx + K + k[None, :], mask=m, other=0.0), dtype)
+            m = (r < ROWS) & (k < K)
+            w = tl.load(w_ptr + n[:, None] * sw + k, mask=(n[:, None] < N) & (k < K), other=0.0)
+            x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, m, sx, sd, sh, dtype, pid, ADD)
+            g = tl.load(norm_ptr + k, mask=k < K, other=0.0) if NORM else None
+            x = _prologue_out(x, x_ptr, g, r, k, m, K, rstd, sx, dtype, NORM, SWIGLU)
             acc += tl.dot(x.to(dtype), tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + r[:, None] * sy + n[None, :], acc.to(dtype), mask=real[:, None] & (n[None, :] < N))
+    tl.store(y_ptr + r * sy + n[None, :], acc.to(dtype), mask=(r < ROWS) & (n[None, :] < N))
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -1391,9 +1402,10 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
     else:
         block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
+        k_head = 1 << (K.bit_length() - 1)  # the largest power of 2 <= K
         _decode_linear_kernel[(triton.cdiv(N, block_n),)](
-            *args, ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), K_PAD=triton.next_power_of_2(K),
-            BLOCK_N=block_n, **common)
+            *args, ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), K_HEAD=k_head,
+            K_TAIL=triton.next_power_of_2(K - k_head) if K > k_head else 0, BLOCK_N=block_n, **common)
     y = y.reshape(*x.shape[:-1], N)
     return y if delta is None else (h.reshape(*x.shape[:-1], K), y)
 
