@@ -1166,8 +1166,6 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 #   below, but the tensor-core form walking K in chunks, which reads them after the wait).
 # - The residual sum h + delta, which the next sublayer adds to, is written by program 0
 #   alone; the others recompute it for their norm.
-# Triton tiles are powers of 2, so K is held as two: 576 entries as 512 + 64 lanes rather than
-# 1024, which nearly halves the multiplies of SmolLM2's K = 576 weights (1536 = 1024 + 512).
 # Every row's prologue runs in one pass (all rows' loads in flight together); the products
 # then go one row at a time (each a product and a sum across the tile), so every further row
 # costs another reduction: `decode_linear_suits` keeps the kernel to at most 5 rows of small
@@ -1233,47 +1231,28 @@ def _prologue_out(x, x_ptr, g, r, k, mask, K, rstd, sx, dtype, NORM: tl.constexp
 
 @triton.jit
 def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, N, K, eps,
-                          sx, sd, sy, sh, sw, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, K_HEAD: tl.constexpr,
-                          K_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
-                          SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
-    """K in two power-of-2 pieces, K_HEAD (the largest power of 2 <= K) and K_TAIL (the rest
-    rounded up; 0: none), so that a row of 576 entries is 512 + 64 lanes, not 1024."""
+                          sx, sd, sy, sh, sw, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                          BLOCK_N: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.arange(0, ROWS_PAD)[:, None]  # [ROWS_PAD, 1]
-    k = tl.arange(0, K_HEAD)[None, :]  # [1, K_HEAD]
-    rows_in = r < ROWS
-    w = tl.load(w_ptr + n[:, None] * sw + k, mask=n[:, None] < N, other=0.0)  # [BLOCK_N, K_HEAD]
-    if K_TAIL:
-        kt = K_HEAD + tl.arange(0, K_TAIL)[None, :]  # [1, K_TAIL]
-        w_tail = tl.load(w_ptr + n[:, None] * sw + kt, mask=(n[:, None] < N) & (kt < K), other=0.0)
-        g_tail = tl.load(norm_ptr + kt, mask=kt < K, other=0.0) if NORM else None
-    g = tl.load(norm_ptr + k) if NORM else None
+    k = tl.arange(0, K_PAD)[None, :]  # [1, K_PAD]
+    w = tl.load(w_ptr + n[:, None] * sw + k, mask=(n[:, None] < N) & (k < K), other=0.0)  # [BLOCK_N, K_PAD]
     bias = tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32) if HAS_BIAS else None
+    g = tl.load(norm_ptr + k, mask=k < K, other=0.0) if NORM else None
     if PDL:  # the weights are constant: read before the previous kernel's outputs are ready
         tl.extra.cuda.gdc_wait()
     dtype = y_ptr.dtype.element_ty
     # Every row's prologue in one pass, so that all rows' loads are in flight together (a
     # loop that loaded row by row would wait out the memory latency once per row).
-    x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, rows_in, sx, sd, sh, dtype, pid, ADD)  # [ROWS_PAD, K_HEAD]
-    if K_TAIL:
-        tail_in = rows_in & (kt < K)
-        x_tail = _prologue_in(x_ptr, delta_ptr, h_ptr, r, kt, tail_in, sx, sd, sh, dtype, pid, ADD)
-    rstd = None
-    if NORM:
-        squares = _squares(x)
-        if K_TAIL:
-            squares += _squares(x_tail)
-        rstd = tl.rsqrt(squares / K + eps)  # [ROWS_PAD]
-    x = _prologue_out(x, x_ptr, g, r, k, rows_in, K, rstd, sx, dtype, NORM, SWIGLU).to(tl.float32)
-    if K_TAIL:
-        x_tail = _prologue_out(x_tail, x_ptr, g_tail, r, kt, tail_in, K, rstd, sx, dtype, NORM, SWIGLU).to(tl.float32)
+    mask = (r < ROWS) & (k < K)
+    x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, mask, sx, sd, sh, dtype, pid, ADD)  # [ROWS_PAD, K_PAD]
+    rstd = tl.rsqrt(_squares(x) / K + eps) if NORM else None
+    x = _prologue_out(x, x_ptr, g, r, k, mask, K, rstd, sx, dtype, NORM, SWIGLU).to(tl.float32)
     for row in tl.static_range(ROWS):  # one row at a time: a product and a sum across the tile
-        x_row = tl.sum(tl.where(r == row, x, 0.0), axis=0)  # [K_HEAD], picked out exactly
+        x_row = tl.sum(tl.where(r == row, x, 0.0), axis=0)  # [K_PAD], picked out exactly
         y = tl.sum(w.to(tl.float32) * x_row[None, :], axis=1)  # [BLOCK_N]
-        if K_TAIL:
-            x_row_tail = tl.sum(tl.where(r == row, x_tail, 0.0), axis=0)
-            y += tl.sum(w_tail.to(tl.float32) * x_row_tail[None, :], axis=1)
         if HAS_BIAS:
             y = y + bias
         tl.store(y_ptr + row * sy + n, y.to(dtype), mask=n < N)
@@ -1402,10 +1381,9 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
     else:
         block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
-        k_head = 1 << (K.bit_length() - 1)  # the largest power of 2 <= K
         _decode_linear_kernel[(triton.cdiv(N, block_n),)](
-            *args, ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), K_HEAD=k_head,
-            K_TAIL=triton.next_power_of_2(K - k_head) if K > k_head else 0, BLOCK_N=block_n, **common)
+            *args, ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), K_PAD=triton.next_power_of_2(K),
+            BLOCK_N=block_n, **common)
     y = y.reshape(*x.shape[:-1], N)
     return y if delta is None else (h.reshape(*x.shape[:-1], K), y)
 

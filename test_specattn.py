@@ -869,7 +869,7 @@ def test_argmax_kernel_is_torch_argmax(V):
 @pytest.mark.parametrize("rows, N, width", [(1, 37, 100), (3, 64, 48), (2, 5, 16), (7, 37, 300)])
 def test_decode_linear_matches_reference(rows, N, width):
     """The matmul with each prologue (none, bias, residual add + RMSNorm, RMSNorm alone, SwiGLU)
-    in both forms (one row at a time, K as two powers of 2; the rows on the tensor cores, K
+    in both forms (one row at a time, K padded to a power of 2; the rows on the tensor cores, K
     whole or in chunks of 64) against its reference at awkward sizes (N not a multiple of the
     columns per program; widths 100 and 300: a last chunk part-filled), with leading dims; the
     residual sum exactly."""
