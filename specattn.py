@@ -473,7 +473,10 @@ class VerifyChooser:
     goes to the variant and γ with the most expected tokens per unit time. A variant not yet
     ready (GammaChooser.ready) runs first, sparse before dense; one left aside for
     `explore_every` steps runs once more, since its α and its time move as the context grows
-    (costs measured at a shorter context read low, which also brings it back).
+    (costs measured at a shorter context read low, which also brings it back). Sparse steps
+    must promise `sparse_margin` (a fraction) more tokens per unit time than dense ones: both
+    rates are estimates from a few noisy steps, and at a near tie the exact variant (dense
+    verification loses nothing) is the one to keep.
 
     costs: {sparse: (draft, verify)} per variant (fixed costs, see GammaChooser: the choices
     then follow the tokens alone); None: measured. Sparse steps are allowed only where the
@@ -482,10 +485,13 @@ class VerifyChooser:
     """
 
     def __init__(self, gamma_max: int, costs: Optional[dict] = None, explore_every: int = 32,
-                 gamma_min: int = 1):
+                 gamma_min: int = 1, sparse_margin: float = 0.03):
         if explore_every < 1:
             raise ValueError(f"explore_every must be >= 1, got {explore_every}")
+        if sparse_margin < 0:
+            raise ValueError(f"sparse_margin must be >= 0, got {sparse_margin}")
         self.gamma_max, self.gamma_min, self.explore_every = gamma_max, gamma_min, explore_every
+        self.sparse_margin = sparse_margin
         self.variants = {sparse: GammaChooser(gamma_max, costs=costs[sparse] if costs else None,
                                               gamma_min=gamma_min) for sparse in (True, False)}
         self.reset()
@@ -507,7 +513,7 @@ class VerifyChooser:
             if waiting:
                 sparse = waiting[0]
             else:
-                sparse = max((True, False), key=lambda s: self.variants[s].best()[0])
+                sparse = self.variants[True].best()[0] > (1 + self.sparse_margin) * self.variants[False].best()[0]
         self.last_run[sparse] = self.steps
         return sparse, self.variants[sparse].choose()
 

@@ -2152,7 +2152,8 @@ def test_verify_chooser_tries_both_then_follows_tokens_per_time():
     """VerifyChooser: sparse steps only where allowed; each variant run first until ready,
     sparse before dense; then the variant whose GammaChooser expects more tokens per unit
     time (fixed costs here: sparse steps cheaper, dense ones accepted more often), each
-    variant at its own best γ; a variant left aside for explore_every steps runs once more."""
+    variant at its own best γ; a variant left aside for explore_every steps runs once more;
+    sparse only by more than sparse_margin."""
     chooser = SA.VerifyChooser(4, costs={True: (0.1, 0.5), False: (0.1, 1.0)}, explore_every=5)
     assert chooser.choose_step(False) == (False, 4)  # not allowed: dense, at γ_max before any evidence
     chooser.observe_step(False, 4, [4, 4])
@@ -2174,8 +2175,17 @@ def test_verify_chooser_tries_both_then_follows_tokens_per_time():
         chooser.observe_step(True, 4, [3, 4])
         chooser.observe_step(False, 4, [3, 4])
     assert chooser.choose_step(True)[0] is True
+    # a near tie goes to dense: sparse's verify 1% cheaper is inside the 3% margin, 10% is not
+    for verify_cost, sparse_wins in ((0.99, False), (0.9, True)):
+        chooser = SA.VerifyChooser(4, costs={True: (0.1, verify_cost), False: (0.1, 1.0)}, sparse_margin=0.03)
+        for _ in range(3):
+            chooser.observe_step(True, 4, [3, 4])
+            chooser.observe_step(False, 4, [3, 4])
+        assert chooser.choose_step(True)[0] is sparse_wins, f"sparse verify cost {verify_cost}"
     with pytest.raises(ValueError, match="explore_every"):
         SA.VerifyChooser(4, explore_every=0)
+    with pytest.raises(ValueError, match="sparse_margin"):
+        SA.VerifyChooser(4, sparse_margin=-0.1)
     with pytest.raises(ValueError, match="gamma_min"):
         SA.GammaChooser(4, gamma_min=5)
 
