@@ -1172,8 +1172,9 @@ def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
 # weights (a decode step at batch 1-5, a draft's step, a verification of up to 4 draft tokens
 # at batch 1) and leaves the rest to cuBLAS and the separate kernels. A second form,
 # `tensor_cores=True`, multiplies up to 16 rows at once with tl.dot, holding K whole up to
-# 1024 columns and walking it in chunks beyond; the engine does not use it (with K in chunks
-# it was slower than cuBLAS for the gate|up and down shapes at 5 and 8 rows).
+# 1024 columns and walking it in chunks beyond; the engine does not use it (on an H100, with K
+# whole it beats the row-by-row form only for gate|up at 4-5 rows, by under a microsecond; in
+# chunks, for the down projection, it is twice as slow as cuBLAS).
 # `python bench.py --parts linear` times both against the separate kernels at 1-8 rows,
 # `--parts profile` shows what a whole step runs.
 
