@@ -698,8 +698,10 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                 select: Union[SelectFn, dict, None] = None, return_attn=False,
-                logits_at: Optional[torch.Tensor] = None, attend: Optional[AttentionFn] = None):
-        """tokens [B, T] -> logits [B, T, vocab] (fp32).
+                logits_at: Optional[torch.Tensor] = None, attend: Optional[AttentionFn] = None,
+                fp32_logits: bool = True):
+        """tokens [B, T] -> logits [B, T, vocab] (fp32; in the model's dtype with
+        fp32_logits=False, enough for an argmax, which a cast cannot change).
 
         With `cache`, row b's tokens sit at positions [cache.lengths[b], + T) and read
         every cached position of that row before them; the cache then grows by T.
@@ -750,7 +752,8 @@ class Transformer(nn.Module):
         if logits_at is not None:  # [B, 1, dim]: the rows whose logits are wanted
             rows = torch.arange(B, device=h.device), logits_at
             h, delta = h[rows][:, None], delta[rows][:, None] if delta is not None else None
-        logits = norm_linear(h, delta, self.norm, self.output)[1].float()
+        logits = norm_linear(h, delta, self.norm, self.output)[1]
+        logits = logits.float() if fp32_logits else logits
         return (logits, probs_per_layer) if return_attn is not False else logits
 
 

@@ -671,13 +671,17 @@ class SpecEngine:
         (combine="first": the first step's alone)."""
         self.d_cache.length = self._bound
         inp = torch.stack([self.prev, self.last], 1)  # [B, 2]: re-read prev, then the newest token
+        # Greedy steps take the argmax of the logits as the head writes them (bf16 on a GPU): a
+        # cast to fp32 cannot change it, and skipping it saves a kernel per forward.
+        fp32 = self.temperature > 0
         for i in range(self.g):
             if self.sparse and i < self.draft_rows.shape[2]:  # (combine="first": step 0's row alone)
                 used = range(self.first_used, self.first_used + len(self.draft_rows))  # layers the map reads
-                logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used), attend=self.draft_attend)
+                logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used), attend=self.draft_attend,
+                                          fp32_logits=fp32)
                 self.draft_rows[:, :, i].copy_(torch.stack([rows[u] for u in used]))  # [B, S] per used layer
             else:
-                logits = self.draft(inp, cache=self.d_cache, attend=self.draft_attend)
+                logits = self.draft(inp, cache=self.d_cache, attend=self.draft_attend, fp32_logits=fp32)
             logits = logits[:, -1]  # [B, V]
             if self.temperature == 0:
                 tok = argmax(logits)  # kernels.argmax: torch.argmax in one launch, γ times a step
@@ -719,7 +723,8 @@ class SpecEngine:
             select = {j: (idx[i - first][:, None], count[i - first][:, None])  # one list for every KV head
                       for j, i in enumerate(self.layer_map) if j >= self.cfg.dense_layers}
         block = torch.cat([self.last[:, None], self.drafted[:, :self.g]], 1)  # [B, γ + 1]
-        self.t_logits = self.target(block, cache=self.t_cache, select=select, attend=attention_slot)
+        self.t_logits = self.target(block, cache=self.t_cache, select=select, attend=attention_slot,
+                                    fp32_logits=self.temperature > 0)  # greedy: argmax alone (_draft_phase)
 
     def _accept_phase(self):
         """Keep the longest agreeing prefix of each row's draft, emit one token of the target's,
