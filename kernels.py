@@ -1105,7 +1105,7 @@ def argmax_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _argmax_kernel(x_ptr, val_ptr, idx_ptr, lock_ptr, out_ptr, n, stride_row, n_chunks,
+def _argmax_kernel(x_ptr, val_ptr, idx_ptr, lock_ptr, out_ptr, n, stride_row, stride_out, n_chunks,
                    BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr):
     row, chunk = tl.program_id(0), tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -1121,33 +1121,40 @@ def _argmax_kernel(x_ptr, val_ptr, idx_ptr, lock_ptr, out_ptr, n, stride_row, n_
                     cache_modifier=".cg")  # (.cg: other multiprocessors wrote these)
         i = tl.load(idx_ptr + row * n_chunks + c, mask=c < n_chunks, other=n, cache_modifier=".cg")
         best = tl.max(v, axis=0)
-        tl.store(out_ptr + row, tl.min(tl.where(v == best, i, n), axis=0).to(tl.int64))
+        tl.store(out_ptr + row * stride_out, tl.min(tl.where(v == best, i, n), axis=0).to(tl.int64))
         tl.store(lock_ptr + row, 0)  # ready for the next launch
 
 
-def argmax(x: torch.Tensor, block: int = 2048) -> torch.Tensor:
+def argmax(x: torch.Tensor, block: int = 2048, out=None) -> torch.Tensor:
     """x [..., V] (rows free of NaN; any strides but a contiguous last dim) -> int64 [...]: the
     first index of each row's largest entry, as `argmax_reference` (torch.argmax), in one
-    launch of cdiv(V, block) programs per row. Shares the attention's merge counters, so the
-    same one-stream rule holds. The reference answers on a CPU without the interpreter."""
-    if not _use_triton(x):
-        return argmax_reference(x)
+    launch of cdiv(V, block) programs per row. out: an int64 tensor of x's leading shape to
+    write into (for a [B, V] x, any stride: a column of a token buffer, which then needs no
+    copy kernel). Shares the attention's merge counters, so the same one-stream rule holds.
+    The reference answers on a CPU without the interpreter."""
     *lead, n = x.shape
+    if out is not None and (out.shape != tuple(lead) or out.dtype != torch.long or (len(lead) > 1
+                                                                                    and not out.is_contiguous())):
+        raise ValueError(f"argmax: out must be int64 of shape {tuple(lead)} (contiguous unless 1-D), got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    if not _use_triton(x):
+        return argmax_reference(x) if out is None else out.copy_(argmax_reference(x))
     if n == 0:
         raise ValueError("argmax: rows of 0 entries have no largest entry")
     rows = math.prod(lead)
     x2 = x.reshape(rows, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty(rows, device=x.device, dtype=torch.long)
+    result = out
+    out = torch.empty(rows, device=x.device, dtype=torch.long) if out is None else out.view(rows)
     n_chunks = triton.cdiv(n, block)
     val = torch.empty((rows, n_chunks), device=x.device, dtype=torch.float32)  # each chunk's max
     idx = torch.empty((rows, n_chunks), device=x.device, dtype=torch.int32)  # and its first index
     if rows:
         _argmax_kernel[(rows, n_chunks)](x2, val, idx, _locks(x.device, rows), out, n, x2.stride(0),
-                                         n_chunks, BLOCK=block, CHUNKS_POW2=triton.next_power_of_2(n_chunks),
-                                         num_warps=4)
-    return out.reshape(lead)
+                                         out.stride(0) if rows else 1, n_chunks, BLOCK=block,
+                                         CHUNKS_POW2=triton.next_power_of_2(n_chunks), num_warps=4)
+    return out.reshape(lead) if result is None else result
 
 
 # ----------------------------------------------------------------------------------------

@@ -683,13 +683,12 @@ class SpecEngine:
             else:
                 logits = self.draft(inp, cache=self.d_cache, attend=self.draft_attend, fp32_logits=fp32)
             logits = logits[:, -1]  # [B, V]
-            if self.temperature == 0:
-                tok = argmax(logits)  # kernels.argmax: torch.argmax in one launch, γ times a step
+            if self.temperature == 0:  # kernels.argmax: one launch, written straight into the token buffer
+                tok = argmax(logits, out=self.drafted[:, i])
             else:
                 q = torch.softmax(logits / self.temperature, -1)
                 self.q_dists[:, i].copy_(q)
-                tok = _sample(q, self.generator)
-            self.drafted[:, i].copy_(tok)
+                tok = self.drafted[:, i].copy_(_sample(q, self.generator))
             inp = tok[:, None]
 
     def _select_phase(self):

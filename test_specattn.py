@@ -853,7 +853,8 @@ def test_union_select_matches_reference(n):
 @pytest.mark.parametrize("V", [1, 7, 2048, 2049, 9000])
 def test_argmax_kernel_is_torch_argmax(V):
     """One launch of cdiv(V, 2048) programs per row: the first index of the largest entry,
-    ties across chunks included (the first wins), -inf rows, a strided [B, T, V][:, -1] view."""
+    ties across chunks included (the first wins), -inf rows, a strided [B, T, V][:, -1] view;
+    out= a strided column of a token buffer (its other columns untouched), or a whole tensor."""
     g = torch.Generator().manual_seed(V)
     x = torch.randn(3, 2, V, generator=g)
     x[0, 0, V // 3] = x[0, 0, V - 1] = 50.0  # a tie: in two chunks when V > 2048
@@ -862,8 +863,15 @@ def test_argmax_kernel_is_torch_argmax(V):
     assert torch.equal(K.argmax(x), K.argmax_reference(x))
     assert torch.equal(K.argmax(x[:, -1]), K.argmax_reference(x[:, -1]))
     assert K.argmax(x).dtype == torch.long and K.argmax(x).shape == (3, 2)
+    tokens = torch.full((3, 4), -1, dtype=torch.long)  # out=: a column of a token buffer, strided
+    assert K.argmax(x[:, -1], out=tokens[:, 2]) is not None
+    assert torch.equal(tokens[:, 2], K.argmax_reference(x[:, -1])) and (tokens[:, [0, 1, 3]] == -1).all()
+    out = torch.empty(3, 2, dtype=torch.long)
+    assert K.argmax(x, out=out) is out and torch.equal(out, K.argmax_reference(x))
     with pytest.raises(ValueError, match="0 entries"):
         K.argmax(torch.zeros(2, 0))
+    with pytest.raises(ValueError, match="out must be int64"):
+        K.argmax(x, out=torch.empty(3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("rows, N, width", [(1, 37, 100), (3, 64, 48), (2, 5, 16), (7, 37, 300)])
