@@ -1133,8 +1133,9 @@ def argmax(x: torch.Tensor, block: int = 2048, out=None) -> torch.Tensor:
     copy kernel). Shares the attention's merge counters, so the same one-stream rule holds.
     The reference answers on a CPU without the interpreter."""
     *lead, n = x.shape
-    if out is not None and (out.shape != tuple(lead) or out.dtype != torch.long or (len(lead) > 1
-                                                                                    and not out.is_contiguous())):
+    fits = out is None or (out.shape == tuple(lead) and out.dtype == torch.long
+                           and (len(lead) <= 1 or out.is_contiguous()))
+    if not fits:
         raise ValueError(f"argmax: out must be int64 of shape {tuple(lead)} (contiguous unless 1-D), got "
                          f"{out.dtype} {tuple(out.shape)}")
     if not _use_triton(x):
