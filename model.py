@@ -225,6 +225,14 @@ def placed_sink(sink_k: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor, 
     return apply_rope(sink_k, cos[at][None, :, None], sin[at][None, :, None])
 
 
+def place_sink(k: torch.Tensor, sink_k: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               distance: int) -> None:
+    """placed_sink written into position 0 of every layer's and row's keys, k [L, B, Hkv, S, D].
+    In place, so that compiled it is one kernel that rotates and stores (assigning a returned
+    tensor to the strided slice would add a copy)."""
+    k[:, :, :, 0] = placed_sink(sink_k, lengths, cos, sin, distance)
+
+
 class Pointwise:
     """The pointwise work between the matmuls, looked up here at call time so that
     `compile_pointwise()` can swap in fused versions of the same functions."""
@@ -232,7 +240,7 @@ class Pointwise:
     rms_norm = staticmethod(rms_norm)
     add_rms_norm = staticmethod(add_rms_norm)
     swiglu = staticmethod(swiglu)
-    placed_sink = staticmethod(placed_sink)
+    place_sink = staticmethod(place_sink)
     # A decode step's matmul with the add, norm or SwiGLU before it in one launch, and where it
     # beats the separate kernels (see use_decode_linear); None: separate kernels everywhere.
     decode_linear: Optional[Callable] = None
@@ -250,7 +258,7 @@ def compile_pointwise(enable: bool = True) -> None:
     import torch._inductor.config as inductor_config
     options = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
     for name, fn in (("rope", apply_rope), ("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm),
-                     ("swiglu", swiglu), ("placed_sink", placed_sink)):
+                     ("swiglu", swiglu), ("place_sink", place_sink)):
         setattr(Pointwise, name, staticmethod(torch.compile(fn, options=options) if enable else fn))
 
 
@@ -352,7 +360,7 @@ class KVCache:
         row's next token (or at 0, if the row is shorter): a query t tokens into the next
         block then scores it as `distance` + t positions back, whatever the row's length.
         cos, sin: the model's RoPE tables [max_seq_len, D]. Values are left as they are."""
-        self.k[:, :, :, 0] = Pointwise.placed_sink(self.sink_k, self.lengths, cos, sin, distance)
+        Pointwise.place_sink(self.k, self.sink_k, self.lengths, cos, sin, distance)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Put a block's keys and values k, v [B, Hkv, T, D] of `layer` at positions

@@ -3212,21 +3212,33 @@ def test_load_draft_rejects_another_target(tied_checkpoint, tmp_path):
 
 
 def test_compile_pointwise_matches_eager():
+    """The compiled pointwise functions give the eager ones' logits, and, for a model with an
+    attention sink, the same cache (place_sink rotates position 0's keys in place)."""
     m = tiny_model(seed=4)
+    sink = tiny_model(seed=5, sink_distance=3)
     x = torch.randint(0, m.args.vocab_size, (2, 9))
     cache = m.new_cache(batch_size=2, max_len=32)
+    sink_caches = [sink.new_cache(batch_size=2, max_len=32) for _ in range(2)]  # eager, compiled
     with torch.no_grad():
         want = m(x)
-        M.compile_pointwise(True)
-        try:
-            got = m(x)
-            m(x[:, :5], cache=cache)
-            step = m(x[:, 5:], cache=cache)  # other shapes: recompiled or dynamic, still right
-        finally:
-            M.compile_pointwise(False)
-    assert M.Pointwise.rms_norm is M.rms_norm  # eager again for the other tests
+        sink_logits = []
+        for compiled, c in zip((False, True), sink_caches):
+            M.compile_pointwise(compiled)
+            try:
+                if compiled:
+                    got = m(x)
+                    m(x[:, :5], cache=cache)
+                    step = m(x[:, 5:], cache=cache)  # other shapes: recompiled or dynamic, still right
+                sink(x[:, :5], cache=c)
+                sink_logits.append([sink(x[:, t:t + 1], cache=c) for t in range(5, 9)])  # place_sink each token
+            finally:
+                M.compile_pointwise(False)
+    assert M.Pointwise.rms_norm is M.rms_norm and M.Pointwise.place_sink is M.place_sink  # eager again
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(step, want[:, 5:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sink_caches[1].k, sink_caches[0].k, atol=1e-5, rtol=1e-5)
+    for eager, compiled in zip(*sink_logits):
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", ["attention_bias", "mlp_bias"])
