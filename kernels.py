@@ -1484,6 +1484,10 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         x = torch.randn(rows, V, device=dev, dtype=torch.bfloat16)
         x[0, V // 3] = x[0, V - 1] = 100.0
         assert torch.equal(argmax(x), argmax_reference(x)), f"argmax {rows}x{V}: differs from torch.argmax"
+        tokens = torch.full((rows, 5), -1, device=dev, dtype=torch.long)  # out=: a strided column
+        argmax(x, out=tokens[:, 3])
+        assert torch.equal(tokens[:, 3], argmax_reference(x)) and (tokens[:, [0, 1, 2, 4]] == -1).all(), \
+            f"argmax {rows}x{V} into a column of a token buffer: differs from torch.argmax"
     # A decode step's matmuls with each prologue, bf16: awkward sizes, SmolLM2's, a head's.
     for rows, N, K, tensor_cores in ((2, 37, 100, False), (1, 960, 576, False), (2, 3072, 576, False),
                                      (1, 576, 1536, False), (1, 49152, 576, False), (5, 960, 576, False),
