@@ -1146,16 +1146,15 @@ def argmax(x: torch.Tensor, block: int = 2048, out=None) -> torch.Tensor:
     x2 = x.reshape(rows, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    result = out
-    out = torch.empty(rows, device=x.device, dtype=torch.long) if out is None else out.view(rows)
+    flat = torch.empty(rows, device=x.device, dtype=torch.long) if out is None else out.view(rows)
     n_chunks = triton.cdiv(n, block)
     val = torch.empty((rows, n_chunks), device=x.device, dtype=torch.float32)  # each chunk's max
     idx = torch.empty((rows, n_chunks), device=x.device, dtype=torch.int32)  # and its first index
     if rows:
-        _argmax_kernel[(rows, n_chunks)](x2, val, idx, _locks(x.device, rows), out, n, x2.stride(0),
-                                         out.stride(0) if rows else 1, n_chunks, BLOCK=block,
+        _argmax_kernel[(rows, n_chunks)](x2, val, idx, _locks(x.device, rows), flat, n, x2.stride(0),
+                                         flat.stride(0), n_chunks, BLOCK=block,
                                          CHUNKS_POW2=triton.next_power_of_2(n_chunks), num_warps=4)
-    return out.reshape(lead) if result is None else result
+    return flat.reshape(lead) if out is None else out
 
 
 # ----------------------------------------------------------------------------------------
@@ -1206,13 +1205,14 @@ def decode_linear_reference(x, weight, bias=None, delta=None, norm_weight=None, 
 
 
 @triton.jit
-def _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, mask, sx, sd, sh, dtype, pid, ADD: tl.constexpr):
+def _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, mask, sx, sd, sh, dtype, write_h, ADD: tl.constexpr):
     """The input rows r [ROWS, 1] at entries k [1, KB], plus delta with ADD (rounded to `dtype`
-    as the eager residual add rounds its sum, and written to h by program 0 alone)."""
+    as the eager residual add rounds its sum, and written to h where write_h: by one program,
+    once)."""
     x = tl.load(x_ptr + r * sx + k, mask=mask, other=0.0)
     if ADD:
         x = (x.to(tl.float32) + tl.load(delta_ptr + r * sd + k, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-        if pid == 0:
+        if write_h:
             tl.store(h_ptr + r * sh + k, x, mask=mask)
     return x
 
@@ -1256,7 +1256,7 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
     # Every row's prologue in one pass, so that all rows' loads are in flight together (a
     # loop that loaded row by row would wait out the memory latency once per row).
     mask = (r < ROWS) & (k < K)
-    x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, mask, sx, sd, sh, dtype, pid, ADD)  # [ROWS_PAD, K_PAD]
+    x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, mask, sx, sd, sh, dtype, pid == 0, ADD)  # [ROWS_PAD, K_PAD]
     rstd = tl.rsqrt(_squares(x) / K + eps) if NORM else None
     x = _prologue_out(x, x_ptr, g, r, k, mask, K, rstd, sx, dtype, NORM, SWIGLU).to(tl.float32)
     for row in tl.static_range(ROWS):  # one row at a time: a product and a sum across the tile
@@ -1293,7 +1293,7 @@ def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr
     rstd = None
     if WHOLE_K:
         m = (r < ROWS) & (kk < K)
-        x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, kk, m, sx, sd, sh, dtype, pid, ADD)  # [16, BLOCK_K]
+        x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, kk, m, sx, sd, sh, dtype, pid == 0, ADD)  # [16, BLOCK_K]
         if NORM:
             rstd = tl.rsqrt(_squares(x) / K + eps)
         x = _prologue_out(x, x_ptr, g, r, kk, m, K, rstd, sx, dtype, NORM, SWIGLU)
@@ -1303,15 +1303,15 @@ def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr
             squares = tl.zeros([16], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 m = (r < ROWS) & (k0 + kk < K)
-                squares += _squares(_prologue_in(x_ptr, delta_ptr, h_ptr, r, k0 + kk, m, sx, sd, sh, dtype, 1,
-                                                 ADD))  # (pid 1: the sum is written in the second pass)
+                squares += _squares(_prologue_in(x_ptr, delta_ptr, h_ptr, r, k0 + kk, m, sx, sd, sh, dtype, False,
+                                                 ADD))  # (the sum is written in the second pass)
             rstd = tl.rsqrt(squares / K + eps)
         acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kk
             m = (r < ROWS) & (k < K)
             w = tl.load(w_ptr + n[:, None] * sw + k, mask=(n[:, None] < N) & (k < K), other=0.0)
-            x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, m, sx, sd, sh, dtype, pid, ADD)
+            x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, m, sx, sd, sh, dtype, pid == 0, ADD)
             g = tl.load(norm_ptr + k, mask=k < K, other=0.0) if NORM else None
             x = _prologue_out(x, x_ptr, g, r, k, m, K, rstd, sx, dtype, NORM, SWIGLU)
             acc += tl.dot(x.to(dtype), tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N]

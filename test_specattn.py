@@ -864,7 +864,8 @@ def test_argmax_kernel_is_torch_argmax(V):
     assert torch.equal(K.argmax(x[:, -1]), K.argmax_reference(x[:, -1]))
     assert K.argmax(x).dtype == torch.long and K.argmax(x).shape == (3, 2)
     tokens = torch.full((3, 4), -1, dtype=torch.long)  # out=: a column of a token buffer, strided
-    assert K.argmax(x[:, -1], out=tokens[:, 2]) is not None
+    got = K.argmax(x[:, -1], out=tokens[:, 2])
+    assert got.data_ptr() == tokens[:, 2].data_ptr() and got.stride() == (4,)  # the column itself
     assert torch.equal(tokens[:, 2], K.argmax_reference(x[:, -1])) and (tokens[:, [0, 1, 3]] == -1).all()
     out = torch.empty(3, 2, dtype=torch.long)
     assert K.argmax(x, out=out) is out and torch.equal(out, K.argmax_reference(x))
