@@ -2199,6 +2199,36 @@ def test_verify_chooser_tries_both_then_follows_tokens_per_time():
         SA.GammaChooser(4, gamma_min=5)
 
 
+def test_greedy_engine_reads_logits_in_the_models_dtype():
+    """Greedy steps take the argmax of the logits in the model's dtype (no fp32 copy of the
+    head's output, fp32_logits=False), sampled ones the fp32 logits; in bf16 the greedy
+    generation equals the one made from fp32 logits, row by row (a cast cannot move an argmax)."""
+    target, draft = (m.to(torch.bfloat16) for m in tiny_pair(11))
+    prompts = [list(range(3, 20)), [5, 6, 7]]
+    x = torch.tensor([prompts[0]])
+    half, full = target(x, fp32_logits=False), target(x)
+    assert half.dtype == torch.bfloat16 and full.dtype == torch.float32 and torch.equal(half.float(), full)
+    seen, forward = [], M.Transformer.forward
+
+    def spy(self, *args, fp32_logits=True, **kw):
+        seen.append(fp32_logits)
+        return forward(self, *args, fp32_logits=fp32_logits or force_fp32, **kw)
+    outs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M.Transformer, "forward", spy)
+        for force_fp32 in (False, True):
+            seen.clear()
+            engine = SA.make_engine("dense", target, draft, prompts, 12, 3, 0.0, None, SA.SelectionConfig())
+            outs[force_fp32] = engine.generate(prompts, 12)[0]
+            assert False in seen  # the greedy steps asked for the model's dtype
+        seen.clear()
+        engine = SA.make_engine("dense", target, draft, prompts, 6, 3, 0.8, None, SA.SelectionConfig(),
+                                generator=torch.Generator().manual_seed(0))
+        engine.generate(prompts, 6)
+        assert seen and all(seen)  # sampling reads fp32 logits everywhere
+    assert outs[False] == outs[True]
+
+
 def test_compiled_accept_phase_equals_eager(references):
     """torch.compile'd accept phase (what CUDA engines run) against the eager one, through a
     continuous batch with EOS and SpecAttn: the same tokens and counters."""
@@ -3490,33 +3520,3 @@ def test_gpu_engine_graphs_captured_once_while_context_grows():
         assert sum(dynamo_utils.counters["stats"].values()) == compiled
     finally:
         SA.use_gpu_kernels(False)
-
-
-def test_greedy_engine_reads_logits_in_the_models_dtype():
-    """Greedy steps take the argmax of the logits in the model's dtype (no fp32 copy of the
-    head's output, fp32_logits=False), sampled ones the fp32 logits; in bf16 the greedy
-    generation equals the one made from fp32 logits, row by row (a cast cannot move an argmax)."""
-    target, draft = (m.to(torch.bfloat16) for m in tiny_pair(11))
-    prompts = [list(range(3, 20)), [5, 6, 7]]
-    x = torch.tensor([prompts[0]])
-    half, full = target(x, fp32_logits=False), target(x)
-    assert half.dtype == torch.bfloat16 and full.dtype == torch.float32 and torch.equal(half.float(), full)
-    seen, forward = [], M.Transformer.forward
-
-    def spy(self, *args, fp32_logits=True, **kw):
-        seen.append(fp32_logits)
-        return forward(self, *args, fp32_logits=fp32_logits or force_fp32, **kw)
-    outs = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(M.Transformer, "forward", spy)
-        for force_fp32 in (False, True):
-            seen.clear()
-            engine = SA.make_engine("dense", target, draft, prompts, 12, 3, 0.0, None, SA.SelectionConfig())
-            outs[force_fp32] = engine.generate(prompts, 12)[0]
-            assert False in seen  # the greedy steps asked for the model's dtype
-        seen.clear()
-        engine = SA.make_engine("dense", target, draft, prompts, 6, 3, 0.8, None, SA.SelectionConfig(),
-                                generator=torch.Generator().manual_seed(0))
-        engine.generate(prompts, 6)
-        assert seen and all(seen)  # sampling reads fp32 logits everywhere
-    assert outs[False] == outs[True]
