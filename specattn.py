@@ -742,8 +742,8 @@ class SpecEngine:
                                     fp32_logits=self.temperature > 0)  # greedy: argmax alone (_draft_phase)
         if self.temperature == 0:
             # The target's greedy choices, here rather than in the compiled accept phase: there
-            # the argmax is a reduction of one program per row over V, ~4x slower than this
-            # launch of cdiv(V, 2048) programs per row.
+            # the argmax is a reduction of one program per row over V, ~3x slower than this
+            # launch of cdiv(V, 2048) programs per row (`python bench.py --parts profile`).
             self.t_choice = argmax(self.t_logits)  # [B, γ + 1]
 
     def _accept_phase(self):
