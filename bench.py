@@ -36,7 +36,7 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     speculation at the demo pair's shapes (random weights).
 (i) `--parts linear` (also in d): a decode step's matmuls with their prologues, 1-8 rows at the
     demo target's shapes, kernels.decode_linear (both forms) against the separate kernels it
-    replaces.
+    replaces; then its row-by-row form per launch (output columns and warps per program).
 
     python bench.py --out DIR               # (a), (c), then (b)
     python bench.py --parts demo,hf         # some parts
@@ -519,10 +519,17 @@ def bench_merge(say) -> None:
             kc = vc = None
 
 
-def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="cuda") -> None:
+# The row-by-row form's launches that `--parts linear` compares: (output columns per program,
+# warps per program); None: decode_linear's default (8 columns, 16 for weights over 1M entries).
+LINEAR_LAUNCHES = ((None, 4), (8, 2), (8, 1), (16, 2), (16, 1), (4, 1))
+
+
+def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="cuda",
+                        launches=LINEAR_LAUNCHES) -> None:
     """(i): kernels.decode_linear, in both forms (one row at a time; tensor_cores), against what
     it replaces, at the demo target's layer shapes: the compiled residual add + RMSNorm (or
-    SwiGLU) kernel, then cuBLAS's matmul (F.linear).
+    SwiGLU) kernel, then cuBLAS's matmul (F.linear); then the row-by-row form at each of
+    `launches` (block_n, num_warps), for the rows the engine gives it.
     Each case is checked against the reference first (bf16 against fp32, rel err < 1e-2),
     then timed in a CUDA graph of `layers` calls on as many weights, as a step runs them (each
     call after one of its own kind: what a programmatic launch overlaps is its own kind).
@@ -539,6 +546,28 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
         return 1e6 * (time.perf_counter() - t0)
     shapes = ((r"q\|k\|v after add + RMSNorm", 960, 576, "norm"), ("output", 576, 576, None),
               (r"gate\|up after add + RMSNorm", 3072, 576, "norm"), ("down after SwiGLU", 576, 1536, "swiglu"))
+    weights = {name: [torch.randn(N, width, device=dev, dtype=dt) / width ** 0.5 for _ in range(layers)]
+               for name, N, width, _ in shapes}
+
+    def case(name, width, prologue, r):
+        """(x, kwargs, checked(**launch)) for r rows: checked runs decode_linear once and asserts
+        it matches the fp32 reference."""
+        x = torch.randn(r, 2 * width if prologue == "swiglu" else width, device=dev, dtype=dt)
+        delta = torch.randn(r, width, device=dev, dtype=dt)
+        norm_weight = (1 + 0.1 * torch.randn(width, device=dev)).to(dt)
+        kw = (dict(delta=delta, norm_weight=norm_weight, eps=1e-5) if prologue == "norm" else
+              dict(swiglu=True) if prologue == "swiglu" else {})
+        ref = K.decode_linear_reference(x.float(), weights[name][0].float(),
+                                        **{k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()})
+        ref = ref[1] if prologue == "norm" else ref
+
+        def checked(**launch):
+            got = K.decode_linear(x, weights[name][0], **kw, **launch)
+            got = got[1] if prologue == "norm" else got
+            err = ((got.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, f"decode_linear {name}, {r} rows, {launch}: rel err {err:.2e}"
+        return x, kw, checked
+
     say("## a decode step's matmul with its prologue: kernels.decode_linear against the separate kernels")
     say(f"µs per call, median, a CUDA graph of {layers} calls on {layers} weights; the demo target's shapes, bf16; "
         "separate: the compiled add + RMSNorm or SwiGLU kernel, then cuBLAS (F.linear); decode_linear one row at "
@@ -548,34 +577,40 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
     say("| matmul | N x K | " + " | ".join(f"{r} rows: separate / one at a time / tensor cores" for r in rows) + " |")
     say("|---|---|" + "---|" * len(rows))
     for name, N, width, prologue in shapes:
-        weights = [torch.randn(N, width, device=dev, dtype=dt) / width ** 0.5 for _ in range(layers)]
-        norm_weight = (1 + 0.1 * torch.randn(width, device=dev)).to(dt)
         cells = []
         for r in rows:
-            x = torch.randn(r, 2 * width if prologue == "swiglu" else width, device=dev, dtype=dt)
-            delta = torch.randn(r, width, device=dev, dtype=dt)
-            kw = (dict(delta=delta, norm_weight=norm_weight, eps=1e-5) if prologue == "norm" else
-                  dict(swiglu=True) if prologue == "swiglu" else {})
-            ref = K.decode_linear_reference(x.float(), weights[0].float(),
-                                            **{k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()})
-            ref = ref[1] if prologue == "norm" else ref
-            for tensor_cores in (False, True):
-                got = K.decode_linear(x, weights[0], tensor_cores=tensor_cores, **kw)
-                got = got[1] if prologue == "norm" else got
-                err = ((got.float() - ref).norm() / ref.norm()).item()
-                assert err < 1e-2, f"decode_linear {name}, {r} rows, tensor_cores={tensor_cores}: rel err {err:.2e}"
+            x, kw, checked = case(name, width, prologue, r)
+            checked()
+            checked(tensor_cores=True)
 
             def separate(w):
                 if prologue == "norm":
-                    return torch.nn.functional.linear(M.Pointwise.add_rms_norm(x, delta, norm_weight, kw["eps"])[1], w)
+                    h = M.Pointwise.add_rms_norm(x, kw["delta"], kw["norm_weight"], kw["eps"])[1]
+                    return torch.nn.functional.linear(h, w)
                 if prologue == "swiglu":
                     return torch.nn.functional.linear(M.Pointwise.swiglu(*x.chunk(2, -1)), w)
                 return torch.nn.functional.linear(x, w)
-            times = [us(lambda: [fn(w) for w in weights]) / layers
+            times = [us(lambda: [fn(w) for w in weights[name]]) / layers
                      for fn in (separate, lambda w: K.decode_linear(x, w, **kw),
                                 lambda w: K.decode_linear(x, w, tensor_cores=True, **kw))]
             cells.append(" / ".join(f"{t:.2f}" for t in times))
         say(f"| {name} | {N} x {width} | " + " | ".join(cells) + " |")
+
+    few = [r for r in rows if r <= K.DECODE_LINEAR_ROWS]
+    say("## decode_linear one row at a time, per launch: output columns per program x warps per program")
+    say("µs per call as above; columns 'default': decode_linear's own (8, or 16 for weights over 1M entries); "
+        "each launch checked against the reference first")
+    say("| matmul | rows | " + " | ".join(f"{b or 'default'} columns, {w} warps" for b, w in launches) + " |")
+    say("|---|---|" + "---|" * len(launches))
+    for name, N, width, prologue in shapes:
+        for r in few:
+            x, kw, checked = case(name, width, prologue, r)
+            times = []
+            for block_n, num_warps in launches:
+                checked(block_n=block_n, num_warps=num_warps)
+                times.append(us(lambda: [K.decode_linear(x, w, block_n=block_n, num_warps=num_warps, **kw)
+                                         for w in weights[name]]) / layers)
+            say(f"| {name} | {r} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
 
 
 def bench_draft_window(say, window: int = 512) -> None:

@@ -3430,15 +3430,19 @@ def test_bench_profile_counts_each_steps_kernels():
 def test_bench_decode_linear_checks_then_tables_each_shape():
     """bench.py --parts linear on the CPU (the interpreter, fp32, one weight per shape): each of
     the demo's four layer shapes checked in both forms against the reference, then one table row
-    of timings (separate kernels, one row at a time, tensor cores)."""
+    of timings (separate kernels, one row at a time, tensor cores); then the row-by-row form at
+    each launch asked for, checked too: a table row per shape."""
     import bench
     lines = []
-    bench.bench_decode_linear(lines.append, rows=(3,), layers=1, device="cpu")
+    bench.bench_decode_linear(lines.append, rows=(3,), layers=1, device="cpu", launches=((16, 1), (32, 2)))
     cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines if line.startswith("| ")]  # "\|": in a cell
+    names = [r"q\|k\|v after add + RMSNorm", "output", r"gate\|up after add + RMSNorm", "down after SwiGLU"]
     rows = [c for c in cells if re.fullmatch(r" \d+ x \d+ ", c[1])]
-    assert [c[0].strip() for c in rows] == [r"q\|k\|v after add + RMSNorm", "output",
-                                            r"gate\|up after add + RMSNorm", "down after SwiGLU"]
+    assert [c[0].strip() for c in rows] == names
     assert all(len(c) == 3 and len(c[2].split(" / ")) == 3 for c in rows), rows
+    launch_rows = [c for c in cells if re.fullmatch(r" \d+ ", c[1])]
+    assert [(c[0].strip(), c[1].strip()) for c in launch_rows] == [(n, "3") for n in names]
+    assert all(len(c) == 4 and all(float(t) > 0 for t in c[2:]) for c in launch_rows), launch_rows
 
 
 def test_bench_report_keeps_the_lines_of_a_run_cut_short(monkeypatch, tmp_path):
