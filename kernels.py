@@ -54,6 +54,7 @@ import argparse
 import itertools
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -1099,14 +1100,16 @@ attention_slot.rotates_and_writes = True
 # first of the largest. The chunks are in index order, so that is the row's first maximum.
 
 
-def argmax_reference(x: torch.Tensor) -> torch.Tensor:
-    """x [..., V] -> int64 [...]: the first index of each row's largest entry."""
-    return x.argmax(-1)
+def argmax_reference(x: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., V] -> int64 [...]: the first index of each row's largest entry; with ids (int64
+    [V]), ids at that index (x's entries are scores of the tokens ids lists)."""
+    best = x.argmax(-1)
+    return best if ids is None else ids[best]
 
 
 @triton.jit
-def _argmax_kernel(x_ptr, val_ptr, idx_ptr, lock_ptr, out_ptr, n, stride_row, stride_out, n_chunks,
-                   BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+def _argmax_kernel(x_ptr, val_ptr, idx_ptr, lock_ptr, out_ptr, ids_ptr, n, stride_row, stride_out, n_chunks,
+                   BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr, HAS_IDS: tl.constexpr):
     row, chunk = tl.program_id(0), tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_row + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
@@ -1120,26 +1123,32 @@ def _argmax_kernel(x_ptr, val_ptr, idx_ptr, lock_ptr, out_ptr, n, stride_row, st
         v = tl.load(val_ptr + row * n_chunks + c, mask=c < n_chunks, other=float("-inf"),
                     cache_modifier=".cg")  # (.cg: other multiprocessors wrote these)
         i = tl.load(idx_ptr + row * n_chunks + c, mask=c < n_chunks, other=n, cache_modifier=".cg")
-        best = tl.max(v, axis=0)
-        tl.store(out_ptr + row * stride_out, tl.min(tl.where(v == best, i, n), axis=0).to(tl.int64))
+        best = tl.min(tl.where(v == tl.max(v, axis=0), i, n), axis=0)
+        if HAS_IDS:  # the token the winning score stands for
+            best = tl.load(ids_ptr + best)
+        tl.store(out_ptr + row * stride_out, best.to(tl.int64))
         tl.store(lock_ptr + row, 0)  # ready for the next launch
 
 
-def argmax(x: torch.Tensor, block: int = 2048, out=None) -> torch.Tensor:
+def argmax(x: torch.Tensor, block: int = 2048, out=None, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., V] (rows free of NaN; any strides but a contiguous last dim) -> int64 [...]: the
     first index of each row's largest entry, as `argmax_reference` (torch.argmax), in one
     launch of cdiv(V, block) programs per row. out: an int64 tensor of x's leading shape to
     write into (for a [B, V] x, any stride: a column of a token buffer, which then needs no
-    copy kernel). Shares the attention's merge counters, so the same one-stream rule holds.
-    The reference answers on a CPU without the interpreter."""
+    copy kernel). ids: int64 [V], contiguous: return ids[index] instead (x scores the tokens
+    ids lists, as a draft's head over a vocabulary subset does). Shares the attention's merge
+    counters, so the same one-stream rule holds. The reference answers on a CPU without the
+    interpreter."""
     *lead, n = x.shape
+    if ids is not None and (ids.shape != (n,) or ids.dtype != torch.long or not ids.is_contiguous()):
+        raise ValueError(f"argmax: ids must be contiguous int64 of shape ({n},), got {ids.dtype} {tuple(ids.shape)}")
     fits = out is None or (out.shape == tuple(lead) and out.dtype == torch.long
                            and (len(lead) <= 1 or out.is_contiguous()))
     if not fits:
         raise ValueError(f"argmax: out must be int64 of shape {tuple(lead)} (contiguous unless 1-D), got "
                          f"{out.dtype} {tuple(out.shape)}")
     if not _use_triton(x):
-        return argmax_reference(x) if out is None else out.copy_(argmax_reference(x))
+        return argmax_reference(x, ids) if out is None else out.copy_(argmax_reference(x, ids))
     if n == 0:
         raise ValueError("argmax: rows of 0 entries have no largest entry")
     rows = math.prod(lead)
@@ -1151,9 +1160,10 @@ def argmax(x: torch.Tensor, block: int = 2048, out=None) -> torch.Tensor:
     val = torch.empty((rows, n_chunks), device=x.device, dtype=torch.float32)  # each chunk's max
     idx = torch.empty((rows, n_chunks), device=x.device, dtype=torch.int32)  # and its first index
     if rows:
-        _argmax_kernel[(rows, n_chunks)](x2, val, idx, _locks(x.device, rows), flat, n, x2.stride(0),
+        _argmax_kernel[(rows, n_chunks)](x2, val, idx, _locks(x.device, rows), flat, ids, n, x2.stride(0),
                                          flat.stride(0), n_chunks, BLOCK=block,
-                                         CHUNKS_POW2=triton.next_power_of_2(n_chunks), num_warps=4)
+                                         CHUNKS_POW2=triton.next_power_of_2(n_chunks), HAS_IDS=ids is not None,
+                                         num_warps=4)
     return flat.reshape(lead) if out is None else out
 
 
@@ -1488,6 +1498,10 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         argmax(x, out=tokens[:, 3])
         assert torch.equal(tokens[:, 3], argmax_reference(x)) and (tokens[:, [0, 1, 2, 4]] == -1).all(), \
             f"argmax {rows}x{V} into a column of a token buffer: differs from torch.argmax"
+        ids = torch.randperm(2 * V, device=dev)[:V]  # x scores a subset of a vocabulary twice as large
+        argmax(x, out=tokens[:, 3], ids=ids)
+        assert torch.equal(tokens[:, 3], argmax_reference(x, ids)), \
+            f"argmax {rows}x{V} with ids: differs from ids[torch.argmax]"
     # A decode step's matmuls with each prologue, bf16: awkward sizes, SmolLM2's, a head's.
     for rows, N, K, tensor_cores in ((2, 37, 100, False), (1, 960, 576, False), (2, 3072, 576, False),
                                      (1, 576, 1536, False), (1, 49152, 576, False), (5, 960, 576, False),

@@ -854,7 +854,8 @@ def test_union_select_matches_reference(n):
 def test_argmax_kernel_is_torch_argmax(V):
     """One launch of cdiv(V, 2048) programs per row: the first index of the largest entry,
     ties across chunks included (the first wins), -inf rows, a strided [B, T, V][:, -1] view;
-    out= a strided column of a token buffer (its other columns untouched), or a whole tensor."""
+    out= a strided column of a token buffer (its other columns untouched), or a whole tensor;
+    ids= maps the winning index to a token."""
     g = torch.Generator().manual_seed(V)
     x = torch.randn(3, 2, V, generator=g)
     x[0, 0, V // 3] = x[0, 0, V - 1] = 50.0  # a tie: in two chunks when V > 2048
@@ -873,6 +874,13 @@ def test_argmax_kernel_is_torch_argmax(V):
         K.argmax(torch.zeros(2, 0))
     with pytest.raises(ValueError, match="out must be int64"):
         K.argmax(x, out=torch.empty(3, dtype=torch.long))
+    # ids: x scores the tokens ids lists (a subset of a larger vocabulary); the winner's token
+    ids = torch.randperm(3 * V, generator=g)[:V]
+    want = ids[x.argmax(-1)]
+    assert torch.equal(K.argmax(x, ids=ids), want) and torch.equal(K.argmax_reference(x, ids), want)
+    assert torch.equal(K.argmax(x[:, -1], out=tokens[:, 1], ids=ids), want[:, -1])
+    with pytest.raises(ValueError, match="ids must be"):
+        K.argmax(x, ids=ids[:-1] if V > 1 else ids.int())
 
 
 @pytest.mark.parametrize("rows, N, width", [(1, 37, 100), (3, 64, 48), (2, 5, 16), (7, 37, 300)])
