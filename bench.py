@@ -225,7 +225,8 @@ def bench_profile(say, batches, contexts, gamma: int, steps: int = PROFILE_STEPS
 def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], topp: float, layer_map_path=None,
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
                sink_distance=None, draft_window=None, also_always_sparse: bool = False,
-               combine: str = "union", also_combine=(), refill: bool = True, rounds: int = 1) -> dict:
+               combine: str = "union", also_combine=(), refill: bool = True, rounds: int = 1,
+               also_draft_vocab: int = 0) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching; refill=False: fixed
     batches, one after another). Plain decoding runs once, the speculative modes once choosing
@@ -234,7 +235,10 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
     γ in gammas with every step proposing it ("dense γ=2" and so on); with also_always_sparse,
     SpecAttn once more verifying sparsely every step past sparse_from ("specattn always
     sparse"); for each of also_combine, SpecAttn once more with that way of making the draft
-    rows one selection ("specattn first": see specattn.COMBINE; `combine` is the other rows').
+    rows one selection ("specattn first": see specattn.COMBINE; `combine` is the other rows');
+    with also_draft_vocab N, dense speculation and SpecAttn once more with the draft proposing
+    from the N tokens most frequent in the calibration book ("dense vocab N": see
+    specattn.draft_vocabulary).
     sink_distance: the draft's (None: its config's, 512); draft_window: the draft's attention
     window (None: its training window, the same 512; see specattn.SpecEngine). rounds > 1:
     each row's prompts in that many parts, plain, dense and SpecAttn taking turns on each part
@@ -245,6 +249,8 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
     selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from, combine=combine)
     window = SA.draft_window_of(draft, draft_window)
+    vocab = (SA.draft_vocabulary(tokenizer, also_draft_vocab, min(target.args.vocab_size, draft.args.vocab_size))
+             if also_draft_vocab else None)
     fixed = f" and fixed at {','.join(map(str, gammas))}" if fixed_gamma else ""
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, "
         f"γ chosen per step up to {max(gammas)}{fixed}, "
@@ -263,17 +269,20 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
         for B in batches:
             prompts = SA.book_prompts(tokenizer, B * prompts_per_row, context)
             results = {}
-            # (modes, γ, γ chosen, verification chosen, selection, tag)
-            runs = [(SA.MODES, max(gammas), True, True, selection, "")]
-            runs += [(("dense", "specattn"), g, False, True, selection, f" γ={g}") for g in gammas if fixed_gamma]
-            runs += [(("specattn",), max(gammas), True, False, selection, " always sparse")] * also_always_sparse
-            runs += [(("specattn",), max(gammas), True, True, replace(selection, combine=c), f" {c}")
+            # (modes, γ, γ chosen, verification chosen, selection, the draft's vocabulary, tag)
+            runs = [(SA.MODES, max(gammas), True, True, selection, None, "")]
+            runs += [(("dense", "specattn"), g, False, True, selection, None, f" γ={g}")
+                     for g in gammas if fixed_gamma]
+            runs += [(("specattn",), max(gammas), True, False, selection, None, " always sparse")] * also_always_sparse
+            runs += [(("specattn",), max(gammas), True, True, replace(selection, combine=c), None, f" {c}")
                      for c in also_combine]
-            for modes, g, auto, verify, run_selection, tag in runs:
+            if vocab:
+                runs += [(("dense", "specattn"), max(gammas), True, True, selection, vocab, f" vocab {len(vocab)}")]
+            for modes, g, auto, verify, run_selection, run_vocab, tag in runs:
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
                                               run_selection, modes, batch_size=B, adaptive_gamma=auto,
                                               draft_window=window, choose_verification=verify,
-                                              refill=refill, rounds=rounds).items():
+                                              refill=refill, rounds=rounds, draft_vocab=run_vocab).items():
                     results[mode + ("" if mode == "plain" else tag)] = run
             table = SA.results_table(results, B, context, len(prompts), sparse_from, verification_chosen=True)
             for line in (table[:-1] if not header_done else table[2:-1]):
@@ -793,6 +802,10 @@ def main(argv=None):
     parser.add_argument("--also-combine", default="", help="demo: SpecAttn also runs once per value here "
                         "(comma-separated, from --combine's choices) selecting that way (rows 'specattn "
                         "first' and so on)")
+    parser.add_argument("--also-draft-vocab", type=int, default=0, metavar="N",
+                        help="demo: dense speculation and SpecAttn also run once with the draft proposing from "
+                             "the N tokens most frequent in the calibration book (rows 'dense vocab N', "
+                             "'specattn vocab N'; specattn.py --draft-vocab). 0: not")
     parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
                         "row densely until it holds this many positions (0: sparse from the first step)")
     parser.add_argument("--sink-distance", type=int, metavar="N", help="demo: the draft reads its attention "
@@ -819,6 +832,8 @@ def main(argv=None):
     if args.draft_window is not None and args.draft_window < 0:
         raise SystemExit(f"error: --draft-window must be >= 0 (0: the draft reads its whole cache), "
                          f"got {args.draft_window}")
+    if args.also_draft_vocab < 0:
+        raise SystemExit(f"error: --also-draft-vocab must be >= 0, got {args.also_draft_vocab}")
     try:
         check_sink_distance(args.sink_distance)
     except ValueError as e:
@@ -864,7 +879,8 @@ def main(argv=None):
                           args.draft_window, args.also_always_sparse,
                           args.combine or SA.default_combine(args.prompts_per_row > 1 and not args.fixed_batches),
                           also_combine,
-                          refill=not args.fixed_batches, rounds=args.rounds)
+                          refill=not args.fixed_batches, rounds=args.rounds,
+                          also_draft_vocab=args.also_draft_vocab)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

@@ -707,7 +707,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                 select: Union[SelectFn, dict, None] = None, return_attn=False,
                 logits_at: Optional[torch.Tensor] = None, attend: Optional[AttentionFn] = None,
-                fp32_logits: bool = True):
+                fp32_logits: bool = True, head: Optional["Linear"] = None):
         """tokens [B, T] -> logits [B, T, vocab] (fp32; in the model's dtype with
         fp32_logits=False, enough for an argmax, which a cast cannot change).
 
@@ -720,7 +720,9 @@ class Transformer(nn.Module):
         cache_attention; the last query's head-averaged row [B, S_max] from
         kernels.attention_slot). logits_at (int [B]): only the logits of position
         logits_at[b] of each row, [B, 1, vocab] (a prefill needs the last prompt token's).
-        attend: the attention slot for this call (default: self.attend).
+        attend: the attention slot for this call (default: self.attend). head: the output layer
+        for this call instead of self.output, e.g. some of its rows (a draft proposing from a
+        vocabulary subset): logits [B, T, head's rows].
         """
         attend = attend or self.attend
         B, T = tokens.shape
@@ -760,7 +762,7 @@ class Transformer(nn.Module):
         if logits_at is not None:  # [B, 1, dim]: the rows whose logits are wanted
             rows = torch.arange(B, device=h.device), logits_at
             h, delta = h[rows][:, None], delta[rows][:, None] if delta is not None else None
-        logits = norm_linear(h, delta, self.norm, self.output)[1]
+        logits = norm_linear(h, delta, self.norm, head or self.output)[1]
         logits = logits.float() if fp32_logits else logits
         return (logits, probs_per_layer) if return_attn is not False else logits
 

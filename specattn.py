@@ -48,11 +48,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from calibrate import HelpFormatter, add_pair_arguments, check_device, layer_map_for, load_pair, parse_layers
+from calibrate import (HelpFormatter, add_pair_arguments, calibration_book, check_device, layer_map_for, load_pair,
+                       parse_layers)
 from demo import demo_books
 from kernels import (argmax, attention_slot, check_topp, decode_linear, decode_linear_suits, topp_mask, topp_select,
                      union_select)
-from model import (Tokenizer, Transformer, apply_rope, cache_attention, compile_pointwise, format_bytes,
+from model import (Linear, Tokenizer, Transformer, apply_rope, cache_attention, compile_pointwise, format_bytes,
                    free_memory, kv_cache_bytes, use_decode_linear, write_atomic)
 
 # ----------------------------------------------------------------------------------------
@@ -583,6 +584,10 @@ class SpecEngine:
     0 for a checkpoint that has none). The target never reads through it, so greedy output
     is still the target's own.
 
+    draft_vocab: the token ids the draft may propose (None: all of them), e.g. the most
+    frequent ones (`draft_vocabulary`): its head computes only their logits (`_draft_head`),
+    and greedy output is still the target's own.
+
     gamma_chooser (a GammaChooser) lets each step propose g <= γ draft tokens: the draft loop,
     the select phase's rows, the verify block and the accept phase read the first g; one set
     of phase graphs per g, all captured at the first step. `generate` asks the chooser for
@@ -603,7 +608,8 @@ class SpecEngine:
                  selection: Optional[SelectionConfig] = None, use_specattn: bool = False,
                  eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
                  cuda_graphs: Optional[bool] = None, compile_accept: Optional[bool] = None,
-                 gamma_chooser: Optional[GammaChooser] = None, draft_window: Optional[int] = None):
+                 gamma_chooser: Optional[GammaChooser] = None, draft_window: Optional[int] = None,
+                 draft_vocab=None):
         if draft is not None and gamma < 1:
             raise ValueError(f"gamma (draft tokens per step) must be >= 1, got {gamma}")
         if gamma_chooser is not None and (draft is None or gamma_chooser.gamma_max != gamma):
@@ -641,6 +647,7 @@ class SpecEngine:
         # was trained on (see `draft_attention_slot`).
         self.window = draft_window_of(draft, draft_window)
         self.draft_attend = draft_attention_slot(self.window)
+        self.draft_vocab, self.draft_head = self._draft_head(draft_vocab, device)
         # The host's bound on any row's length: the engine sized the buffers, so it holds
         # (a row stops at max_new_tokens, at most γ + 1 positions before the end).
         self._bound = max_len - (self.gamma + 2)
@@ -683,6 +690,30 @@ class SpecEngine:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._accept = torch.compile(self._accept_phase)
 
+    def _draft_head(self, draft_vocab, device) -> tuple[Optional[torch.Tensor], Optional[Linear]]:
+        """(ids, head) for a draft proposing only the tokens draft_vocab lists: its output
+        layer's rows for them, copied once. A draft step then reads that share of its largest
+        weight (a 49k x 576 head is a quarter of a demo draft step's time). Lossless: the target
+        verifies every token, and a sampled draft hands the acceptance test a q with no mass on
+        the other tokens (see `_accept_phase`). None: the whole vocabulary."""
+        if draft_vocab is None:
+            return None, None
+        if self.draft is None:
+            raise ValueError("draft_vocab: plain decoding has no draft")
+        ids = torch.as_tensor(draft_vocab, dtype=torch.long).flatten()
+        vocab = min(self.draft.args.vocab_size, self.target.args.vocab_size)
+        if not len(ids) or ids.min() < 0 or ids.max() >= vocab or len(ids.unique()) != len(ids):
+            raise ValueError(f"draft_vocab must list distinct token ids in [0, {vocab}), got {len(ids)} ids")
+        full = self.draft.output
+        head = Linear(full.in_features, len(ids), bias=full.bias is not None, device=device,
+                      dtype=full.weight.dtype).requires_grad_(False)
+        ids = ids.to(device)
+        with torch.no_grad():
+            head.weight.copy_(full.weight[ids])  # [len(ids), dim]
+            if full.bias is not None:
+                head.bias.copy_(full.bias[ids])
+        return ids, head
+
     # -- the four phases ------------------------------------------------------------------
 
     @property
@@ -702,17 +733,23 @@ class SpecEngine:
             if self.sparse and i < self.draft_rows.shape[2]:  # (combine="first": step 0's row alone)
                 used = range(self.first_used, self.first_used + len(self.draft_rows))  # layers the map reads
                 logits, rows = self.draft(inp, cache=self.d_cache, return_attn=set(used), attend=self.draft_attend,
-                                          fp32_logits=fp32)
+                                          fp32_logits=fp32, head=self.draft_head)
                 self.draft_rows[:, :, i].copy_(torch.stack([rows[u] for u in used]))  # [B, S] per used layer
             else:
-                logits = self.draft(inp, cache=self.d_cache, attend=self.draft_attend, fp32_logits=fp32)
-            logits = logits[:, -1]  # [B, V]
+                logits = self.draft(inp, cache=self.d_cache, attend=self.draft_attend, fp32_logits=fp32,
+                                    head=self.draft_head)
+            logits = logits[:, -1]  # [B, V], or [B, len(draft_vocab)]: scores of the tokens it lists
             if self.temperature == 0:  # kernels.argmax: one launch, written straight into the token buffer
-                tok = argmax(logits, out=self.drafted[:, i])
+                tok = argmax(logits, out=self.drafted[:, i], ids=self.draft_vocab)
             else:
                 q = torch.softmax(logits / self.temperature, -1)
-                self.q_dists[:, i].copy_(q)
-                tok = self.drafted[:, i].copy_(_sample(q, self.generator))
+                pick = _sample(q, self.generator)  # [B]
+                if self.draft_vocab is None:
+                    self.q_dists[:, i].copy_(q)
+                else:  # q over the whole vocabulary: the subset's probabilities, 0 elsewhere
+                    self.q_dists[:, i].zero_().index_copy_(1, self.draft_vocab, q)
+                    pick = self.draft_vocab[pick]
+                tok = self.drafted[:, i].copy_(pick)
             inp = tok[:, None]
 
     def _select_phase(self):
@@ -1216,17 +1253,19 @@ def check_engine_memory(target, draft, batch: int, max_len: int, gamma: int, tem
 def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: int, temperature: float,
                 layer_map, selection: SelectionConfig, eos_id=None, generator=None, cuda_graphs=None,
                 batch_size: Optional[int] = None, compile_accept: Optional[bool] = None,
-                gamma_chooser: Optional[GammaChooser] = None, draft_window: Optional[int] = None) -> SpecEngine:
+                gamma_chooser: Optional[GammaChooser] = None, draft_window: Optional[int] = None,
+                draft_vocab=None) -> SpecEngine:
     """The engine for one of MODES, sized for these prompts: one row each, or batch_size rows
-    that take the prompts in turn (continuous batching). gamma_chooser, draft_window:
-    speculative modes only (see SpecEngine)."""
+    that take the prompts in turn (continuous batching). gamma_chooser, draft_window,
+    draft_vocab: speculative modes only (see SpecEngine)."""
     g = gamma if mode != "plain" else 0
     return SpecEngine(target, draft if mode != "plain" else None, batch_size=batch_size or len(prompts),
                       max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=g,
                       temperature=temperature, layer_map=layer_map, selection=selection,
                       use_specattn=mode == "specattn", eos_id=eos_id, generator=generator,
                       cuda_graphs=cuda_graphs, compile_accept=compile_accept,
-                      gamma_chooser=gamma_chooser if mode != "plain" else None, draft_window=draft_window)
+                      gamma_chooser=gamma_chooser if mode != "plain" else None, draft_window=draft_window,
+                      draft_vocab=draft_vocab if mode != "plain" else None)
 
 
 @torch.no_grad()
@@ -1235,7 +1274,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
                          layer_map=None, selection: Optional[SelectionConfig] = None,
                          generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
                          engine: Optional[SpecEngine] = None, progress: bool = False,
-                         draft_window: Optional[int] = None):
+                         draft_window: Optional[int] = None, draft_vocab=None):
     """Generate up to max_new_tokens after each prompt. prompt_ids: one list of ids, or a list
     of lists (a batch; rows may differ in length, and each accepts, stops and counts on its
     own). Returns (new ids: a list, or a list per row for a batch, SpecStats).
@@ -1246,7 +1285,8 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
     forward, so where the two best logits tie at the dtype's resolution the texts may part
     (README, "Generation on a GPU"). topp < 1 turns SpecAttn on (needs layer_map).
     engine: a SpecEngine to reuse (its captured graphs too); None builds one for this call.
-    draft_window: see SpecEngine (None: the draft's training window).
+    draft_window: see SpecEngine (None: the draft's training window). draft_vocab: the token
+    ids the draft may propose (see SpecEngine; `draft_vocabulary` ranks them); None: all.
     """
     prompts, single = _as_batch(prompt_ids)
     if topp is not None and layer_map is None:
@@ -1255,7 +1295,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
     if engine is None:
         mode = "specattn" if topp is not None and topp < 1 else "dense"
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, cfg,
-                             eos_id, generator, draft_window=draft_window)
+                             eos_id, generator, draft_window=draft_window, draft_vocab=draft_vocab)
     out, stats = engine.generate(prompts, max_new_tokens, progress=progress)
     return (out[0] if single else out), stats
 
@@ -1284,6 +1324,23 @@ MODES = ("plain", "dense", "specattn")  # target alone; speculative, dense verif
 SPARSE_FROM = 4096
 
 
+def draft_vocabulary(tokenizer: Tokenizer, size: int, vocab_size: int, text=None) -> list[int]:
+    """The `size` token ids a draft proposes from (SpecEngine's draft_vocab): the most frequent
+    in `text` (a file; default the calibration book, as for the layer map), ties and tokens the
+    text never uses ranked by id (a BPE vocabulary lists its earlier, more frequent merges
+    first). Ascending ids. What a smaller draft vocabulary costs is the steps whose next token
+    it leaves out: fewer draft tokens accepted (`python specattn.py --draft-vocab N` prints
+    tokens per step beside the time a step takes)."""
+    if not 1 <= size <= vocab_size:
+        raise ValueError(f"the draft's vocabulary size must be in 1..{vocab_size}, got {size}")
+    path = Path(text) if text is not None else calibration_book()
+    counts = torch.bincount(torch.tensor(tokenizer.encode(path.read_text(encoding="utf-8"), bos=False)),
+                            minlength=vocab_size)[:vocab_size]
+    # a stable sort by count, most frequent first: equal counts keep their id order
+    ranked = torch.sort(counts, descending=True, stable=True).indices[:size]
+    return sorted(ranked.tolist())
+
+
 def book_prompts(tokenizer: Tokenizer, batch: int, context: int) -> list[list[int]]:
     """`batch` prompts of `context` tokens cut from the demo books, at evenly spread offsets
     (each starting with BOS where the tokenizer adds one)."""
@@ -1301,14 +1358,15 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
               selection: SelectionConfig, modes=MODES, eos_id=None, seed: int = 0, progress: bool = False,
               warmup_tokens: int = 8, batch_size: Optional[int] = None, adaptive_gamma: bool = False,
               draft_window: Optional[int] = None, choose_verification: bool = False, refill: bool = True,
-              rounds: int = 1) -> dict:
+              rounds: int = 1, draft_vocab=None) -> dict:
     """Each mode's engine (batch_size rows, default one per prompt of a round): a short warm-up
     generation (captures the CUDA graphs, compiles; its wall time goes into the stats'
     seconds["warmup"]), then the timed one, serving more prompts than rows by continuous
     batching or, with refill=False, in fixed batches (SpecEngine.generate). adaptive_gamma: the
     speculative modes choose each step's γ in 1..gamma (GammaChooser, measured costs).
     choose_verification: SpecAttn's steps also choose sparse or dense verification
-    (VerifyChooser, measured costs; γ fixed unless adaptive_gamma). draft_window: see SpecEngine.
+    (VerifyChooser, measured costs; γ fixed unless adaptive_gamma). draft_window, draft_vocab:
+    see SpecEngine.
 
     rounds=1: one mode after another, each engine freed before the next is built. rounds=R:
     the prompts are served in R equal parts, each part by every mode in turn (the modes' order
@@ -1334,7 +1392,7 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
             chooser = GammaChooser(gamma) if adaptive_gamma else None
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map,
                              selection, eos_id, gen, batch_size=batch_size or part, gamma_chooser=chooser,
-                             draft_window=draft_window)
+                             draft_window=draft_window, draft_vocab=draft_vocab)
         t0 = time.perf_counter()
         engine.generate(prompts[:engine.B], min(warmup_tokens, max_new_tokens))
         return engine, time.perf_counter() - t0  # generate returns after its last step is done
@@ -1416,15 +1474,16 @@ def parting_points(target, prompts, reference, rows) -> list[Optional[tuple[int,
 
 
 def check_engine(target, draft, tokenizer_prompts, layer_map, selection: SelectionConfig, gamma: int,
-                 label: str, draft_window: Optional[int] = None) -> None:
+                 label: str, draft_window: Optional[int] = None, draft_vocab=None) -> None:
     """The graphed engine against the same engine run eagerly, on ragged prompts, every mode,
     greedy: token for token, and the same counters. SpecAttn runs five times: sparse from the
     first step; sparse from a length the rows reach while they generate (dense steps first,
     then sparse ones, from graphs captured at the first step); the same with each step's γ
     chosen by a GammaChooser with fixed costs (so its choices follow the tokens alone), and
     with γ and sparse or dense verification chosen by a VerifyChooser with fixed costs, once
-    with the selection's own combine and once with the other of "first" and "union". Also
-    reports how far the speculative modes follow plain decoding, and the gap between the
+    with the selection's own combine and once with the other of "first" and "union". With
+    draft_vocab, dense speculation and SpecAttn run once more with the draft proposing from
+    it. Also reports how far the speculative modes follow plain decoding, and the gap between the
     target's two best logits where a row parts from it (parting_points)."""
     device = target.output.weight.device
     if device.type != "cuda":
@@ -1436,34 +1495,39 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
     # (mode, selection, a fresh chooser for each of the two runs: fixed costs, so its choices follow the tokens)
     none = lambda: None  # noqa: E731
     verify = lambda: VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8)  # noqa: E731
-    runs = [("plain", selection, none), ("dense", selection, none),
-            ("specattn", replace(selection, sparse_from=0), none),
-            (f"specattn sparse from {crossing}", crossed, none),
-            (f"specattn sparse from {crossing}, γ chosen per step", crossed,
-             lambda: GammaChooser(gamma, costs=(0.25, 1.0))),
-            (f"specattn sparse from {crossing}, γ and verification chosen per step", crossed, verify),
-            (f"specattn sparse from {crossing}, γ and verification chosen per step, combine={other}",
-             replace(crossed, combine=other), verify)]
+    # (label, mode, selection, a fresh chooser for each of the two runs, the draft's vocabulary)
+    runs = [("plain", "plain", selection, none, None), ("dense", "dense", selection, none, None),
+            ("specattn", "specattn", replace(selection, sparse_from=0), none, None),
+            (f"specattn sparse from {crossing}", "specattn", crossed, none, None),
+            (f"specattn sparse from {crossing}, γ chosen per step", "specattn", crossed,
+             lambda: GammaChooser(gamma, costs=(0.25, 1.0)), None),
+            (f"specattn sparse from {crossing}, γ and verification chosen per step", "specattn", crossed, verify,
+             None),
+            (f"specattn sparse from {crossing}, γ and verification chosen per step, combine={other}", "specattn",
+             replace(crossed, combine=other), verify, None)]
+    if draft_vocab is not None:
+        runs += [(f"{mode}, the draft proposing from {len(draft_vocab)} tokens", mode, cfg, none, draft_vocab)
+                 for mode, cfg in (("dense", selection), ("specattn", crossed))]
     plain = None
-    for mode, cfg, new_chooser in runs:
+    for run, mode, cfg, new_chooser, vocab in runs:
         outs = []
         for graphs in (False, True):
             chooser = new_chooser()
-            engine = make_engine(mode.split()[0], target, draft, prompts, 48, gamma, 0.0, layer_map, cfg,
-                                 cuda_graphs=graphs, gamma_chooser=chooser, draft_window=draft_window)
+            engine = make_engine(mode, target, draft, prompts, 48, gamma, 0.0, layer_map, cfg, cuda_graphs=graphs,
+                                 gamma_chooser=chooser, draft_window=draft_window, draft_vocab=vocab)
             outs.append(engine.generate(prompts, 48))
         (eager, st_e), (graphed, st_g) = outs
         if eager != graphed or st_e.summary() != st_g.summary():
-            raise AssertionError(f"{label} {mode}: the graphed engine differs from the eager one: "
+            raise AssertionError(f"{label} {run}: the graphed engine differs from the eager one: "
                                  f"{sum(a != b for a, b in zip(eager, graphed))} of {len(prompts)} rows")
         if engine.captures != engine.phase_graphs():
-            raise AssertionError(f"{label} {mode}: {engine.captures} captures "
+            raise AssertionError(f"{label} {run}: {engine.captures} captures "
                                  f"for {engine.phase_graphs()} phase graphs")
         plain = plain or graphed
         parted = parting_points(target, prompts, plain, graphed)
         same = [len(r) if at is None else at[0] for r, at in zip(graphed, parted)]
         gaps = ", ".join(f"row {b} at token {at[0]}: {at[1]:.3g}" for b, at in enumerate(parted) if at)
-        print(f"check {label} {mode}: graphed == eager on {len(prompts)} rows of {[len(p) for p in prompts]} "
+        print(f"check {label} {run}: graphed == eager on {len(prompts)} rows of {[len(p) for p in prompts]} "
               f"tokens; tokens equal to plain decoding before the first difference: {same}"
               + (f" (the target's two best logits there: {gaps} apart)" if gaps else ""), flush=True)
 
@@ -1525,6 +1589,11 @@ def main(argv=None):
                         help="SpecAttn: a row verifies densely until its cache holds this many positions "
                              "(below it, skipping reads saves less time than asking the draft for its "
                              "attention costs); 0: sparse from the first step")
+    parser.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                        help="the draft proposes only the N tokens most frequent in the calibration book "
+                             "(its head computes N logits instead of the whole vocabulary's: a shorter draft "
+                             "step, a few more rejected drafts; still lossless, the target verifies every "
+                             "token). 0: the whole vocabulary")
     parser.add_argument("--always-sparse", action="store_true",
                         help="SpecAttn verifies sparsely at every step past --sparse-from. Without it each step "
                              "chooses sparse or dense verification, whichever gives more tokens per second as "
@@ -1577,6 +1646,8 @@ def main(argv=None):
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.sparse_from < 0:
             raise ValueError(f"--sparse-from must be >= 0, got {args.sparse_from}")
+        if args.draft_vocab < 0:
+            raise ValueError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {args.draft_vocab}")
         if args.draft_window is not None and args.draft_window < 0:
             raise ValueError(f"--draft-window must be >= 0 (0: the draft reads its whole cache), "
                              f"got {args.draft_window}")
@@ -1586,6 +1657,9 @@ def main(argv=None):
                                              dtype=getattr(torch, args.dtype) if args.dtype else None,
                                              bos=args.bos, sink_distance=args.sink_distance)
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
+        draft_vocab = (draft_vocabulary(tokenizer, args.draft_vocab, min(target.args.vocab_size,
+                                                                         draft.args.vocab_size))
+                       if args.draft_vocab else None)
         continuous = (args.requests or args.batch) > args.batch and not args.fixed_batches
         selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, sinks=args.sinks,
                                     combine=args.combine or default_combine(continuous),
@@ -1604,9 +1678,10 @@ def main(argv=None):
             use_gpu_kernels(True)
         if args.check:
             ragged = [p[:max(1, len(p) - 7 * b)] for b, p in enumerate((prompts * 3)[:3])]
-            check_engine(target, draft, ragged, layer_map, selection, args.gamma, "pair", args.draft_window)
+            check_engine(target, draft, ragged, layer_map, selection, args.gamma, "pair", args.draft_window,
+                         draft_vocab)
             check_engine(*random_pair_like(target, draft), ragged, layer_map, selection, args.gamma,
-                         "random pair", args.draft_window)
+                         "random pair", args.draft_window, draft_vocab)
             print("engine check passed")
             return
         batch = min(args.batch, len(prompts)) if args.requests else len(prompts)
@@ -1614,7 +1689,7 @@ def main(argv=None):
                             layer_map, selection, modes, eos_id=tokenizer.eos_id, seed=args.seed,
                             progress=True, batch_size=batch, adaptive_gamma=not args.fixed_gamma,
                             draft_window=args.draft_window, choose_verification=not args.always_sparse,
-                            refill=not args.fixed_batches)
+                            refill=not args.fixed_batches, draft_vocab=draft_vocab)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         sys.exit(f"error: {e}")
     for mode, (ids, stats) in results.items():
@@ -1624,6 +1699,8 @@ def main(argv=None):
     weights = target.output.weight
     where = f"# {torch.cuda.get_device_name(weights.device) if weights.is_cuda else 'CPU'}, " \
             f"{str(weights.dtype).removeprefix('torch.')}"  # e.g. "# NVIDIA H100 80GB HBM3, bfloat16"
+    if draft_vocab is not None:
+        where += f", the draft proposing from its {len(draft_vocab)} most frequent tokens (--draft-vocab)"
     table = [where] + results_table(results, batch, args.context or "prompt", len(prompts), args.sparse_from,
                                     verification_chosen=not args.always_sparse)
     if "specattn" in modes:

@@ -1423,6 +1423,56 @@ def test_greedy_speculative_equals_target_greedy(gamma, seed, prompt_len):
         assert sum(stats.accepted_hist[1:]) >= 1  # the test exercised acceptance, not only rejection
 
 
+def test_draft_vocabulary_subset_stays_lossless_row_by_row():
+    """A draft proposing from part of the vocabulary (SpecEngine's draft_vocab: its head keeps
+    those rows): greedy output of every row in a ragged batch is still the target's own, dense
+    and SpecAttn at p = 1, though the draft can no longer propose some of the target's tokens;
+    the draft tokens it proposes all come from the subset, and it still gets some accepted."""
+    target, _ = tiny_pair(2)
+    draft = self_draft(target)
+    prompts = [[5, 6, 7], list(range(20, 31)), [40]]
+    want = SA.greedy_generate(target, prompts, 24)
+    emitted = sorted({t for row in want for t in row})
+    vocab = [t for t in range(97) if t not in emitted[::2]]  # leaves out half the tokens the target emits
+    proposed = []
+    for topp in (None, 1.0):
+        engine = SA.make_engine("specattn" if topp else "dense", target, draft, prompts, 24, 3, 0.0,
+                                [0, 1, 1] if topp else None, SA.SelectionConfig(topp=topp or 0.9),
+                                draft_vocab=vocab)
+        real_draft = engine._draft_phase
+
+        def draft_phase():  # what each step proposes
+            real_draft()
+            proposed.extend(engine.drafted[:, :engine.g].flatten().tolist())
+        engine._draft_phase = draft_phase
+        got, stats = engine.generate(prompts, 24)
+        assert got == want, f"topp={topp}"
+        assert stats.accepted > 0
+    assert proposed and set(proposed) <= set(vocab)
+    assert engine.draft_head.weight.shape == (len(vocab), target.args.dim)
+    with pytest.raises(ValueError, match="distinct token ids"):
+        SA.make_engine("dense", target, draft, prompts, 24, 3, 0.0, None, SA.SelectionConfig(), draft_vocab=[1, 1])
+    with pytest.raises(ValueError, match="distinct token ids"):
+        SA.make_engine("dense", target, draft, prompts, 24, 3, 0.0, None, SA.SelectionConfig(), draft_vocab=[97])
+
+
+def test_draft_vocabulary_ranks_by_count_then_id(tmp_path):
+    """draft_vocabulary: the most frequent tokens of the text, equal counts (and unused tokens)
+    in id order, returned in ascending order; a size outside 1..vocab is a one-line error."""
+    class Chars:  # a tokenizer whose token ids are characters' codes
+        def encode(self, text, bos=True):
+            return [ord(c) for c in text]
+    text = tmp_path / "book.txt"
+    text.write_text("cccbbbaz" + "d" * 5, encoding="utf-8")
+    ranked = SA.draft_vocabulary(Chars(), 4, 128, text)
+    assert ranked == sorted([ord("d"), ord("b"), ord("c"), ord("a")])  # d 5, b and c 3 (b first), a before z
+    assert SA.draft_vocabulary(Chars(), 6, 128, text) == sorted([ord(c) for c in "dbcaz"] + [0])  # then id 0
+    for size in (0, 129):
+        with pytest.raises(ValueError, match="vocabulary size must be in 1..128") as info:
+            SA.draft_vocabulary(Chars(), size, 128, text)
+        assert "\n" not in str(info.value)
+
+
 def test_greedy_speculative_with_unrelated_draft():
     target, draft = tiny_pair(3)
     prompt = [5, 6, 7]
@@ -2361,12 +2411,13 @@ def test_a_finished_row_reads_nothing_more(references):
     assert got == [free[0][:free[0].index(eos) + 1], free[1]]
 
 
-@pytest.mark.parametrize("propose", [None, 1])
-def test_speculative_sampling_keeps_target_distribution_in_a_batch(references, propose):
+@pytest.mark.parametrize("propose, draft_vocab", [(None, None), (1, None), (None, [0, 2, 3, 5])])
+def test_speculative_sampling_keeps_target_distribution_in_a_batch(references, propose, draft_vocab):
     """Sampling: the first two tokens of every row follow the target's own joint distribution
     p(x1) p(x2 | x1), for rows of two different prompts in one batch (each row draws its own
     numbers). The second token is the speculative step's (accepted draft token or resampled).
-    propose=1: an engine sized for γ = 3 whose steps propose one token (a gamma chooser's)."""
+    propose=1: an engine sized for γ = 3 whose steps propose one token (a gamma chooser's).
+    draft_vocab: the draft samples from 4 of the 6 tokens (its q is 0 on the others)."""
     vocab, temperature = 6, 1.3
     target = tiny_model(seed=4, vocab_size=vocab)
     draft = tiny_model(seed=9, vocab_size=vocab)
@@ -2386,7 +2437,7 @@ def test_speculative_sampling_keeps_target_distribution_in_a_batch(references, p
         engine = SA.make_engine("dense", target, draft, batch, 2, 3, temperature, None, SA.SelectionConfig(),
                                 generator=gen, gamma_chooser=ScheduledGamma(3, [propose]))
     out, stats = SA.speculative_generate(target, draft, batch, 2, gamma=3, temperature=temperature,
-                                         generator=gen, engine=engine)
+                                         generator=gen, engine=engine, draft_vocab=draft_vocab)
     assert stats.mean_gamma == (propose or 3)
     for i, prompt in enumerate(prompts):
         counts = torch.zeros(vocab * vocab)
@@ -2417,6 +2468,7 @@ def test_generation_bad_input_errors():
                                           (["--topp", "1.5"], "--topp"), (["--batch", "0"], "--batch"),
                                           (["--modes", "fast"], "--modes"), (["--sparse-from", "-1"], "--sparse-from"),
                                           (["--draft-window", "-1"], "--draft-window"),
+                                          (["--draft-vocab", "-1"], "--draft-vocab"),
                                           (["--batch", "4", "--requests", "2"], "--requests"),
                                           (["--batch", "2", "--requests", "3", "--fixed-batches"],
                                            "--fixed-batches")])
@@ -2444,6 +2496,7 @@ def test_cli_help_states_each_default_once(capsys):
                                           (["--sparse-from", "-1"], "--sparse-from"), (["--parts", "x"], "--parts"),
                                           (["--sink-distance", "-2"], "--sink-distance"),
                                           (["--draft-window", "-1"], "--draft-window"),
+                                          (["--also-draft-vocab", "-2"], "--also-draft-vocab"),
                                           (["--parts", "cpu,demo"], "--parts cpu"),
                                           (["--parts", "profile", "--contexts", "8100"], "--parts profile")])
 def test_bench_bad_arguments(argv, message):
