@@ -292,7 +292,9 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                 say(f"| ↳ paired by round (batch {B}, context {context}): "
                     + "; ".join(f"{a} / {b} {round_ratios(results[a][1], results[b][1])}"
                                 for a, b in [("dense", "plain"), ("specattn", "dense")]
-                                + [(f"specattn γ={g}", f"dense γ={g}") for g in gammas if fixed_gamma]) + " |")
+                                + [(f"specattn γ={g}", f"dense γ={g}") for g in gammas if fixed_gamma]
+                                + [(f"{m} vocab {len(vocab)}", m) for m in ("dense", "specattn") if vocab])
+                    + " |")
             rates[(B, context)] = {mode: st.decode_rate for mode, (_, st) in results.items()}
             torch.cuda.empty_cache()
     say(table[-1])
