@@ -762,7 +762,7 @@ class Transformer(nn.Module):
         if logits_at is not None:  # [B, 1, dim]: the rows whose logits are wanted
             rows = torch.arange(B, device=h.device), logits_at
             h, delta = h[rows][:, None], delta[rows][:, None] if delta is not None else None
-        logits = norm_linear(h, delta, self.norm, head or self.output)[1]
+        logits = norm_linear(h, delta, self.norm, head if head is not None else self.output)[1]
         logits = logits.float() if fp32_logits else logits
         return (logits, probs_per_layer) if return_attn is not False else logits
 

@@ -693,7 +693,7 @@ class SpecEngine:
     def _draft_head(self, draft_vocab, device) -> tuple[Optional[torch.Tensor], Optional[Linear]]:
         """(ids, head) for a draft proposing only the tokens draft_vocab lists: its output
         layer's rows for them, copied once. A draft step then reads that share of its largest
-        weight (a 49k x 576 head is a quarter of a demo draft step's time). Lossless: the target
+        weight (the demo draft's head is twice its four layers together). Lossless: the target
         verifies every token, and a sampled draft hands the acceptance test a q with no mass on
         the other tokens (see `_accept_phase`). None: the whole vocabulary."""
         if draft_vocab is None:
