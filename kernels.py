@@ -32,7 +32,8 @@ Works copied alone (torch + triton). Four pieces:
    RoPE tables (`rope`), it rotates the queries and those keys first.
 
 3. The greedy choice: `argmax(logits)`, torch.argmax in one launch that splits each row
-   over many programs (a draft step takes one per row, γ times a step).
+   over many programs (a draft step takes one per row, γ times a step; the verification one
+   per block token); `ids=` maps the winner to a token id (a head over a vocabulary subset).
 
 4. A decode step's matmuls: `decode_linear(x, weight, delta=, norm_weight=)` (or
    `swiglu=True`) runs a residual add and RMSNorm (or SwiGLU) and the matmul after them in
