@@ -11,7 +11,9 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     step, as specattn.py runs; --gamma 2,3,4 --fixed-gamma also runs the speculative modes once
     per fixed γ, --also-always-sparse SpecAttn once with every step past --sparse-from sparse,
     --also-combine SpecAttn once more per other selection: the default is the draft's first
-    row with continuous batching, the union otherwise, specattn.default_combine; --rounds R
+    row with continuous batching, the union otherwise, specattn.default_combine;
+    --also-draft-vocab N dense speculation and SpecAttn once more with the draft proposing
+    from N tokens (specattn.py --draft-vocab); --rounds R
     serves each row's prompts in R parts, plain, dense and SpecAttn taking turns on each part,
     and gives their ratios paired by part: where one mode's edge over another is a few percent,
     as at batch 1, this tells it from the GPU's drift over a run).
