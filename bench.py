@@ -836,8 +836,9 @@ def main(argv=None):
     if args.draft_window is not None and args.draft_window < 0:
         raise SystemExit(f"error: --draft-window must be >= 0 (0: the draft reads its whole cache), "
                          f"got {args.draft_window}")
-    if args.also_draft_vocab < 0:
-        raise SystemExit(f"error: --also-draft-vocab must be >= 0, got {args.also_draft_vocab}")
+    if not 0 <= args.also_draft_vocab <= DEMO_TARGET.vocab_size:
+        raise SystemExit(f"error: --also-draft-vocab must be in 0..{DEMO_TARGET.vocab_size} (the demo "
+                         f"vocabulary), got {args.also_draft_vocab}")
     try:
         check_sink_distance(args.sink_distance)
     except ValueError as e:

@@ -1657,9 +1657,11 @@ def main(argv=None):
                                              dtype=getattr(torch, args.dtype) if args.dtype else None,
                                              bos=args.bos, sink_distance=args.sink_distance)
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
-        draft_vocab = (draft_vocabulary(tokenizer, args.draft_vocab, min(target.args.vocab_size,
-                                                                         draft.args.vocab_size))
-                       if args.draft_vocab else None)
+        vocab_size = min(target.args.vocab_size, draft.args.vocab_size)
+        if args.draft_vocab > vocab_size:
+            raise ValueError(f"--draft-vocab must be at most the vocabulary's {vocab_size} tokens, "
+                             f"got {args.draft_vocab}")
+        draft_vocab = draft_vocabulary(tokenizer, args.draft_vocab, vocab_size) if args.draft_vocab else None
         continuous = (args.requests or args.batch) > args.batch and not args.fixed_batches
         selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, sinks=args.sinks,
                                     combine=args.combine or default_combine(continuous),

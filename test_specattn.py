@@ -2497,6 +2497,7 @@ def test_cli_help_states_each_default_once(capsys):
                                           (["--sink-distance", "-2"], "--sink-distance"),
                                           (["--draft-window", "-1"], "--draft-window"),
                                           (["--also-draft-vocab", "-2"], "--also-draft-vocab"),
+                                          (["--also-draft-vocab", "49153"], "--also-draft-vocab"),
                                           (["--parts", "cpu,demo"], "--parts cpu"),
                                           (["--parts", "profile", "--contexts", "8100"], "--parts profile")])
 def test_bench_bad_arguments(argv, message):
