@@ -26,11 +26,11 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     --peer-runs times per context: the median and the range (it varies from run to run).
 (d) the kernels alone (`--parts kernels`, not in the default): top-p against the sort
     reference, the sparse attention against SDPA, the attention's launch choices; after
-    `kernels.check_on_gpu`. Its last three tables also run alone: (e) `--parts merge`, the
-    attention's merge variants at the demo's batch-1 decode shapes; (f) `--parts window`, the
-    draft's attention reading its whole cache or its window, without and with SpecAttn's row,
-    and a prompt's prefill (the target's, the draft's whole and through its window); (i)
-    `--parts linear`, below.
+    `kernels.check_on_gpu`. Its last tables also run alone: (e) `--parts merge`, the
+    attention's merge variants and its splits per KV head at the demo's batch-1 decode shapes;
+    (f) `--parts window`, the draft's attention reading its whole cache or its window, without
+    and with SpecAttn's row, and a prompt's prefill (the target's, the draft's whole and through
+    its window); (i) `--parts linear`, below.
 (g) `--parts cpu`, alone and with no GPU: the demo pair on the CPU, each forward and the
     generation with model.Linear's few-row matmul form against F.linear.
 (h) `--parts profile --batches 1 --contexts 1024`: where a decode step's GPU time goes, kernel
@@ -530,6 +530,48 @@ def bench_merge(say) -> None:
             cells = [1e3 * do_bench(graphed(step(kw)), return_mode="median") / layers for kw in variants.values()]
             say(f"| {T} | {S} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
             kc = vc = None
+    say()
+    bench_attention_splits(say)
+
+
+def bench_attention_splits(say, splits=(1, 2, 4, 8, 16), window: int = 512) -> None:
+    """The attention's splits per KV head at SmolLM2's batch-1 decode shapes: sparse_attention's
+    own choice against fixed n_splits (a call there reads ~1-12 MB: each split is a program whose
+    partial the merge folds in, so fewer splits shorten the chain and more keep more loads in
+    flight). The target's rows read the whole cache, the draft's (queries 1 and 2) through its
+    window. Each variant first checked against the reference, then timed as in bench_merge."""
+    from triton.testing import do_bench
+
+    dev = "cuda"
+    say(f"## splits per KV head at SmolLM2's decode shapes: 9 q-heads / 3 KV heads, D=64, bf16, batch 1, RoPE "
+        f"and the cache write in the launch")
+    say("µs per call, median, a CUDA graph of 30 calls on 30 caches; default: sparse_attention's choice; "
+        f"window: the draft reading position 0 and its newest {window} positions")
+    say("| queries | S | reads | default | " + " | ".join(f"{n} split{'s' * (n > 1)}" for n in splits) + " |")
+    say("|---|---|---|---|" + "---|" * len(splits))
+    layers, Hq, Hkv, D = 30, 9, 3, 64
+    cases = [(T, S, 0) for T in (1, 2, 5) for S in (1024, 4096, 7900)] + [(T, 4096, window) for T in (1, 2)]
+    for T, S, win in cases:
+        kc = [torch.randn(1, Hkv, S + 138, D, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
+        vc = [torch.randn_like(k) for k in kc]
+        q = torch.randn(1, Hq, T, D, device=dev, dtype=torch.bfloat16)
+        new_kv = tuple(torch.randn(2, 1, Hkv, T, D, device=dev, dtype=torch.bfloat16))
+        angles = torch.rand(1, T, D, device=dev) * 100
+        block = dict(new_kv=new_kv, rope=(angles.cos(), angles.sin()), window=win)
+        lengths = torch.full((1,), S, dtype=torch.int32, device=dev)
+        ref = K.sparse_attention_reference(q.float(), kc[0].float(), vc[0].float(), lengths,
+                                           **{**block, "new_kv": tuple(x.float() for x in new_kv)})
+        variants = [{}] + [{"n_splits": n} for n in splits]
+        for kw in variants:
+            got = K.sparse_attention(q, kc[0], vc[0], lengths, **block, **kw).float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, f"attention {kw or 'default'}, {T} queries, {S} positions: rel err {err:.2e}"
+
+        def step(kw):
+            return lambda: [K.sparse_attention(q, kc[i], vc[i], lengths, **block, **kw) for i in range(layers)]
+        cells = [1e3 * do_bench(graphed(step(kw)), return_mode="median") / layers for kw in variants]
+        say(f"| {T} | {S} | {f'window {win}' if win else 'all'} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        kc = vc = None
 
 
 # The row-by-row form's launches that `--parts linear` compares: (output columns per program,
