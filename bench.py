@@ -490,13 +490,37 @@ def bench_kernels(out_dir=None):
         write_atomic(Path(out_dir) / "kernels_bench.md", "\n".join(lines) + "\n")
 
 
-def bench_merge(say) -> None:
-    """(e): the attention's merge at SmolLM2's batch-1 decode shapes, each variant first checked
-    against the reference (bf16 vs fp32, rel err < 1e-2), then timed in a CUDA graph of 30 calls
-    on 30 caches, as a step runs them."""
+def decode_attention_us(T: int, S: int, variants: dict, window: int = 0, layers: int = 30) -> list[float]:
+    """SmolLM2's decode attention at batch 1 (9 q-heads / 3 KV heads, D=64, bf16; T queries, S
+    cached positions, one row length on the device, RoPE and the cache write in the launch;
+    window: the draft's): each of `variants` ({name: sparse_attention keyword arguments}) first
+    checked against the reference (bf16 vs fp32, rel err < 1e-2), then timed in a CUDA graph of
+    `layers` calls on as many caches, as a step runs them. µs per call, in variants' order."""
     from triton.testing import do_bench
 
-    dev = "cuda"
+    dev, Hq, Hkv, D = "cuda", 9, 3, 64
+    kc = [torch.randn(1, Hkv, S + 138, D, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
+    vc = [torch.randn_like(k) for k in kc]
+    q = torch.randn(1, Hq, T, D, device=dev, dtype=torch.bfloat16)
+    new_kv = tuple(torch.randn(2, 1, Hkv, T, D, device=dev, dtype=torch.bfloat16))
+    angles = torch.rand(1, T, D, device=dev) * 100
+    block = dict(new_kv=new_kv, rope=(angles.cos(), angles.sin()), window=window)
+    lengths = torch.full((1,), S, dtype=torch.int32, device=dev)
+    ref = K.sparse_attention_reference(q.float(), kc[0].float(), vc[0].float(), lengths,
+                                       **{**block, "new_kv": tuple(x.float() for x in new_kv)})
+    for name, kw in variants.items():
+        got = K.sparse_attention(q, kc[0], vc[0], lengths, **block, **kw).float()
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, f"attention {name}, {T} queries, {S} positions: rel err {err:.2e}"
+
+    def step(kw):
+        return lambda: [K.sparse_attention(q, kc[i], vc[i], lengths, **block, **kw) for i in range(layers)]
+    return [1e3 * do_bench(graphed(step(kw)), return_mode="median") / layers for kw in variants.values()]
+
+
+def bench_merge(say) -> None:
+    """(e): the attention's merge at SmolLM2's batch-1 decode shapes (decode_attention_us), then
+    its splits per KV head (bench_attention_splits)."""
     variants = {"rows": dict(merge="rows", merge_parts=1), "rows, 4 a load": dict(merge="rows", merge_parts=4),
                 "flat": dict(merge="flat"), "default": {}}
     say("## the merge at SmolLM2's decode shapes: 9 q-heads / 3 KV heads, D=64, bf16, batch 1, one row length "
@@ -507,29 +531,9 @@ def bench_merge(say) -> None:
         "rows 4 a load for more")
     say("| queries | S | " + " | ".join(f"merge {v}" if v != "default" else v for v in variants) + " |")
     say("|---|---|" + "---|" * len(variants))
-    layers, Hq, Hkv, D = 30, 9, 3, 64
     for T in (1, 2, 5):
         for S in (1024, 4096, 7900):
-            kc = [torch.randn(1, Hkv, S + 138, D, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
-            vc = [torch.randn_like(k) for k in kc]
-            q = torch.randn(1, Hq, T, D, device=dev, dtype=torch.bfloat16)
-            new_kv = tuple(torch.randn(2, 1, Hkv, T, D, device=dev, dtype=torch.bfloat16))
-            angles = torch.rand(1, T, D, device=dev) * 100
-            rope = (angles.cos(), angles.sin())
-            lengths = torch.full((1,), S, dtype=torch.int32, device=dev)
-            ref = K.sparse_attention_reference(q.float(), kc[0].float(), vc[0].float(), lengths,
-                                               new_kv=tuple(x.float() for x in new_kv), rope=rope)
-            for name, kw in variants.items():
-                got = K.sparse_attention(q, kc[0], vc[0], lengths, new_kv=new_kv, rope=rope, **kw).float()
-                err = ((got - ref).norm() / ref.norm()).item()
-                assert err < 1e-2, f"merge {name}, {T} queries, {S} positions: rel err {err:.2e}"
-
-            def step(kw):
-                return lambda: [K.sparse_attention(q, kc[i], vc[i], lengths, new_kv=new_kv, rope=rope, **kw)
-                                for i in range(layers)]
-            cells = [1e3 * do_bench(graphed(step(kw)), return_mode="median") / layers for kw in variants.values()]
-            say(f"| {T} | {S} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
-            kc = vc = None
+            say(f"| {T} | {S} | " + " | ".join(f"{c:.2f}" for c in decode_attention_us(T, S, variants)) + " |")
     say()
     bench_attention_splits(say)
 
@@ -539,39 +543,18 @@ def bench_attention_splits(say, splits=(1, 2, 4, 8, 16), window: int = 512) -> N
     own choice against fixed n_splits (a call there reads ~1-12 MB: each split is a program whose
     partial the merge folds in, so fewer splits shorten the chain and more keep more loads in
     flight). The target's rows read the whole cache, the draft's (queries 1 and 2) through its
-    window. Each variant first checked against the reference, then timed as in bench_merge."""
-    from triton.testing import do_bench
-
-    dev = "cuda"
+    window. Each variant checked, then timed, by decode_attention_us."""
+    variants = {"default": {}, **{f"{n} splits": {"n_splits": n} for n in splits}}
     say(f"## splits per KV head at SmolLM2's decode shapes: 9 q-heads / 3 KV heads, D=64, bf16, batch 1, RoPE "
         f"and the cache write in the launch")
     say("µs per call, median, a CUDA graph of 30 calls on 30 caches; default: sparse_attention's choice; "
         f"window: the draft reading position 0 and its newest {window} positions")
     say("| queries | S | reads | default | " + " | ".join(f"{n} split{'s' * (n > 1)}" for n in splits) + " |")
     say("|---|---|---|---|" + "---|" * len(splits))
-    layers, Hq, Hkv, D = 30, 9, 3, 64
     cases = [(T, S, 0) for T in (1, 2, 5) for S in (1024, 4096, 7900)] + [(T, 4096, window) for T in (1, 2)]
     for T, S, win in cases:
-        kc = [torch.randn(1, Hkv, S + 138, D, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
-        vc = [torch.randn_like(k) for k in kc]
-        q = torch.randn(1, Hq, T, D, device=dev, dtype=torch.bfloat16)
-        new_kv = tuple(torch.randn(2, 1, Hkv, T, D, device=dev, dtype=torch.bfloat16))
-        angles = torch.rand(1, T, D, device=dev) * 100
-        block = dict(new_kv=new_kv, rope=(angles.cos(), angles.sin()), window=win)
-        lengths = torch.full((1,), S, dtype=torch.int32, device=dev)
-        ref = K.sparse_attention_reference(q.float(), kc[0].float(), vc[0].float(), lengths,
-                                           **{**block, "new_kv": tuple(x.float() for x in new_kv)})
-        variants = [{}] + [{"n_splits": n} for n in splits]
-        for kw in variants:
-            got = K.sparse_attention(q, kc[0], vc[0], lengths, **block, **kw).float()
-            err = ((got - ref).norm() / ref.norm()).item()
-            assert err < 1e-2, f"attention {kw or 'default'}, {T} queries, {S} positions: rel err {err:.2e}"
-
-        def step(kw):
-            return lambda: [K.sparse_attention(q, kc[i], vc[i], lengths, **block, **kw) for i in range(layers)]
-        cells = [1e3 * do_bench(graphed(step(kw)), return_mode="median") / layers for kw in variants]
+        cells = decode_attention_us(T, S, variants, window=win)
         say(f"| {T} | {S} | {f'window {win}' if win else 'all'} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
-        kc = vc = None
 
 
 # The row-by-row form's launches that `--parts linear` compares: (output columns per program,
