@@ -384,10 +384,9 @@ class GammaChooser:
     call at a shape, a graph's first replay): a time read too high would keep that γ from ever
     being tried again. Times measured at a shorter context read low, so a γ left aside is
     tried again as the context grows and the others' times rise. Where the running rows
-    change by a quarter or more for 3 steps running (`note_rows`: the last prompts of a batch
-    finishing; not the 2 steps a finished row sits out before the host refills it), the measured
-    times are forgotten: a step's reads of the KV cache follow the rows that hold one, so times
-    from another batch no longer say what a step costs.
+    change by a quarter or more (`note_rows`: the last prompts of a batch finishing, or waiting
+    ones refilling their rows), the measured times are forgotten: a step's reads of the KV cache
+    follow the rows that hold one, so times from another batch no longer say what a step costs.
     """
 
     def __init__(self, gamma_max: int, costs: Optional[tuple[float, float]] = None, decay: float = 0.9,
@@ -405,7 +404,6 @@ class GammaChooser:
         self.draft_per_token: Optional[float] = None  # running mean of the draft phase's time / γ
         self.run_once: set[int] = set()  # γ whose first step has been seen (and not timed)
         self.timed_rows: Optional[int] = None  # the running rows step_time was measured with
-        self.rows_moved = 0  # steps in a row that ran with a quarter more or fewer rows than that
 
     @property
     def alpha(self) -> float:
@@ -428,16 +426,11 @@ class GammaChooser:
 
     def note_rows(self, rows: int) -> None:
         """The rows running in a step: a change by a quarter or more since the times were
-        measured, for 3 steps running, forgets them (see the class doc); the next step's time
-        starts them again."""
-        if not rows:
-            return
-        moved = self.timed_rows is not None and not 0.75 < rows / self.timed_rows < 4 / 3
-        self.rows_moved = self.rows_moved + 1 if moved else 0
-        if self.rows_moved >= 3:
+        measured forgets them (see the class doc); the next step's time starts them again."""
+        if rows and self.timed_rows and not 0.75 < rows / self.timed_rows < 4 / 3:
             self.step_time.clear()
-        if self.timed_rows is None or not self.step_time:
-            self.timed_rows, self.rows_moved = rows, 0
+        if rows and (self.timed_rows is None or not self.step_time):
+            self.timed_rows = rows
 
     def step_cost(self, gamma: int) -> float:
         """T(γ): the time a step proposing γ tokens is expected to take (see the class doc)."""
@@ -540,9 +533,8 @@ class VerifyChooser:
 
     def observe_step(self, sparse: bool, gamma: int, accepted: list[int], draft_s=None, step_s=None) -> None:
         """One step's evidence (see GammaChooser.observe), for the variant it ran; the rows
-        that ran it for both (a change of a quarter or more, 3 steps running, makes both
-        variants measure their times again, the one left aside included: its old times would
-        read high as rows finish)."""
+        that ran it for both (a change of a quarter or more makes both variants measure their
+        times again, the one left aside included: its old times would read high as rows finish)."""
         self.variants[sparse].observe(gamma, accepted, draft_s=draft_s, step_s=step_s)
         self.variants[not sparse].note_rows(len(accepted))
 

@@ -2259,27 +2259,22 @@ def test_verify_chooser_tries_both_then_follows_tokens_per_time():
 
 def test_choosers_measure_step_times_again_when_the_running_rows_change():
     """A step's time follows the rows that run it (their KV reads): where the running rows
-    change by a quarter or more for 3 steps running, GammaChooser forgets its measured times (its
-    α stays), and VerifyChooser has the variant it left aside measure again; shorter dips (a
-    finished row sits out 2 steps before it is refilled) and smaller changes keep them."""
+    change by a quarter or more, GammaChooser forgets its measured times (its α stays), and
+    VerifyChooser has both variants measure again, sparse first then dense, even the one it
+    left aside a step ago; smaller changes keep them."""
     gamma = SA.GammaChooser(3)
     for _ in range(4):
         gamma.observe(3, [1] * 8, draft_s=0.3, step_s=1.0)
     gamma.observe(3, [1] * 7, draft_s=0.3, step_s=1.0)  # one row of 8 done: times kept
-    for _ in range(2):  # two rows sitting out their 2 steps before a refill: kept
-        gamma.observe(3, [1] * 6, draft_s=0.3, step_s=1.0)
-    gamma.observe(3, [1] * 8, draft_s=0.3, step_s=1.0)
     assert gamma.step_time == {3: pytest.approx(1.0)}
     alpha = gamma.alpha
-    for _ in range(3):  # a quarter fewer for 3 steps: forgotten, α kept, not ready until timed again
-        gamma.note_rows(6)
+    gamma.note_rows(6)  # a quarter fewer: times forgotten, α kept, not ready until timed again
     assert gamma.step_time == {} and not gamma.ready and gamma.choose() == 3
     assert gamma.alpha == alpha
     gamma.observe(3, [1] * 6, draft_s=0.3, step_s=0.5)  # the next step times it at 6 rows
     assert gamma.step_time == {3: pytest.approx(0.5)} and gamma.ready
     gamma.observe(3, [1] * 5, draft_s=0.3, step_s=0.5)  # 5 of 6: kept
-    for _ in range(3):  # 8 rows again (refilled) for 3 steps: forgotten at the third, which then times it
-        gamma.observe(3, [1] * 8, draft_s=0.3, step_s=0.9)
+    gamma.observe(3, [1] * 8, draft_s=0.3, step_s=0.9)  # 8 rows again (refilled): forgotten, then 0.9
     assert gamma.step_time == {3: pytest.approx(0.9)}
 
     chooser = SA.VerifyChooser(2, explore_every=100)
@@ -2289,9 +2284,8 @@ def test_choosers_measure_step_times_again_when_the_running_rows_change():
     assert all(v.ready for v in chooser.variants.values())
     assert chooser.choose_step(True) == (True, 2)  # sparse cheaper at 8 rows, same acceptance
     chooser.observe_step(True, 2, [2] * 7, draft_s=0.2, step_s=0.8)  # 7 rows: nothing forgotten
-    for _ in range(3):  # half the rows, 3 steps running: both measure again
-        assert chooser.choose_step(True)[0] is True
-        chooser.observe_step(True, 2, [2] * 4, draft_s=0.2, step_s=0.8)
+    assert chooser.choose_step(True)[0] is True
+    chooser.observe_step(True, 2, [2] * 4, draft_s=0.2, step_s=0.8)  # half the rows: both measure again
     assert not chooser.variants[False].ready and chooser.variants[True].ready  # sparse timed at 4 rows
     assert chooser.choose_step(True)[0] is False  # dense left aside a few steps ago, measured again
     chooser.observe_step(False, 2, [2] * 4, draft_s=0.2, step_s=0.6)  # at 4 rows dense is the cheaper
