@@ -383,10 +383,7 @@ class GammaChooser:
     A γ's first step is not timed (a first run may include one-time work: a CPU's first eager
     call at a shape, a graph's first replay): a time read too high would keep that γ from ever
     being tried again. Times measured at a shorter context read low, so a γ left aside is
-    tried again as the context grows and the others' times rise. Where the running rows
-    change by a quarter or more (`note_rows`: the last prompts of a batch finishing, or waiting
-    ones refilling their rows), the measured times are forgotten: a step's reads of the KV cache
-    follow the rows that hold one, so times from another batch no longer say what a step costs.
+    tried again as the context grows and the others' times rise.
     """
 
     def __init__(self, gamma_max: int, costs: Optional[tuple[float, float]] = None, decay: float = 0.9,
@@ -403,7 +400,6 @@ class GammaChooser:
         self.step_time: dict[int, float] = {}  # γ -> running mean of a step's measured time
         self.draft_per_token: Optional[float] = None  # running mean of the draft phase's time / γ
         self.run_once: set[int] = set()  # γ whose first step has been seen (and not timed)
-        self.timed_rows: Optional[int] = None  # the running rows step_time was measured with
 
     @property
     def alpha(self) -> float:
@@ -413,7 +409,6 @@ class GammaChooser:
                 step_s: Optional[float] = None) -> None:
         """One step's evidence: it proposed `gamma`; `accepted` draft tokens per running row;
         its draft phase and whole-step times (used when costs are measured)."""
-        self.note_rows(len(accepted))
         self.observed += 1
         self.agree = self.agree * self.decay + sum(accepted)
         self.disagree = self.disagree * self.decay + sum(k < gamma for k in accepted)
@@ -423,14 +418,6 @@ class GammaChooser:
             mean = lambda old, new: new if old is None else 0.8 * old + 0.2 * new  # noqa: E731
             self.draft_per_token = mean(self.draft_per_token, draft_s / gamma)
             self.step_time[gamma] = mean(self.step_time.get(gamma), step_s)
-
-    def note_rows(self, rows: int) -> None:
-        """The rows running in a step: a change by a quarter or more since the times were
-        measured forgets them (see the class doc); the next step's time starts them again."""
-        if rows and self.timed_rows and not 0.75 < rows / self.timed_rows < 4 / 3:
-            self.step_time.clear()
-        if rows and (self.timed_rows is None or not self.step_time):
-            self.timed_rows = rows
 
     def step_cost(self, gamma: int) -> float:
         """T(γ): the time a step proposing γ tokens is expected to take (see the class doc)."""
@@ -532,11 +519,8 @@ class VerifyChooser:
         return sparse, self.variants[sparse].choose()
 
     def observe_step(self, sparse: bool, gamma: int, accepted: list[int], draft_s=None, step_s=None) -> None:
-        """One step's evidence (see GammaChooser.observe), for the variant it ran; the rows
-        that ran it for both (a change of a quarter or more makes both variants measure their
-        times again, the one left aside included: its old times would read high as rows finish)."""
+        """One step's evidence (see GammaChooser.observe), for the variant it ran."""
         self.variants[sparse].observe(gamma, accepted, draft_s=draft_s, step_s=step_s)
-        self.variants[not sparse].note_rows(len(accepted))
 
 
 class SpecEngine:

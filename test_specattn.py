@@ -2257,41 +2257,6 @@ def test_verify_chooser_tries_both_then_follows_tokens_per_time():
         SA.GammaChooser(4, gamma_min=5)
 
 
-def test_choosers_measure_step_times_again_when_the_running_rows_change():
-    """A step's time follows the rows that run it (their KV reads): where the running rows
-    change by a quarter or more, GammaChooser forgets its measured times (its α stays), and
-    VerifyChooser has both variants measure again, sparse first then dense, even the one it
-    left aside a step ago; smaller changes keep them."""
-    gamma = SA.GammaChooser(3)
-    for _ in range(4):
-        gamma.observe(3, [1] * 8, draft_s=0.3, step_s=1.0)
-    gamma.observe(3, [1] * 7, draft_s=0.3, step_s=1.0)  # one row of 8 done: times kept
-    assert gamma.step_time == {3: pytest.approx(1.0)}
-    alpha = gamma.alpha
-    gamma.note_rows(6)  # a quarter fewer: times forgotten, α kept, not ready until timed again
-    assert gamma.step_time == {} and not gamma.ready and gamma.choose() == 3
-    assert gamma.alpha == alpha
-    gamma.observe(3, [1] * 6, draft_s=0.3, step_s=0.5)  # the next step times it at 6 rows
-    assert gamma.step_time == {3: pytest.approx(0.5)} and gamma.ready
-    gamma.observe(3, [1] * 5, draft_s=0.3, step_s=0.5)  # 5 of 6: kept
-    gamma.observe(3, [1] * 8, draft_s=0.3, step_s=0.9)  # 8 rows again (refilled): forgotten, then 0.9
-    assert gamma.step_time == {3: pytest.approx(0.9)}
-
-    chooser = SA.VerifyChooser(2, explore_every=100)
-    for sparse in (True, True, False, False):  # sparse until ready (its first step untimed), then dense
-        assert chooser.choose_step(True) == (sparse, 2)
-        chooser.observe_step(sparse, 2, [2] * 8, draft_s=0.2, step_s=0.8 if sparse else 1.0)
-    assert all(v.ready for v in chooser.variants.values())
-    assert chooser.choose_step(True) == (True, 2)  # sparse cheaper at 8 rows, same acceptance
-    chooser.observe_step(True, 2, [2] * 7, draft_s=0.2, step_s=0.8)  # 7 rows: nothing forgotten
-    assert chooser.choose_step(True)[0] is True
-    chooser.observe_step(True, 2, [2] * 4, draft_s=0.2, step_s=0.8)  # half the rows: both measure again
-    assert not chooser.variants[False].ready and chooser.variants[True].ready  # sparse timed at 4 rows
-    assert chooser.choose_step(True)[0] is False  # dense left aside a few steps ago, measured again
-    chooser.observe_step(False, 2, [2] * 4, draft_s=0.2, step_s=0.6)  # at 4 rows dense is the cheaper
-    assert chooser.choose_step(True)[0] is False
-
-
 def test_greedy_engine_reads_logits_in_the_models_dtype():
     """Greedy steps take the argmax of the logits in the model's dtype (no fp32 copy of the
     head's output, fp32_logits=False), sampled ones the fp32 logits; in bf16 the greedy
