@@ -559,7 +559,7 @@ def bench_attention_splits(say, splits=(1, 2, 4, 8, 16), window: int = 512) -> N
 
 # The row-by-row form's launches that `--parts linear` compares: (output columns per program,
 # warps per program); None: decode_linear's default (8 columns, 16 for weights over 1M entries).
-LINEAR_LAUNCHES = ((None, 4), (8, 2), (8, 1), (16, 2), (16, 1), (4, 1))
+LINEAR_LAUNCHES = ((None, None), (None, 4), (8, 2), (8, 1), (16, 2), (4, 1))  # (block_n, num_warps); None: default
 
 
 def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="cuda",
@@ -636,9 +636,10 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
 
     few = [r for r in rows if r <= K.DECODE_LINEAR_ROWS]
     say("## decode_linear one row at a time, per launch: output columns per program x warps per program")
-    say("µs per call as above; columns 'default': decode_linear's own (8, or 16 for weights over 1M entries); "
-        "each launch checked against the reference first")
-    say("| matmul | rows | " + " | ".join(f"{b or 'default'} columns, {w} warps" for b, w in launches) + " |")
+    say("µs per call as above; 'its choice': decode_linear's own launch (block_n and num_warps None); 'default "
+        "columns': 8, or 16 for weights over 1M entries; each launch checked against the reference first")
+    say("| matmul | rows | " + " | ".join("its choice" if b is None and w is None else
+                                         f"{b or 'default'} columns, {w} warps" for b, w in launches) + " |")
     say("|---|---|" + "---|" * len(launches))
     for name, N, width, prologue in shapes:
         for r in few:

@@ -1363,10 +1363,12 @@ def _pdl(device) -> bool:
 
 
 def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, swiglu=False, block_n=None,
-                  num_warps=4, tensor_cores=False, block_k=None):
+                  num_warps=None, tensor_cores=False, block_k=None):
     """decode_linear_reference in one launch (see above): for a few rows (at most 16) and
     weights of at most DECODE_LINEAR_MAX_K columns; any leading dims, a contiguous last dim.
-    block_n: output columns per program (None: 8, or 16 for weights over 1M entries).
+    block_n, num_warps: output columns and warps per program (both None: one warp on 4 columns
+    for up to 3 rows of at most 1024 entries, else 4 warps on 8 columns, or 16 for weights
+    over 1M entries; either None alone: that default).
     tensor_cores: all rows at once through tl.dot (_decode_linear_dot_kernel) instead of one
     row at a time; block_k: its K chunk (None: K whole up to DECODE_LINEAR_WHOLE_K columns,
     else 256). `python bench.py --parts linear` times both forms.
@@ -1391,8 +1393,14 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
     pdl = _pdl(x.device)
     args = (x2, d2, norm_weight, weight, bias, y, h, N, K, eps, x2.stride(0), d2.stride(0) if d2 is not None else 0,
             y.stride(0), K, weight.stride(0))
+    if block_n is None and num_warps is None and not tensor_cores and rows <= 3 and K <= 1024:
+        # A verify step's few short rows: one warp on 4 columns keeps the sums over K within the
+        # warp (shuffles, no shared-memory round trip across warps) and gives 4x the programs to
+        # spread the weight's reads over the SMs. More rows, or wider ones, and one warp's
+        # registers no longer hold the tiles (`python bench.py --parts linear`, launch table).
+        block_n, num_warps = 4, 1
     common = dict(ADD=delta is not None, NORM=norm_weight is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None,
-                  PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+                  PDL=pdl, num_warps=num_warps or 4, **({"launch_pdl": True} if pdl else {}))
     if tensor_cores:
         block_n = max(16, block_n or 16)
         block_k = block_k or max(16, triton.next_power_of_2(K) if K <= DECODE_LINEAR_WHOLE_K else 256)
