@@ -1367,8 +1367,8 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
     """decode_linear_reference in one launch (see above): for a few rows (at most 16) and
     weights of at most DECODE_LINEAR_MAX_K columns; any leading dims, a contiguous last dim.
     block_n, num_warps: output columns and warps per program (both None: one warp on 4 columns
-    for up to 3 rows of at most 1024 entries, else 4 warps on 8 columns, or 16 for weights
-    over 1M entries; either None alone: that default).
+    for one row of at most 1024 entries, else 4 warps on 8 columns, or 16 for weights over 1M
+    entries; either None alone: that default).
     tensor_cores: all rows at once through tl.dot (_decode_linear_dot_kernel) instead of one
     row at a time; block_k: its K chunk (None: K whole up to DECODE_LINEAR_WHOLE_K columns,
     else 256). `python bench.py --parts linear` times both forms.
@@ -1393,11 +1393,12 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
     pdl = _pdl(x.device)
     args = (x2, d2, norm_weight, weight, bias, y, h, N, K, eps, x2.stride(0), d2.stride(0) if d2 is not None else 0,
             y.stride(0), K, weight.stride(0))
-    if block_n is None and num_warps is None and not tensor_cores and rows <= 3 and K <= 1024:
-        # A verify step's few short rows: one warp on 4 columns keeps the sums over K within the
-        # warp (shuffles, no shared-memory round trip across warps) and gives 4x the programs to
-        # spread the weight's reads over the SMs. More rows, or wider ones, and one warp's
-        # registers no longer hold the tiles (`python bench.py --parts linear`, launch table).
+    if block_n is None and num_warps is None and not tensor_cores and rows == 1 and K <= 1024:
+        # One short row (a plain or draft step): one warp on 4 columns keeps the sum over K within
+        # the warp (shuffles, no shared-memory round trip across warps) and spreads the weight's
+        # reads over 4x the programs. Timed alone it also wins at 2-3 rows, yet a whole verify
+        # step at 3 rows runs slower with it; wider rows (K 1536) overflow one warp's registers
+        # (`python bench.py --parts linear`, launch table; `--parts profile --gamma 2`).
         block_n, num_warps = 4, 1
     common = dict(ADD=delta is not None, NORM=norm_weight is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None,
                   PDL=pdl, num_warps=num_warps or 4, **({"launch_pdl": True} if pdl else {}))
