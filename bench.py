@@ -251,8 +251,7 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
     layer_map = layer_map_for(target, draft, tokenizer, layer_map_path)
     selection = SA.SelectionConfig(topp=topp, sparse_from=sparse_from, combine=combine)
     window = SA.draft_window_of(draft, draft_window)
-    vocab = (SA.draft_vocabulary(tokenizer, also_draft_vocab, min(target.args.vocab_size, draft.args.vocab_size))
-             if also_draft_vocab else None)
+    vocab = SA.pair_draft_vocab(tokenizer, target, draft, also_draft_vocab)
     fixed = f" and fixed at {','.join(map(str, gammas))}" if fixed_gamma else ""
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, "
         f"γ chosen per step up to {max(gammas)}{fixed}, "
@@ -278,8 +277,9 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
             runs += [(("specattn",), max(gammas), True, False, selection, None, " always sparse")] * also_always_sparse
             runs += [(("specattn",), max(gammas), True, True, replace(selection, combine=c), None, f" {c}")
                      for c in also_combine]
-            if vocab:
-                runs += [(("dense", "specattn"), max(gammas), True, True, selection, vocab, f" vocab {len(vocab)}")]
+            if also_draft_vocab:  # (every token: vocab None, the draft's whole head)
+                runs += [(("dense", "specattn"), max(gammas), True, True, selection, vocab,
+                          f" vocab {also_draft_vocab}")]
             for modes, g, auto, verify, run_selection, run_vocab, tag in runs:
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
                                               run_selection, modes, batch_size=B, adaptive_gamma=auto,
@@ -295,7 +295,8 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                     + "; ".join(f"{a} / {b} {round_ratios(results[a][1], results[b][1])}"
                                 for a, b in [("dense", "plain"), ("specattn", "dense")]
                                 + [(f"specattn γ={g}", f"dense γ={g}") for g in gammas if fixed_gamma]
-                                + [(f"{m} vocab {len(vocab)}", m) for m in ("dense", "specattn") if vocab])
+                                + [(f"{m} vocab {also_draft_vocab}", m) for m in ("dense", "specattn")
+                                   if also_draft_vocab])
                     + " |")
             rates[(B, context)] = {mode: st.decode_rate for mode, (_, st) in results.items()}
             torch.cuda.empty_cache()

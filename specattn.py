@@ -677,9 +677,11 @@ class SpecEngine:
         if self.draft is None:
             raise ValueError("draft_vocab: plain decoding has no draft")
         ids = torch.as_tensor(draft_vocab, dtype=torch.long).flatten()
-        vocab = min(self.draft.args.vocab_size, self.target.args.vocab_size)
+        vocab = shared_vocab_size(self.target, self.draft)
         if not len(ids) or ids.min() < 0 or ids.max() >= vocab or len(ids.unique()) != len(ids):
             raise ValueError(f"draft_vocab must list distinct token ids in [0, {vocab}), got {len(ids)} ids")
+        if len(ids) == self.draft.args.vocab_size:  # every token: the draft's own head, no copy
+            return None, None
         full = self.draft.output
         head = Linear(full.in_features, len(ids), bias=full.bias is not None, device=device,
                       dtype=full.weight.dtype).requires_grad_(False)
@@ -1300,6 +1302,22 @@ MODES = ("plain", "dense", "specattn")  # target alone; speculative, dense verif
 SPARSE_FROM = 4096
 
 
+def shared_vocab_size(target: Transformer, draft: Transformer) -> int:
+    """The token ids both models score: the draft proposes among them, the target verifies."""
+    return min(target.args.vocab_size, draft.args.vocab_size)
+
+
+def pair_draft_vocab(tokenizer: Tokenizer, target: Transformer, draft: Transformer, size: int,
+                     text=None) -> Optional[list[int]]:
+    """SpecEngine's draft_vocab for a pair, as `--draft-vocab N` gives it: the `size` most
+    frequent of the tokens both score (draft_vocabulary); 0, or all of them: None, the whole
+    vocabulary."""
+    vocab_size = shared_vocab_size(target, draft)
+    if not 0 <= size <= vocab_size:
+        raise ValueError(f"--draft-vocab must be in 0..{vocab_size} (0: the whole vocabulary), got {size}")
+    return draft_vocabulary(tokenizer, size, vocab_size, text) if 0 < size < vocab_size else None
+
+
 def draft_vocabulary(tokenizer: Tokenizer, size: int, vocab_size: int, text=None) -> list[int]:
     """The `size` token ids a draft proposes from (SpecEngine's draft_vocab): the most frequent
     in `text` (a file; default the calibration book, as for the layer map), ties and tokens the
@@ -1622,7 +1640,7 @@ def main(argv=None):
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.sparse_from < 0:
             raise ValueError(f"--sparse-from must be >= 0, got {args.sparse_from}")
-        if args.draft_vocab < 0:
+        if args.draft_vocab < 0:  # before the pair loads (its size: after)
             raise ValueError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {args.draft_vocab}")
         if args.draft_window is not None and args.draft_window < 0:
             raise ValueError(f"--draft-window must be >= 0 (0: the draft reads its whole cache), "
@@ -1633,11 +1651,7 @@ def main(argv=None):
                                              dtype=getattr(torch, args.dtype) if args.dtype else None,
                                              bos=args.bos, sink_distance=args.sink_distance)
         layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
-        vocab_size = min(target.args.vocab_size, draft.args.vocab_size)
-        if args.draft_vocab > vocab_size:
-            raise ValueError(f"--draft-vocab must be at most the vocabulary's {vocab_size} tokens, "
-                             f"got {args.draft_vocab}")
-        draft_vocab = draft_vocabulary(tokenizer, args.draft_vocab, vocab_size) if args.draft_vocab else None
+        draft_vocab = pair_draft_vocab(tokenizer, target, draft, args.draft_vocab)
         continuous = (args.requests or args.batch) > args.batch and not args.fixed_batches
         selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, sinks=args.sinks,
                                     combine=args.combine or default_combine(continuous),

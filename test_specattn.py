@@ -1473,6 +1473,29 @@ def test_draft_vocabulary_ranks_by_count_then_id(tmp_path):
         assert "\n" not in str(info.value)
 
 
+def test_pair_draft_vocab_takes_the_flag_range(tmp_path):
+    """pair_draft_vocab (specattn.py --draft-vocab N) over the tokens both models score: N of
+    them ranked as draft_vocabulary ranks; 0 or every token: None, and an engine handed every
+    id keeps the draft's own head (no copy); outside 0..vocab: a one-line error naming the flag."""
+    class Chars:
+        def encode(self, text, bos=True):
+            return [ord(c) for c in text]
+    target, draft = tiny_pair(1)
+    vocab_size = SA.shared_vocab_size(target, draft)
+    text = tmp_path / "book.txt"
+    text.write_text("CCCBBBAZ" + "D" * 5, encoding="utf-8")  # codes < 97
+    assert SA.pair_draft_vocab(Chars(), target, draft, 3, text) == sorted(map(ord, "DBC"))
+    assert SA.pair_draft_vocab(Chars(), target, draft, 0, text) is None
+    assert SA.pair_draft_vocab(Chars(), target, draft, vocab_size, text) is None
+    engine = SA.make_engine("dense", target, draft, [[1, 2]], 4, 2, 0.0, None, SA.SelectionConfig(),
+                            draft_vocab=list(range(vocab_size)))
+    assert engine.draft_vocab is None and engine.draft_head is None
+    for size in (-1, vocab_size + 1):
+        with pytest.raises(ValueError, match=f"--draft-vocab must be in 0..{vocab_size}") as info:
+            SA.pair_draft_vocab(Chars(), target, draft, size, text)
+        assert "\n" not in str(info.value)
+
+
 def test_greedy_speculative_with_unrelated_draft():
     target, draft = tiny_pair(3)
     prompt = [5, 6, 7]
