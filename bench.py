@@ -559,8 +559,9 @@ def bench_attention_splits(say, splits=(1, 2, 4, 8, 16), window: int = 512) -> N
 
 
 # The row-by-row form's launches that `--parts linear` compares: (output columns per program,
-# warps per program); None: decode_linear's default (8 columns, 16 for weights over 1M entries).
-LINEAR_LAUNCHES = ((None, None), (None, 4), (8, 2), (8, 1), (16, 2), (4, 1))  # (block_n, num_warps); None: default
+# warps per program); both None: decode_linear's own choice; block_n None alone: its default
+# columns (8, 16 for weights over 1M entries).
+LINEAR_LAUNCHES = ((None, None), (None, 4), (8, 2), (8, 1), (16, 2), (4, 1))
 
 
 def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="cuda",
