@@ -1254,7 +1254,12 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
                           sx, sd, sy, sh, sw, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, K_PAD: tl.constexpr,
                           BLOCK_N: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                           HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
-    pid = tl.program_id(0)
+    pid, row0 = tl.program_id(0), tl.program_id(1)  # row0: the row a row_grid program does (else 0)
+    x_ptr += row0 * sx
+    y_ptr += row0 * sy
+    if ADD:
+        delta_ptr += row0 * sd
+        h_ptr += row0 * sh
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.arange(0, ROWS_PAD)[:, None]  # [ROWS_PAD, 1]
     k = tl.arange(0, K_PAD)[None, :]  # [1, K_PAD]
@@ -1363,7 +1368,7 @@ def _pdl(device) -> bool:
 
 
 def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, swiglu=False, block_n=None,
-                  num_warps=None, tensor_cores=False, block_k=None):
+                  num_warps=None, tensor_cores=False, block_k=None, row_grid=False):
     """decode_linear_reference in one launch (see above): for a few rows (at most 16) and
     weights of at most DECODE_LINEAR_MAX_K columns; any leading dims, a contiguous last dim.
     block_n, num_warps: output columns and warps per program (both None: one warp on 4 columns
@@ -1371,7 +1376,11 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
     entries; either None alone: that default).
     tensor_cores: all rows at once through tl.dot (_decode_linear_dot_kernel) instead of one
     row at a time; block_k: its K chunk (None: K whole up to DECODE_LINEAR_WHOLE_K columns,
-    else 256). `python bench.py --parts linear` times both forms.
+    else 256). row_grid (the row-by-row form): a program per (column block, row), each doing
+    one row's work, instead of a program per column block walking every row: as many rows
+    run side by side as there are, each program as short as a one-row call's, the weight
+    slice read once per row (after the first, from L2). `python bench.py --parts linear`
+    times each form and launch.
     Falls back to the reference on a CPU without the interpreter."""
     N, K = weight.shape
     rows = x.numel() // x.shape[-1]
@@ -1379,6 +1388,8 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
         raise ValueError("decode_linear: swiglu comes alone (no delta or norm_weight)")
     if not _use_triton(x):
         return decode_linear_reference(x, weight, bias, delta, norm_weight, eps, swiglu)
+    if tensor_cores and row_grid:
+        raise ValueError("decode_linear: row_grid is a launch of the row-by-row form, not of tensor_cores")
     if block_k is not None and (block_k < 16 or block_k & (block_k - 1)):
         raise ValueError(f"decode_linear: block_k must be a power of 2 of at least 16, got {block_k}")
     if x.shape[-1] != (2 * K if swiglu else K) or rows > 16 or K > DECODE_LINEAR_MAX_K:
@@ -1393,7 +1404,7 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
     pdl = _pdl(x.device)
     args = (x2, d2, norm_weight, weight, bias, y, h, N, K, eps, x2.stride(0), d2.stride(0) if d2 is not None else 0,
             y.stride(0), K, weight.stride(0))
-    if block_n is None and num_warps is None and not tensor_cores and rows == 1 and K <= 1024:
+    if block_n is None and num_warps is None and not tensor_cores and (rows == 1 or row_grid) and K <= 1024:
         # One short row (a plain or draft step): one warp on 4 columns keeps the sum over K within
         # the warp (shuffles, no shared-memory round trip across warps) and spreads the weight's
         # reads over 4x the programs. Timed alone it also wins at 2-3 rows, yet a whole verify
@@ -1410,8 +1421,9 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
     else:
         block_n = block_n or (16 if weight.numel() > 2 ** 20 else 8)
-        _decode_linear_kernel[(triton.cdiv(N, block_n),)](
-            *args, ROWS=rows, ROWS_PAD=triton.next_power_of_2(rows), K_PAD=triton.next_power_of_2(K),
+        per_program = 1 if row_grid else rows  # rows each program walks
+        _decode_linear_kernel[(triton.cdiv(N, block_n), rows // per_program)](
+            *args, ROWS=per_program, ROWS_PAD=triton.next_power_of_2(per_program), K_PAD=triton.next_power_of_2(K),
             BLOCK_N=block_n, **common)
     y = y.reshape(*x.shape[:-1], N)
     return y if delta is None else (h.reshape(*x.shape[:-1], K), y)

@@ -896,22 +896,27 @@ def test_decode_linear_matches_reference(rows, N, width):
     norm_weight = 1 + 0.2 * torch.randn(width, generator=g)
     cases = {"plain": dict(), "bias": dict(bias=bias), "add+norm": dict(delta=delta, norm_weight=norm_weight),
              "norm": dict(norm_weight=norm_weight, eps=1e-5)}
-    forms = ((False, None, None), (False, 4, None), (True, None, None), (True, 32, 64))  # tensor_cores, block_n, _k
-    for (name, kw), (tensor_cores, block_n, block_k) in itertools.product(cases.items(), forms):
-        got = K.decode_linear(x, weight, block_n=block_n, tensor_cores=tensor_cores, block_k=block_k, **kw)
+    forms = ((False, None, None, False), (False, 4, None, False), (False, None, None, True), (False, 4, None, True),
+             (True, None, None, False), (True, 32, 64, False))  # tensor_cores, block_n, block_k, row_grid
+    for (name, kw), (tensor_cores, block_n, block_k, row_grid) in itertools.product(cases.items(), forms):
+        got = K.decode_linear(x, weight, block_n=block_n, tensor_cores=tensor_cores, block_k=block_k,
+                              row_grid=row_grid, **kw)
         ref = K.decode_linear_reference(x, weight, **kw)
         if "delta" in kw:
             assert torch.equal(got[0], ref[0]), f"{name}: residual sum differs"
             got, ref = got[1], ref[1]
         err = (got - ref).abs().max().item()
         assert got.shape == (rows, 1, N) and err < 1e-4, \
-            f"{name} tensor_cores={tensor_cores} block_n={block_n} block_k={block_k}: max err {err:.2e}"
+            f"{name} tensor_cores={tensor_cores} block_n={block_n} block_k={block_k} row_grid={row_grid}: " \
+            f"max err {err:.2e}"
     gate_up = torch.randn(rows, 2 * width, generator=g)
     ref = K.decode_linear_reference(gate_up, weight, swiglu=True)
-    for tensor_cores, block_k in ((False, None), (True, None), (True, 64)):
-        got = K.decode_linear(gate_up, weight, swiglu=True, tensor_cores=tensor_cores, block_k=block_k)
-        assert (got - ref).abs().max() < 1e-4, \
-            f"swiglu tensor_cores={tensor_cores} block_k={block_k}: max err {(got - ref).abs().max():.2e}"
+    for tensor_cores, block_k, row_grid in ((False, None, False), (False, None, True), (True, None, False),
+                                            (True, 64, False)):
+        got = K.decode_linear(gate_up, weight, swiglu=True, tensor_cores=tensor_cores, block_k=block_k,
+                              row_grid=row_grid)
+        assert (got - ref).abs().max() < 1e-4, f"swiglu tensor_cores={tensor_cores} block_k={block_k} " \
+            f"row_grid={row_grid}: max err {(got - ref).abs().max():.2e}"
 
 
 def test_decode_linear_rejects_what_it_cannot_run():
@@ -921,7 +926,8 @@ def test_decode_linear_rejects_what_it_cannot_run():
     for bad, match in ((dict(x=torch.randn(1, 15)), "do not fit"), (dict(x=torch.randn(17, 16)), "do not fit"),
                        (dict(x=torch.randn(1, 32), swiglu=True, norm_weight=torch.ones(16)), "swiglu comes alone"),
                        (dict(x=torch.randn(1, 32)[:, ::2]), "contiguous"),
-                       (dict(x=torch.randn(3, 16), tensor_cores=True, block_k=24), "power of 2")):
+                       (dict(x=torch.randn(3, 16), tensor_cores=True, block_k=24), "power of 2"),
+                       (dict(x=torch.randn(3, 16), tensor_cores=True, row_grid=True), "row_grid")):
         with pytest.raises(ValueError, match=match):
             K.decode_linear(weight=w, **bad)
 
@@ -3481,10 +3487,10 @@ def test_bench_decode_linear_checks_then_tables_each_shape():
     """bench.py --parts linear on the CPU (the interpreter, fp32, one weight per shape): each of
     the demo's four layer shapes checked in both forms against the reference, then one table row
     of timings (separate kernels, one row at a time, tensor cores); then the row-by-row form at
-    each launch asked for, checked too: a table row per shape."""
+    each launch asked for (one with a program per row), checked too: a table row per shape."""
     import bench
     lines = []
-    bench.bench_decode_linear(lines.append, rows=(3,), layers=1, device="cpu", launches=((16, 1), (32, 2)))
+    bench.bench_decode_linear(lines.append, rows=(3,), layers=1, device="cpu", launches=((16, 1, False), (32, 2, True)))
     cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines if line.startswith("| ")]  # "\|": in a cell
     names = [r"q\|k\|v after add + RMSNorm", "output", r"gate\|up after add + RMSNorm", "down after SwiGLU"]
     rows = [c for c in cells if re.fullmatch(r" \d+ x \d+ ", c[1])]
