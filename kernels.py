@@ -1188,7 +1188,10 @@ def argmax(x: torch.Tensor, block: int = 2048, out=None, ids: Optional[torch.Ten
 # then go one row at a time (each a product and a sum across the tile), so every further row
 # costs another reduction: `decode_linear_suits` keeps the kernel to at most 5 rows of small
 # weights (a decode step at batch 1-5, a draft's step, a verification of up to 4 draft tokens
-# at batch 1) and leaves the rest to cuBLAS and the separate kernels. A second form,
+# at batch 1) and leaves the rest to cuBLAS and the separate kernels. `row_grid=True` launches
+# the same kernel as a program per (column block, row) instead: the rows side by side, each
+# program as short as a one-row call, the weight slice read once per row (from L2 after the
+# first); the engine does not use it by default. A second form,
 # `tensor_cores=True`, multiplies up to 16 rows at once with tl.dot, holding K whole up to
 # 1024 columns and walking it in chunks beyond; the engine does not use it (on an H100, with K
 # whole it beats the row-by-row form only for gate|up at 4-5 rows, by under a microsecond; in
