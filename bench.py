@@ -570,7 +570,7 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
     """(i): kernels.decode_linear, in both forms (one row at a time; tensor_cores), against what
     it replaces, at the demo target's layer shapes: the compiled residual add + RMSNorm (or
     SwiGLU) kernel, then cuBLAS's matmul (F.linear); then the row-by-row form at each of
-    `launches` (block_n, num_warps, row_grid), for the rows the engine gives it.
+    `launches` (block_n, num_warps, row_grid), at the same rows.
     Each case is checked against the reference first (bf16 against fp32, rel err < 1e-2),
     then timed in a CUDA graph of `layers` calls on as many weights, as a step runs them (each
     call after one of its own kind: what a programmatic launch overlaps is its own kind).
@@ -637,7 +637,6 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
             cells.append(" / ".join(f"{t:.2f}" for t in times))
         say(f"| {name} | {N} x {width} | " + " | ".join(cells) + " |")
 
-    few = [r for r in rows if r <= K.DECODE_LINEAR_ROWS]
     say("## decode_linear one row at a time, per launch: output columns per program x warps per program")
     say("µs per call as above; 'its choice': decode_linear's own launch (block_n and num_warps None); 'default "
         "columns': 8, or 16 for weights over 1M entries; 'a program per row': row_grid=True; each launch checked "
@@ -650,7 +649,7 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
     say("| matmul | rows | " + " | ".join(label(*launch) for launch in launches) + " |")
     say("|---|---|" + "---|" * len(launches))
     for name, N, width, prologue in shapes:
-        for r in few:
+        for r in rows:  # past DECODE_LINEAR_ROWS too: where a program per row might take over from cuBLAS
             x, kw, checked = case(name, width, prologue, r)
             times = []
             for block_n, num_warps, row_grid in launches:
