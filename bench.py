@@ -562,7 +562,7 @@ def bench_attention_splits(say, splits=(1, 2, 4, 8, 16), window: int = 512) -> N
 # warps per program, a program per row: row_grid); columns and warps both None: decode_linear's
 # own choice; columns None alone: its default columns (8, 16 for weights over 1M entries).
 LINEAR_LAUNCHES = ((None, None, False), (None, 4, False), (8, 2, False), (4, 1, False), (None, None, True),
-                   (None, 4, True))
+                   (None, 4, True), (8, 2, True))
 
 
 def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="cuda",
