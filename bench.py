@@ -842,7 +842,8 @@ def main(argv=None):
     parser.add_argument("--also-draft-vocab", type=int, default=0, metavar="N",
                         help="demo: dense speculation and SpecAttn also run once with the draft proposing from "
                              "the N tokens most frequent in the calibration book (rows 'dense vocab N', "
-                             "'specattn vocab N'; specattn.py --draft-vocab). 0: not")
+                             "'specattn vocab N'; specattn.py --draft-vocab; 49152, the whole vocabulary: every "
+                             "token). 0: not")
     parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
                         "row densely until it holds this many positions (0: sparse from the first step)")
     parser.add_argument("--sink-distance", type=int, metavar="N", help="demo: the draft reads its attention "
