@@ -38,7 +38,8 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
     speculation at the demo pair's shapes (random weights).
 (i) `--parts linear` (also in d): a decode step's matmuls with their prologues, 1-8 rows at the
     demo target's shapes, kernels.decode_linear (both forms) against the separate kernels it
-    replaces; then its row-by-row form per launch (output columns and warps per program).
+    replaces; then its row-by-row form per launch (output columns and warps per program, a
+    program per row or per column block).
 
     python bench.py --out DIR               # (a), (c), then (b)
     python bench.py --parts demo,hf         # some parts
@@ -637,7 +638,8 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
             cells.append(" / ".join(f"{t:.2f}" for t in times))
         say(f"| {name} | {N} x {width} | " + " | ".join(cells) + " |")
 
-    say("## decode_linear one row at a time, per launch: output columns per program x warps per program")
+    say("## decode_linear one row at a time, per launch: output columns per program x warps per program, a "
+        "program per row or per column block")
     say("µs per call as above; 'its choice': decode_linear's own launch (block_n and num_warps None); 'default "
         "columns': 8, or 16 for weights over 1M entries; 'a program per row': row_grid=True; each launch checked "
         "against the reference first")

@@ -1462,20 +1462,23 @@ def test_draft_vocabulary_subset_stays_lossless_row_by_row():
         SA.make_engine("dense", target, draft, prompts, 24, 3, 0.0, None, SA.SelectionConfig(), draft_vocab=[97])
 
 
+class CharTokenizer:
+    """A tokenizer whose token ids are characters' codes (the draft vocabulary tests)."""
+    def encode(self, text, bos=True):
+        return [ord(c) for c in text]
+
+
 def test_draft_vocabulary_ranks_by_count_then_id(tmp_path):
     """draft_vocabulary: the most frequent tokens of the text, equal counts (and unused tokens)
     in id order, returned in ascending order; a size outside 1..vocab is a one-line error."""
-    class Chars:  # a tokenizer whose token ids are characters' codes
-        def encode(self, text, bos=True):
-            return [ord(c) for c in text]
     text = tmp_path / "book.txt"
     text.write_text("cccbbbaz" + "d" * 5, encoding="utf-8")
-    ranked = SA.draft_vocabulary(Chars(), 4, 128, text)
+    ranked = SA.draft_vocabulary(CharTokenizer(), 4, 128, text)
     assert ranked == sorted([ord("d"), ord("b"), ord("c"), ord("a")])  # d 5, b and c 3 (b first), a before z
-    assert SA.draft_vocabulary(Chars(), 6, 128, text) == sorted([ord(c) for c in "dbcaz"] + [0])  # then id 0
+    assert SA.draft_vocabulary(CharTokenizer(), 6, 128, text) == sorted([ord(c) for c in "dbcaz"] + [0])  # then id 0
     for size in (0, 129):
         with pytest.raises(ValueError, match="vocabulary size must be in 1..128") as info:
-            SA.draft_vocabulary(Chars(), size, 128, text)
+            SA.draft_vocabulary(CharTokenizer(), size, 128, text)
         assert "\n" not in str(info.value)
 
 
@@ -1483,22 +1486,19 @@ def test_pair_draft_vocab_takes_the_flag_range(tmp_path):
     """pair_draft_vocab (specattn.py --draft-vocab N) over the tokens both models score: N of
     them ranked as draft_vocabulary ranks; 0 or every token: None, and an engine handed every
     id keeps the draft's own head (no copy); outside 0..vocab: a one-line error naming the flag."""
-    class Chars:
-        def encode(self, text, bos=True):
-            return [ord(c) for c in text]
     target, draft = tiny_pair(1)
     vocab_size = SA.shared_vocab_size(target, draft)
     text = tmp_path / "book.txt"
     text.write_text("CCCBBBAZ" + "D" * 5, encoding="utf-8")  # codes < 97
-    assert SA.pair_draft_vocab(Chars(), target, draft, 3, text) == sorted(map(ord, "DBC"))
-    assert SA.pair_draft_vocab(Chars(), target, draft, 0, text) is None
-    assert SA.pair_draft_vocab(Chars(), target, draft, vocab_size, text) is None
+    assert SA.pair_draft_vocab(CharTokenizer(), target, draft, 3, text) == sorted(map(ord, "DBC"))
+    assert SA.pair_draft_vocab(CharTokenizer(), target, draft, 0, text) is None
+    assert SA.pair_draft_vocab(CharTokenizer(), target, draft, vocab_size, text) is None
     engine = SA.make_engine("dense", target, draft, [[1, 2]], 4, 2, 0.0, None, SA.SelectionConfig(),
                             draft_vocab=list(range(vocab_size)))
     assert engine.draft_vocab is None and engine.draft_head is None
     for size in (-1, vocab_size + 1):
         with pytest.raises(ValueError, match=f"--draft-vocab must be in 0..{vocab_size}") as info:
-            SA.pair_draft_vocab(Chars(), target, draft, size, text)
+            SA.pair_draft_vocab(CharTokenizer(), target, draft, size, text)
         assert "\n" not in str(info.value)
 
 
