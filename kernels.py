@@ -602,6 +602,31 @@ def _rope(x, x_ptrs, cos_ptr, sin_ptr, angle_off, d, mask, D: tl.constexpr):
 
 
 @triton.jit
+def _attend_block(q, kt, v, pos, valid, read, m_i, l_i, acc, m_all, l_all, scale_log2, scores_ptr, bh, rows,
+                  real, row_width, T: tl.constexpr, G: tl.constexpr, PRECISION: tl.constexpr,
+                  STORE_SCORES: tl.constexpr, WINDOW_MASK: tl.constexpr):
+    """One block of cached positions into the running softmax (m_i, l_i, acc; m_all, l_all over
+    every position with WINDOW_MASK, where `read` marks the positions the output reads)."""
+    s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N]
+    s = tl.where(valid[None, :], s, float("-inf"))
+    if STORE_SCORES:  # the last token's scores of each query head, for _last_row_kernel
+        last = real & (rows % T == T - 1)
+        dst = scores_ptr + (bh * G + rows // T)[:, None] * row_width + pos[None, :]
+        tl.store(dst, s, mask=last[:, None] & valid[None, :])
+    if WINDOW_MASK:  # every position counts in the row's softmax; the output reads the window
+        m_all_new = tl.maximum(m_all, tl.max(s, axis=1))
+        l_all = l_all * tl.exp2(m_all - m_all_new) + tl.sum(tl.exp2(s - m_all_new[:, None]), axis=1)
+        m_all = m_all_new
+        s = tl.where(read[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return m_new, l_i, acc, m_all, l_all
+
+
+@triton.jit
 def _sparse_attn_split_kernel(
         q_ptr, k_ptr, v_ptr, idx_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, stats_ptr, lock_ptr,
         scores_ptr, kn_ptr, vn_ptr, len_ptr, cos_ptr, sin_ptr, m_all_ptr, l_all_ptr, row_width, scale_log2,
@@ -610,7 +635,8 @@ def _sparse_attn_split_kernel(
         T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, MERGE_STATS: tl.constexpr,
         WINDOW_READ: tl.constexpr, WINDOW_MASK: tl.constexpr, WRITE_NEW: tl.constexpr, ROPE: tl.constexpr,
-        ROPE_BY_POSITION: tl.constexpr, FLAT_MERGE: tl.constexpr, FLAT: tl.constexpr, PARTS_PER_LOAD: tl.constexpr):
+        ROPE_BY_POSITION: tl.constexpr, FLAT_MERGE: tl.constexpr, FLAT: tl.constexpr, PARTS_PER_LOAD: tl.constexpr,
+        PDL: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
@@ -619,11 +645,6 @@ def _sparse_attn_split_kernel(
     past_len = tl.load(len_ptr + b)  # this batch row's cached positions (rows may differ)
     # The tables' row of token t: its position (tables of every position) or b*T + t (per token)
     angle_row0 = past_len if ROPE_BY_POSITION else b * T
-    q_rows = q_ptr + b * sq_b + (h * G + rows // T) * sq_h + (rows % T) * sq_t
-    q = tl.load(q_rows[:, None] + d[None, :], mask=real[:, None], other=0.0)  # [M, D]
-    if ROPE:  # q arrives unrotated: rotate each row by its token's angles
-        q = _rope(q, q_rows[:, None], cos_ptr, sin_ptr, (angle_row0 + rows % T)[:, None] * D, d[None, :],
-                  real[:, None], D)
     k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
     # This head's selected positions go to the first n_active splits, at least split_keys
     # (>= BLOCK_N) each; the other splits (the grid is sized for the longest row the buffer
@@ -644,16 +665,39 @@ def _sparse_attn_split_kernel(
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     m_all = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # WINDOW_MASK: max and sum over every position
     l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Striding over the compacted list gives every split the same share of the work
+    # whatever the count, which the host never reads (no sync).
+    stride = tl.maximum(n_active, 1) * BLOCK_N
+    end = tl.where((split < n_active) & (split < n_splits), n_sel, 0)
+    # The split's first block, loaded before the wait (cached positions: written by earlier forwards)
+    j = split * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid0 = j < end
+    if DENSE:
+        pos0 = j
+        if WINDOW_READ:
+            pos0 = tl.where(j == 0, 0, oldest + j - 1)
+    else:  # the next block's indices are fetched one iteration ahead, hiding that load's latency
+        idx_row = idx_ptr + b * si_b + h * si_h
+        pos0 = tl.load(idx_row + j, mask=valid0, other=0)
+        next_pos = tl.load(idx_row + j + stride, mask=j + stride < end, other=0)
+    read0 = valid0
+    if WINDOW_MASK:
+        read0 = valid0 & ((pos0 == 0) | (pos0 >= oldest))
+    kt0 = tl.load(k_base + pos0[None, :] * sk_s + d[:, None], mask=valid0[None, :], other=0.0)  # [D, N]
+    v0 = tl.load(v_base + pos0[:, None] * sv_s + d[None, :], mask=read0[:, None], other=0.0)  # [N, D]
+    if PDL:  # q and the new block's keys come from the kernel before
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    q_rows = q_ptr + b * sq_b + (h * G + rows // T) * sq_h + (rows % T) * sq_t
+    q = tl.load(q_rows[:, None] + d[None, :], mask=real[:, None], other=0.0)  # [M, D]
+    if ROPE:  # q arrives unrotated: rotate each row by its token's angles
+        q = _rope(q, q_rows[:, None], cos_ptr, sin_ptr, (angle_row0 + rows % T)[:, None] * D, d[None, :],
+                  real[:, None], D)
     if split < n_splits:  # blocks split, split + n_active, ... of the selected positions
-        # Striding over the compacted list gives every split the same share of the work
-        # whatever the count, which the host never reads (no sync).
-        stride = tl.maximum(n_active, 1) * BLOCK_N
-        end = tl.where(split < n_active, n_sel, 0)
-        j = split * BLOCK_N + tl.arange(0, BLOCK_N)
-        if not DENSE:  # the next block's indices are fetched one iteration ahead, hiding that load's latency
-            idx_row = idx_ptr + b * si_b + h * si_h
-            next_pos = tl.load(idx_row + j, mask=j < n_sel, other=0)
-        for start in range(split * BLOCK_N, end, stride):
+        m_i, l_i, acc, m_all, l_all = _attend_block(q, kt0, v0, pos0, valid0, read0, m_i, l_i, acc, m_all, l_all,
+                                                    scale_log2, scores_ptr, bh, rows, real, row_width, T, G,
+                                                    PRECISION, STORE_SCORES, WINDOW_MASK)
+        for start in range(split * BLOCK_N + stride, end, stride):
             j = start + tl.arange(0, BLOCK_N)
             valid = j < n_sel
             if DENSE:
@@ -663,27 +707,14 @@ def _sparse_attn_split_kernel(
             else:
                 pos = next_pos
                 next_pos = tl.load(idx_row + j + stride, mask=j + stride < n_sel, other=0)
-            kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
-            s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2  # [M, N]
-            s = tl.where(valid[None, :], s, float("-inf"))
-            if STORE_SCORES:  # the last token's scores of each query head, for _last_row_kernel
-                last = real & (rows % T == T - 1)
-                dst = scores_ptr + (bh * G + rows // T)[:, None] * row_width + pos[None, :]
-                tl.store(dst, s, mask=last[:, None] & valid[None, :])
             read = valid
-            if WINDOW_MASK:  # every position counts in the row's softmax; the output reads the window
-                m_all_new = tl.maximum(m_all, tl.max(s, axis=1))
-                l_all = l_all * tl.exp2(m_all - m_all_new) + tl.sum(tl.exp2(s - m_all_new[:, None]), axis=1)
-                m_all = m_all_new
+            if WINDOW_MASK:
                 read = valid & ((pos == 0) | (pos >= oldest))
-                s = tl.where(read[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
+            kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
             v = tl.load(v_base + pos[:, None] * sv_s + d[None, :], mask=read[:, None], other=0.0)  # [N, D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
+            m_i, l_i, acc, m_all, l_all = _attend_block(q, kt, v, pos, valid, read, m_i, l_i, acc, m_all, l_all,
+                                                        scale_log2, scores_ptr, bh, rows, real, row_width, T, G,
+                                                        PRECISION, STORE_SCORES, WINDOW_MASK)
     else:  # the new block: keys past_len + c, c <= t (causal)
         c = tl.arange(0, BLOCK_N)
         causal = (c[None, :] <= (rows % T)[:, None]) & (c[None, :] < T)
@@ -1045,7 +1076,8 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
         STORE_SCORES=return_last_row, MERGE_STATS=return_last_row and not window_mask, WINDOW_READ=window_read,
         WINDOW_MASK=window_mask, WRITE_NEW=new_kv is not None, ROPE=rope is not None,
         ROPE_BY_POSITION=by_position, FLAT_MERGE=merge == "flat", FLAT=flat, PARTS_PER_LOAD=merge_parts,
-        num_warps=num_warps, num_stages=num_stages)
+        PDL=_pdl(q.device), num_warps=num_warps, num_stages=num_stages,
+        **({"launch_pdl": True} if _pdl(q.device) else {}))
     if not return_last_row:
         return out
     heads = Hq if last_row_mean else G  # query heads summed into each output row
@@ -1271,6 +1303,7 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
     g = tl.load(norm_ptr + k, mask=k < K, other=0.0) if NORM else None
     if PDL:  # the weights are constant: read before the previous kernel's outputs are ready
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     dtype = y_ptr.dtype.element_ty
     # Every row's prologue in one pass, so that all rows' loads are in flight together (a
     # loop that loaded row by row would wait out the memory latency once per row).
@@ -1284,8 +1317,6 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
         if HAS_BIAS:
             y = y + bias
         tl.store(y_ptr + row * sy + n, y.to(dtype), mask=n < N)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -1308,6 +1339,7 @@ def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr
         g = tl.load(norm_ptr + kk, mask=kk < K, other=0.0) if NORM else None
     if PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     dtype = y_ptr.dtype.element_ty
     rstd = None
     if WHOLE_K:
@@ -1337,8 +1369,6 @@ def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + r * sy + n[None, :], acc.to(dtype), mask=(r < ROWS) & (n[None, :] < N))
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 DECODE_LINEAR_ROWS = 5  # the most rows decode_linear_suits gives the kernel
