@@ -636,7 +636,7 @@ def _sparse_attn_split_kernel(
         DENSE: tl.constexpr, PRECISION: tl.constexpr, STORE_SCORES: tl.constexpr, MERGE_STATS: tl.constexpr,
         WINDOW_READ: tl.constexpr, WINDOW_MASK: tl.constexpr, WRITE_NEW: tl.constexpr, ROPE: tl.constexpr,
         ROPE_BY_POSITION: tl.constexpr, FLAT_MERGE: tl.constexpr, FLAT: tl.constexpr, PARTS_PER_LOAD: tl.constexpr,
-        PDL: tl.constexpr):
+        EARLY: tl.constexpr, PDL: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_KV, bh % H_KV
     rows = tl.arange(0, BLOCK_M)  # row r = query head (h*G + r // T), token r % T
@@ -669,35 +669,44 @@ def _sparse_attn_split_kernel(
     # whatever the count, which the host never reads (no sync).
     stride = tl.maximum(n_active, 1) * BLOCK_N
     end = tl.where((split < n_active) & (split < n_splits), n_sel, 0)
-    # The split's first block, loaded before the wait (cached positions: written by earlier forwards)
-    j = split * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid0 = j < end
-    if DENSE:
-        pos0 = j
-        if WINDOW_READ:
-            pos0 = tl.where(j == 0, 0, oldest + j - 1)
-    else:  # the next block's indices are fetched one iteration ahead, hiding that load's latency
+    first = split * BLOCK_N  # the split's first block
+    j = first + tl.arange(0, BLOCK_N)
+    if not DENSE:  # the next block's indices are fetched one iteration ahead, hiding that load's latency
         idx_row = idx_ptr + b * si_b + h * si_h
-        pos0 = tl.load(idx_row + j, mask=valid0, other=0)
-        next_pos = tl.load(idx_row + j + stride, mask=j + stride < end, other=0)
-    read0 = valid0
-    if WINDOW_MASK:
-        read0 = valid0 & ((pos0 == 0) | (pos0 >= oldest))
-    kt0 = tl.load(k_base + pos0[None, :] * sk_s + d[:, None], mask=valid0[None, :], other=0.0)  # [D, N]
-    v0 = tl.load(v_base + pos0[:, None] * sv_s + d[None, :], mask=read0[:, None], other=0.0)  # [N, D]
-    if PDL:  # q and the new block's keys come from the kernel before
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        next_pos = tl.load(idx_row + j, mask=j < end, other=0)
+    if EARLY:  # the first block is loaded before q: with PDL, before waiting for the kernel before
+        # Safe to read early: cached positions (< past_len) were written by earlier forwards,
+        # the selection (idx, count) before the forward, and every kernel of this forward but
+        # the one just before has finished (each PDL kernel of the step releases its dependents
+        # only after its own wait, see decode_linear). q comes from the kernel just before.
+        valid0 = j < end
+        if DENSE:
+            pos0 = j
+            if WINDOW_READ:
+                pos0 = tl.where(j == 0, 0, oldest + j - 1)
+        else:
+            pos0 = next_pos
+            next_pos = tl.load(idx_row + j + stride, mask=j + stride < end, other=0)
+        read0 = valid0
+        if WINDOW_MASK:
+            read0 = valid0 & ((pos0 == 0) | (pos0 >= oldest))
+        kt0 = tl.load(k_base + pos0[None, :] * sk_s + d[:, None], mask=valid0[None, :], other=0.0)  # [D, N]
+        v0 = tl.load(v_base + pos0[:, None] * sv_s + d[None, :], mask=read0[:, None], other=0.0)  # [N, D]
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()  # after the wait: the kernel after may start early too
+        first += stride
     q_rows = q_ptr + b * sq_b + (h * G + rows // T) * sq_h + (rows % T) * sq_t
     q = tl.load(q_rows[:, None] + d[None, :], mask=real[:, None], other=0.0)  # [M, D]
     if ROPE:  # q arrives unrotated: rotate each row by its token's angles
         q = _rope(q, q_rows[:, None], cos_ptr, sin_ptr, (angle_row0 + rows % T)[:, None] * D, d[None, :],
                   real[:, None], D)
     if split < n_splits:  # blocks split, split + n_active, ... of the selected positions
-        m_i, l_i, acc, m_all, l_all = _attend_block(q, kt0, v0, pos0, valid0, read0, m_i, l_i, acc, m_all, l_all,
-                                                    scale_log2, scores_ptr, bh, rows, real, row_width, T, G,
-                                                    PRECISION, STORE_SCORES, WINDOW_MASK)
-        for start in range(split * BLOCK_N + stride, end, stride):
+        if EARLY:
+            m_i, l_i, acc, m_all, l_all = _attend_block(q, kt0, v0, pos0, valid0, read0, m_i, l_i, acc, m_all,
+                                                        l_all, scale_log2, scores_ptr, bh, rows, real, row_width,
+                                                        T, G, PRECISION, STORE_SCORES, WINDOW_MASK)
+        for start in range(first, end, stride):
             j = start + tl.arange(0, BLOCK_N)
             valid = j < n_sel
             if DENSE:
@@ -928,7 +937,8 @@ def _locks(device, n: int) -> torch.Tensor:
 
 def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=None, n_splits=None,
                      block_n=None, num_warps=4, num_stages=3, return_last_row=False, new_kv=None,
-                     last_row_mean=False, rope=None, split_keys=None, merge=None, merge_parts=None, window=0):
+                     last_row_mean=False, rope=None, split_keys=None, merge=None, merge_parts=None, window=0,
+                     early=None):
     """Verification attention reading only the selected cached positions (see the reference
     for shapes). past_len: an int, or an int32 tensor [B] of per-row lengths on the device:
     then nothing here reads it on the host, so the launch can be captured in a CUDA graph
@@ -960,6 +970,16 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     entries alone (None: flat for one query per row with G*D <= 512 over 8 or more splits);
     merge_parts: the partials it loads per round trip to L2 (None: 8 for flat; for rows 4 over
     8 or more splits, else 1).
+    early: each program loads its first block of cached keys and values before q, and on
+    Hopper and newer the launch is programmatic (PDL): the programs start while the kernel
+    before finishes and wait for it (q, the new block) only after that first load. None: on
+    for at most DECODE_LINEAR_ROWS query tokens (B*T) of heads spanning at most
+    DECODE_LINEAR_MAX_K entries (Hq*D), a small model's decode step, where decode_linear's
+    launches (PDL too) come before and after; off otherwise. On an H100 (`python bench.py
+    --parts profile`, demo shapes), with decode_linear releasing its dependents early as well:
+    at batch 1 / 1024 positions a plain step 589.3 -> 457.3 µs, a verification of two draft
+    tokens 967.7 -> 768.5 µs; at batch 8 / 4096 positions (cuBLAS around it) this kernel was
+    slower with it, 15.35 -> 16.76 µs a call, so it stays off there.
     The merge counters are one buffer per device: do not run calls on several CUDA streams
     at once.
     Falls back to the reference on a CPU without the interpreter."""
@@ -1014,6 +1034,9 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
     window_read, window_mask = bool(window) and not return_last_row, bool(window) and return_last_row
     capacity = min(capacity, window) if window_read else capacity
     block_m = max(16, triton.next_power_of_2(G * T))
+    if early is None:  # a small model's decode step, with decode_linear's launches before and after
+        early = B * T <= DECODE_LINEAR_ROWS and Hq * D <= DECODE_LINEAR_MAX_K
+    pdl = early and _pdl(q.device)
     sm = _sm_count(q.device)
     if n_splits is None:
         # Every split leaves a partial that the merging program folds in one after another,
@@ -1076,8 +1099,7 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
         STORE_SCORES=return_last_row, MERGE_STATS=return_last_row and not window_mask, WINDOW_READ=window_read,
         WINDOW_MASK=window_mask, WRITE_NEW=new_kv is not None, ROPE=rope is not None,
         ROPE_BY_POSITION=by_position, FLAT_MERGE=merge == "flat", FLAT=flat, PARTS_PER_LOAD=merge_parts,
-        PDL=_pdl(q.device), num_warps=num_warps, num_stages=num_stages,
-        **({"launch_pdl": True} if _pdl(q.device) else {}))
+        EARLY=early, PDL=pdl, num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}))
     if not return_last_row:
         return out
     heads = Hq if last_row_mean else G  # query heads summed into each output row
@@ -1214,6 +1236,10 @@ def argmax(x: torch.Tensor, block: int = 2048, out=None, ids: Optional[torch.Ten
 #   programmatic (PDL): the program loads its weight slice *before* waiting for the previous
 #   kernel (gdc_wait), overlapping the largest read with that kernel's tail (both forms
 #   below, but the tensor-core form walking K in chunks, which reads them after the wait).
+#   Right after its wait it releases the kernel after it (gdc_launch_dependents), which then
+#   starts early too. Releasing only after one's own wait is the rule every PDL launch here
+#   keeps: when a kernel starts, all kernels but the one just before it have finished, which
+#   is what lets sparse_attention (early=) read cached keys before its wait.
 # - The residual sum h + delta, which the next sublayer adds to, is written by program 0
 #   alone; the others recompute it for their norm.
 # Every row's prologue runs in one pass (all rows' loads in flight together); the products

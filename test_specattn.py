@@ -1036,7 +1036,8 @@ def test_sparse_attention_matches_reference(T, S, ratio):
         # The merge folds the partials as row tiles or flat (one entry per (row, column), 8 parts a load).
         for launch in (dict(n_splits=1), dict(n_splits=3), dict(n_splits=7, block_n=16),
                        dict(n_splits=11, block_n=16, merge="flat"), dict(n_splits=11, block_n=16, merge="rows"),
-                       dict(n_splits=11, block_n=16, merge="rows", merge_parts=4)):
+                       dict(n_splits=11, block_n=16, merge="rows", merge_parts=4),
+                       dict(n_splits=3, early=True), dict(n_splits=3, early=False)):
             got = K.sparse_attention(q, kc, vc, S, idx, count, **launch)
             err = (got - ref).norm() / ref.norm()
             assert err < 1e-5, f"T={T} S={S} G={ratio} D={D} kept={frac} {launch}: rel err {err:.2e}, " \
@@ -1181,7 +1182,8 @@ def test_sparse_attention_last_row(T, Hq):
                  torch.randn(2, 2, 150 + T, 64, generator=g))
     ref_out, ref_row = K.sparse_attention_reference(q, kc, vc, 150, return_last_row=True)
     for launch in ({}, dict(n_splits=9, block_n=16, merge="flat"), dict(n_splits=9, block_n=16, merge="rows"),
-                   dict(n_splits=9, block_n=16, merge="rows", merge_parts=2)):
+                   dict(n_splits=9, block_n=16, merge="rows", merge_parts=2), dict(n_splits=9, block_n=16, early=True),
+                   dict(n_splits=9, block_n=16, early=False)):
         out, row = K.sparse_attention(q, kc, vc, 150, return_last_row=True, **launch)
         assert (out - ref_out).norm() / ref_out.norm() < 1e-5, launch
         err = (row - ref_row).abs()
@@ -1240,7 +1242,9 @@ def test_sparse_attention_window(T, Hq):
         assert (ref - want).abs().max() < 1e-6, f"reference, window {window}"
         for launch in ({}, dict(n_splits=5, block_n=16, split_keys=16),
                        dict(n_splits=5, block_n=16, split_keys=16, merge="flat"),
-                       dict(n_splits=5, block_n=16, split_keys=16, merge="rows", merge_parts=2)):
+                       dict(n_splits=5, block_n=16, split_keys=16, merge="rows", merge_parts=2),
+                       dict(n_splits=5, block_n=16, split_keys=16, early=True),
+                       dict(n_splits=5, block_n=16, split_keys=16, early=False)):
             kk, vv = kc.clone(), vc.clone()
             out = K.sparse_attention(q, kk, vv, lengths, window=window, **block, **launch)
             err = (out - want).abs()
