@@ -602,6 +602,29 @@ def _rope(x, x_ptrs, cos_ptr, sin_ptr, angle_off, d, mask, D: tl.constexpr):
 
 
 @triton.jit
+def _load_block(j, end, next_pos, idx_row, stride, oldest, k_base, v_base, sk_s, sv_s, d, DENSE: tl.constexpr,
+                WINDOW_READ: tl.constexpr, WINDOW_MASK: tl.constexpr):
+    """A split's block j (BLOCK_N slots of its share, those < end real): the cached positions
+    it covers, which of them are real (valid) and read by the output (read), their keys [D, N]
+    and values [N, D], and the list's entries one block further on (selected positions: the
+    indices are fetched one block ahead, hiding that load's latency; dense: next_pos as given)."""
+    valid = j < end
+    if DENSE:
+        pos = j
+        if WINDOW_READ:
+            pos = tl.where(j == 0, 0, oldest + j - 1)
+    else:
+        pos = next_pos
+        next_pos = tl.load(idx_row + j + stride, mask=j + stride < end, other=0)
+    read = valid
+    if WINDOW_MASK:
+        read = valid & ((pos == 0) | (pos >= oldest))
+    kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
+    v = tl.load(v_base + pos[:, None] * sv_s + d[None, :], mask=read[:, None], other=0.0)  # [N, D]
+    return pos, valid, read, kt, v, next_pos
+
+
+@triton.jit
 def _attend_block(q, kt, v, pos, valid, read, m_i, l_i, acc, m_all, l_all, scale_log2, scores_ptr, bh, rows,
                   real, row_width, T: tl.constexpr, G: tl.constexpr, PRECISION: tl.constexpr,
                   STORE_SCORES: tl.constexpr, WINDOW_MASK: tl.constexpr):
@@ -671,7 +694,9 @@ def _sparse_attn_split_kernel(
     end = tl.where((split < n_active) & (split < n_splits), n_sel, 0)
     first = split * BLOCK_N  # the split's first block
     j = first + tl.arange(0, BLOCK_N)
-    if not DENSE:  # the next block's indices are fetched one iteration ahead, hiding that load's latency
+    idx_row = idx_ptr  # the selection's list of this (batch row, head) (dense: none)
+    next_pos = j  # the list's entries of the next block to load (dense: unused)
+    if not DENSE:
         idx_row = idx_ptr + b * si_b + h * si_h
         next_pos = tl.load(idx_row + j, mask=j < end, other=0)
     if EARLY:  # the first block is loaded before q: with PDL, before waiting for the kernel before
@@ -679,19 +704,8 @@ def _sparse_attn_split_kernel(
         # the selection (idx, count) before the forward, and every kernel of this forward but
         # the one just before has finished (each PDL kernel of the step releases its dependents
         # only after its own wait, see decode_linear). q comes from the kernel just before.
-        valid0 = j < end
-        if DENSE:
-            pos0 = j
-            if WINDOW_READ:
-                pos0 = tl.where(j == 0, 0, oldest + j - 1)
-        else:
-            pos0 = next_pos
-            next_pos = tl.load(idx_row + j + stride, mask=j + stride < end, other=0)
-        read0 = valid0
-        if WINDOW_MASK:
-            read0 = valid0 & ((pos0 == 0) | (pos0 >= oldest))
-        kt0 = tl.load(k_base + pos0[None, :] * sk_s + d[:, None], mask=valid0[None, :], other=0.0)  # [D, N]
-        v0 = tl.load(v_base + pos0[:, None] * sv_s + d[None, :], mask=read0[:, None], other=0.0)  # [N, D]
+        pos0, valid0, read0, kt0, v0, next_pos = _load_block(j, end, next_pos, idx_row, stride, oldest, k_base,
+                                                             v_base, sk_s, sv_s, d, DENSE, WINDOW_READ, WINDOW_MASK)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()  # after the wait: the kernel after may start early too
@@ -707,20 +721,9 @@ def _sparse_attn_split_kernel(
                                                         l_all, scale_log2, scores_ptr, bh, rows, real, row_width,
                                                         T, G, PRECISION, STORE_SCORES, WINDOW_MASK)
         for start in range(first, end, stride):
-            j = start + tl.arange(0, BLOCK_N)
-            valid = j < n_sel
-            if DENSE:
-                pos = j
-                if WINDOW_READ:
-                    pos = tl.where(j == 0, 0, oldest + j - 1)
-            else:
-                pos = next_pos
-                next_pos = tl.load(idx_row + j + stride, mask=j + stride < n_sel, other=0)
-            read = valid
-            if WINDOW_MASK:
-                read = valid & ((pos == 0) | (pos >= oldest))
-            kt = tl.load(k_base + pos[None, :] * sk_s + d[:, None], mask=valid[None, :], other=0.0)  # [D, N]
-            v = tl.load(v_base + pos[:, None] * sv_s + d[None, :], mask=read[:, None], other=0.0)  # [N, D]
+            pos, valid, read, kt, v, next_pos = _load_block(start + tl.arange(0, BLOCK_N), end, next_pos, idx_row,
+                                                            stride, oldest, k_base, v_base, sk_s, sv_s, d, DENSE,
+                                                            WINDOW_READ, WINDOW_MASK)
             m_i, l_i, acc, m_all, l_all = _attend_block(q, kt, v, pos, valid, read, m_i, l_i, acc, m_all, l_all,
                                                         scale_log2, scores_ptr, bh, rows, real, row_width, T, G,
                                                         PRECISION, STORE_SCORES, WINDOW_MASK)
