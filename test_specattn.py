@@ -932,6 +932,31 @@ def test_decode_linear_rejects_what_it_cannot_run():
             K.decode_linear(weight=w, **bad)
 
 
+def test_pdl_kernels_release_their_dependents_only_after_their_own_wait():
+    """The rule the early reads rest on (see decode_linear's notes and sparse_attention's early=):
+    a Triton kernel here that lets the next kernel start (gdc_launch_dependents) does so only after
+    its own gdc_wait, in the same block, so that when a kernel starts every kernel but the one just
+    before it has finished. Checked on the source, as no CPU can run the launch."""
+    import ast
+
+    def gdc(stmt, name):
+        return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
+                and isinstance(stmt.value.func, ast.Attribute) and stmt.value.func.attr == name)
+
+    tree = ast.parse(Path(K.__file__).read_text())
+    releasing = []
+    for fn in (node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)):
+        for block in ast.walk(fn):
+            for field in ("body", "orelse"):
+                stmts = getattr(block, field, None)
+                for i, stmt in enumerate(stmts if isinstance(stmts, list) else []):
+                    if gdc(stmt, "gdc_launch_dependents"):
+                        releasing.append(fn.name)
+                        assert any(gdc(before, "gdc_wait") for before in stmts[:i]), \
+                            f"{fn.name} (line {stmt.lineno}) releases the next kernel before its own gdc_wait"
+    assert {"_decode_linear_kernel", "_decode_linear_dot_kernel", "_sparse_attn_split_kernel"} <= set(releasing)
+
+
 def decode_step_logits(model, prompt, step, suits, **forward_kw):
     """A prefill of prompt, then the logits of a decode step of `step`, with the separate kernels
     and with kernels.decode_linear plugged in for the inputs suits() takes: ({False: logits,
