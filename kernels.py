@@ -1241,8 +1241,9 @@ def argmax(x: torch.Tensor, block: int = 2048, out=None, ids: Optional[torch.Ten
 #   below, but the tensor-core form walking K in chunks, which reads them after the wait).
 #   Right after its wait it releases the kernel after it (gdc_launch_dependents), which then
 #   starts early too. Releasing only after one's own wait is the rule every PDL launch here
-#   keeps: when a kernel starts, all kernels but the one just before it have finished, which
-#   is what lets sparse_attention (early=) read cached keys before its wait.
+#   keeps (and Inductor's PDL kernels, which model.compile_pointwise asks for, release after a
+#   wait as well): when a kernel starts, all kernels but the one just before it have finished,
+#   which is what lets sparse_attention (early=) read cached keys before its wait.
 # - The residual sum h + delta, which the next sublayer adds to, is written by program 0
 #   alone; the others recompute it for their norm.
 # Every row's prologue runs in one pass (all rows' loads in flight together); the products
