@@ -1059,6 +1059,7 @@ def test_sparse_attention_matches_reference(T, S, ratio):
         ref = K.sparse_attention_reference(q, kc, vc, S, idx, count)
         # Few splits, and more, smaller ones (each head's last program merges them all).
         # The merge folds the partials as row tiles or flat (one entry per (row, column), 8 parts a load).
+        # early: each split's first block loaded before q (a small decode step's launch) or after it.
         for launch in (dict(n_splits=1), dict(n_splits=3), dict(n_splits=7, block_n=16),
                        dict(n_splits=11, block_n=16, merge="flat"), dict(n_splits=11, block_n=16, merge="rows"),
                        dict(n_splits=11, block_n=16, merge="rows", merge_parts=4),
