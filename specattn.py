@@ -1310,12 +1310,13 @@ def shared_vocab_size(target: Transformer, draft: Transformer) -> int:
 def pair_draft_vocab(tokenizer: Tokenizer, target: Transformer, draft: Transformer, size: int,
                      text=None) -> Optional[list[int]]:
     """SpecEngine's draft_vocab for a pair, as `--draft-vocab N` gives it: the `size` most
-    frequent of the tokens both score (draft_vocabulary); 0, or all of them: None, the whole
-    vocabulary."""
+    frequent of the tokens both score (draft_vocabulary); 0, or every token of the draft's
+    (as SpecEngine treats such a list): None, the draft's own head."""
     vocab_size = shared_vocab_size(target, draft)
     if not 0 <= size <= vocab_size:
         raise ValueError(f"--draft-vocab must be in 0..{vocab_size} (0: the whole vocabulary), got {size}")
-    return draft_vocabulary(tokenizer, size, vocab_size, text) if 0 < size < vocab_size else None
+    every = size == draft.args.vocab_size  # (a draft larger than the target keeps the shared tokens' head)
+    return draft_vocabulary(tokenizer, size, vocab_size, text) if size and not every else None
 
 
 def draft_vocabulary(tokenizer: Tokenizer, size: int, vocab_size: int, text=None) -> list[int]:
