@@ -1642,12 +1642,14 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         every = torch.arange(S, device=dev)[:, None] * 0.37 ** torch.arange(D // 2, device=dev)
         every = torch.cat([every, every], -1)  # [S, D]: every position's angles, as the model's tables
         selections = ((None, None), random_selection(B, 1, S, 0.2, dev))
-        for sel, rope in itertools.product(selections, (None, tables, (every.cos(), every.sin()))):
+        # early: the first cached block loaded before q (a PDL launch on Hopper) and not
+        for sel, rope, early in itertools.product(selections, (None, tables, (every.cos(), every.sin())),
+                                                  (False, True)):
             if sel[0] is not None:  # keep only positions each row has cached
                 sel = union_select_reference(_selected_mask(*sel, S)[:, :, None], lengths[:, None])
             kr, vr = kc.clone(), vc.clone()
             block = dict(new_kv=tuple(new_kv), rope=rope)
-            got = sparse_attention(q, kc, vc, lengths, *sel, **block).float()
+            got = sparse_attention(q, kc, vc, lengths, *sel, **block, early=early).float()
             ref = sparse_attention_reference(q, kr, vr, lengths, *sel, **block).float()
             err = ((got - ref).norm() / ref.norm()).item()
             # Unrotated keys are copied: equal. Rotated ones: the same fp32 math, up to one bf16
@@ -1655,7 +1657,8 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
             cache_err = ((kc.float() - kr.float()).abs().max() / kr.float().abs().max()).item()
             keys_ok = torch.equal(kc, kr) if rope is None else cache_err < 1e-2
             assert err < 1e-2 and keys_ok and torch.equal(vc, vr), (
-                f"per-row B={B} S={S} rope={rope is not None}: rel err {err:.2e}, keys {cache_err:.2e}")
+                f"per-row B={B} S={S} rope={rope is not None} early={early}: rel err {err:.2e}, "
+                f"keys {cache_err:.2e}")
         _, row = sparse_attention(q, kc, vc, lengths, return_last_row=True, last_row_mean=True)
         _, ref = sparse_attention_reference(q, kc, vc, lengths, return_last_row=True, last_row_mean=True)
         assert ((row - ref).abs().max() / ref.abs().max()).item() < 1e-2, f"per-row last row B={B} S={S}"
