@@ -1253,7 +1253,10 @@ def argmax(x: torch.Tensor, block: int = 2048, out=None, ids: Optional[torch.Ten
 # at batch 1) and leaves the rest to cuBLAS and the separate kernels. `row_grid=True` launches
 # the same kernel as a program per (column block, row) instead: the rows side by side, each
 # program as short as a one-row call, the weight slice read once per row (from L2 after the
-# first); the engine does not use it by default. A second form,
+# first); the engine does not use it by default. `one_sum=True` keeps one program walking the
+# rows but gives the tile a third axis, [rows, columns, K]: every row's products, then one
+# reduction over K for all rows together, where the default picks each row out of the prologue's
+# tile and reduces it alone; the engine does not use it by default either. A second form,
 # `tensor_cores=True`, multiplies up to 16 rows at once with tl.dot, holding K whole up to
 # 1024 columns and walking it in chunks beyond; the engine does not use it (on an H100, with K
 # whole it beats the row-by-row form only for gate|up at 4-5 rows, by under a microsecond; in
