@@ -564,8 +564,8 @@ def bench_attention_splits(say, splits=(1, 2, 4, 8, 16), window: int = 512) -> N
 # warps both None: decode_linear's own choice; columns None alone: its default columns (8, 16
 # for weights over 1M entries).
 LINEAR_LAUNCHES = ((None, None, False, False), (None, 4, False, False), (8, 2, False, False), (4, 1, False, False),
-                   (None, None, False, True), (None, 4, False, True), (8, 2, False, True), (4, 1, False, True),
-                   (None, None, True, False), (8, 2, True, False))
+                   (None, None, False, True), (4, 1, False, True), (None, None, True, False), (None, 4, True, False),
+                   (8, 2, True, False))
 
 
 def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="cuda",
