@@ -1348,7 +1348,7 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
     # Every row's prologue in one pass, so that all rows' loads are in flight together (a
     # loop that loaded row by row would wait out the memory latency once per row).
     mask = (r < ROWS) & (k < K)
-    x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, mask, sx, sd, sh, dtype, pid == 0, ADD)  # [ROWS_PAD, K_PAD]
+    x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, mask, sx, sd, sh, dtype, pid == 0, ADD)  # [ROWS_PAD, (1,) K_PAD]
     rstd = tl.rsqrt(_squares(x) / K + eps) if NORM else None
     x = _prologue_out(x, x_ptr, g, r, k, mask, K, rstd, sx, dtype, NORM, SWIGLU).to(tl.float32)
     if ONE_SUM:
