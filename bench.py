@@ -560,12 +560,10 @@ def bench_attention_splits(say, splits=(1, 2, 4, 8, 16), window: int = 512) -> N
 
 
 # The row-by-row form's launches that `--parts linear` compares: (output columns per program,
-# warps per program, a program per row: row_grid, every row in one sum: one_sum); columns and
-# warps both None: decode_linear's own choice; columns None alone: its default columns (8, 16
-# for weights over 1M entries).
-LINEAR_LAUNCHES = ((None, None, False, False), (None, 4, False, False), (8, 2, False, False), (4, 1, False, False),
-                   (None, None, False, True), (4, 1, False, True), (None, None, True, False), (None, 4, True, False),
-                   (8, 2, True, False))
+# warps per program, a program per row: row_grid); columns and warps both None: decode_linear's
+# own choice; columns None alone: its default columns (8, 16 for weights over 1M entries).
+LINEAR_LAUNCHES = ((None, None, False), (None, 4, False), (8, 2, False), (4, 1, False), (None, None, True),
+                   (None, 4, True), (8, 2, True))
 
 
 def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="cuda",
@@ -573,7 +571,7 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
     """(i): kernels.decode_linear, in both forms (one row at a time; tensor_cores), against what
     it replaces, at the demo target's layer shapes: the compiled residual add + RMSNorm (or
     SwiGLU) kernel, then cuBLAS's matmul (F.linear); then the row-by-row form at each of
-    `launches` (block_n, num_warps, row_grid, one_sum), at the same rows.
+    `launches` (block_n, num_warps, row_grid), at the same rows.
     Each case is checked against the reference first (bf16 against fp32, rel err < 1e-2),
     then timed in a CUDA graph of `layers` calls on as many weights, as a step runs them (each
     call after one of its own kind: what a programmatic launch overlaps is its own kind).
@@ -643,21 +641,21 @@ def bench_decode_linear(say, rows=(1, 2, 3, 4, 5, 8), layers: int = 30, device="
     say("## decode_linear one row at a time, per launch: output columns per program x warps per program, a "
         "program per row or per column block")
     say("µs per call as above; 'its choice': decode_linear's own launch (block_n and num_warps None); 'default "
-        "columns': 8, or 16 for weights over 1M entries; 'a program per row': row_grid=True; 'one sum': every "
-        "row's products summed over K at once (one_sum=True); each launch checked against the reference first")
+        "columns': 8, or 16 for weights over 1M entries; 'a program per row': row_grid=True; each launch checked "
+        "against the reference first")
 
-    def label(block_n, num_warps, row_grid, one_sum):
+    def label(block_n, num_warps, row_grid):
         launch = "its choice" if block_n is None and num_warps is None else \
             f"{block_n or 'default'} columns, {num_warps} warps"
-        return launch + (", a program per row" if row_grid else "") + (", one sum" if one_sum else "")
+        return launch + (", a program per row" if row_grid else "")
     say("| matmul | rows | " + " | ".join(label(*launch) for launch in launches) + " |")
     say("|---|---|" + "---|" * len(launches))
     for name, N, width, prologue in shapes:
         for r in rows:  # past DECODE_LINEAR_ROWS too: where a program per row might take over from cuBLAS
             x, kw, checked = case(name, width, prologue, r)
             times = []
-            for block_n, num_warps, row_grid, one_sum in launches:
-                launch = dict(block_n=block_n, num_warps=num_warps, row_grid=row_grid, one_sum=one_sum)
+            for block_n, num_warps, row_grid in launches:
+                launch = dict(block_n=block_n, num_warps=num_warps, row_grid=row_grid)
                 checked(**launch)
                 times.append(us(lambda: [K.decode_linear(x, w, **launch, **kw) for w in weights[name]]) / layers)
             say(f"| {name} | {r} | " + " | ".join(f"{t:.2f}" for t in times) + " |")

@@ -1253,10 +1253,7 @@ def argmax(x: torch.Tensor, block: int = 2048, out=None, ids: Optional[torch.Ten
 # at batch 1) and leaves the rest to cuBLAS and the separate kernels. `row_grid=True` launches
 # the same kernel as a program per (column block, row) instead: the rows side by side, each
 # program as short as a one-row call, the weight slice read once per row (from L2 after the
-# first); the engine does not use it by default. `one_sum=True` keeps one program walking the
-# rows but gives the tile a third axis, [rows, columns, K]: every row's products, then one
-# reduction over K for all rows together, where the default picks each row out of the prologue's
-# tile and reduces it alone; the engine does not use it by default either. A second form,
+# first); the engine does not use it by default. A second form,
 # `tensor_cores=True`, multiplies up to 16 rows at once with tl.dot, holding K whole up to
 # 1024 columns and walking it in chunks beyond; the engine does not use it (on an H100, with K
 # whole it beats the row-by-row form only for gate|up at 4-5 rows, by under a microsecond; in
@@ -1298,19 +1295,18 @@ def _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, mask, sx, sd, sh, dtype, write_h
 
 @triton.jit
 def _squares(x):
-    """Each row's sum of squares in fp32 over the last axis, kept: [ROWS, KB] -> [ROWS, 1]
-    ([ROWS, 1, KB] -> [ROWS, 1, 1])."""
+    """Each row's sum of squares in fp32: [ROWS, KB] -> [ROWS]."""
     xf = x.to(tl.float32)
-    return tl.sum(xf * xf, axis=-1, keep_dims=True)
+    return tl.sum(xf * xf, axis=1)
 
 
 @triton.jit
 def _prologue_out(x, x_ptr, g, r, k, mask, K, rstd, sx, dtype, NORM: tl.constexpr, SWIGLU: tl.constexpr):
-    """What the matmul takes from _prologue_in's x: RMSNorm (rstd [ROWS, 1] from every entry's
+    """What the matmul takes from _prologue_in's x: RMSNorm (rstd [ROWS] from every entry's
     _squares) times the norm's weight g [1, KB], or silu(gate) * up (x the gate, up K entries
     further); rounded to `dtype` after each step, as the eager reference rounds."""
     if NORM:
-        x = ((x.to(tl.float32) * rstd).to(dtype) * g).to(dtype)
+        x = ((x.to(tl.float32) * rstd[:, None]).to(dtype) * g).to(dtype)
     if SWIGLU:
         gate = x.to(tl.float32)
         up = tl.load(x_ptr + r * sx + K + k, mask=mask, other=0.0)
@@ -1322,7 +1318,7 @@ def _prologue_out(x, x_ptr, g, r, k, mask, K, rstd, sx, dtype, NORM: tl.constexp
 def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, N, K, eps,
                           sx, sd, sy, sh, sw, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, K_PAD: tl.constexpr,
                           BLOCK_N: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, PDL: tl.constexpr, ONE_SUM: tl.constexpr = False):
+                          HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
     pid, row0 = tl.program_id(0), tl.program_id(1)  # row0: the row a row_grid program does (else 0)
     x_ptr += row0 * sx
     y_ptr += row0 * sy
@@ -1330,15 +1326,9 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
         delta_ptr += row0 * sd
         h_ptr += row0 * sh
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    if ONE_SUM:  # a third axis for the rows: [ROWS_PAD, BLOCK_N, K_PAD] products, one sum
-        r = tl.arange(0, ROWS_PAD)[:, None, None]  # [ROWS_PAD, 1, 1]
-        k = tl.arange(0, K_PAD)[None, None, :]  # [1, 1, K_PAD]
-        n_w = n[None, :, None]  # [1, BLOCK_N, 1]
-    else:
-        r = tl.arange(0, ROWS_PAD)[:, None]  # [ROWS_PAD, 1]
-        k = tl.arange(0, K_PAD)[None, :]  # [1, K_PAD]
-        n_w = n[:, None]  # [BLOCK_N, 1]
-    w = tl.load(w_ptr + n_w * sw + k, mask=(n_w < N) & (k < K), other=0.0)  # [(1,) BLOCK_N, K_PAD]
+    r = tl.arange(0, ROWS_PAD)[:, None]  # [ROWS_PAD, 1]
+    k = tl.arange(0, K_PAD)[None, :]  # [1, K_PAD]
+    w = tl.load(w_ptr + n[:, None] * sw + k, mask=(n[:, None] < N) & (k < K), other=0.0)  # [BLOCK_N, K_PAD]
     bias = tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32) if HAS_BIAS else None
     g = tl.load(norm_ptr + k, mask=k < K, other=0.0) if NORM else None
     if PDL:  # the weights are constant: read before the previous kernel's outputs are ready
@@ -1348,22 +1338,15 @@ def _decode_linear_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr, h_
     # Every row's prologue in one pass, so that all rows' loads are in flight together (a
     # loop that loaded row by row would wait out the memory latency once per row).
     mask = (r < ROWS) & (k < K)
-    x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, mask, sx, sd, sh, dtype, pid == 0, ADD)  # [ROWS_PAD, (1,) K_PAD]
+    x = _prologue_in(x_ptr, delta_ptr, h_ptr, r, k, mask, sx, sd, sh, dtype, pid == 0, ADD)  # [ROWS_PAD, K_PAD]
     rstd = tl.rsqrt(_squares(x) / K + eps) if NORM else None
     x = _prologue_out(x, x_ptr, g, r, k, mask, K, rstd, sx, dtype, NORM, SWIGLU).to(tl.float32)
-    if ONE_SUM:
-        y = tl.sum(x * w.to(tl.float32), axis=2)  # [ROWS_PAD, BLOCK_N]
+    for row in tl.static_range(ROWS):  # one row at a time: a product and a sum across the tile
+        x_row = tl.sum(tl.where(r == row, x, 0.0), axis=0)  # [K_PAD], picked out exactly
+        y = tl.sum(w.to(tl.float32) * x_row[None, :], axis=1)  # [BLOCK_N]
         if HAS_BIAS:
-            y = y + bias[None, :]
-        rows = tl.arange(0, ROWS_PAD)[:, None]
-        tl.store(y_ptr + rows * sy + n[None, :], y.to(dtype), mask=(rows < ROWS) & (n[None, :] < N))
-    else:
-        for row in tl.static_range(ROWS):  # one row at a time: a product and a sum across the tile
-            x_row = tl.sum(tl.where(r == row, x, 0.0), axis=0)  # [K_PAD], picked out exactly
-            y = tl.sum(w.to(tl.float32) * x_row[None, :], axis=1)  # [BLOCK_N]
-            if HAS_BIAS:
-                y = y + bias
-            tl.store(y_ptr + row * sy + n, y.to(dtype), mask=n < N)
+            y = y + bias
+        tl.store(y_ptr + row * sy + n, y.to(dtype), mask=n < N)
 
 
 @triton.jit
@@ -1398,7 +1381,7 @@ def _decode_linear_dot_kernel(x_ptr, delta_ptr, norm_ptr, w_ptr, bias_ptr, y_ptr
         acc = tl.dot(x.to(dtype), tl.trans(w.to(dtype)), input_precision=PRECISION)  # [16, BLOCK_N] fp32
     else:
         if NORM:
-            squares = tl.zeros([16, 1], dtype=tl.float32)
+            squares = tl.zeros([16], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 m = (r < ROWS) & (k0 + kk < K)
                 squares += _squares(_prologue_in(x_ptr, delta_ptr, h_ptr, r, k0 + kk, m, sx, sd, sh, dtype, False,
@@ -1448,7 +1431,7 @@ def _pdl(device) -> bool:
 
 
 def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, swiglu=False, block_n=None,
-                  num_warps=None, tensor_cores=False, block_k=None, row_grid=False, one_sum=False):
+                  num_warps=None, tensor_cores=False, block_k=None, row_grid=False):
     """decode_linear_reference in one launch (see above): for a few rows (at most 16) and
     weights of at most DECODE_LINEAR_MAX_K columns; any leading dims, a contiguous last dim.
     block_n, num_warps: output columns and warps per program (both None: one warp on 4 columns
@@ -1459,9 +1442,8 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
     else 256). row_grid (the row-by-row form): a program per (column block, row), each doing
     one row's work, instead of a program per column block walking every row: as many rows
     run side by side as there are, each program as short as a one-row call's, the weight
-    slice read once per row (after the first, from L2). one_sum (the row-by-row form): every
-    row's products in one [rows, columns, K] tile and one sum over K, instead of a product
-    and a sum per row. `python bench.py --parts linear` times each form and launch.
+    slice read once per row (after the first, from L2). `python bench.py --parts linear`
+    times each form and launch.
     Falls back to the reference on a CPU without the interpreter."""
     N, K = weight.shape
     rows = x.numel() // x.shape[-1]
@@ -1469,9 +1451,8 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
         raise ValueError("decode_linear: swiglu comes alone (no delta or norm_weight)")
     if not _use_triton(x):
         return decode_linear_reference(x, weight, bias, delta, norm_weight, eps, swiglu)
-    if tensor_cores and (row_grid or one_sum):
-        raise ValueError("decode_linear: row_grid and one_sum are launches of the row-by-row form, not of "
-                         "tensor_cores")
+    if tensor_cores and row_grid:
+        raise ValueError("decode_linear: row_grid is a launch of the row-by-row form, not of tensor_cores")
     if block_k is not None and (block_k < 16 or block_k & (block_k - 1)):
         raise ValueError(f"decode_linear: block_k must be a power of 2 of at least 16, got {block_k}")
     if x.shape[-1] != (2 * K if swiglu else K) or rows > 16 or K > DECODE_LINEAR_MAX_K:
@@ -1506,7 +1487,7 @@ def decode_linear(x, weight, bias=None, delta=None, norm_weight=None, eps=1e-6, 
         per_program = 1 if row_grid else rows  # rows each program walks
         _decode_linear_kernel[(triton.cdiv(N, block_n), rows // per_program)](
             *args, ROWS=per_program, ROWS_PAD=triton.next_power_of_2(per_program), K_PAD=triton.next_power_of_2(K),
-            BLOCK_N=block_n, ONE_SUM=one_sum and per_program > 1, **common)
+            BLOCK_N=block_n, **common)
     y = y.reshape(*x.shape[:-1], N)
     return y if delta is None else (h.reshape(*x.shape[:-1], K), y)
 

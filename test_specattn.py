@@ -896,29 +896,27 @@ def test_decode_linear_matches_reference(rows, N, width):
     norm_weight = 1 + 0.2 * torch.randn(width, generator=g)
     cases = {"plain": dict(), "bias": dict(bias=bias), "add+norm": dict(delta=delta, norm_weight=norm_weight),
              "norm": dict(norm_weight=norm_weight, eps=1e-5)}
-    forms = ((False, None, None, False, False), (False, 4, None, False, False), (False, None, None, True, False),
-             (False, 4, None, True, False), (False, None, None, False, True), (False, 4, None, False, True),
-             (True, None, None, False, False), (True, 32, 64, False, False))
-    for (name, kw), (tensor_cores, block_n, block_k, row_grid, one_sum) in itertools.product(cases.items(), forms):
+    forms = ((False, None, None, False), (False, 4, None, False), (False, None, None, True), (False, 4, None, True),
+             (True, None, None, False), (True, 32, 64, False))  # tensor_cores, block_n, block_k, row_grid
+    for (name, kw), (tensor_cores, block_n, block_k, row_grid) in itertools.product(cases.items(), forms):
         got = K.decode_linear(x, weight, block_n=block_n, tensor_cores=tensor_cores, block_k=block_k,
-                              row_grid=row_grid, one_sum=one_sum, **kw)
+                              row_grid=row_grid, **kw)
         ref = K.decode_linear_reference(x, weight, **kw)
         if "delta" in kw:
             assert torch.equal(got[0], ref[0]), f"{name}: residual sum differs"
             got, ref = got[1], ref[1]
         err = (got - ref).abs().max().item()
         assert got.shape == (rows, 1, N) and err < 1e-4, \
-            f"{name} tensor_cores={tensor_cores} block_n={block_n} block_k={block_k} row_grid={row_grid} " \
-            f"one_sum={one_sum}: max err {err:.2e}"
+            f"{name} tensor_cores={tensor_cores} block_n={block_n} block_k={block_k} row_grid={row_grid}: " \
+            f"max err {err:.2e}"
     gate_up = torch.randn(rows, 2 * width, generator=g)
     ref = K.decode_linear_reference(gate_up, weight, swiglu=True)
-    for tensor_cores, block_k, row_grid, one_sum in ((False, None, False, False), (False, None, True, False),
-                                                     (False, None, False, True), (True, None, False, False),
-                                                     (True, 64, False, False)):
+    for tensor_cores, block_k, row_grid in ((False, None, False), (False, None, True), (True, None, False),
+                                            (True, 64, False)):
         got = K.decode_linear(gate_up, weight, swiglu=True, tensor_cores=tensor_cores, block_k=block_k,
-                              row_grid=row_grid, one_sum=one_sum)
+                              row_grid=row_grid)
         assert (got - ref).abs().max() < 1e-4, f"swiglu tensor_cores={tensor_cores} block_k={block_k} " \
-            f"row_grid={row_grid} one_sum={one_sum}: max err {(got - ref).abs().max():.2e}"
+            f"row_grid={row_grid}: max err {(got - ref).abs().max():.2e}"
 
 
 def test_decode_linear_rejects_what_it_cannot_run():
@@ -929,8 +927,7 @@ def test_decode_linear_rejects_what_it_cannot_run():
                        (dict(x=torch.randn(1, 32), swiglu=True, norm_weight=torch.ones(16)), "swiglu comes alone"),
                        (dict(x=torch.randn(1, 32)[:, ::2]), "contiguous"),
                        (dict(x=torch.randn(3, 16), tensor_cores=True, block_k=24), "power of 2"),
-                       (dict(x=torch.randn(3, 16), tensor_cores=True, row_grid=True), "row_grid"),
-                       (dict(x=torch.randn(3, 16), tensor_cores=True, one_sum=True), "one_sum")):
+                       (dict(x=torch.randn(3, 16), tensor_cores=True, row_grid=True), "row_grid")):
         with pytest.raises(ValueError, match=match):
             K.decode_linear(weight=w, **bad)
 
@@ -3520,12 +3517,10 @@ def test_bench_decode_linear_checks_then_tables_each_shape():
     """bench.py --parts linear on the CPU (the interpreter, fp32, one weight per shape): each of
     the demo's four layer shapes checked in both forms against the reference, then one table row
     of timings (separate kernels, one row at a time, tensor cores); then the row-by-row form at
-    each launch asked for (one with a program per row, one summing every row at once), checked
-    too: a table row per shape."""
+    each launch asked for (one with a program per row), checked too: a table row per shape."""
     import bench
     lines = []
-    launches = ((16, 1, False, False), (32, 2, True, False), (8, 2, False, True))
-    bench.bench_decode_linear(lines.append, rows=(3,), layers=1, device="cpu", launches=launches)
+    bench.bench_decode_linear(lines.append, rows=(3,), layers=1, device="cpu", launches=((16, 1, False), (32, 2, True)))
     cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines if line.startswith("| ")]  # "\|": in a cell
     names = [r"q\|k\|v after add + RMSNorm", "output", r"gate\|up after add + RMSNorm", "down after SwiGLU"]
     rows = [c for c in cells if re.fullmatch(r" \d+ x \d+ ", c[1])]
@@ -3533,7 +3528,7 @@ def test_bench_decode_linear_checks_then_tables_each_shape():
     assert all(len(c) == 3 and len(c[2].split(" / ")) == 3 for c in rows), rows
     launch_rows = [c for c in cells if re.fullmatch(r" \d+ ", c[1])]
     assert [(c[0].strip(), c[1].strip()) for c in launch_rows] == [(n, "3") for n in names]
-    assert all(len(c) == 5 and all(float(t) > 0 for t in c[2:]) for c in launch_rows), launch_rows
+    assert all(len(c) == 4 and all(float(t) > 0 for t in c[2:]) for c in launch_rows), launch_rows
 
 
 def test_bench_report_keeps_the_lines_of_a_run_cut_short(monkeypatch, tmp_path):
