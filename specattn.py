@@ -1651,12 +1651,6 @@ def main(argv=None):
                                              device=args.device,
                                              dtype=getattr(torch, args.dtype) if args.dtype else None,
                                              bos=args.bos, sink_distance=args.sink_distance)
-        layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
-        draft_vocab = pair_draft_vocab(tokenizer, target, draft, args.draft_vocab)
-        continuous = (args.requests or args.batch) > args.batch and not args.fixed_batches
-        selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, sinks=args.sinks,
-                                    combine=args.combine or default_combine(continuous),
-                                    sparse_from=args.sparse_from)
         n_prompts = args.requests or args.batch
         if args.context:
             prompts = book_prompts(tokenizer, n_prompts, args.context)
@@ -1667,6 +1661,15 @@ def main(argv=None):
             if any(not t for t in texts):
                 raise ValueError("an empty --prompt: give some text to continue")
             prompts = [tokenizer.encode(t) for t in texts]
+        # Do the prompts fit the model (the speculative modes' engines need 2γ positions more)? Before
+        # the layer map is calibrated, which takes a while on a first run.
+        engine_max_len(target, prompts, args.max_new_tokens, 0 if modes == ["plain"] else args.gamma)
+        layer_map = layer_map_for(target, draft, tokenizer, args.layer_map)
+        draft_vocab = pair_draft_vocab(tokenizer, target, draft, args.draft_vocab)
+        continuous = n_prompts > args.batch and not args.fixed_batches
+        selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, sinks=args.sinks,
+                                    combine=args.combine or default_combine(continuous),
+                                    sparse_from=args.sparse_from)
         if target.output.weight.is_cuda:
             use_gpu_kernels(True)
         if args.check:

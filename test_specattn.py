@@ -2497,6 +2497,18 @@ def test_cli_bad_arguments(argv, message, capsys):
     assert said.startswith("error: ") and message in said and "\n" not in said
 
 
+def test_cli_prompt_longer_than_the_model_errors_before_calibrating(tiny_checkpoint, monkeypatch):
+    """A prompt that does not fit the model's positions is refused before the layer map is
+    calibrated (on a first run that takes a while), in one line."""
+    ckpt, _, _ = tiny_checkpoint  # max_position_embeddings=512
+    monkeypatch.setattr(SA, "layer_map_for", lambda *a, **k: pytest.fail("calibrated before checking the prompt"))
+    with pytest.raises(SystemExit) as info:
+        SA.main(["--target", str(ckpt), "--draft", str(ckpt), "--draft-layers", "0-1", "--device", "cpu",
+                 "--prompt", BOOK_TEXT * 4, "--max-new-tokens", "6"])
+    said = str(info.value)
+    assert said.startswith("error: ") and "positions" in said and "\n" not in said
+
+
 def test_cli_help_states_each_default_once(capsys):
     # argparse's defaults formatter would add "(default: None)" to options whose help already says
     # what happens without them; calibrate.HelpFormatter adds a default only where none is stated.
