@@ -3332,6 +3332,47 @@ def test_train_draft_learns_saves_and_reloads(tied_checkpoint, tmp_path):
     assert SA.speculative_generate(target, near, x[0, :10].tolist(), 12, gamma=3)[0] == want
 
 
+def test_train_draft_continues_a_saved_draft(tied_checkpoint, tmp_path):
+    """--init-draft starts from a saved draft's own tensors: at learning rate 0 it saves them
+    back unchanged, trained further they move and its held-out acceptance is measured from
+    where the saved one ended; its recipe names what it started from. Bad starts: one line each."""
+    ckpt, books = tied_checkpoint
+    common = ["--target", str(ckpt), "--books", *map(str, books), "--batch", "4", "--seq-len", "48", "--pool",
+              "6", "--reuse", "2", "--prompt-len", "8", "--holdout", "96", "--warmup", "2", "--device", "cpu",
+              "--log-every", "5"]
+    first = TD.main([*common, "--init-layers", "0,3", "--lr", "3e-3", "--steps", "12", "--out", str(tmp_path / "d")])
+    info = json.loads((first / "config.json").read_text())["specattn_draft"]
+
+    def tensors(d):
+        out = {}
+        for f in d.glob("*.safetensors"):
+            with safe_open(str(f), framework="pt") as sf:
+                out |= {k: sf.get_tensor(k) for k in sf.keys()}
+        return out
+
+    same = TD.main([*common, "--init-draft", str(first), "--lr", "0", "--steps", "3", "--out", str(tmp_path / "s")])
+    saved, again = tensors(first), tensors(same)
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    again_info = json.loads((same / "config.json").read_text())["specattn_draft"]
+    assert abs(again_info["acceptance_heldout_before"] - info["acceptance_heldout_after"]) < 0.02
+    assert again_info["recipe"]["init_draft"] == {"name": "d", "recipe": info["recipe"],
+                                                  "acceptance_heldout_after": info["acceptance_heldout_after"]}
+    assert again_info["sink_distance"] == 48
+
+    more = TD.main([*common, "--init-draft", str(first), "--lr", "3e-3", "--steps", "6", "--out", str(tmp_path / "m")])
+    moved = tensors(more)
+    assert any(not torch.equal(saved[k], moved[k]) for k in saved)
+    assert C.load_pair(ckpt, more, device="cpu", dtype=torch.float32)[1].args.n_layers == 2
+
+    for extra, message in [(["--init-layers", "0"], "--init-layers and --init-draft"),
+                           (["--seq-len", "32"], "trained on 48-token windows; continue it with --seq-len 48")]:
+        with pytest.raises(ValueError, match=message):
+            TD.main([*common, "--init-draft", str(first), "--out", str(tmp_path / "x"), *extra])
+    with pytest.raises(ValueError, match="not a draft saved by train_draft.py"):
+        TD.main([*common, "--init-draft", str(ckpt), "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_train_draft_attention_loss_aligns_attention(tied_checkpoint, tmp_path):
     """With only the attention term weighing much, its KL falls."""
     ckpt, books = tied_checkpoint

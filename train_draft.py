@@ -3,7 +3,8 @@
 The draft is a Llama-style model at the target's width that *shares* the target's
 tokenizer, token embedding and tied head; only its own decoder layers and final norm are
 stored (calibrate.load_draft puts the two back together). Its layers start as copies of
-some target layers (--init-layers) and are trained by distillation:
+some target layers (--init-layers), or as a draft this script saved (--init-draft, to train it
+further), and are trained by distillation:
 
     loss = KL(target's next-token distribution || draft's)            on every position
          + λ · KL(target layer j's head-averaged attention || draft layer g(j)'s)
@@ -25,6 +26,7 @@ acceptance below.
     python train_draft.py --out d --time-budget 200     # at most as many steps as fit in 200 s (the estimate,
                                                         # made over the warm-up steps, includes the first
                                                         # pool of samples, so it errs low)
+    python train_draft.py --out d2 --init-draft d --time-budget 200   # d, trained for 200 s more
 
 On a CUDA device the target runs in bf16 and the draft trains in fp32 under bf16 autocast.
 """
@@ -42,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from calibrate import embedding_probe, load_draft, parse_layers
+from calibrate import draft_info, embedding_probe, load_draft, parse_layers
 from model import Tokenizer, Transformer, atomic_directory, hf_state_dict, load_model
 from specattn import acceptance_probability
 
@@ -69,6 +71,20 @@ def init_draft(target: Transformer, init_layers: list[int]) -> Transformer:
     target.requires_grad_(False)
     draft.init_rope(target.output.weight.device)
     return draft
+
+
+def continue_draft(target: Transformer, path) -> tuple[Transformer, dict]:
+    """A draft train_draft.py saved in `path`, for more training (--init-draft): its layers
+    and final norm in fp32 and trainable, the target's embedding shared as in init_draft; and
+    its config's "specattn_draft" entry. Its sink_distance is off while it trains: training
+    windows are at most one window long, so the sink is never further back than trained."""
+    info = draft_info(path)
+    draft = load_draft(path, target)  # checks that it extends this target
+    draft.layers.float().requires_grad_(True)
+    draft.norm.float().requires_grad_(True)
+    draft.args.sink_distance = 0
+    target.requires_grad_(False)
+    return draft, info
 
 
 def save_draft(draft: Transformer, target_config: dict, out_dir, info: dict, shards: int = 2) -> Path:
@@ -295,8 +311,15 @@ def parse_args(argv=None):
     p.add_argument("--target", help="target HF checkpoint directory (default: the demo SmolLM2-135M)")
     p.add_argument("--books", nargs="+", help="training text files (default: the two demo books)")
     p.add_argument("--out", required=True, help="directory to write the draft to (config.json + safetensors)")
-    p.add_argument("--init-layers", default="0,9,19,29",
-                   help="target layers the draft's layers start from (their count is the draft's depth)")
+    p.add_argument("--init-layers",
+                   help="target layers the draft's layers start from (their count is the draft's depth; "
+                        "default 0,9,19,29)")
+    p.add_argument("--init-draft", metavar="DIR",
+                   help="start from a draft train_draft.py saved in DIR (its layers and final norm; it must "
+                        "extend --target) and train it further, instead of from copies of target layers: "
+                        "how a training longer than one run is split over several. --seq-len must be the "
+                        "window it trained on; the other flags are this run's own (its config.json's "
+                        "recipe lists the ones it trained with)"),
     p.add_argument("--steps", type=int, default=2000,
                    help="optimizer steps (an upper bound with --time-budget)")
     p.add_argument("--time-budget", type=float, help="seconds: after warm-up, cut --steps to what fits")
@@ -321,8 +344,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_init_draft(args) -> None:
+    """One-line errors for an --init-draft that cannot be continued, before anything loads."""
+    if args.init_layers is not None:
+        raise ValueError("--init-layers and --init-draft both say where the draft starts: give one")
+    info = draft_info(args.init_draft)
+    if info is None:
+        raise ValueError(f"--init-draft {args.init_draft}: not a draft saved by train_draft.py (no config.json "
+                         "with a 'specattn_draft' entry)")
+    window = info.get("sink_distance", args.seq_len)
+    if window != args.seq_len:
+        raise ValueError(f"the draft in {args.init_draft} trained on {window}-token windows; continue it "
+                         f"with --seq-len {window}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.init_draft is not None:
+        check_init_draft(args)
 
     if args.target is None:
         from demo import demo_target
@@ -339,10 +378,15 @@ def main(argv=None):
     target = load_model(args.target, device=device, dtype=dtype)
     tokenizer = Tokenizer.from_pretrained(args.target)
     train_tokens, heads = book_tokens(tokenizer, args.books, args.holdout)
-    init_layers = parse_layers(args.init_layers)
-    draft = init_draft(target, init_layers)
-    print(f"[train_draft] target {args.target} ({target.args.n_layers} layers); draft layers "
-          f"from {init_layers}; {len(train_tokens)} training book tokens; {device}", file=sys.stderr)
+    if args.init_draft is None:
+        args.init_layers = args.init_layers or "0,9,19,29"
+        draft, start = init_draft(target, parse_layers(args.init_layers)), f"layers from {args.init_layers}"
+        earlier = None
+    else:
+        draft, earlier = continue_draft(target, args.init_draft)
+        start = f"{draft.args.n_layers} layers from {args.init_draft}"
+    print(f"[train_draft] target {args.target} ({target.args.n_layers} layers); draft {start}; "
+          f"{len(train_tokens)} training book tokens; {device}", file=sys.stderr)
     before = expected_acceptance(target, draft, heads, 2048)
     batches = Batches(target, train_tokens, args.batch, args.seq_len, args.policy_frac, args.pool, args.reuse,
                       args.prompt_len, g)
@@ -351,8 +395,11 @@ def main(argv=None):
                    log=lambda s: print(s, file=sys.stderr, flush=True), log_every=args.log_every)
     after = expected_acceptance(target, draft, heads, 2048)
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k not in ("out", "device", "time_budget", "target", "books", "log_every")}
+              if k not in ("out", "device", "time_budget", "target", "books", "log_every", "init_draft")}
     recipe["steps"] = result["steps"]
+    if earlier is not None:  # what the draft it started from was trained with, and its own start
+        recipe["init_draft"] = {"name": Path(args.init_draft).name, "recipe": earlier.get("recipe"),
+                                "acceptance_heldout_after": earlier.get("acceptance_heldout_after")}
     # The draft never sees its attention sink further back than one training window (see
     # model.ModelArgs.sink_distance); generation and evaluation place it there.
     info = {"target": Path(args.target).name, "embedding_probe": embedding_probe(target),
@@ -378,5 +425,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: the draft is written when training ends, so nothing was saved")
