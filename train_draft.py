@@ -76,8 +76,9 @@ def init_draft(target: Transformer, init_layers: list[int]) -> Transformer:
 def continue_draft(target: Transformer, path) -> tuple[Transformer, dict]:
     """A draft train_draft.py saved in `path`, for more training (--init-draft): its layers
     and final norm in fp32 and trainable, the target's embedding shared as in init_draft; and
-    its config's "specattn_draft" entry. Its sink_distance is off while it trains: training
-    windows are at most one window long, so the sink is never further back than trained."""
+    its config's "specattn_draft" entry. Its sink_distance is off, as a fresh draft's is: no
+    training window is longer than the one it trained on, and the held-out acceptance is then
+    measured as for a fresh draft, so the figures of the runs it took compare."""
     info = draft_info(path)
     draft = load_draft(path, target)  # checks that it extends this target
     draft.layers.float().requires_grad_(True)
