@@ -73,19 +73,18 @@ def init_draft(target: Transformer, init_layers: list[int]) -> Transformer:
     return draft
 
 
-def continue_draft(target: Transformer, path) -> tuple[Transformer, dict]:
+def continue_draft(target: Transformer, path) -> Transformer:
     """A draft train_draft.py saved in `path`, for more training (--init-draft): its layers
-    and final norm in fp32 and trainable, the target's embedding shared as in init_draft; and
-    its config's "specattn_draft" entry. Its sink_distance is off, as a fresh draft's is: no
-    training window is longer than the one it trained on, and the held-out acceptance is then
-    measured as for a fresh draft, so the figures of the runs it took compare."""
-    info = draft_info(path)
+    and final norm in fp32 and trainable, the target's embedding shared as in init_draft. Its
+    sink_distance is off, as a fresh draft's is: no training window is longer than the one it
+    trained on, and the held-out acceptance is then measured as for a fresh draft, so the
+    figures of the runs it took compare."""
     draft = load_draft(path, target)  # checks that it extends this target
     draft.layers.float().requires_grad_(True)
     draft.norm.float().requires_grad_(True)
     draft.args.sink_distance = 0
     target.requires_grad_(False)
-    return draft, info
+    return draft
 
 
 def save_draft(draft: Transformer, target_config: dict, out_dir, info: dict, shards: int = 2) -> Path:
@@ -345,8 +344,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_init_draft(args) -> None:
-    """One-line errors for an --init-draft that cannot be continued, before anything loads."""
+def check_init_draft(args) -> dict:
+    """The "specattn_draft" entry of --init-draft's config.json; one-line errors for a draft
+    that cannot be continued, before anything loads."""
     if args.init_layers is not None:
         raise ValueError("--init-layers and --init-draft both say where the draft starts: give one")
     info = draft_info(args.init_draft)
@@ -357,12 +357,12 @@ def check_init_draft(args) -> None:
     if window != args.seq_len:
         raise ValueError(f"the draft in {args.init_draft} trained on {window}-token windows; continue it "
                          f"with --seq-len {window}")
+    return info
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.init_draft is not None:
-        check_init_draft(args)
+    earlier = check_init_draft(args) if args.init_draft is not None else None  # what it continues
 
     if args.target is None:
         from demo import demo_target
@@ -382,9 +382,8 @@ def main(argv=None):
     if args.init_draft is None:
         args.init_layers = args.init_layers or "0,9,19,29"
         draft, start = init_draft(target, parse_layers(args.init_layers)), f"layers from {args.init_layers}"
-        earlier = None
     else:
-        draft, earlier = continue_draft(target, args.init_draft)
+        draft = continue_draft(target, args.init_draft)
         start = f"{draft.args.n_layers} layers from {args.init_draft}"
     print(f"[train_draft] target {args.target} ({target.args.n_layers} layers); draft {start}; "
           f"{len(train_tokens)} training book tokens; {device}", file=sys.stderr)
