@@ -474,12 +474,7 @@ class VerifyChooser:
     goes to the variant and γ with the most expected tokens per unit time. A variant not yet
     ready (GammaChooser.ready) runs first, sparse before dense; one left aside for
     `explore_every` steps runs once more, since its α and its time move as the context grows
-    (costs measured at a shorter context read low, which also brings it back). It comes back
-    with the running variant's α, weighted as one step's evidence, which its own step then
-    moves (`_come_back`): α follows the text more than the variant, and an α
-    measured at another time (the start of a generation, where drafts agree least) would
-    otherwise stay the variant's estimate for as long as it stays aside, keeping it there.
-    Sparse steps
+    (costs measured at a shorter context read low, which also brings it back). Sparse steps
     must promise `sparse_margin` (a fraction) more tokens per unit time than dense ones: both
     rates are estimates from a few noisy steps, and at a near tie the exact variant (dense
     verification loses nothing) is the one to keep.
@@ -518,22 +513,10 @@ class VerifyChooser:
                        or self.steps - self.last_run[s] > self.explore_every]
             if waiting:
                 sparse = waiting[0]
-                self._come_back(sparse)
             else:
                 sparse = self.variants[True].best()[0] > (1 + self.sparse_margin) * self.variants[False].best()[0]
         self.last_run[sparse] = self.steps
         return sparse, self.variants[sparse].choose()
-
-    def _come_back(self, sparse: bool) -> None:
-        """A ready variant running again after explore_every steps aside: its acceptance counts
-        become the running variant's, scaled to one step of evidence (decayed counts weigh about
-        1 / (1 - decay) steps), so that the step it is about to run weighs as much as they do.
-        Heavier, they would keep a variant whose own α is lower running for several steps
-        before its own steps showed it."""
-        back, running = self.variants[sparse], self.variants[not sparse]
-        if back.ready and running.ready:
-            weight = 1 - running.decay
-            back.agree, back.disagree = running.agree * weight, running.disagree * weight
 
     def observe_step(self, sparse: bool, gamma: int, accepted: list[int], draft_s=None, step_s=None) -> None:
         """One step's evidence (see GammaChooser.observe), for the variant it ran."""
