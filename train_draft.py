@@ -51,6 +51,8 @@ from specattn import acceptance_probability
 # ----------------------------------------------------------------------------------------
 # The draft
 
+DEFAULT_INIT_LAYERS = "0,9,19,29"  # the target layers a fresh draft starts from (--init-layers)
+
 
 def init_draft(target: Transformer, init_layers: list[int]) -> Transformer:
     """A draft whose layers are copies of target layers `init_layers` and whose token
@@ -313,13 +315,13 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="directory to write the draft to (config.json + safetensors)")
     p.add_argument("--init-layers",
                    help="target layers the draft's layers start from (their count is the draft's depth; "
-                        "default 0,9,19,29)")
+                        f"default {DEFAULT_INIT_LAYERS})")
     p.add_argument("--init-draft", metavar="DIR",
                    help="start from a draft train_draft.py saved in DIR (its layers and final norm; it must "
                         "extend --target) and train it further, instead of from copies of target layers: "
                         "how a training longer than one run is split over several. --seq-len must be the "
                         "window it trained on; the other flags are this run's own (its config.json's "
-                        "recipe lists the ones it trained with)"),
+                        "recipe lists the ones it trained with)")
     p.add_argument("--steps", type=int, default=2000,
                    help="optimizer steps (an upper bound with --time-budget)")
     p.add_argument("--time-budget", type=float, help="seconds: after warm-up, cut --steps to what fits")
@@ -380,7 +382,7 @@ def main(argv=None):
     tokenizer = Tokenizer.from_pretrained(args.target)
     train_tokens, heads = book_tokens(tokenizer, args.books, args.holdout)
     if args.init_draft is None:
-        args.init_layers = args.init_layers or "0,9,19,29"
+        args.init_layers = args.init_layers or DEFAULT_INIT_LAYERS
         draft, start = init_draft(target, parse_layers(args.init_layers)), f"layers from {args.init_layers}"
     else:
         draft = continue_draft(target, args.init_draft)
