@@ -440,17 +440,18 @@ class GammaChooser:
         `choose` proposes gamma_max and `best` has no rate to give)."""
         return bool(self.observed) and (self.fixed_costs is not None or bool(self.step_time))
 
-    def best(self) -> tuple[float, int]:
-        """(expected tokens per unit time, γ) of the best γ in gamma_min..gamma_max (needs `ready`)."""
-        a = min(self.alpha, 1 - 1e-6)
+    def best(self, alpha: Optional[float] = None) -> tuple[float, int]:
+        """(expected tokens per unit time, γ) of the best γ in gamma_min..gamma_max (needs `ready`),
+        at the acceptance `alpha` (None: this chooser's own estimate)."""
+        a = min(self.alpha if alpha is None else alpha, 1 - 1e-6)
         rate = {g: (1 - a ** (g + 1)) / (1 - a) / self.step_cost(g)
                 for g in range(self.gamma_min, self.gamma_max + 1)}
         g = max(rate, key=rate.get)
         return rate[g], g
 
-    def choose(self) -> int:
-        """The γ for the next step (gamma_max until `ready`)."""
-        return self.best()[1] if self.ready else self.gamma_max
+    def choose(self, alpha: Optional[float] = None) -> int:
+        """The γ for the next step (gamma_max until `ready`), at `alpha` as in `best`."""
+        return self.best(alpha)[1] if self.ready else self.gamma_max
 
     # What SpecEngine calls (VerifyChooser's interface too): a GammaChooser leaves the variant
     # (sparse or dense verification) as the engine's sparse_from says.
@@ -470,14 +471,26 @@ class VerifyChooser:
     draft's attention rows and the top-p cut each step, and tokens (at p < 1 the target,
     reading fewer positions, agrees with the draft a little less often). Which side wins
     depends on the batch, the context and the GPU, so it is measured, as γ is: each variant
-    keeps a GammaChooser of its own (its acceptance α and its step time per γ), and a step
-    goes to the variant and γ with the most expected tokens per unit time. A variant not yet
-    ready (GammaChooser.ready) runs first, sparse before dense; one left aside for
-    `explore_every` steps runs once more, since its α and its time move as the context grows
-    (costs measured at a shorter context read low, which also brings it back). Sparse steps
-    must promise `sparse_margin` (a fraction) more tokens per unit time than dense ones: both
-    rates are estimates from a few noisy steps, and at a near tie the exact variant (dense
-    verification loses nothing) is the one to keep.
+    keeps a GammaChooser of its own (its step time per γ), and a step goes to the variant and
+    γ with the most expected tokens per unit time. A variant not yet ready
+    (GammaChooser.ready) runs first, sparse before dense; one left aside for `explore_every`
+    steps runs once more, since its time moves as the context grows (costs measured at a
+    shorter context read low, which also brings it back). Sparse steps must promise
+    `sparse_margin` (a fraction) more tokens per unit time than dense ones: both rates are
+    estimates from noisy steps, and at a near tie the exact variant (dense verification loses
+    nothing) is the one to keep.
+
+    Acceptance is estimated so that the two variants stay comparable though they run at
+    different times. How often the draft is right moves with the text, for both variants
+    alike; what sparse reads change is a small, steady factor. So α is counted over every
+    step, whichever variant ran it (pooled: the GammaChooser's decayed counts, with no prior,
+    seeded by the first step), and each
+    variant keeps the ratio of the agreements its own steps saw to those the pooled α
+    expected of them (by Wald's identity E[agreements] = α · E[agreements + disagreements]
+    for the stop-at-first-miss counts), over a long memory (`ratio_decay` per own step,
+    from `ratio_prior` pseudo-trials at ratio 1). A variant's α = pooled α × its ratio: a
+    variant kept aside follows the text through the other's steps instead of keeping the α
+    of the text it last saw.
 
     costs: {sparse: (draft, verify)} per variant (fixed costs, see GammaChooser: the choices
     then follow the tokens alone); None: measured. Sparse steps are allowed only where the
@@ -486,22 +499,38 @@ class VerifyChooser:
     """
 
     def __init__(self, gamma_max: int, costs: Optional[dict] = None, explore_every: int = 32,
-                 gamma_min: int = 1, sparse_margin: float = 0.03):
+                 gamma_min: int = 1, sparse_margin: float = 0.03, ratio_decay: float = 0.98,
+                 ratio_prior: float = 8.0):
         if explore_every < 1:
             raise ValueError(f"explore_every must be >= 1, got {explore_every}")
         if sparse_margin < 0:
             raise ValueError(f"sparse_margin must be >= 0, got {sparse_margin}")
         self.gamma_max, self.gamma_min, self.explore_every = gamma_max, gamma_min, explore_every
-        self.sparse_margin = sparse_margin
+        self.sparse_margin, self.ratio_decay, self.ratio_prior = sparse_margin, ratio_decay, ratio_prior
+        self.pooled = GammaChooser(gamma_max, costs=(0.0, 1.0), prior=(0.0, 0.0))  # its α only: every step's
         self.variants = {sparse: GammaChooser(gamma_max, costs=costs[sparse] if costs else None,
                                               gamma_min=gamma_min) for sparse in (True, False)}
         self.reset()
 
     def reset(self) -> None:
-        for chooser in self.variants.values():
+        for chooser in (self.pooled, *self.variants.values()):
             chooser.reset()
         self.steps = 0  # steps chosen
         self.last_run = {True: 0, False: 0}  # the step each variant last ran (0: never)
+        # per variant: decayed agreements seen on its steps, and those the pooled α expected
+        self.seen = {True: self.ratio_prior, False: self.ratio_prior}
+        self.expected = dict(self.seen)
+
+    def alpha(self, sparse: bool) -> float:
+        """The variant's acceptance now: the pooled α × the variant's ratio (see the class doc);
+        before any step, the GammaChooser's prior."""
+        if not self.pooled.observed:
+            return self.variants[sparse].alpha
+        return min(self.pooled.alpha * self.seen[sparse] / self.expected[sparse], 1 - 1e-6)
+
+    def rate(self, sparse: bool) -> tuple[float, int]:
+        """(expected tokens per unit time, γ) of the variant's best γ (needs its `ready`)."""
+        return self.variants[sparse].best(self.alpha(sparse))
 
     def choose_step(self, sparse_allowed: bool) -> tuple[bool, int]:
         """(sparse, γ) for the next step."""
@@ -514,12 +543,20 @@ class VerifyChooser:
             if waiting:
                 sparse = waiting[0]
             else:
-                sparse = self.variants[True].best()[0] > (1 + self.sparse_margin) * self.variants[False].best()[0]
+                sparse = self.rate(True)[0] > (1 + self.sparse_margin) * self.rate(False)[0]
         self.last_run[sparse] = self.steps
-        return sparse, self.variants[sparse].choose()
+        return sparse, self.variants[sparse].choose(self.alpha(sparse))
 
     def observe_step(self, sparse: bool, gamma: int, accepted: list[int], draft_s=None, step_s=None) -> None:
-        """One step's evidence (see GammaChooser.observe), for the variant it ran."""
+        """One step's evidence (see GammaChooser.observe): its counts go to the pooled α and, against
+        what that α expected of them, to the variant's ratio; its times to the variant it ran."""
+        agreements = sum(accepted)
+        trials = agreements + sum(k < gamma for k in accepted)
+        if trials:
+            if self.pooled.observed:  # the first step only seeds the pool: no prior to compare against
+                self.seen[sparse] = self.seen[sparse] * self.ratio_decay + agreements
+                self.expected[sparse] = self.expected[sparse] * self.ratio_decay + self.pooled.alpha * trials
+            self.pooled.observe(gamma, accepted)
         self.variants[sparse].observe(gamma, accepted, draft_s=draft_s, step_s=step_s)
 
 

@@ -2274,6 +2274,25 @@ def test_verification_chosen_per_step_each_row_equals_itself_alone(references):
         SA.make_engine("dense", target, draft, prompts, 21, 3, 0.0, None, cfg, gamma_chooser=SA.VerifyChooser(3))
 
 
+def test_verify_chooser_alpha_follows_the_text_through_the_other_variant():
+    """VerifyChooser: a variant kept aside takes the text's acceptance from the other's steps
+    (pooled α), keeping its own steady ratio to it, instead of the α of the text it last saw."""
+    chooser = SA.VerifyChooser(4, costs={True: (0.1, 0.5), False: (0.1, 1.0)}, explore_every=1000)
+    for _ in range(30):  # a hard stretch: both variants accept 1 of 4, sparse a little less often
+        chooser.observe_step(True, 4, [1, 1, 1, 0])
+        chooser.observe_step(False, 4, [1, 1, 1, 1])
+    assert chooser.alpha(True) < chooser.alpha(False) < 0.6
+    sparse_ratio = chooser.alpha(True) / chooser.alpha(False)
+    for _ in range(40):  # an easy stretch seen by dense steps alone
+        chooser.observe_step(False, 4, [4, 4, 3, 4])
+    assert chooser.alpha(True) > 0.85, chooser.alpha(True)  # sparse's α follows the text...
+    assert chooser.alpha(True) / chooser.alpha(False) == pytest.approx(sparse_ratio, rel=0.01)  # ...at its ratio
+    own_counts = chooser.variants[True].alpha  # what sparse's own steps alone would say: the hard stretch
+    assert own_counts < 0.6
+    assert chooser.choose_step(True)[0] is True  # half the verify at 6/7 of dense's α: sparse
+    assert chooser.variants[True].best(own_counts)[0] < chooser.rate(False)[0]  # (at its own counts: dense)
+
+
 def test_verify_chooser_tries_both_then_follows_tokens_per_time():
     """VerifyChooser: sparse steps only where allowed; each variant run first until ready,
     sparse before dense; then the variant whose GammaChooser expects more tokens per unit
@@ -2288,11 +2307,11 @@ def test_verify_chooser_tries_both_then_follows_tokens_per_time():
         chooser.observe_step(True, 4, [0, 0])
         chooser.observe_step(False, 4, [4, 4])
     picks = [chooser.choose_step(True) for _ in range(12)]
-    dense_best = chooser.variants[False].best()
-    assert dense_best[0] > chooser.variants[True].best()[0]
+    dense_best = chooser.rate(False)
+    assert dense_best[0] > chooser.rate(True)[0]
     assert [s for s, _ in picks] == [False] * 5 + [True] + [False] * 5 + [True]  # explore every 5 steps aside
     assert all(g == dense_best[1] for s, g in picks if not s)
-    assert all(g == chooser.variants[True].best()[1] == 1 for s, g in picks if s)  # sparse's own best γ
+    assert all(g == chooser.rate(True)[1] == 1 for s, g in picks if s)  # sparse's own best γ
     chooser.reset()
     assert chooser.choose_step(True) == (True, 4)
     chooser.observe_step(True, 4, [3, 4])
