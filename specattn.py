@@ -518,15 +518,15 @@ class VerifyChooser:
         self.steps = 0  # steps chosen
         self.last_run = {True: 0, False: 0}  # the step each variant last ran (0: never)
         # per variant: decayed agreements seen on its steps, and those the pooled α expected
-        self.seen = {True: self.ratio_prior, False: self.ratio_prior}
-        self.expected = dict(self.seen)
+        self.agreed = {True: self.ratio_prior, False: self.ratio_prior}
+        self.agreed_expected = dict(self.agreed)
 
     def alpha(self, sparse: bool) -> float:
         """The variant's acceptance now: the pooled α × the variant's ratio (see the class doc);
         before any step, the GammaChooser's prior."""
         if not self.pooled.observed:
             return self.variants[sparse].alpha
-        return min(self.pooled.alpha * self.seen[sparse] / self.expected[sparse], 1 - 1e-6)
+        return min(self.pooled.alpha * self.agreed[sparse] / self.agreed_expected[sparse], 1 - 1e-6)
 
     def rate(self, sparse: bool) -> tuple[float, int]:
         """(expected tokens per unit time, γ) of the variant's best γ (needs its `ready`)."""
@@ -554,8 +554,9 @@ class VerifyChooser:
         trials = agreements + sum(k < gamma for k in accepted)
         if trials:
             if self.pooled.observed:  # the first step only seeds the pool: no prior to compare against
-                self.seen[sparse] = self.seen[sparse] * self.ratio_decay + agreements
-                self.expected[sparse] = self.expected[sparse] * self.ratio_decay + self.pooled.alpha * trials
+                decay = self.ratio_decay
+                self.agreed[sparse] = self.agreed[sparse] * decay + agreements
+                self.agreed_expected[sparse] = self.agreed_expected[sparse] * decay + self.pooled.alpha * trials
             self.pooled.observe(gamma, accepted)
         self.variants[sparse].observe(gamma, accepted, draft_s=draft_s, step_s=step_s)
 
