@@ -2901,7 +2901,7 @@ def test_specattn_cli_chooses_gamma_per_step_unless_fixed(llama2_style_pair, tmp
     target, draft, _, layer_map = llama2_style_pair
 
     class AlwaysLeast(SA.GammaChooser):  # stands in for the measured choice, so the test sees it
-        def choose(self):
+        def choose(self, alpha=None):
             return self.gamma_min
 
     monkeypatch.setattr(SA, "GammaChooser", AlwaysLeast)
