@@ -483,14 +483,13 @@ class VerifyChooser:
     Acceptance is estimated so that the two variants stay comparable though they run at
     different times. How often the draft is right moves with the text, for both variants
     alike; what sparse reads change is a small, steady factor. So α is counted over every
-    step, whichever variant ran it (pooled: the GammaChooser's decayed counts, with no prior,
-    seeded by the first step), and each
-    variant keeps the ratio of the agreements its own steps saw to those the pooled α
-    expected of them (by Wald's identity E[agreements] = α · E[agreements + disagreements]
-    for the stop-at-first-miss counts), over a long memory (`ratio_decay` per own step,
-    from `ratio_prior` pseudo-trials at ratio 1). A variant's α = pooled α × its ratio: a
-    variant kept aside follows the text through the other's steps instead of keeping the α
-    of the text it last saw.
+    step, whichever variant ran it (pooled: a GammaChooser's decayed counts, with no prior,
+    seeded by the first step), and each variant keeps the ratio of the agreements its own
+    steps saw to those the pooled α expected of them (by Wald's identity E[agreements] =
+    α · E[agreements + disagreements] for the stop-at-first-miss counts), over a long memory
+    (`ratio_decay` per own step, from `ratio_prior` pseudo-trials at ratio 1). A variant's
+    α = pooled α × its ratio: a variant kept aside follows the text through the other's
+    steps instead of keeping the α of the text it last saw.
 
     costs: {sparse: (draft, verify)} per variant (fixed costs, see GammaChooser: the choices
     then follow the tokens alone); None: measured. Sparse steps are allowed only where the
@@ -505,9 +504,12 @@ class VerifyChooser:
             raise ValueError(f"explore_every must be >= 1, got {explore_every}")
         if sparse_margin < 0:
             raise ValueError(f"sparse_margin must be >= 0, got {sparse_margin}")
+        if not (0 < ratio_decay <= 1 and ratio_prior > 0):
+            raise ValueError(f"need 0 < ratio_decay <= 1 and ratio_prior > 0, got ratio_decay={ratio_decay}, "
+                             f"ratio_prior={ratio_prior}")
         self.gamma_max, self.gamma_min, self.explore_every = gamma_max, gamma_min, explore_every
         self.sparse_margin, self.ratio_decay, self.ratio_prior = sparse_margin, ratio_decay, ratio_prior
-        self.pooled = GammaChooser(gamma_max, costs=(0.0, 1.0), prior=(0.0, 0.0))  # its α only: every step's
+        self.pooled = GammaChooser(gamma_max, costs=(0.0, 1.0), prior=(0.0, 0.0))  # every step's counts, for α
         self.variants = {sparse: GammaChooser(gamma_max, costs=costs[sparse] if costs else None,
                                               gamma_min=gamma_min) for sparse in (True, False)}
         self.reset()

@@ -2331,6 +2331,9 @@ def test_verify_chooser_tries_both_then_follows_tokens_per_time():
         SA.VerifyChooser(4, explore_every=0)
     with pytest.raises(ValueError, match="sparse_margin"):
         SA.VerifyChooser(4, sparse_margin=-0.1)
+    for bad in ({"ratio_decay": 0.0}, {"ratio_decay": 1.5}, {"ratio_prior": 0.0}):
+        with pytest.raises(ValueError, match="ratio_decay"):
+            SA.VerifyChooser(4, **bad)
     with pytest.raises(ValueError, match="gamma_min"):
         SA.GammaChooser(4, gamma_min=5)
 
