@@ -229,7 +229,7 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
                sink_distance=None, draft_window=None, also_always_sparse: bool = False,
                combine: str = "union", also_combine=(), refill: bool = True, rounds: int = 1,
-               also_draft_vocab: int = 0, also_fallback: float = 0.0) -> dict:
+               also_draft_vocab: int = 0) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching; refill=False: fixed
     batches, one after another). Plain decoding runs once, the speculative modes once choosing
@@ -241,9 +241,7 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
     rows one selection ("specattn first": see specattn.COMBINE; `combine` is the other rows');
     with also_draft_vocab N, dense speculation and SpecAttn once more with the draft proposing
     from the N tokens most frequent in the calibration book ("dense vocab N": see
-    specattn.draft_vocabulary); with also_fallback F, SpecAttn once more with rows whose share
-    of draft tokens accepted falls below F verifying densely ("specattn fallback F": see
-    specattn.SelectionConfig.fallback_below).
+    specattn.draft_vocabulary).
     sink_distance: the draft's (None: its config's, 512); draft_window: the draft's attention
     window (None: its training window, the same 512; see specattn.SpecEngine). rounds > 1:
     each row's prompts in that many parts, plain, dense and SpecAttn taking turns on each part
@@ -283,9 +281,6 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
             if also_draft_vocab:  # (every token: vocab None, the draft's whole head)
                 runs += [(("dense", "specattn"), max(gammas), True, True, selection, vocab,
                           f" vocab {also_draft_vocab}")]
-            if also_fallback:
-                runs += [(("specattn",), max(gammas), True, True, replace(selection, fallback_below=also_fallback),
-                          None, f" fallback {also_fallback}")]
             for modes, g, auto, verify, run_selection, run_vocab, tag in runs:
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
                                               run_selection, modes, batch_size=B, adaptive_gamma=auto,
@@ -302,8 +297,7 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                                 for a, b in [("dense", "plain"), ("specattn", "dense")]
                                 + [(f"specattn γ={g}", f"dense γ={g}") for g in gammas if fixed_gamma]
                                 + [(f"{m} vocab {also_draft_vocab}", m) for m in ("dense", "specattn")
-                                   if also_draft_vocab]
-                                + [(f"specattn fallback {also_fallback}", "specattn")] * bool(also_fallback))
+                                   if also_draft_vocab])
                     + " |")
             rates[(B, context)] = {mode: st.decode_rate for mode, (_, st) in results.items()}
             torch.cuda.empty_cache()
@@ -852,10 +846,6 @@ def main(argv=None):
                              "the N tokens most frequent in the calibration book (rows 'dense vocab N', "
                              "'specattn vocab N'; specattn.py --draft-vocab; 49152, the whole vocabulary: every "
                              "token). 0: not")
-    parser.add_argument("--also-fallback", type=float, default=0.0, metavar="F",
-                        help="demo: SpecAttn also runs once with rows whose running share of accepted draft "
-                             "tokens falls below F verifying densely until their prompt ends (row 'specattn "
-                             "fallback F'; specattn.py --fallback-below). 0: not")
     parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
                         "row densely until it holds this many positions (0: sparse from the first step)")
     parser.add_argument("--sink-distance", type=int, metavar="N", help="demo: the draft reads its attention "
@@ -885,9 +875,6 @@ def main(argv=None):
     if not 0 <= args.also_draft_vocab <= DEMO_TARGET.vocab_size:
         raise SystemExit(f"error: --also-draft-vocab must be in 0..{DEMO_TARGET.vocab_size} (the demo "
                          f"vocabulary), got {args.also_draft_vocab}")
-    if not 0 <= args.also_fallback <= 1:
-        raise SystemExit(f"error: --also-fallback must be in [0, 1] (a share of draft tokens accepted; 0: off), "
-                         f"got {args.also_fallback}")
     try:
         check_sink_distance(args.sink_distance)
     except ValueError as e:
@@ -934,7 +921,7 @@ def main(argv=None):
                           args.combine or SA.default_combine(args.prompts_per_row > 1 and not args.fixed_batches),
                           also_combine,
                           refill=not args.fixed_batches, rounds=args.rounds,
-                          also_draft_vocab=args.also_draft_vocab, also_fallback=args.also_fallback)
+                          also_draft_vocab=args.also_draft_vocab)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

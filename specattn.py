@@ -102,27 +102,14 @@ class SelectionConfig:
     # Rows whose cache holds fewer positions than this verify densely: skipping reads saves
     # time only where the KV cache is a large part of what a step reads (see SpecEngine).
     sparse_from: int = 0
-    # Generation: a row whose running share of accepted draft tokens falls below this verifies
-    # densely until its prompt ends (SpecEngine, "fallback"); 0: never.
-    fallback_below: float = 0.0
 
     def __post_init__(self):
         check_topp(self.topp)
-        if not 0 <= self.fallback_below <= 1:
-            raise ValueError(f"fallback_below (a share of draft tokens accepted) must be in [0, 1], "
-                             f"got {self.fallback_below}")
         if self.sparse_from < 0:
             raise ValueError(f"sparse_from (positions before verification turns sparse) must be >= 0, "
                              f"got {self.sparse_from}")
         if self.combine not in COMBINE:
             raise ValueError(f"combine must be one of {', '.join(COMBINE)}, got {self.combine!r}")
-
-
-# SpecAttn's fallback (SelectionConfig.fallback_below): a row's share of draft tokens accepted is
-# a running mean, decayed FALLBACK_DECAY a step, from FALLBACK_START at its prompt's first step;
-# from 0.5, about 16 steps accepting nothing take it below 0.1.
-FALLBACK_DECAY = 0.9
-FALLBACK_START = 0.5
 
 
 def draft_selection(draft_probs: list, past_len: int, layer_map: list[int], n_kv_heads: int,
@@ -607,13 +594,6 @@ class SpecEngine:
     attention rows, no select phase): the same tokens, without the draft rows' cost. Both
     variants are captured at the first step, so switching never captures.
 
-    Fallback (selection.fallback_below > 0): sparse reads can lead a row's target off the text
-    the draft follows (greedy, a row falling into a loop the draft never proposes); the row
-    then gains about one token a step and holds up the end of its batch. The accept phase
-    keeps each row's running share of draft tokens accepted, on the device; once it falls
-    below fallback_below the row lists every cached position in the select phase (its
-    verification is dense, its KV reads counted as such) until its prompt ends.
-
     draft_window: the draft reads its cache through this window (see `draft_attention_slot`):
     position 0 and the most recent positions, in the prefill and every draft step (0: all of
     it). None: the window the draft was trained on (its sink_distance, the demo draft's 512;
@@ -696,10 +676,6 @@ class SpecEngine:
         self.n_out = torch.zeros(B, **i64)
         self.max_new = torch.zeros((), **i64)
         self.done = torch.ones(B, device=device, dtype=torch.bool)
-        # SpecAttn's fallback (selection.fallback_below): each row's running share of its draft
-        # tokens accepted, and whether it now verifies densely (until its prompt ends)
-        self.row_accept = torch.full((B,), FALLBACK_START, device=device)
-        self.row_dense = torch.zeros(B, device=device, dtype=torch.bool)
         # Counters per row: steps, accepted, kv_read, kv_dense, kv_read_sparse, kv_dense_sparse, then
         # how many steps accepted 0, 1, ..., γ draft tokens.
         self.counters = torch.zeros(6 + G + 1, B, **i64)
@@ -804,14 +780,12 @@ class SpecEngine:
         lengths = self.t_cache.lengths[None, :, None]  # [1, B, 1]: broadcast over used layers and rows
         rows = self.draft_rows[:, :, :self.g]  # [used, B, γ or 1, S]: this step's draft rows
         rows = rows.mean(2, keepdim=True) if cfg.combine == "mean" else rows
-        if cfg.combine != "union" and not (cfg.sinks or cfg.sparse_from or cfg.fallback_below):  # one launch
+        if cfg.combine != "union" and not cfg.sinks and not cfg.sparse_from:  # one row's cut: one launch
             self.sel_idx, self.sel_count = topp_select(rows[:, :, 0], cfg.topp, lengths=lengths[..., 0])
             return
         keep = topp_mask(rows, cfg.topp, lengths=lengths)  # [used, B, γ or 1, S]: each row's top-p set
         if cfg.sinks:
             keep[..., :cfg.sinks] = True
-        if cfg.fallback_below:  # a row that fell back keeps every position
-            keep |= self.row_dense[None, :, None, None]
         # their union, compacted (one launch); sinks only where a row has them cached; a row
         # shorter than sparse_from lists every position it holds
         self.sel_idx, self.sel_count = union_select(keep, lengths=lengths[..., 0], dense_below=cfg.sparse_from)
@@ -893,11 +867,6 @@ class SpecEngine:
             newest_kept = torch.where(k > 0, d_k, self.last)
             self.prev.copy_(torch.where(active, newest_kept, self.prev))
         self.last.copy_(torch.where(active, new, self.last))
-        if self.use_specattn and self.cfg.fallback_below:
-            share = k.float() / G  # [B]: of this step's draft tokens, the share accepted
-            self.row_accept.copy_(torch.where(active, FALLBACK_DECAY * self.row_accept
-                                              + (1 - FALLBACK_DECAY) * share, self.row_accept))
-            self.row_dense |= active & (self.row_accept < self.cfg.fallback_below)
         self._count(k, past, active)
         self.flags.copy_(torch.stack([self.done.long(), self.n_out.clamp(max=self.max_new)]))
 
@@ -1066,7 +1035,6 @@ class SpecEngine:
         self.n_out[r] = 1
         done = first == self.eos_id if self.eos_id is not None else torch.zeros_like(self.done[r])
         self.done[r] = done | (self.n_out[r] >= self.max_new)
-        self.row_accept[r], self.row_dense[r] = FALLBACK_START, False  # a new prompt: sparse again
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, progress: bool = False,
@@ -1656,10 +1624,6 @@ def main(argv=None):
                         help="SpecAttn: a row verifies densely until its cache holds this many positions "
                              "(below it, skipping reads saves less time than asking the draft for its "
                              "attention costs); 0: sparse from the first step")
-    parser.add_argument("--fallback-below", type=float, default=0.0, metavar="F",
-                        help="SpecAttn: a row whose running share of accepted draft tokens falls below F "
-                             "verifies densely until its prompt ends (sparse reads can lead a greedy row into "
-                             "text the draft never proposes, and it then gains one token a step); 0: never")
     parser.add_argument("--draft-vocab", type=int, default=0, metavar="N",
                         help="the draft proposes only the N tokens most frequent in the calibration book "
                              "(its head computes N logits instead of the whole vocabulary's: a shorter draft "
@@ -1717,9 +1681,6 @@ def main(argv=None):
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.sparse_from < 0:
             raise ValueError(f"--sparse-from must be >= 0, got {args.sparse_from}")
-        if not 0 <= args.fallback_below <= 1:
-            raise ValueError(f"--fallback-below must be in [0, 1] (a share of draft tokens accepted; 0: never), "
-                             f"got {args.fallback_below}")
         if args.draft_vocab < 0:  # before the pair loads (its size: after)
             raise ValueError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {args.draft_vocab}")
         if args.draft_window is not None and args.draft_window < 0:
@@ -1748,7 +1709,7 @@ def main(argv=None):
         continuous = n_prompts > args.batch and not args.fixed_batches
         selection = SelectionConfig(topp=args.topp, dense_layers=args.dense_layers, sinks=args.sinks,
                                     combine=args.combine or default_combine(continuous),
-                                    sparse_from=args.sparse_from, fallback_below=args.fallback_below)
+                                    sparse_from=args.sparse_from)
         if target.output.weight.is_cuda:
             use_gpu_kernels(True)
         if args.check:

@@ -1983,40 +1983,6 @@ def test_sparse_from_rows_below_it_verify_densely(references, monkeypatch):
         SA.SelectionConfig(sparse_from=-1)
 
 
-def test_specattn_fallback_rows_verify_densely_once_they_stop_accepting(references):
-    """SelectionConfig.fallback_below: a row whose running share of accepted draft tokens falls
-    below it lists every cached position (dense verification, its KV reads counted so) until
-    its prompt ends. Each row falls back on its own evidence (in a ragged batch every row gives
-    its tokens and counters alone), and a row taking a new prompt starts sparse again."""
-    target, draft = tiny_pair(3)  # a random draft: next to nothing it proposes is accepted
-    prompts = [list(range(3, 30)), [7, 8, 9], list(range(40, 49))]
-    off = SA.SelectionConfig(topp=0.6, dense_layers=1, combine="first")
-    on = SA.SelectionConfig(topp=0.6, dense_layers=1, combine="first", fallback_below=0.3)
-
-    def run(rows, cfg, batch_size=None):
-        engine = SA.make_engine("specattn", target, draft, rows, 24, 3, 0.0, [0, 1, 1], cfg, batch_size=batch_size)
-        out, stats = engine.generate(rows, 24)
-        return out, stats, engine
-
-    out, stats, engine = run(prompts, on)
-    _, stats_off, engine_off = run(prompts, off)
-    assert stats.mean_accepted < 0.2, stats.mean_accepted
-    assert engine.row_dense.all() and not engine_off.row_dense.any()
-    saved = lambda st: 1 - st.kv_read / st.kv_dense  # noqa: E731
-    assert 0 < saved(stats) < saved(stats_off)  # sparse reads until each row fell back, dense ones after
-    alone = []
-    for b, p in enumerate(prompts):
-        alone_out, _, alone_engine = run([p], on)
-        assert out[b] == alone_out[0], f"row {b}"
-        assert engine.counters[:, b].tolist() == alone_engine.counters[:, 0].tolist(), f"row {b} counters"
-        alone.append(alone_engine.counters[:, 0])
-    # the three prompts one after another through one row: each starts sparse, as it does alone
-    served, _, one_row = run(prompts, on, batch_size=1)
-    assert served == out and one_row.counters[:, 0].tolist() == sum(alone).tolist()
-    with pytest.raises(ValueError, match="fallback_below"):
-        SA.SelectionConfig(fallback_below=1.5)
-
-
 @pytest.mark.parametrize("mode", ["plain", "dense", "specattn", "specattn_sparse_from", "dense_sink",
                                   "specattn_sink"])
 def test_continuous_batching_equals_each_prompt_alone(mode, references):
@@ -2543,7 +2509,6 @@ def test_generation_bad_input_errors():
                                           (["--modes", "fast"], "--modes"), (["--sparse-from", "-1"], "--sparse-from"),
                                           (["--draft-window", "-1"], "--draft-window"),
                                           (["--draft-vocab", "-1"], "--draft-vocab"),
-                                          (["--fallback-below", "1.5"], "--fallback-below"),
                                           (["--batch", "4", "--requests", "2"], "--requests"),
                                           (["--batch", "2", "--requests", "3", "--fixed-batches"],
                                            "--fixed-batches")])
@@ -2585,7 +2550,6 @@ def test_cli_help_states_each_default_once(capsys):
                                           (["--draft-window", "-1"], "--draft-window"),
                                           (["--also-draft-vocab", "-2"], "--also-draft-vocab"),
                                           (["--also-draft-vocab", "49153"], "--also-draft-vocab"),
-                                          (["--also-fallback", "-0.1"], "--also-fallback"),
                                           (["--parts", "cpu,demo"], "--parts cpu"),
                                           (["--parts", "profile", "--contexts", "8100"], "--parts profile")])
 def test_bench_bad_arguments(argv, message):
