@@ -410,14 +410,21 @@ class GammaChooser:
         """One step's evidence: it proposed `gamma`; `accepted` draft tokens per running row;
         its draft phase and whole-step times (used when costs are measured)."""
         self.observed += 1
-        self.agree = self.agree * self.decay + sum(accepted)
-        self.disagree = self.disagree * self.decay + sum(k < gamma for k in accepted)
+        agreements, disagreements = self.counts(gamma, accepted)
+        self.agree = self.agree * self.decay + agreements
+        self.disagree = self.disagree * self.decay + disagreements
         if gamma not in self.run_once:
             self.run_once.add(gamma)
         elif draft_s is not None and step_s is not None and self.fixed_costs is None:
             mean = lambda old, new: new if old is None else 0.8 * old + 0.2 * new  # noqa: E731
             self.draft_per_token = mean(self.draft_per_token, draft_s / gamma)
             self.step_time[gamma] = mean(self.step_time.get(gamma), step_s)
+
+    @staticmethod
+    def counts(gamma: int, accepted: list[int]) -> tuple[int, int]:
+        """(agreements, disagreements) a step proposing `gamma` saw, `accepted` per row: a row
+        that accepted k < γ saw k and one, one that accepted all γ saw γ and none."""
+        return sum(accepted), sum(k < gamma for k in accepted)
 
     def step_cost(self, gamma: int) -> float:
         """T(γ): the time a step proposing γ tokens is expected to take (see the class doc)."""
@@ -552,8 +559,8 @@ class VerifyChooser:
     def observe_step(self, sparse: bool, gamma: int, accepted: list[int], draft_s=None, step_s=None) -> None:
         """One step's evidence (see GammaChooser.observe): its counts go to the pooled α and, against
         what that α expected of them, to the variant's ratio; its times to the variant it ran."""
-        agreements = sum(accepted)
-        trials = agreements + sum(k < gamma for k in accepted)
+        agreements, disagreements = GammaChooser.counts(gamma, accepted)
+        trials = agreements + disagreements
         if trials:
             if self.pooled.observed:  # the first step only seeds the pool: no prior to compare against
                 decay = self.ratio_decay
