@@ -229,7 +229,7 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
                sink_distance=None, draft_window=None, also_always_sparse: bool = False,
                combine: str = "union", also_combine=(), refill: bool = True, rounds: int = 1,
-               also_draft_vocab: int = 0) -> dict:
+               also_draft_vocab: int = 0, lookup: int = SA.LOOKUP, also_lookup=None) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching; refill=False: fixed
     batches, one after another). Plain decoding runs once, the speculative modes once choosing
@@ -241,7 +241,9 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
     rows one selection ("specattn first": see specattn.COMBINE; `combine` is the other rows');
     with also_draft_vocab N, dense speculation and SpecAttn once more with the draft proposing
     from the N tokens most frequent in the calibration book ("dense vocab N": see
-    specattn.draft_vocabulary).
+    specattn.draft_vocabulary). lookup: the speculative modes propose from a row's context after
+    a repeat of this many tokens (specattn.SpecEngine; 0: the draft alone); with also_lookup N,
+    dense speculation and SpecAttn once more with lookup N ("dense lookup N").
     sink_distance: the draft's (None: its config's, 512); draft_window: the draft's attention
     window (None: its training window, the same 512; see specattn.SpecEngine). rounds > 1:
     each row's prompts in that many parts, plain, dense and SpecAttn taking turns on each part
@@ -261,6 +263,7 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
         f"the draft's sink at {draft.args.sink_distance} "
         f"(--sink-distance), its attention window "
         f"{window or 'off'} (--draft-window), {max_new_tokens} new tokens per prompt, "
+        f"rows proposing from their context after a repeat of {lookup} tokens (--lookup; 0: off), "
         f"{prompts_per_row} prompt(s) per batch row"
         + ("" if prompts_per_row == 1 else " (continuous batching)" if refill else " (fixed batches, --fixed-batches)")
         + (f", in {rounds} rounds (--rounds: plain, dense and SpecAttn take turns on each round's prompts)"
@@ -271,21 +274,26 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
         for B in batches:
             prompts = SA.book_prompts(tokenizer, B * prompts_per_row, context)
             results = {}
-            # (modes, γ, γ chosen, verification chosen, selection, the draft's vocabulary, tag)
-            runs = [(SA.MODES, max(gammas), True, True, selection, None, "")]
-            runs += [(("dense", "specattn"), g, False, True, selection, None, f" γ={g}")
+            # (modes, γ, γ chosen, verification chosen, selection, the draft's vocabulary, lookup, tag)
+            runs = [(SA.MODES, max(gammas), True, True, selection, None, lookup, "")]
+            runs += [(("dense", "specattn"), g, False, True, selection, None, lookup, f" γ={g}")
                      for g in gammas if fixed_gamma]
-            runs += [(("specattn",), max(gammas), True, False, selection, None, " always sparse")] * also_always_sparse
-            runs += [(("specattn",), max(gammas), True, True, replace(selection, combine=c), None, f" {c}")
+            runs += [(("specattn",), max(gammas), True, False, selection, None, lookup,
+                      " always sparse")] * also_always_sparse
+            runs += [(("specattn",), max(gammas), True, True, replace(selection, combine=c), None, lookup, f" {c}")
                      for c in also_combine]
             if also_draft_vocab:  # (every token: vocab None, the draft's whole head)
-                runs += [(("dense", "specattn"), max(gammas), True, True, selection, vocab,
+                runs += [(("dense", "specattn"), max(gammas), True, True, selection, vocab, lookup,
                           f" vocab {also_draft_vocab}")]
-            for modes, g, auto, verify, run_selection, run_vocab, tag in runs:
+            if also_lookup is not None:
+                runs += [(("dense", "specattn"), max(gammas), True, True, selection, None, also_lookup,
+                          f" lookup {also_lookup}")]
+            for modes, g, auto, verify, run_selection, run_vocab, run_lookup, tag in runs:
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
                                               run_selection, modes, batch_size=B, adaptive_gamma=auto,
                                               draft_window=window, choose_verification=verify,
-                                              refill=refill, rounds=rounds, draft_vocab=run_vocab).items():
+                                              refill=refill, rounds=rounds, draft_vocab=run_vocab,
+                                              lookup=run_lookup).items():
                     results[mode + ("" if mode == "plain" else tag)] = run
             table = SA.results_table(results, B, context, len(prompts), sparse_from, verification_chosen=True)
             for line in (table[:-1] if not header_done else table[2:-1]):
@@ -297,7 +305,9 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                                 for a, b in [("dense", "plain"), ("specattn", "dense")]
                                 + [(f"specattn γ={g}", f"dense γ={g}") for g in gammas if fixed_gamma]
                                 + [(f"{m} vocab {also_draft_vocab}", m) for m in ("dense", "specattn")
-                                   if also_draft_vocab])
+                                   if also_draft_vocab]
+                                + [(m, f"{m} lookup {also_lookup}") for m in ("dense", "specattn")
+                                   if also_lookup is not None])
                     + " |")
             rates[(B, context)] = {mode: st.decode_rate for mode, (_, st) in results.items()}
             torch.cuda.empty_cache()
@@ -846,6 +856,12 @@ def main(argv=None):
                              "the N tokens most frequent in the calibration book (rows 'dense vocab N', "
                              "'specattn vocab N'; specattn.py --draft-vocab; 49152, the whole vocabulary: every "
                              "token). 0: not")
+    parser.add_argument("--lookup", type=int, default=SA.LOOKUP, metavar="N",
+                        help="demo: the speculative modes propose from a row's own context where its newest N "
+                             "tokens occurred before (specattn.py --lookup); 0: the draft alone")
+    parser.add_argument("--also-lookup", type=int, metavar="N",
+                        help="demo: dense speculation and SpecAttn also run once with --lookup N (rows 'dense "
+                             "lookup N', 'specattn lookup N'; 0: the draft alone), paired with the rows above")
     parser.add_argument("--sparse-from", type=int, default=SA.SPARSE_FROM, help="demo: SpecAttn verifies a "
                         "row densely until it holds this many positions (0: sparse from the first step)")
     parser.add_argument("--sink-distance", type=int, metavar="N", help="demo: the draft reads its attention "
@@ -872,6 +888,9 @@ def main(argv=None):
     if args.draft_window is not None and args.draft_window < 0:
         raise SystemExit(f"error: --draft-window must be >= 0 (0: the draft reads its whole cache), "
                          f"got {args.draft_window}")
+    if args.lookup < 0 or (args.also_lookup is not None and args.also_lookup < 0):
+        raise SystemExit(f"error: --lookup and --also-lookup must be >= 0 (0: the draft alone), got "
+                         f"{args.lookup} and {args.also_lookup}")
     if not 0 <= args.also_draft_vocab <= DEMO_TARGET.vocab_size:
         raise SystemExit(f"error: --also-draft-vocab must be in 0..{DEMO_TARGET.vocab_size} (the demo "
                          f"vocabulary), got {args.also_draft_vocab}")
@@ -921,7 +940,7 @@ def main(argv=None):
                           args.combine or SA.default_combine(args.prompts_per_row > 1 and not args.fixed_batches),
                           also_combine,
                           refill=not args.fixed_batches, rounds=args.rounds,
-                          also_draft_vocab=args.also_draft_vocab)
+                          also_draft_vocab=args.also_draft_vocab, lookup=args.lookup, also_lookup=args.also_lookup)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

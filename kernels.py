@@ -1,6 +1,6 @@
 """Triton kernels for SpecAttn, each with a plain PyTorch reference beside it.
 
-Works copied alone (torch + triton). Four pieces:
+Works copied alone (torch + triton). Five pieces:
 
 1. Top-p selection without sorting. `topp_mask(w, p)` keeps exactly {w >= θ}, where θ
    is the largest value whose "mass at or above" reaches p · rowsum. Instead of sorting
@@ -35,7 +35,11 @@ Works copied alone (torch + triton). Four pieces:
    over many programs (a draft step takes one per row, γ times a step; the verification one
    per block token); `ids=` maps the winner to a token id (a head over a vocabulary subset).
 
-4. A decode step's matmuls: `decode_linear(x, weight, delta=, norm_weight=)` (or
+4. Proposals from the context: `context_lookup(hist, lengths, n, count)` finds where each
+   row's newest n tokens occurred before and returns the count tokens that followed them
+   (prompt lookup), in one launch; SpecEngine proposes them where a row finds one.
+
+5. A decode step's matmuls: `decode_linear(x, weight, delta=, norm_weight=)` (or
    `swiglu=True`) runs a residual add and RMSNorm (or SwiGLU) and the matmul after them in
    one launch, for the few rows (at most 5) of a small model's decode or verification step,
    where every kernel costs its launch more than its bytes; on Hopper it is launched
@@ -43,9 +47,9 @@ Works copied alone (torch + triton). Four pieces:
    calls it through `model.use_decode_linear` (specattn.use_gpu_kernels plugs it in on a GPU).
 
 `topp_mask_reference`, `topp_select_reference`, `union_select_reference`, `argmax_reference`,
-`sparse_attention_reference` and `decode_linear_reference` are the definitions, used by the
-tests and as the CPU fallback (also where triton is not installed). On a GPU, `python kernels.py --check`
-compares the kernels with them (bf16 included, which the CPU interpreter cannot run);
+`context_lookup_reference`, `sparse_attention_reference` and `decode_linear_reference` are the
+definitions, used by the tests and as the CPU fallback (also where triton is not installed). On a
+GPU, `python kernels.py --check` compares the kernels with them (bf16 included, which the CPU interpreter cannot run);
 `python bench.py --parts kernels` checks, then times them.
 """
 
@@ -1226,6 +1230,87 @@ def argmax(x: torch.Tensor, block: int = 2048, out=None, ids: Optional[torch.Ten
 
 
 # ----------------------------------------------------------------------------------------
+# Proposals from the context itself (prompt lookup)
+#
+# Text repeats itself: names, phrases, and the loops a small model's greedy decoding falls
+# into. Where a row's newest n tokens occurred before in its own history, the tokens that
+# followed them then are a free guess at what follows now. `context_lookup` finds, for each
+# row, the latest earlier occurrence of its last n tokens (ending at e < L, the newest
+# token's index) and proposes hist[e + 1], hist[e + 2], ... . Where that copy would run past
+# L it continues from its own proposals, which repeat with period L - e: proposal i is
+# hist[e + 1 + i % (L - e)] (a loop "a b c a b c" keeps proposing "a b c ...").
+# The kernel is one program per row walking the history in blocks, each position compared
+# with the row's last n tokens; the latest match wins.
+
+
+def context_lookup_reference(hist: torch.Tensor, lengths: torch.Tensor, n: int, count: int):
+    """hist int64 [B, S] (each row's tokens), lengths [B] (the newest token's index L, so a row
+    holds hist[b, :L + 1]) -> (tokens int64 [B, count], found bool [B]): after the latest
+    earlier occurrence of each row's last n tokens, the count tokens that followed it (the
+    copy repeating with period L - e past the newest token); zeros where none occurred."""
+    B, S = hist.shape
+    L = lengths.long().clamp(max=S - 1)  # [B]
+    e = torch.arange(S, device=hist.device)  # [S]: candidate ends of an earlier occurrence
+    match = (e[None] < L[:, None]) & (e[None] >= n - 1) & (L[:, None] >= n - 1)  # [B, S]
+    for k in range(n):  # hist[e - k] == hist[L - k] for the n tokens
+        newest = hist.gather(1, (L - k).clamp(min=0)[:, None])  # [B, 1]
+        match &= hist.gather(1, (e - k).clamp(min=0).expand(B, S)) == newest
+    best = torch.where(match, e[None], -1).max(1).values  # [B]: the latest, -1 if none
+    found = best >= 0
+    i = torch.arange(count, device=hist.device)
+    src = best[:, None] + 1 + i[None] % (L - best).clamp(min=1)[:, None]  # [B, count]
+    tokens = hist.gather(1, src.clamp(0, S - 1))
+    return torch.where(found[:, None], tokens, 0), found
+
+
+@triton.jit
+def _context_lookup_kernel(hist_ptr, len_ptr, tok_ptr, found_ptr, S, stride_h, stride_t, N: tl.constexpr,
+                           COUNT: tl.constexpr, COUNT_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    row = hist_ptr + b * stride_h
+    L = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S - 1)
+    best = tl.full([], -1, tl.int32)
+    for e0 in range(0, L, BLOCK):  # candidate ends e < L, a block at a time
+        e = e0 + tl.arange(0, BLOCK)
+        match = (e < L) & (e >= N - 1)
+        for k in tl.static_range(N):
+            newest = tl.load(row + tl.maximum(L - k, 0))
+            match = match & (tl.load(row + e - k, mask=match, other=-1) == newest)
+        best = tl.maximum(best, tl.max(tl.where(match, e, -1), axis=0))
+    i = tl.arange(0, COUNT_PAD)
+    found = best >= 0
+    src = best + 1 + i % tl.maximum(L - best, 1)  # within hist[:L + 1], found or not
+    tokens = tl.where(found, tl.load(row + src, mask=i < COUNT, other=0), 0)
+    tl.store(tok_ptr + b * stride_t + i, tokens, mask=i < COUNT)
+    tl.store(found_ptr + b, found)
+
+
+def context_lookup(hist: torch.Tensor, lengths: torch.Tensor, n: int, count: int, block: int = 1024,
+                   tokens: Optional[torch.Tensor] = None, found: Optional[torch.Tensor] = None):
+    """`context_lookup_reference` in one launch (a program per row). hist: int64 [B, S],
+    contiguous last dim; lengths: [B] on hist's device. tokens / found: int64 [B, count] and
+    bool [B] buffers to write into (a captured graph's), else new ones. Returns (tokens, found)."""
+    B, S = hist.shape
+    if n < 1 or count < 1:
+        raise ValueError(f"context_lookup: n and count must be >= 1, got n={n}, count={count}")
+    if hist.dtype != torch.long or hist.stride(-1) != 1 or lengths.shape != (B,):
+        raise ValueError(f"context_lookup: hist must be int64 [B, S] with a contiguous last dim and lengths [B], "
+                         f"got {hist.dtype} {tuple(hist.shape)} and {tuple(lengths.shape)}")
+    tokens = torch.empty(B, count, dtype=torch.long, device=hist.device) if tokens is None else tokens
+    found = torch.empty(B, dtype=torch.bool, device=hist.device) if found is None else found
+    if tokens.shape != (B, count) or tokens.stride(-1) != 1 or found.shape != (B,):
+        raise ValueError(f"context_lookup: tokens must be [{B}, {count}] (contiguous last dim), found [{B}]")
+    if not _use_triton(hist):
+        got, hit = context_lookup_reference(hist, lengths, n, count)
+        return tokens.copy_(got), found.copy_(hit)
+    if B:
+        _context_lookup_kernel[(B,)](hist, lengths, tokens, found, S, hist.stride(0), tokens.stride(0), N=n,
+                                     COUNT=count, COUNT_PAD=triton.next_power_of_2(count), BLOCK=block,
+                                     num_warps=4)
+    return tokens, found
+
+
+# ----------------------------------------------------------------------------------------
 # A decode step's matmuls, each in one launch with the pointwise work before it
 #
 # A small model's decode step multiplies one row (or a few) by each weight: SmolLM2-135M's
@@ -1587,6 +1672,14 @@ def check_on_gpu(topp_shapes=((32, 4096), (15, 131072))):
         argmax(x, out=tokens[:, 3], ids=ids)
         assert torch.equal(tokens[:, 3], argmax_reference(x, ids)), \
             f"argmax {rows}x{V} with ids: differs from ids[torch.argmax]"
+    # Context lookup: histories with planted repeats, rows of every length up to the buffer's.
+    for rows, S, vocab, n, count in ((1, 8193, 50, 3, 4), (64, 4099, 7, 3, 4), (5, 300, 3, 1, 7), (3, 2, 2, 2, 1)):
+        hist = torch.randint(0, vocab, (rows, S), device=dev)
+        hist[:, S // 2:S // 2 + 40] = hist[:, 10:50]  # a copy, so that long suffixes recur
+        lengths = torch.randint(0, S, (rows,), device=dev, dtype=torch.int32)
+        got, ref = context_lookup(hist, lengths, n, count), context_lookup_reference(hist, lengths, n, count)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), \
+            f"context_lookup {rows}x{S}, n={n}, count={count}: differs from the reference"
     # A decode step's matmuls with each prologue, bf16: awkward sizes, SmolLM2's, a head's.
     for rows, N, K, tensor_cores in ((2, 37, 100, False), (1, 960, 576, False), (2, 3072, 576, False),
                                      (1, 576, 1536, False), (1, 49152, 576, False), (5, 960, 576, False),

@@ -51,8 +51,8 @@ from tqdm import tqdm
 from calibrate import (HelpFormatter, add_pair_arguments, calibration_book, check_device, layer_map_for, load_pair,
                        parse_layers)
 from demo import demo_books
-from kernels import (argmax, attention_slot, check_topp, decode_linear, decode_linear_suits, topp_mask, topp_select,
-                     union_select)
+from kernels import (argmax, attention_slot, check_topp, context_lookup, decode_linear, decode_linear_suits, topp_mask,
+                     topp_select, union_select)
 from model import (Linear, Tokenizer, Transformer, apply_rope, cache_attention, compile_pointwise, format_bytes,
                    free_memory, kv_cache_bytes, use_decode_linear, write_atomic)
 
@@ -611,6 +611,14 @@ class SpecEngine:
     frequent ones (`draft_vocabulary`): its head computes only their logits (`_draft_head`),
     and greedy output is still the target's own.
 
+    lookup: n >= 1 lets a row propose from its own context (prompt lookup): where its newest
+    n tokens occurred before, the step proposes the tokens that followed them then
+    (`kernels.context_lookup`, the latest occurrence) instead of the draft's, which the draft
+    still reads, so its cache and attention rows stay as they would be. Text repeats (names,
+    phrases, and the loops a small model's greedy decoding falls into) and such a guess costs
+    one small launch a step; a sampled step hands the acceptance test a q that is all on the
+    looked-up token. 0: the draft alone. The engine keeps each row's tokens (`hist`) for it.
+
     gamma_chooser (a GammaChooser) lets each step propose g <= γ draft tokens: the draft loop,
     the select phase's rows, the verify block and the accept phase read the first g; one set
     of phase graphs per g, all captured at the first step. `generate` asks the chooser for
@@ -632,7 +640,7 @@ class SpecEngine:
                  eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
                  cuda_graphs: Optional[bool] = None, compile_accept: Optional[bool] = None,
                  gamma_chooser: Optional[GammaChooser] = None, draft_window: Optional[int] = None,
-                 draft_vocab=None):
+                 draft_vocab=None, lookup: int = 0):
         if draft is not None and gamma < 1:
             raise ValueError(f"gamma (draft tokens per step) must be >= 1, got {gamma}")
         if gamma_chooser is not None and (draft is None or gamma_chooser.gamma_max != gamma):
@@ -642,6 +650,9 @@ class SpecEngine:
                              "(use_specattn=True)")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if lookup < 0 or (lookup and draft is None):
+            raise ValueError(f"lookup (the context match proposals need) must be >= 0, and 0 without a draft; "
+                             f"got {lookup}")
         if use_specattn and (draft is None or layer_map is None):
             raise ValueError("SpecAttn needs a draft and a layer map (see calibrate.py)")
         self.cfg = selection or SelectionConfig()
@@ -680,6 +691,12 @@ class SpecEngine:
         self.drafted = torch.zeros(B, G, **i64)  # [B, γ]
         self.q_dists = torch.zeros(B, G, V, device=device) if temperature > 0 and G else None  # draft's q
         self.out = torch.zeros(B, max_len, **i64)  # [B, tokens]: each row's new tokens
+        # Prompt lookup: each row's tokens by position (its newest, `last`, at index lengths[b]),
+        # the proposals found in them and whether a row found any.
+        self.lookup = lookup
+        self.hist = torch.zeros(B, max_len + 1, **i64) if lookup else None  # [B, positions]
+        self.looked = torch.zeros(B, G, **i64)  # [B, γ]
+        self.found = torch.zeros(B, device=device, dtype=torch.bool)  # [B]
         self.n_out = torch.zeros(B, **i64)
         self.max_new = torch.zeros((), **i64)
         self.done = torch.ones(B, device=device, dtype=torch.bool)
@@ -754,6 +771,9 @@ class SpecEngine:
         # Greedy steps take the argmax of the logits as the head writes them (bf16 on a GPU): a
         # cast to fp32 cannot change it, and skipping it saves a kernel per forward.
         fp32 = self.temperature > 0
+        if self.lookup:  # each row's guess from its own context: looked [B, γ], found [B]
+            context_lookup(self.hist, self.t_cache.lengths, self.lookup, self.g, tokens=self.looked[:, :self.g],
+                           found=self.found)
         for i in range(self.g):
             if self.sparse and i < self.draft_rows.shape[2]:  # (combine="first": step 0's row alone)
                 used = range(self.first_used, self.first_used + len(self.draft_rows))  # layers the map reads
@@ -766,6 +786,8 @@ class SpecEngine:
             logits = logits[:, -1]  # [B, V], or [B, len(draft_vocab)]: scores of the tokens it lists
             if self.temperature == 0:  # kernels.argmax: one launch, written straight into the token buffer
                 tok = argmax(logits, out=self.drafted[:, i], ids=self.draft_vocab)
+                if self.lookup:  # rows that found their context proposal take it
+                    tok = torch.where(self.found, self.looked[:, i], tok, out=self.drafted[:, i])
             else:
                 q = torch.softmax(logits / self.temperature, -1)
                 pick = _sample(q, self.generator)  # [B]
@@ -774,6 +796,10 @@ class SpecEngine:
                 else:  # q over the whole vocabulary: the subset's probabilities, 0 elsewhere
                     self.q_dists[:, i].zero_().index_copy_(1, self.draft_vocab, q)
                     pick = self.draft_vocab[pick]
+                if self.lookup:  # a looked-up token is proposed for certain: q is all on it
+                    pick = torch.where(self.found, self.looked[:, i], pick)
+                    sure = F.one_hot(pick, self.q_dists.shape[-1]).to(self.q_dists.dtype)  # [B, V]
+                    self.q_dists[:, i].copy_(torch.where(self.found[:, None], sure, self.q_dists[:, i]))
                 tok = self.drafted[:, i].copy_(pick)
             inp = tok[:, None]
 
@@ -857,6 +883,8 @@ class SpecEngine:
         # A finished row writes past its end (never read) and stops counting.
         self.out.scatter_(1, self.n_out[:, None] + j, emitted)
         past = self.t_cache.lengths.long() - (G + 1)  # [B]: cached positions this step verified against
+        if self.lookup:  # the emitted tokens follow `last` (at index past) in the row's context
+            self.hist.scatter_(1, past[:, None] + 1 + j, emitted)
         self.n_out += torch.where(active, n_new, 0)
         self.done |= self.n_out >= self.max_new
         # Rewind. The target cached [last, d1..dγ] and keeps [last, d1..dk]; the draft cached
@@ -1036,6 +1064,9 @@ class SpecEngine:
             cache.set_lengths(cache.lengths.tolist())  # the host's bound over every row
         first = self._first_token(torch.cat(logits))  # [n]
         r = slice(first_row, first_row + n)
+        if self.lookup:  # the row's context: its prompt, then its first token at index len(prompt)
+            self.hist[r, :tokens.shape[1]] = tokens
+            self.hist[r].scatter_(1, last_pos[:, None] + 1, first[:, None])
         self.prev[r] = tokens.gather(1, last_pos[:, None])[:, 0]
         self.last[r] = first
         self.out[r, 0] = first
@@ -1279,18 +1310,19 @@ def make_engine(mode: str, target, draft, prompts, max_new_tokens: int, gamma: i
                 layer_map, selection: SelectionConfig, eos_id=None, generator=None, cuda_graphs=None,
                 batch_size: Optional[int] = None, compile_accept: Optional[bool] = None,
                 gamma_chooser: Optional[GammaChooser] = None, draft_window: Optional[int] = None,
-                draft_vocab=None) -> SpecEngine:
+                draft_vocab=None, lookup: Optional[int] = None) -> SpecEngine:
     """The engine for one of MODES, sized for these prompts: one row each, or batch_size rows
     that take the prompts in turn (continuous batching). gamma_chooser, draft_window,
-    draft_vocab: speculative modes only (see SpecEngine)."""
+    draft_vocab, lookup: speculative modes only (see SpecEngine; lookup None: LOOKUP)."""
     g = gamma if mode != "plain" else 0
+    lookup = LOOKUP if lookup is None else lookup
     return SpecEngine(target, draft if mode != "plain" else None, batch_size=batch_size or len(prompts),
                       max_len=engine_max_len(target, prompts, max_new_tokens, g), gamma=g,
                       temperature=temperature, layer_map=layer_map, selection=selection,
                       use_specattn=mode == "specattn", eos_id=eos_id, generator=generator,
                       cuda_graphs=cuda_graphs, compile_accept=compile_accept,
                       gamma_chooser=gamma_chooser if mode != "plain" else None, draft_window=draft_window,
-                      draft_vocab=draft_vocab if mode != "plain" else None)
+                      draft_vocab=draft_vocab if mode != "plain" else None, lookup=lookup if mode != "plain" else 0)
 
 
 @torch.no_grad()
@@ -1299,7 +1331,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
                          layer_map=None, selection: Optional[SelectionConfig] = None,
                          generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
                          engine: Optional[SpecEngine] = None, progress: bool = False,
-                         draft_window: Optional[int] = None, draft_vocab=None):
+                         draft_window: Optional[int] = None, draft_vocab=None, lookup: Optional[int] = None):
     """Generate up to max_new_tokens after each prompt. prompt_ids: one list of ids, or a list
     of lists (a batch; rows may differ in length, and each accepts, stops and counts on its
     own). Returns (new ids: a list, or a list per row for a batch, SpecStats).
@@ -1312,6 +1344,8 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
     engine: a SpecEngine to reuse (its captured graphs too); None builds one for this call.
     draft_window: see SpecEngine (None: the draft's training window). draft_vocab: the token
     ids the draft may propose (see SpecEngine; `draft_vocabulary` ranks them); None: all.
+    lookup: rows propose from their own context where their newest `lookup` tokens occurred
+    before (see SpecEngine; None: LOOKUP, 0: the draft alone).
     """
     prompts, single = _as_batch(prompt_ids)
     if topp is not None and layer_map is None:
@@ -1320,7 +1354,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt_ids, ma
     if engine is None:
         mode = "specattn" if topp is not None and topp < 1 else "dense"
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, cfg,
-                             eos_id, generator, draft_window=draft_window, draft_vocab=draft_vocab)
+                             eos_id, generator, draft_window=draft_window, draft_vocab=draft_vocab, lookup=lookup)
     out, stats = engine.generate(prompts, max_new_tokens, progress=progress)
     return (out[0] if single else out), stats
 
@@ -1341,6 +1375,9 @@ def greedy_generate(model: Transformer, prompt_ids, max_new_tokens: int, eos_id:
 
 
 MODES = ("plain", "dense", "specattn")  # target alone; speculative, dense verification; SpecAttn
+# The speculative modes' default SpecEngine.lookup: a row whose newest 3 tokens occurred before in its
+# context proposes what followed them then.
+LOOKUP = 3
 # Generation's default for SelectionConfig.sparse_from (rows shorter than this verify densely).
 # From docs/performance.md, "Why SpecAttn verifies densely below 4096 positions" (one H200,
 # 2026-12-03, commit 39eaf67, batch 1, 8 prompts): sparse verification saved 0.01, 0.09 and 0.16 ms
@@ -1400,15 +1437,15 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
               selection: SelectionConfig, modes=MODES, eos_id=None, seed: int = 0, progress: bool = False,
               warmup_tokens: int = 8, batch_size: Optional[int] = None, adaptive_gamma: bool = False,
               draft_window: Optional[int] = None, choose_verification: bool = False, refill: bool = True,
-              rounds: int = 1, draft_vocab=None) -> dict:
+              rounds: int = 1, draft_vocab=None, lookup: Optional[int] = None) -> dict:
     """Each mode's engine (batch_size rows, default one per prompt of a round): a short warm-up
     generation (captures the CUDA graphs, compiles; its wall time goes into the stats'
     seconds["warmup"]), then the timed one, serving more prompts than rows by continuous
     batching or, with refill=False, in fixed batches (SpecEngine.generate). adaptive_gamma: the
     speculative modes choose each step's γ in 1..gamma (GammaChooser, measured costs).
     choose_verification: SpecAttn's steps also choose sparse or dense verification
-    (VerifyChooser, measured costs; γ fixed unless adaptive_gamma). draft_window, draft_vocab:
-    see SpecEngine.
+    (VerifyChooser, measured costs; γ fixed unless adaptive_gamma). draft_window, draft_vocab,
+    lookup: see SpecEngine (lookup None: LOOKUP).
 
     rounds=1: one mode after another, each engine freed before the next is built. rounds=R:
     the prompts are served in R equal parts, each part by every mode in turn (the modes' order
@@ -1434,7 +1471,7 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
             chooser = GammaChooser(gamma) if adaptive_gamma else None
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map,
                              selection, eos_id, gen, batch_size=batch_size or part, gamma_chooser=chooser,
-                             draft_window=draft_window, draft_vocab=draft_vocab)
+                             draft_window=draft_window, draft_vocab=draft_vocab, lookup=lookup)
         t0 = time.perf_counter()
         engine.generate(prompts[:engine.B], min(warmup_tokens, max_new_tokens))
         return engine, time.perf_counter() - t0  # generate returns after its last step is done
@@ -1525,7 +1562,8 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
     with γ and sparse or dense verification chosen by a VerifyChooser with fixed costs, once
     with the selection's own combine and once with the other of "first" and "union". With
     draft_vocab, dense speculation and SpecAttn run once more with the draft proposing from
-    it. Also reports how far the speculative modes follow plain decoding, and the gap between the
+    it. Every speculative run proposes from the context too (LOOKUP), but one dense run with
+    the draft alone. Also reports how far the speculative modes follow plain decoding, and the gap between the
     target's two best logits where a row parts from it (parting_points)."""
     device = target.output.weight.device
     if device.type != "cuda":
@@ -1537,8 +1575,9 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
     # (mode, selection, a fresh chooser for each of the two runs: fixed costs, so its choices follow the tokens)
     none = lambda: None  # noqa: E731
     verify = lambda: VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8)  # noqa: E731
-    # (label, mode, selection, a fresh chooser for each of the two runs, the draft's vocabulary)
+    # (label, mode, selection, a fresh chooser for each of the two runs, the draft's vocabulary, lookup)
     runs = [("plain", "plain", selection, none, None), ("dense", "dense", selection, none, None),
+            ("dense, the draft alone", "dense", selection, none, None, 0),
             ("specattn", "specattn", replace(selection, sparse_from=0), none, None),
             (f"specattn sparse from {crossing}", "specattn", crossed, none, None),
             (f"specattn sparse from {crossing}, γ chosen per step", "specattn", crossed,
@@ -1551,12 +1590,13 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
         runs += [(f"{mode}, the draft proposing from {len(draft_vocab)} tokens", mode, cfg, none, draft_vocab)
                  for mode, cfg in (("dense", selection), ("specattn", crossed))]
     plain = None
-    for run, mode, cfg, new_chooser, vocab in runs:
+    for run, mode, cfg, new_chooser, vocab, *lookup in runs:
         outs = []
         for graphs in (False, True):
             chooser = new_chooser()
             engine = make_engine(mode, target, draft, prompts, 48, gamma, 0.0, layer_map, cfg, cuda_graphs=graphs,
-                                 gamma_chooser=chooser, draft_window=draft_window, draft_vocab=vocab)
+                                 gamma_chooser=chooser, draft_window=draft_window, draft_vocab=vocab,
+                                 lookup=lookup[0] if lookup else None)
             outs.append(engine.generate(prompts, 48))
         (eager, st_e), (graphed, st_g) = outs
         if eager != graphed or st_e.summary() != st_g.summary():
@@ -1636,6 +1676,11 @@ def main(argv=None):
                              "(its head computes N logits instead of the whole vocabulary's: a shorter draft "
                              "step, a few more rejected drafts; still lossless, the target verifies every "
                              "token). 0: the whole vocabulary")
+    parser.add_argument("--lookup", type=int, default=LOOKUP, metavar="N",
+                        help="a row whose newest N tokens occurred before in its prompt or output proposes "
+                             "the tokens that followed them then, instead of the draft's (prompt lookup: text "
+                             "repeats, and the guess costs one small launch a step; lossless). 0: the draft "
+                             "alone")
     parser.add_argument("--always-sparse", action="store_true",
                         help="SpecAttn verifies sparsely at every step past --sparse-from. Without it each step "
                              "chooses sparse or dense verification, whichever gives more tokens per second as "
@@ -1690,6 +1735,8 @@ def main(argv=None):
             raise ValueError(f"--sparse-from must be >= 0, got {args.sparse_from}")
         if args.draft_vocab < 0:  # before the pair loads (its size: after)
             raise ValueError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {args.draft_vocab}")
+        if args.lookup < 0:
+            raise ValueError(f"--lookup must be >= 0 (0: the draft alone), got {args.lookup}")
         if args.draft_window is not None and args.draft_window < 0:
             raise ValueError(f"--draft-window must be >= 0 (0: the draft reads its whole cache), "
                              f"got {args.draft_window}")
@@ -1732,7 +1779,7 @@ def main(argv=None):
                             layer_map, selection, modes, eos_id=tokenizer.eos_id, seed=args.seed,
                             progress=True, batch_size=batch, adaptive_gamma=not args.fixed_gamma,
                             draft_window=args.draft_window, choose_verification=not args.always_sparse,
-                            refill=not args.fixed_batches, draft_vocab=draft_vocab)
+                            refill=not args.fixed_batches, draft_vocab=draft_vocab, lookup=args.lookup)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         sys.exit(f"error: {e}")
     for mode, (ids, stats) in results.items():
@@ -1744,6 +1791,8 @@ def main(argv=None):
             f"{str(weights.dtype).removeprefix('torch.')}"  # e.g. "# NVIDIA H100 80GB HBM3, bfloat16"
     if draft_vocab is not None:
         where += f", the draft proposing from its {len(draft_vocab)} most frequent tokens (--draft-vocab)"
+    if args.lookup and modes != ["plain"]:
+        where += f", rows proposing from their context after a repeat of {args.lookup} tokens (--lookup)"
     table = [where] + results_table(results, batch, args.context or "prompt", len(prompts), args.sparse_from,
                                     verification_chosen=not args.always_sparse)
     if "specattn" in modes:

@@ -1474,7 +1474,7 @@ def test_draft_vocabulary_subset_stays_lossless_row_by_row():
     for topp in (None, 1.0):
         engine = SA.make_engine("specattn" if topp else "dense", target, draft, prompts, 24, 3, 0.0,
                                 [0, 1, 1] if topp else None, SA.SelectionConfig(topp=topp or 0.9),
-                                draft_vocab=vocab)
+                                draft_vocab=vocab, lookup=0)  # (the draft's proposals alone)
         real_draft = engine._draft_phase
 
         def draft_phase():  # what each step proposes
