@@ -850,6 +850,59 @@ def test_union_select_matches_reference(n):
         assert ref_idx[b, h, :ref_count[b, h]].tolist() == keep[b, h].nonzero().flatten().tolist()
 
 
+def lookup_by_hand(row: list[int], newest: int, n: int, count: int):
+    """context_lookup's definition spelled out for one row: (tokens, found)."""
+    for e in range(newest - 1, n - 2, -1):  # the latest earlier end first
+        if newest >= n - 1 and row[e - n + 1:e + 1] == row[newest - n + 1:newest + 1]:
+            context = row[:newest + 1]
+            for i in range(count):  # the copy, running on into its own proposals
+                context.append(context[e + 1 + i])
+            return context[newest + 1:], True
+    return [0] * count, False
+
+
+@pytest.mark.parametrize("rows, S, vocab, n, count, block", [(1, 1, 2, 1, 1, 16), (4, 37, 3, 1, 5, 16),
+                                                             (3, 130, 2, 4, 7, 32), (5, 300, 5, 3, 4, 64),
+                                                             (2, 2049, 4, 2, 3, 1024)])
+def test_context_lookup_kernel_matches_its_definition(rows, S, vocab, n, count, block):
+    """The latest earlier occurrence of each row's newest n tokens and the count tokens after
+    it, the copy repeating past the newest token (period newest - e): kernel (interpreter, the
+    history walked in blocks) and reference against the definition, on fresh random rows of
+    every length up to the buffer's (newest index 0, below n, at the buffer's end), with a
+    planted repeat; rows without a match propose zeros and say so."""
+    g = torch.Generator().manual_seed(S * 7 + n)
+    hist = torch.randint(0, vocab, (rows, S), generator=g)
+    if S > 40:
+        hist[:, S - 12:S] = hist[:, 5:17]  # the newest tokens recur far back
+    lengths = torch.randint(0, S, (rows,), generator=g, dtype=torch.int32)
+    lengths[0] = S - 1
+    want = [lookup_by_hand(hist[b].tolist(), int(lengths[b]), n, count) for b in range(rows)]
+    for lookup in (K.context_lookup_reference, lambda *a: K.context_lookup(*a, block=block)):
+        tokens, found = lookup(hist, lengths, n, count)
+        got = [(tokens[b].tolist(), bool(found[b])) for b in range(rows)]
+        assert got == want
+    assert want[0][1] or S < 40  # the planted repeat is found
+    tokens, found = torch.full((rows, count + 2), -1), torch.zeros(rows, dtype=torch.bool)  # into buffers
+    K.context_lookup(hist, lengths, n, count, tokens=tokens[:, 1:count + 1], found=found)
+    assert tokens[:, 1:count + 1].tolist() == [t for t, _ in want] and (tokens[:, [0, -1]] == -1).all()
+    assert found.tolist() == [f for _, f in want]
+    with pytest.raises(ValueError, match="n and count"):
+        K.context_lookup(hist, lengths, 0, count)
+    with pytest.raises(ValueError, match="int64"):
+        K.context_lookup(hist.int(), lengths, n, count)
+
+
+def test_context_lookup_repeats_a_loop_past_the_newest_token():
+    """A loop "a b c a b c a b" proposes "c a b c ..." (the copy reads its own proposals);
+    the latest of several occurrences wins; a history with no repeat proposes nothing."""
+    hist = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2, 0, 0], [4, 5, 9, 4, 5, 8, 7, 4, 5, 0],
+                         [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]])
+    lengths = torch.tensor([7, 8, 8])
+    for lookup in (K.context_lookup_reference, K.context_lookup):
+        tokens, found = lookup(hist, lengths, 2, 5)
+        assert tokens.tolist() == [[3, 1, 2, 3, 1], [8, 7, 4, 5, 8], [0] * 5] and found.tolist() == [True, True, False]
+
+
 @pytest.mark.parametrize("V", [1, 7, 2048, 2049, 9000])
 def test_argmax_kernel_is_torch_argmax(V):
     """One launch of cdiv(V, 2048) programs per row: the first index of the largest entry,
@@ -1490,6 +1543,45 @@ def test_draft_vocabulary_subset_stays_lossless_row_by_row():
         SA.make_engine("dense", target, draft, prompts, 24, 3, 0.0, None, SA.SelectionConfig(), draft_vocab=[1, 1])
     with pytest.raises(ValueError, match="distinct token ids"):
         SA.make_engine("dense", target, draft, prompts, 24, 3, 0.0, None, SA.SelectionConfig(), draft_vocab=[97])
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_lookup_rows_propose_their_context_continuation(references, sampled):
+    """SpecEngine(lookup=n): a row whose newest n tokens occurred before proposes the tokens
+    that followed them (kernels.context_lookup on the row's tokens, prompt then output), the
+    draft reading those tokens in; a row without a match proposes the draft's own tokens, as
+    an engine without lookup does from the same state. Sampled, a looked-up token's q is all
+    on it. Over a whole greedy generation every row is still the target's own."""
+    target, draft = tiny_pair(3)
+    vocab = target.args.vocab_size
+    prompts = [list(range(vocab)) * 2, [7], list(range(30, 45))]  # row 0 holds every token: it finds a match
+    temperature = 0.7 if sampled else 0.0
+    engines = [SA.make_engine("dense", target, draft, prompts, 12, 4, temperature, None, SA.SelectionConfig(),
+                              generator=torch.Generator().manual_seed(5), lookup=lookup) for lookup in (1, 0)]
+    for engine in engines:
+        engine.prefill(prompts, 12)
+        engine._draft_phase()
+    with_lookup, without = engines
+    for b, p in enumerate(prompts):
+        context = p + [int(with_lookup.last[b])]
+        assert with_lookup.hist[b, :len(context)].tolist() == context
+        want, found = lookup_by_hand(context, len(p), 1, 4)
+        assert bool(with_lookup.found[b]) == found
+        drafted = with_lookup.drafted[b].tolist()
+        if found:
+            assert drafted == want, f"row {b}"
+            if sampled:
+                q = with_lookup.q_dists[b]  # [γ, V]
+                assert torch.equal(q, F.one_hot(torch.tensor(want), vocab).to(q.dtype))
+        elif not sampled:
+            assert drafted == without.drafted[b].tolist(), f"row {b}"
+    assert with_lookup.found[0] and not with_lookup.found.all()
+    got, stats = SA.speculative_generate(target, draft, prompts, 30, gamma=3, lookup=1)
+    assert got == SA.greedy_generate(target, prompts, 30)
+    with pytest.raises(ValueError, match="lookup"):
+        SA.SpecEngine(target, draft, batch_size=1, max_len=64, lookup=-1)
+    with pytest.raises(ValueError, match="lookup"):
+        SA.SpecEngine(target, None, batch_size=1, max_len=64, lookup=2)
 
 
 class CharTokenizer:
@@ -2451,13 +2543,16 @@ def test_a_finished_row_reads_nothing_more(references):
     assert got == [free[0][:free[0].index(eos) + 1], free[1]]
 
 
-@pytest.mark.parametrize("propose, draft_vocab", [(None, None), (1, None), (None, [0, 2, 3, 5])])
-def test_speculative_sampling_keeps_target_distribution_in_a_batch(references, propose, draft_vocab):
+@pytest.mark.parametrize("propose, draft_vocab, lookup", [(None, None, 0), (1, None, 0), (None, [0, 2, 3, 5], 0),
+                                                          (None, None, 1)])
+def test_speculative_sampling_keeps_target_distribution_in_a_batch(references, propose, draft_vocab, lookup):
     """Sampling: the first two tokens of every row follow the target's own joint distribution
     p(x1) p(x2 | x1), for rows of two different prompts in one batch (each row draws its own
     numbers). The second token is the speculative step's (accepted draft token or resampled).
     propose=1: an engine sized for γ = 3 whose steps propose one token (a gamma chooser's).
-    draft_vocab: the draft samples from 4 of the 6 tokens (its q is 0 on the others)."""
+    draft_vocab: the draft samples from 4 of the 6 tokens (its q is 0 on the others).
+    lookup=1: a row whose first token occurred in its prompt proposes what followed it there
+    (q all on that token), the others the draft's sample."""
     vocab, temperature = 6, 1.3
     target = tiny_model(seed=4, vocab_size=vocab)
     draft = tiny_model(seed=9, vocab_size=vocab)
@@ -2475,9 +2570,9 @@ def test_speculative_sampling_keeps_target_distribution_in_a_batch(references, p
     engine = None
     if propose:
         engine = SA.make_engine("dense", target, draft, batch, 2, 3, temperature, None, SA.SelectionConfig(),
-                                generator=gen, gamma_chooser=ScheduledGamma(3, [propose]))
+                                generator=gen, gamma_chooser=ScheduledGamma(3, [propose]), lookup=lookup)
     out, stats = SA.speculative_generate(target, draft, batch, 2, gamma=3, temperature=temperature,
-                                         generator=gen, engine=engine, draft_vocab=draft_vocab)
+                                         generator=gen, engine=engine, draft_vocab=draft_vocab, lookup=lookup)
     assert stats.mean_gamma == (propose or 3)
     for i, prompt in enumerate(prompts):
         counts = torch.zeros(vocab * vocab)
@@ -2509,6 +2604,7 @@ def test_generation_bad_input_errors():
                                           (["--modes", "fast"], "--modes"), (["--sparse-from", "-1"], "--sparse-from"),
                                           (["--draft-window", "-1"], "--draft-window"),
                                           (["--draft-vocab", "-1"], "--draft-vocab"),
+                                          (["--lookup", "-1"], "--lookup"),
                                           (["--batch", "4", "--requests", "2"], "--requests"),
                                           (["--batch", "2", "--requests", "3", "--fixed-batches"],
                                            "--fixed-batches")])
