@@ -1285,9 +1285,10 @@ def _context_lookup_kernel(hist_ptr, len_ptr, tok_ptr, found_ptr, S, stride_h, s
     tl.store(found_ptr + b, found)
 
 
-def context_lookup(hist: torch.Tensor, lengths: torch.Tensor, n: int, count: int, block: int = 1024,
+def context_lookup(hist: torch.Tensor, lengths: torch.Tensor, n: int, count: int, block: int = 4096,
                    tokens: Optional[torch.Tensor] = None, found: Optional[torch.Tensor] = None):
-    """`context_lookup_reference` in one launch (a program per row). hist: int64 [B, S],
+    """`context_lookup_reference` in one launch (a program per row, walking its history `block`
+    positions at a time: two rounds at the demo model's 8192). hist: int64 [B, S],
     contiguous last dim; lengths: [B] on hist's device. tokens / found: int64 [B, count] and
     bool [B] buffers to write into (a captured graph's), else new ones. Returns (tokens, found)."""
     B, S = hist.shape
@@ -1306,7 +1307,7 @@ def context_lookup(hist: torch.Tensor, lengths: torch.Tensor, n: int, count: int
     if B:
         _context_lookup_kernel[(B,)](hist, lengths, tokens, found, S, hist.stride(0), tokens.stride(0), N=n,
                                      COUNT=count, COUNT_PAD=triton.next_power_of_2(count), BLOCK=block,
-                                     num_warps=4)
+                                     num_warps=8)
     return tokens, found
 
 
