@@ -946,6 +946,7 @@ class SpecEngine:
         """Every tensor a phase may change that must survive between steps."""
         state = [self.t_cache.lengths, self.prev, self.last, self.drafted, self.out, self.n_out, self.done,
                  self.counters, self.flags]
+        state += [self.hist] if self.lookup else []
         return state + ([self.d_cache.lengths] if self.draft is not None else [])
 
     def _capture(self, fn) -> torch.cuda.CUDAGraph:

@@ -2980,7 +2980,8 @@ def test_specattn_generation_cli_llama2_style_pair(llama2_style_pair, tmp_path, 
     assert "SpecAttn: top-p 0.9, selecting the union of the draft rows' top-p sets (--combine union)" in printed
     stats = json.loads((tmp_path / "generate.json").read_text())
     assert set(stats) == set(SA.MODES) and all(s["tokens"] == 12 for s in stats.values())
-    assert (tmp_path / "generate.md").read_text().startswith("# CPU, float32\n| mode |")  # where it ran
+    where = "# CPU, float32, rows proposing from their context after a repeat of 3 tokens (--lookup)\n| mode |"
+    assert (tmp_path / "generate.md").read_text().startswith(where)  # where it ran, and how
     # Greedy speculative decoding (p = 1) reproduces the target's greedy text row by row.
     model = M.load_model(target, device="cpu", dtype=torch.float32)
     small = M.load_model(draft, device="cpu", dtype=torch.float32)
