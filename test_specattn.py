@@ -1584,6 +1584,30 @@ def test_lookup_rows_propose_their_context_continuation(references, sampled):
         SA.SpecEngine(target, None, batch_size=1, max_len=64, lookup=2)
 
 
+def test_engine_state_holds_every_buffer_a_step_carries_over(references):
+    """A CUDA capture runs each phase twice to warm it up, then puts back SpecEngine._state:
+    so every engine buffer that a step writes and a later step reads must be in it (the
+    token history of lookup included). Run one step eagerly and list what changed: each is
+    in _state, a cache's keys and values (past the lengths in _state, rewound by them), or a
+    scratch buffer each step writes before it reads it."""
+    target, draft = tiny_pair(2)
+    prompts = [list(range(3, 30)), [7, 8, 7, 8, 7]]
+    engine = SA.make_engine("specattn", target, draft, prompts, 12, 3, 0.7, [0, 1, 1], SA.SelectionConfig(topp=0.6),
+                            generator=torch.Generator().manual_seed(1), lookup=1)
+    engine.prefill(prompts, 12)
+    buffers = {name: t for name, t in vars(engine).items() if isinstance(t, torch.Tensor)}
+    buffers.update({f"{c}.{name}": t for c in ("t_cache", "d_cache")
+                    for name, t in vars(getattr(engine, c)).items() if isinstance(t, torch.Tensor)})
+    before = {name: t.clone() for name, t in buffers.items()}
+    engine.step()
+    changed = {name for name, t in buffers.items() if not torch.equal(t, before[name])}
+    in_state = {id(t) for t in engine._state()}
+    scratch = {"looked", "found", "q_dists", "draft_rows", "t_cache.k", "t_cache.v", "d_cache.k", "d_cache.v"}
+    carried = {name for name in changed if id(buffers[name]) not in in_state} - scratch
+    assert not carried, f"written by a step, read by the next, not in SpecEngine._state: {sorted(carried)}"
+    assert "hist" in changed and id(engine.hist) in in_state
+
+
 class CharTokenizer:
     """A tokenizer whose token ids are characters' codes (the draft vocabulary tests)."""
     def encode(self, text, bos=True):
