@@ -1299,8 +1299,9 @@ def context_lookup(hist: torch.Tensor, lengths: torch.Tensor, n: int, count: int
                          f"got {hist.dtype} {tuple(hist.shape)} and {tuple(lengths.shape)}")
     tokens = torch.empty(B, count, dtype=torch.long, device=hist.device) if tokens is None else tokens
     found = torch.empty(B, dtype=torch.bool, device=hist.device) if found is None else found
-    if tokens.shape != (B, count) or tokens.stride(-1) != 1 or found.shape != (B,):
-        raise ValueError(f"context_lookup: tokens must be [{B}, {count}] (contiguous last dim), found [{B}]")
+    if (tokens.shape != (B, count) or tokens.dtype != torch.long or tokens.stride(-1) != 1 or found.shape != (B,)
+            or found.dtype != torch.bool):
+        raise ValueError(f"context_lookup: tokens must be int64 [{B}, {count}] (contiguous last dim), found bool [{B}]")
     if not _use_triton(hist):
         got, hit = context_lookup_reference(hist, lengths, n, count)
         return tokens.copy_(got), found.copy_(hit)

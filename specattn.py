@@ -651,8 +651,8 @@ class SpecEngine:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if lookup < 0 or (lookup and draft is None):
-            raise ValueError(f"lookup (the context match proposals need) must be >= 0, and 0 without a draft; "
-                             f"got {lookup}")
+            raise ValueError(f"lookup (how many newest tokens a context match needs) must be >= 0, and 0 without "
+                             f"a draft; got {lookup}")
         if use_specattn and (draft is None or layer_map is None):
             raise ValueError("SpecAttn needs a draft and a layer map (see calibrate.py)")
         self.cfg = selection or SelectionConfig()
@@ -764,7 +764,8 @@ class SpecEngine:
         return self.use_specattn and self.sparse_now
 
     def _draft_phase(self):
-        """γ draft tokens per row, greedy or sampled; with SpecAttn each step's attention row
+        """γ draft tokens per row, greedy or sampled, or where a row's context lookup found a
+        repeat, the tokens that followed it; with SpecAttn each draft step's attention row
         (combine="first": the first step's alone)."""
         self.d_cache.length = self._bound
         inp = torch.stack([self.prev, self.last], 1)  # [B, 2]: re-read prev, then the newest token
