@@ -2670,6 +2670,7 @@ def test_cli_help_states_each_default_once(capsys):
                                           (["--draft-window", "-1"], "--draft-window"),
                                           (["--also-draft-vocab", "-2"], "--also-draft-vocab"),
                                           (["--also-draft-vocab", "49153"], "--also-draft-vocab"),
+                                          (["--lookup", "-1"], "--lookup"), (["--also-lookup", "-3"], "--also-lookup"),
                                           (["--parts", "cpu,demo"], "--parts cpu"),
                                           (["--parts", "profile", "--contexts", "8100"], "--parts profile")])
 def test_bench_bad_arguments(argv, message):
