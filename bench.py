@@ -113,10 +113,12 @@ def time_steps(engine: SA.SpecEngine, steps: int) -> float:
 
 def filled_engine(target, draft, B: int, S: int, gamma: int, selection, use_specattn: bool,
                   cuda_graphs: bool = True, layer_map=LAYER_MAP_8B, room: int = 256) -> SA.SpecEngine:
-    """An engine whose rows already hold S random cached positions (as after a prefill), with
-    room for `room` more; draft None: plain decoding."""
+    """An engine whose rows already hold S random cached positions and tokens (as after a
+    prefill), with room for `room` more; draft None: plain decoding. The speculative engine
+    looks up each row's context as generation does (SA.LOOKUP)."""
     engine = SA.SpecEngine(target, draft, batch_size=B, max_len=S + room, gamma=gamma, layer_map=layer_map,
-                           selection=selection, use_specattn=use_specattn, cuda_graphs=cuda_graphs)
+                           selection=selection, use_specattn=use_specattn, cuda_graphs=cuda_graphs,
+                           lookup=SA.LOOKUP if draft is not None else 0)
     filled = ((engine.t_cache, S),) + (((engine.d_cache, S - 1),) if draft is not None else ())
     for cache, n in filled:  # draft: all but prev (see SpecEngine)
         cache.k.normal_()
@@ -124,6 +126,8 @@ def filled_engine(target, draft, B: int, S: int, gamma: int, selection, use_spec
         cache.set_lengths([n] * B)
     engine.last.random_(0, target.args.vocab_size)
     engine.prev.random_(0, target.args.vocab_size)
+    if engine.lookup:
+        engine.hist.random_(0, target.args.vocab_size)
     engine.done.zero_()
     engine.max_new.fill_(S)  # never reached in the timed steps
     return engine
