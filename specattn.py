@@ -695,8 +695,8 @@ class SpecEngine:
         # the proposals found in them and whether a row found any.
         self.lookup = lookup
         self.hist = torch.zeros(B, max_len + 1, **i64) if lookup else None  # [B, positions]
-        self.looked = torch.zeros(B, G, **i64)  # [B, γ]
-        self.found = torch.zeros(B, device=device, dtype=torch.bool)  # [B]
+        self.looked = torch.zeros(B, G, **i64) if lookup else None  # [B, γ]
+        self.found = torch.zeros(B, device=device, dtype=torch.bool) if lookup else None  # [B]
         self.n_out = torch.zeros(B, **i64)
         self.max_new = torch.zeros((), **i64)
         self.done = torch.ones(B, device=device, dtype=torch.bool)
@@ -1577,28 +1577,29 @@ def check_engine(target, draft, tokenizer_prompts, layer_map, selection: Selecti
     # (mode, selection, a fresh chooser for each of the two runs: fixed costs, so its choices follow the tokens)
     none = lambda: None  # noqa: E731
     verify = lambda: VerifyChooser(gamma, costs={True: (0.25, 0.9), False: (0.25, 1.0)}, explore_every=8)  # noqa: E731
-    # (label, mode, selection, a fresh chooser for each of the two runs, the draft's vocabulary, lookup)
-    runs = [("plain", "plain", selection, none, None), ("dense", "dense", selection, none, None),
+    # (label, mode, selection, a fresh chooser for each of the two runs, the draft's vocabulary, lookup:
+    # None is LOOKUP)
+    runs = [("plain", "plain", selection, none, None, None), ("dense", "dense", selection, none, None, None),
             ("dense, the draft alone", "dense", selection, none, None, 0),
-            ("specattn", "specattn", replace(selection, sparse_from=0), none, None),
-            (f"specattn sparse from {crossing}", "specattn", crossed, none, None),
+            ("specattn", "specattn", replace(selection, sparse_from=0), none, None, None),
+            (f"specattn sparse from {crossing}", "specattn", crossed, none, None, None),
             (f"specattn sparse from {crossing}, γ chosen per step", "specattn", crossed,
-             lambda: GammaChooser(gamma, costs=(0.25, 1.0)), None),
+             lambda: GammaChooser(gamma, costs=(0.25, 1.0)), None, None),
             (f"specattn sparse from {crossing}, γ and verification chosen per step", "specattn", crossed, verify,
-             None),
+             None, None),
             (f"specattn sparse from {crossing}, γ and verification chosen per step, combine={other}", "specattn",
-             replace(crossed, combine=other), verify, None)]
+             replace(crossed, combine=other), verify, None, None)]
     if draft_vocab is not None:
-        runs += [(f"{mode}, the draft proposing from {len(draft_vocab)} tokens", mode, cfg, none, draft_vocab)
+        runs += [(f"{mode}, the draft proposing from {len(draft_vocab)} tokens", mode, cfg, none, draft_vocab, None)
                  for mode, cfg in (("dense", selection), ("specattn", crossed))]
     plain = None
-    for run, mode, cfg, new_chooser, vocab, *lookup in runs:
+    for run, mode, cfg, new_chooser, vocab, lookup in runs:
         outs = []
         for graphs in (False, True):
             chooser = new_chooser()
             engine = make_engine(mode, target, draft, prompts, 48, gamma, 0.0, layer_map, cfg, cuda_graphs=graphs,
                                  gamma_chooser=chooser, draft_window=draft_window, draft_vocab=vocab,
-                                 lookup=lookup[0] if lookup else None)
+                                 lookup=lookup)
             outs.append(engine.generate(prompts, 48))
         (eager, st_e), (graphed, st_g) = outs
         if eager != graphed or st_e.summary() != st_g.summary():
