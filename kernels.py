@@ -1251,7 +1251,7 @@ def context_lookup_reference(hist: torch.Tensor, lengths: torch.Tensor, n: int, 
     B, S = hist.shape
     L = lengths.long().clamp(max=S - 1)  # [B]
     e = torch.arange(S, device=hist.device)  # [S]: candidate ends of an earlier occurrence
-    match = (e[None] < L[:, None]) & (e[None] >= n - 1) & (L[:, None] >= n - 1)  # [B, S]
+    match = (e[None] < L[:, None]) & (e[None] >= n - 1)  # [B, S] (so L >= n: the newest n tokens exist)
     for k in range(n):  # hist[e - k] == hist[L - k] for the n tokens
         newest = hist.gather(1, (L - k).clamp(min=0)[:, None])  # [B, 1]
         match &= hist.gather(1, (e - k).clamp(min=0).expand(B, S)) == newest
