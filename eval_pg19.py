@@ -277,7 +277,8 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
     The runs go through the target side by side as one batch (row b = runs[b], each with
     its own KV cache row and its own selection), so the weights are read once per block
     for all of them; on a CPU that is most of the cost. Returns {run name: {nll, tokens,
-    kv_read, kv_dense, kv_read_sparse, kv_dense_sparse, select_s, [logits]}} plus
+    kv_read, kv_dense, kv_read_sparse, kv_dense_sparse, same_argmax (positions where its
+    argmax is the dense run's; None without a dense run), select_s, [logits]}} plus
     "_acceptance" (draft/target expected acceptance Σ min(p, q), temperature 1) and
     "_forward_s" (time in the shared draft and target forwards). quest: see quest_selection.
     draft_window: the draft reads position 0 and its newest draft_window - 1 positions
@@ -294,8 +295,10 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
     d_cache = draft.new_cache(max_len=n)
     t_cache = target.new_cache(batch_size=B, max_len=n)
     h2o_scores = [torch.zeros(B, hkv, n, device=device) for _ in range(args.n_layers)] if has_h2o else None
+    dense_row = next((b for b, r in enumerate(runs) if r.method == "dense"), None)
     stats = {r.name: dict(nll=0.0, tokens=0, kv_read=0, kv_dense=0, kv_read_sparse=0, kv_dense_sparse=0,
-                          select_s=0.0, **({"logits": []} if keep_logits else {})) for r in runs}
+                          same_argmax=0 if dense_row is not None else None, select_s=0.0,
+                          **({"logits": []} if keep_logits else {})) for r in runs}
     acceptance_sum, acceptance_n, forward_s = 0.0, 0, 0.0
 
     # Prefill, unscored: the target dense, the draft through its window if it has one. H2O
@@ -369,6 +372,11 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
         if has_h2o:
             _accumulate(h2o_scores, out[1], hkv)
         nll = F.cross_entropy(logits.flatten(0, 1), labels.repeat(B), reduction="none").view(B, T).sum(1)
+        # Where a run's greedy choice is the dense target's: what greedy verification would emit
+        # (a sparse run's other choices are tokens its speculative decoding emits that the exact
+        # target's would not).
+        top = logits.argmax(-1)  # [B, T]
+        same_argmax = (top == top[dense_row]).sum(1).tolist() if dense_row is not None else None
         for b, r in enumerate(runs):
             st = stats[r.name]
             st["nll"] += nll[b].item()
@@ -380,6 +388,8 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
             st["kv_dense"] += dense
             st["kv_read_sparse"] += read_sp
             st["kv_dense_sparse"] += dense_sp
+            if same_argmax is not None:
+                st["same_argmax"] += same_argmax[b]
             if keep_logits:
                 st["logits"].append(logits[b].cpu())
             if r.method == "dense":
@@ -417,10 +427,13 @@ def summarize(books: list[dict], runs: list[Run]) -> list[dict]:
         ppl = math.exp(tot["nll"] / tot["tokens"])
         if r.method == "dense":
             dense_ppl = ppl
+        # (books scored without a dense run beside them, or saved before this count: none)
+        same = [b["runs"][r.name].get("same_argmax") for b in books]
         rows.append({"method": r.method, "topp": r.topp, "ppl": ppl, "tokens": tot["tokens"],
                      "kv_saved": 1 - tot["kv_read"] / tot["kv_dense"],
                      "kv_saved_sparse_layers": 1 - tot["kv_read_sparse"] / tot["kv_dense_sparse"]
-                     if tot["kv_dense_sparse"] else 0.0})
+                     if tot["kv_dense_sparse"] else 0.0,
+                     "argmax_as_dense": None if None in same else sum(same) / tot["tokens"]})
     for row in rows:
         row["ppl_increase_pct"] = 100 * (row["ppl"] / dense_ppl - 1) if dense_ppl else None
     return rows
@@ -429,13 +442,15 @@ def summarize(books: list[dict], runs: list[Run]) -> list[dict]:
 def format_table(rows: list[dict], select_s: dict | None = None) -> str:
     """The summary as a markdown table; select_s: {run name: seconds choosing positions} in this run."""
     select_s = select_s or {}
-    lines = ["| method | p | perplexity | Δ vs dense | KV reads saved (all / sparse layers) | tokens | "
-             "selection time (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | p | perplexity | Δ vs dense | KV reads saved (all / sparse layers) | argmax = dense's "
+             "| tokens | selection time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = "" if r["ppl_increase_pct"] is None else f"{r['ppl_increase_pct']:+.2f}%"
+        same = r.get("argmax_as_dense")
         lines.append(f"| {r['method']} | {'' if r['topp'] is None else r['topp']} | {r['ppl']:.3f} | {delta} "
                      f"| {100 * r['kv_saved']:.1f}% / {100 * r['kv_saved_sparse_layers']:.1f}% "
+                     f"| {'' if same is None else f'{100 * same:.1f}%'} "
                      f"| {r['tokens']} | {select_s.get(Run(r['method'], r['topp']).name, 0.0):.1f} |")
     return "\n".join(lines)
 
