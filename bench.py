@@ -233,7 +233,7 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
                sink_distance=None, draft_window=None, also_always_sparse: bool = False,
                combine: str = "union", also_combine=(), refill: bool = True, rounds: int = 1,
-               also_draft_vocab: int = 0, lookup: int = SA.LOOKUP, also_lookup=None) -> dict:
+               also_draft_vocab: int = 0, lookup: int = SA.LOOKUP, also_lookup=None, also_topp=()) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching; refill=False: fixed
     batches, one after another). Plain decoding runs once, the speculative modes once choosing
@@ -247,7 +247,8 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
     from the N tokens most frequent in the calibration book ("dense vocab N": see
     specattn.draft_vocabulary). lookup: the speculative modes propose from a row's context after
     a repeat of this many tokens (specattn.SpecEngine; 0: the draft alone); with also_lookup N,
-    dense speculation and SpecAttn once more with lookup N ("dense lookup N").
+    dense speculation and SpecAttn once more with lookup N ("dense lookup N"); for each P of
+    also_topp, SpecAttn once more cutting the draft rows at top-p P ("specattn p=P").
     sink_distance: the draft's (None: its config's, 512); draft_window: the draft's attention
     window (None: its training window, the same 512; see specattn.SpecEngine). rounds > 1:
     each row's prompts in that many parts, plain, dense and SpecAttn taking turns on each part
@@ -292,6 +293,8 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
             if also_lookup is not None:
                 runs += [(("dense", "specattn"), max(gammas), True, True, selection, None, also_lookup,
                           f" lookup {also_lookup}")]
+            runs += [(("specattn",), max(gammas), True, True, replace(selection, topp=p), None, lookup, f" p={p}")
+                     for p in also_topp]
             for modes, g, auto, verify, run_selection, run_vocab, run_lookup, tag in runs:
                 for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
                                               run_selection, modes, batch_size=B, adaptive_gamma=auto,
@@ -311,7 +314,8 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                                 + [(f"{m} vocab {also_draft_vocab}", m) for m in ("dense", "specattn")
                                    if also_draft_vocab]
                                 + [(m, f"{m} lookup {also_lookup}") for m in ("dense", "specattn")
-                                   if also_lookup is not None])
+                                   if also_lookup is not None]
+                                + [(f"specattn p={p}", "dense") for p in also_topp])
                     + " |")
             rates[(B, context)] = {mode: st.decode_rate for mode, (_, st) in results.items()}
             torch.cuda.empty_cache()
@@ -849,6 +853,9 @@ def main(argv=None):
                         "verifying sparsely every step past --sparse-from (row 'specattn always sparse'); the "
                         "row 'specattn' chooses sparse or dense verification per step, as specattn.py does")
     parser.add_argument("--topp", type=float, default=0.9, help="SpecAttn top-p for the demo rows")
+    parser.add_argument("--also-topp", default="", metavar="P,...",
+                        help="demo: SpecAttn also runs once per top-p here (comma-separated, each in (0, 1]; rows "
+                             "'specattn p=P', paired against dense speculation with --rounds)")
     parser.add_argument("--combine", choices=SA.COMBINE, help="demo: how SpecAttn makes the draft's attention "
                         "rows one selection, as specattn.py --combine (default: first with --prompts-per-row > 1 "
                         "and continuous batching, union otherwise)")
@@ -907,6 +914,11 @@ def main(argv=None):
                          f"demo,8b,hf,kernels,merge,window,cpu,profile,linear, got {args.parts!r}")
     batches, contexts, gammas = (int_list(getattr(args, name), name) for name in ("batches", "contexts", "gamma"))
     also_combine = [c for c in args.also_combine.split(",") if c]
+    try:
+        K.check_topp(args.topp, "--topp")
+        also_topp = [K.check_topp(float(p), "each --also-topp value") for p in args.also_topp.split(",") if p]
+    except ValueError as e:
+        raise SystemExit(f"error: {e} (--also-topp takes comma-separated numbers)") from None
     if any(c not in SA.COMBINE for c in also_combine):
         raise SystemExit(f"error: --also-combine takes values from {','.join(SA.COMBINE)}, got {args.also_combine!r}")
     room = profile_room(PROFILE_STEPS, max(gammas))
@@ -944,7 +956,8 @@ def main(argv=None):
                           args.combine or SA.default_combine(args.prompts_per_row > 1 and not args.fixed_batches),
                           also_combine,
                           refill=not args.fixed_batches, rounds=args.rounds,
-                          also_draft_vocab=args.also_draft_vocab, lookup=args.lookup, also_lookup=args.also_lookup)
+                          also_draft_vocab=args.also_draft_vocab, lookup=args.lookup, also_lookup=args.also_lookup,
+                          also_topp=also_topp)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

@@ -2671,6 +2671,8 @@ def test_cli_help_states_each_default_once(capsys):
                                           (["--also-draft-vocab", "-2"], "--also-draft-vocab"),
                                           (["--also-draft-vocab", "49153"], "--also-draft-vocab"),
                                           (["--lookup", "-1"], "--lookup"), (["--also-lookup", "-3"], "--also-lookup"),
+                                          (["--topp", "0"], "--topp"), (["--also-topp", "0.95,1.5"], "--also-topp"),
+                                          (["--also-topp", "0.9,x"], "--also-topp"),
                                           (["--parts", "cpu,demo"], "--parts cpu"),
                                           (["--parts", "profile", "--contexts", "8100"], "--parts profile")])
 def test_bench_bad_arguments(argv, message):
