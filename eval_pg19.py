@@ -427,7 +427,8 @@ def summarize(books: list[dict], runs: list[Run]) -> list[dict]:
         ppl = math.exp(tot["nll"] / tot["tokens"])
         if r.method == "dense":
             dense_ppl = ppl
-        # (books scored without a dense run beside them, or saved before this count: none)
+        # (None where a book was scored without a dense run beside it, or read from a results
+        # file that lacks the count)
         same = [b["runs"][r.name].get("same_argmax") for b in books]
         rows.append({"method": r.method, "topp": r.topp, "ppl": ppl, "tokens": tot["tokens"],
                      "kv_saved": 1 - tot["kv_read"] / tot["kv_dense"],
