@@ -8,7 +8,9 @@ Protocol ("paper", after the SpecAttn paper): per book, the first --max-tokens (
 tokens; the first 10% is prefill (dense); the rest is scored teacher-forced in blocks of
 γ tokens. For each block the draft reads the block and returns its attention, every
 method chooses which cached positions each target layer reads, and the target scores
-the block with that sparse attention. Perplexity = exp(mean NLL) over scored tokens.
+the block with that sparse attention. Perplexity = exp(mean NLL) over scored tokens; beside it,
+the share of scored positions where the target's argmax is the dense target's (where greedy
+verification through that selection would emit the exact target's token).
 
 Causality. The selection used to predict token x[t+1] may depend only on what a real
 decoder would have when predicting it: draft rows of queries <= t. Draft row t+1 has
