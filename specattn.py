@@ -885,7 +885,9 @@ class SpecEngine:
         self.out.scatter_(1, self.n_out[:, None] + j, emitted)
         past = self.t_cache.lengths.long() - (G + 1)  # [B]: cached positions this step verified against
         if self.lookup:  # the emitted tokens follow `last` (at index past) in the row's context
-            self.hist.scatter_(1, past[:, None] + 1 + j, emitted)
+            # (clamped: a capture's warm-up runs this phase twice on a state no verify has grown,
+            # where a short row's past is negative; a real step's indices are 1..lengths[b])
+            self.hist.scatter_(1, (past[:, None] + 1 + j).clamp(0, self.hist.shape[1] - 1), emitted)
         self.n_out += torch.where(active, n_new, 0)
         self.done |= self.n_out >= self.max_new
         # Rewind. The target cached [last, d1..dγ] and keeps [last, d1..dk]; the draft cached
