@@ -1608,8 +1608,8 @@ def test_engine_state_holds_every_buffer_a_step_carries_over(references):
     assert "hist" in changed and id(engine.hist) in in_state
 
 
-@pytest.mark.parametrize("mode", ["dense", "specattn"])
-def test_every_phase_runs_as_a_capture_warms_it_up(references, mode):
+@pytest.mark.parametrize("mode,temperature", [("dense", 0.0), ("specattn", 0.0), ("specattn", 0.7)])
+def test_every_phase_runs_as_a_capture_warms_it_up(references, mode, temperature):
     """SpecEngine._capture runs each phase twice on the state before the first step (each
     variant and γ), not after the phases before it, then puts _state back: every index a phase
     computes must stay inside its buffers there too, with a prompt shorter than γ + 1 (the
@@ -1617,9 +1617,9 @@ def test_every_phase_runs_as_a_capture_warms_it_up(references, mode):
     assert). Here the same warm-up eagerly, lookup on; the state comes back as it was."""
     target, draft = tiny_pair(2)
     prompts = [[1, 2, 3], list(range(3, 40))]
-    engine = SA.make_engine(mode, target, draft, prompts, 12, 4, 0.0, [0, 1, 1],
+    engine = SA.make_engine(mode, target, draft, prompts, 12, 4, temperature, [0, 1, 1],
                             SA.SelectionConfig(topp=0.6, sparse_from=20), gamma_chooser=SA.GammaChooser(4),
-                            lookup=2)
+                            generator=torch.Generator().manual_seed(2), lookup=2)
     engine.prefill(prompts, 12)
     for sparse, g in itertools.product(engine._variants(), engine._gammas()):
         engine.sparse_now, engine.g = sparse, g
