@@ -52,11 +52,12 @@ DEMO_DRAFT = Path(__file__).resolve().parent / "draft"  # train_draft.py's draft
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to an option's help unless it has no default or its help already
-    says what the default is (so no "(default: None)" after "default: the demo target")."""
+    """Appends "(default: X)" to an option's help unless it has no default (None, or "": an
+    empty comma-separated list) or its help already says what the default is (so no
+    "(default: None)" after "default: the demo target")."""
 
     def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
+        if action.default in (None, "") or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
