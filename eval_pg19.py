@@ -10,7 +10,8 @@ tokens; the first 10% is prefill (dense); the rest is scored teacher-forced in b
 method chooses which cached positions each target layer reads, and the target scores
 the block with that sparse attention. Perplexity = exp(mean NLL) over scored tokens; beside it,
 the share of scored positions where the target's argmax is the dense target's (where greedy
-verification through that selection would emit the exact target's token).
+verification through that selection would emit the exact target's token), and where it is the
+draft's (where greedy verification would keep the draft's token: each method's acceptance).
 
 Causality. The selection used to predict token x[t+1] may depend only on what a real
 decoder would have when predicting it: draft rows of queries <= t. Draft row t+1 has
@@ -280,7 +281,9 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
     its own KV cache row and its own selection), so the weights are read once per block
     for all of them; on a CPU that is most of the cost. Returns {run name: {nll, tokens,
     kv_read, kv_dense, kv_read_sparse, kv_dense_sparse, same_argmax (positions where its
-    argmax is the dense run's; None without a dense run), select_s, [logits]}} plus
+    argmax is the dense run's; None without a dense run), draft_argmax (positions where its
+    argmax is the draft's: greedy verification through it keeps the draft's token there),
+    select_s, [logits]}} plus
     "_acceptance" (draft/target expected acceptance Σ min(p, q), temperature 1) and
     "_forward_s" (time in the shared draft and target forwards). quest: see quest_selection.
     draft_window: the draft reads position 0 and its newest draft_window - 1 positions
@@ -299,7 +302,7 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
     h2o_scores = [torch.zeros(B, hkv, n, device=device) for _ in range(args.n_layers)] if has_h2o else None
     dense_row = next((b for b, r in enumerate(runs) if r.method == "dense"), None)
     stats = {r.name: dict(nll=0.0, tokens=0, kv_read=0, kv_dense=0, kv_read_sparse=0, kv_dense_sparse=0,
-                          same_argmax=0 if dense_row is not None else None, select_s=0.0,
+                          same_argmax=0 if dense_row is not None else None, draft_argmax=0, select_s=0.0,
                           **({"logits": []} if keep_logits else {})) for r in runs}
     acceptance_sum, acceptance_n, forward_s = 0.0, 0, 0.0
 
@@ -379,6 +382,7 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
         # target's would not).
         top = logits.argmax(-1)  # [B, T]
         same_argmax = (top == top[dense_row]).sum(1).tolist() if dense_row is not None else None
+        draft_argmax = (top == d_logits[0].argmax(-1)).sum(1).tolist()  # greedy acceptance, per position
         for b, r in enumerate(runs):
             st = stats[r.name]
             st["nll"] += nll[b].item()
@@ -392,6 +396,7 @@ def score_book(target, draft, tokens: torch.Tensor, runs: list[Run], layer_map, 
             st["kv_dense_sparse"] += dense_sp
             if same_argmax is not None:
                 st["same_argmax"] += same_argmax[b]
+            st["draft_argmax"] += draft_argmax[b]
             if keep_logits:
                 st["logits"].append(logits[b].cpu())
             if r.method == "dense":
@@ -432,11 +437,13 @@ def summarize(books: list[dict], runs: list[Run]) -> list[dict]:
         # (None where a book was scored without a dense run beside it, or read from a results
         # file that lacks the count)
         same = [b["runs"][r.name].get("same_argmax") for b in books]
+        draft_same = [b["runs"][r.name].get("draft_argmax") for b in books]
         rows.append({"method": r.method, "topp": r.topp, "ppl": ppl, "tokens": tot["tokens"],
                      "kv_saved": 1 - tot["kv_read"] / tot["kv_dense"],
                      "kv_saved_sparse_layers": 1 - tot["kv_read_sparse"] / tot["kv_dense_sparse"]
                      if tot["kv_dense_sparse"] else 0.0,
-                     "argmax_as_dense": None if None in same else sum(same) / tot["tokens"]})
+                     "argmax_as_dense": None if None in same else sum(same) / tot["tokens"],
+                     "argmax_as_draft": None if None in draft_same else sum(draft_same) / tot["tokens"]})
     for row in rows:
         row["ppl_increase_pct"] = 100 * (row["ppl"] / dense_ppl - 1) if dense_ppl else None
     return rows
@@ -446,14 +453,14 @@ def format_table(rows: list[dict], select_s: dict | None = None) -> str:
     """The summary as a markdown table; select_s: {run name: seconds choosing positions} in this run."""
     select_s = select_s or {}
     lines = ["| method | p | perplexity | Δ vs dense | KV reads saved (all / sparse layers) | argmax = dense's "
-             "| tokens | selection time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| argmax = draft's | tokens | selection time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = "" if r["ppl_increase_pct"] is None else f"{r['ppl_increase_pct']:+.2f}%"
-        same = r.get("argmax_as_dense")
+        share = {k: "" if r.get(k) is None else f"{100 * r[k]:.1f}%" for k in ("argmax_as_dense", "argmax_as_draft")}
         lines.append(f"| {r['method']} | {'' if r['topp'] is None else r['topp']} | {r['ppl']:.3f} | {delta} "
                      f"| {100 * r['kv_saved']:.1f}% / {100 * r['kv_saved_sparse_layers']:.1f}% "
-                     f"| {'' if same is None else f'{100 * same:.1f}%'} "
+                     f"| {share['argmax_as_dense']} | {share['argmax_as_draft']} "
                      f"| {r['tokens']} | {select_s.get(Run(r['method'], r['topp']).name, 0.0):.1f} |")
     return "\n".join(lines)
 

@@ -2803,7 +2803,7 @@ def test_eval_end_to_end(tiny_checkpoint, tmp_path):
     assert set(rows) == {("dense", None)} | {(m, p) for m in E.METHODS[1:] for p in (0.6, 1.0)}
     for r in rows.values():
         assert set(r) >= {"ppl", "ppl_increase_pct", "kv_saved", "kv_saved_sparse_layers", "argmax_as_dense",
-                          "tokens"}
+                          "argmax_as_draft", "tokens"}
         assert r["tokens"] == 96 - 9 - 1
 
     # Dense equals a plain causal forward over the whole segment.
@@ -2816,6 +2816,7 @@ def test_eval_end_to_end(tiny_checkpoint, tmp_path):
         assert abs(rows[(m, 1.0)]["ppl"] - rows[("dense", None)]["ppl"]) < 1e-4, m
         assert rows[(m, 1.0)]["kv_saved"] == 0
         assert rows[(m, 1.0)]["argmax_as_dense"] == 1.0, m
+        assert rows[(m, 1.0)]["argmax_as_draft"] == rows[("dense", None)]["argmax_as_draft"], m
     assert rows[("dense", None)]["argmax_as_dense"] == 1.0
     assert rows[("specattn", 0.6)]["kv_saved"] > 0  # random tiny models attend almost uniformly
 
@@ -2823,21 +2824,29 @@ def test_eval_end_to_end(tiny_checkpoint, tmp_path):
 
 
 def test_eval_counts_where_each_run_chooses_as_dense(tiny_checkpoint):
-    """same_argmax counts the scored positions where a run's argmax is the dense run's; the
-    summary divides by the tokens; without a dense run there is nothing to count against."""
+    """same_argmax counts the scored positions where a run's argmax is the dense run's,
+    draft_argmax those where it is the draft's (the draft reading the text causally, as the
+    scored block's rows do); the summary divides by the tokens; without a dense run there is
+    no same_argmax."""
     ckpt, _, _ = tiny_checkpoint
     target, draft, tokens = eval_inputs(ckpt, 60)
     runs = E.make_runs(["dense", "specattn", "streamingllm"], [0.3])
     cfg = SA.SelectionConfig(topp=0.3, dense_layers=1)
     stats = E.score_book(target, draft, tokens, runs, [0, 1, 1], cfg, gamma=4, prefill=6, keep_logits=True)
     top = {r.name: stats[r.name]["logits"].argmax(-1) for r in runs}
+    prefill = 6
+    draft_top = draft(tokens[None])[0, prefill:-1].argmax(-1)  # the draft's choice for tokens prefill+1..
     for r in runs:
         assert stats[r.name]["same_argmax"] == int((top[r.name] == top["dense"]).sum()), r.name
+        assert stats[r.name]["draft_argmax"] == int((top[r.name] == draft_top).sum()), r.name
+    assert 0 < stats["dense"]["draft_argmax"] < stats["dense"]["tokens"]
     assert stats["dense"]["same_argmax"] == stats["dense"]["tokens"]
     assert any(stats[r.name]["same_argmax"] < stats[r.name]["tokens"] for r in runs[1:])  # a low p changes some
     book = {"runs": {name: st for name, st in stats.items() if isinstance(st, dict)}}
     rows = E.summarize([book], runs)
     assert [row["argmax_as_dense"] for row in rows] == [stats[r.name]["same_argmax"] / stats[r.name]["tokens"]
+                                                        for r in runs]
+    assert [row["argmax_as_draft"] for row in rows] == [stats[r.name]["draft_argmax"] / stats[r.name]["tokens"]
                                                         for r in runs]
     alone = E.score_book(target, draft, tokens, runs[1:], [0, 1, 1], cfg, gamma=4, prefill=6)
     assert all(st["same_argmax"] is None for name, st in alone.items() if isinstance(st, dict))
