@@ -952,18 +952,24 @@ class SpecEngine:
         state += [self.hist] if self.lookup else []
         return state + ([self.d_cache.lengths] if self.draft is not None else [])
 
-    def _capture(self, fn) -> torch.cuda.CUDAGraph:
-        """Warm fn up (Triton and Inductor compile, the kernels' buffers are allocated) on a
-        side stream, put the engine's state back as it was, then capture fn as a graph."""
+    def _warm_up(self, fn) -> None:
+        """Run the phase fn twice (Triton and Inductor compile, the kernels' buffers are
+        allocated), then put the engine's state back as it was. fn runs on the state before
+        the first step, not after the phases before it, so its indices must stay in their
+        buffers there too."""
         saved = [t.clone() for t in self._state()]
+        for _ in range(2):
+            fn()
+        for t, s in zip(self._state(), saved):
+            t.copy_(s)
+
+    def _capture(self, fn) -> torch.cuda.CUDAGraph:
+        """Warm fn up on a side stream (`_warm_up`), then capture it as a graph."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
+            self._warm_up(fn)
         torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip(self._state(), saved):
-            t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None and hasattr(graph, "register_generator_state"):
             graph.register_generator_state(self.generator)  # replays draw fresh numbers from it

@@ -1610,11 +1610,11 @@ def test_engine_state_holds_every_buffer_a_step_carries_over(references):
 
 @pytest.mark.parametrize("mode,temperature", [("dense", 0.0), ("specattn", 0.0), ("specattn", 0.7)])
 def test_every_phase_runs_as_a_capture_warms_it_up(references, mode, temperature):
-    """SpecEngine._capture runs each phase twice on the state before the first step (each
-    variant and γ), not after the phases before it, then puts _state back: every index a phase
-    computes must stay inside its buffers there too, with a prompt shorter than γ + 1 (the
-    accept phase then sees a negative `past`; on a GPU an out-of-range index is a device-side
-    assert). Here the same warm-up eagerly, lookup on; the state comes back as it was."""
+    """SpecEngine._capture warms each phase up (`_warm_up`: twice on the state before the first
+    step, each variant and γ, not after the phases before it, then _state put back): every index
+    a phase computes must stay inside its buffers there too, with a prompt shorter than γ + 1
+    (the accept phase then sees a negative `past`; on a GPU an out-of-range index is a
+    device-side assert). Here the same warm-up eagerly, lookup on; the state comes back as it was."""
     target, draft = tiny_pair(2)
     prompts = [[1, 2, 3], list(range(3, 40))]
     engine = SA.make_engine(mode, target, draft, prompts, 12, 4, temperature, [0, 1, 1],
@@ -1624,11 +1624,7 @@ def test_every_phase_runs_as_a_capture_warms_it_up(references, mode, temperature
     for sparse, g in itertools.product(engine._variants(), engine._gammas()):
         engine.sparse_now, engine.g = sparse, g
         for name, fn in engine._phases():
-            saved = [t.clone() for t in engine._state()]
-            fn()
-            fn()
-            for t, s in zip(engine._state(), saved):
-                t.copy_(s)
+            engine._warm_up(fn)
     assert engine.hist[0, :4].tolist() == [1, 2, 3, int(engine.last[0])]
 
 
