@@ -2828,9 +2828,9 @@ def test_eval_counts_where_each_run_chooses_as_dense(tiny_checkpoint):
     target, draft, tokens = eval_inputs(ckpt, 60)
     runs = E.make_runs(["dense", "specattn", "streamingllm"], [0.3])
     cfg = SA.SelectionConfig(topp=0.3, dense_layers=1)
-    stats = E.score_book(target, draft, tokens, runs, [0, 1, 1], cfg, gamma=4, prefill=6, keep_logits=True)
-    top = {r.name: stats[r.name]["logits"].argmax(-1) for r in runs}
     prefill = 6
+    stats = E.score_book(target, draft, tokens, runs, [0, 1, 1], cfg, gamma=4, prefill=prefill, keep_logits=True)
+    top = {r.name: stats[r.name]["logits"].argmax(-1) for r in runs}
     draft_top = draft(tokens[None])[0, prefill:-1].argmax(-1)  # the draft's choice for tokens prefill+1..
     for r in runs:
         assert stats[r.name]["same_argmax"] == int((top[r.name] == top["dense"]).sum()), r.name
@@ -2844,7 +2844,7 @@ def test_eval_counts_where_each_run_chooses_as_dense(tiny_checkpoint):
                                                         for r in runs]
     assert [row["argmax_as_draft"] for row in rows] == [stats[r.name]["draft_argmax"] / stats[r.name]["tokens"]
                                                         for r in runs]
-    alone = E.score_book(target, draft, tokens, runs[1:], [0, 1, 1], cfg, gamma=4, prefill=6)
+    alone = E.score_book(target, draft, tokens, runs[1:], [0, 1, 1], cfg, gamma=4, prefill=prefill)
     assert all(st["same_argmax"] is None for name, st in alone.items() if isinstance(st, dict))
     assert E.summarize([{"runs": alone}], runs[1:])[0]["argmax_as_dense"] is None
 
