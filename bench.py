@@ -233,7 +233,8 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                prompts_per_row: int = 1, sparse_from: int = SA.SPARSE_FROM, fixed_gamma: bool = False,
                sink_distance=None, draft_window=None, also_always_sparse: bool = False,
                combine: str = "union", also_combine=(), refill: bool = True, rounds: int = 1,
-               also_draft_vocab: int = 0, lookup: int = SA.LOOKUP, also_lookup=None, also_topp=()) -> dict:
+               also_draft_vocab: int = 0, lookup: int = SA.LOOKUP, also_lookup=None, also_topp=(),
+               sparse_margin: float = SA.SPARSE_MARGIN, also_sparse_margin=()) -> dict:
     """(a): the demo pair through run_modes, every (batch, context); with prompts_per_row > 1,
     each batch row serves that many prompts in turn (continuous batching; refill=False: fixed
     batches, one after another). Plain decoding runs once, the speculative modes once choosing
@@ -248,7 +249,9 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
     specattn.draft_vocabulary). lookup: the speculative modes propose from a row's context after
     a repeat of this many tokens (specattn.SpecEngine; 0: the draft alone); with also_lookup N,
     dense speculation and SpecAttn once more with lookup N ("dense lookup N"); for each P of
-    also_topp, SpecAttn once more cutting the draft rows at top-p P ("specattn p=P").
+    also_topp, SpecAttn once more cutting the draft rows at top-p P ("specattn p=P");
+    sparse_margin: SpecAttn's VerifyChooser's, and for each M of also_sparse_margin, SpecAttn
+    once more with that margin ("specattn margin M").
     sink_distance: the draft's (None: its config's, 512); draft_window: the draft's attention
     window (None: its training window, the same 512; see specattn.SpecEngine). rounds > 1:
     each row's prompts in that many parts, plain, dense and SpecAttn taking turns on each part
@@ -264,7 +267,8 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
     say(f"## (a) demo pair (SmolLM2-135M target, 4-layer draft), bf16, greedy, "
         f"γ chosen per step up to {max(gammas)}{fixed}, "
         f"SpecAttn p={topp} "
-        f"(selecting from the draft rows: {combine}, --combine; sparse from {sparse_from} positions), "
+        f"(selecting from the draft rows: {combine}, --combine; sparse from {sparse_from} positions; "
+        f"a sparse step where it promises {1 + sparse_margin:g}x dense's tokens/s, --sparse-margin), "
         f"the draft's sink at {draft.args.sink_distance} "
         f"(--sink-distance), its attention window "
         f"{window or 'off'} (--draft-window), {max_new_tokens} new tokens per prompt, "
@@ -279,29 +283,26 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
         for B in batches:
             prompts = SA.book_prompts(tokenizer, B * prompts_per_row, context)
             results = {}
-            # (modes, γ, γ chosen, verification chosen, selection, the draft's vocabulary, lookup, tag)
-            runs = [(SA.MODES, max(gammas), True, True, selection, None, lookup, "")]
-            runs += [(("dense", "specattn"), g, False, True, selection, None, lookup, f" γ={g}")
+            # (modes, the rows' tag, the run_modes arguments in which the run differs from the first)
+            first = dict(gamma=max(gammas), selection=selection, adaptive_gamma=True, choose_verification=True,
+                         draft_vocab=None, lookup=lookup, sparse_margin=sparse_margin)
+            runs = [(SA.MODES, "", {})]
+            runs += [(("dense", "specattn"), f" γ={g}", dict(gamma=g, adaptive_gamma=False))
                      for g in gammas if fixed_gamma]
-            runs += [(("specattn",), max(gammas), True, False, selection, None, lookup,
-                      " always sparse")] * also_always_sparse
-            runs += [(("specattn",), max(gammas), True, True, replace(selection, combine=c), None, lookup, f" {c}")
-                     for c in also_combine]
+            runs += [(("specattn",), " always sparse", dict(choose_verification=False))] * also_always_sparse
+            runs += [(("specattn",), f" {c}", dict(selection=replace(selection, combine=c))) for c in also_combine]
             if also_draft_vocab:  # (every token: vocab None, the draft's whole head)
-                runs += [(("dense", "specattn"), max(gammas), True, True, selection, vocab, lookup,
-                          f" vocab {also_draft_vocab}")]
+                runs += [(("dense", "specattn"), f" vocab {also_draft_vocab}", dict(draft_vocab=vocab))]
             if also_lookup is not None:
-                runs += [(("dense", "specattn"), max(gammas), True, True, selection, None, also_lookup,
-                          f" lookup {also_lookup}")]
-            runs += [(("specattn",), max(gammas), True, True, replace(selection, topp=p), None, lookup, f" p={p}")
-                     for p in also_topp]
-            for modes, g, auto, verify, run_selection, run_vocab, run_lookup, tag in runs:
-                for mode, run in SA.run_modes(target, draft, prompts, max_new_tokens, g, 0.0, layer_map,
-                                              run_selection, modes, batch_size=B, adaptive_gamma=auto,
-                                              draft_window=window, choose_verification=verify,
-                                              refill=refill, rounds=rounds, draft_vocab=run_vocab,
-                                              lookup=run_lookup).items():
-                    results[mode + ("" if mode == "plain" else tag)] = run
+                runs += [(("dense", "specattn"), f" lookup {also_lookup}", dict(lookup=also_lookup))]
+            runs += [(("specattn",), f" p={p}", dict(selection=replace(selection, topp=p))) for p in also_topp]
+            runs += [(("specattn",), f" margin {m}", dict(sparse_margin=m)) for m in also_sparse_margin]
+            for modes, tag, differs in runs:
+                run = {**first, **differs}
+                for mode, result in SA.run_modes(target, draft, prompts, max_new_tokens, run.pop("gamma"), 0.0,
+                                                 layer_map, run.pop("selection"), modes, batch_size=B,
+                                                 draft_window=window, refill=refill, rounds=rounds, **run).items():
+                    results[mode + ("" if mode == "plain" else tag)] = result
             table = SA.results_table(results, B, context, len(prompts), sparse_from, verification_chosen=True)
             for line in (table[:-1] if not header_done else table[2:-1]):
                 say(line)
@@ -315,7 +316,8 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                                    if also_draft_vocab]
                                 + [(m, f"{m} lookup {also_lookup}") for m in ("dense", "specattn")
                                    if also_lookup is not None]
-                                + [(f"specattn p={p}", "dense") for p in also_topp])
+                                + [(f"specattn p={p}", "dense") for p in also_topp]
+                                + [(f"specattn margin {m}", "dense") for m in also_sparse_margin])
                     + " |")
             rates[(B, context)] = {mode: st.decode_rate for mode, (_, st) in results.items()}
             torch.cuda.empty_cache()
@@ -856,6 +858,12 @@ def main(argv=None):
     parser.add_argument("--also-topp", default="", metavar="P,...",
                         help="demo: SpecAttn also runs once per top-p here (comma-separated, each in (0, 1]; rows "
                              "'specattn p=P', paired against dense speculation with --rounds)")
+    parser.add_argument("--sparse-margin", type=float, default=SA.SPARSE_MARGIN, metavar="M",
+                        help="demo: SpecAttn verifies a step sparsely only where that promises more than 1 + M "
+                             "times dense verification's tokens per second (specattn.py --sparse-margin)")
+    parser.add_argument("--also-sparse-margin", default="", metavar="M,...",
+                        help="demo: SpecAttn also runs once per margin here (comma-separated, each >= 0; rows "
+                             "'specattn margin M', paired against dense speculation with --rounds)")
     parser.add_argument("--combine", choices=SA.COMBINE, help="demo: how SpecAttn makes the draft's attention "
                         "rows one selection, as specattn.py --combine (default: first with --prompts-per-row > 1 "
                         "and continuous batching, union otherwise)")
@@ -919,6 +927,14 @@ def main(argv=None):
         also_topp = [K.check_topp(float(p), "each --also-topp value") for p in args.also_topp.split(",") if p]
     except ValueError as e:
         raise SystemExit(f"error: {e} (--also-topp takes comma-separated numbers)") from None
+    try:
+        also_sparse_margin = [float(m) for m in args.also_sparse_margin.split(",") if m]
+    except ValueError:
+        raise SystemExit(f"error: --also-sparse-margin takes comma-separated numbers, "
+                         f"got {args.also_sparse_margin!r}") from None
+    if not all(m >= 0 for m in [args.sparse_margin, *also_sparse_margin]):
+        raise SystemExit(f"error: --sparse-margin and each --also-sparse-margin value must be >= 0, "
+                         f"got {args.sparse_margin} and {args.also_sparse_margin!r}")
     if any(c not in SA.COMBINE for c in also_combine):
         raise SystemExit(f"error: --also-combine takes values from {','.join(SA.COMBINE)}, got {args.also_combine!r}")
     room = profile_room(PROFILE_STEPS, max(gammas))
@@ -957,7 +973,8 @@ def main(argv=None):
                           also_combine,
                           refill=not args.fixed_batches, rounds=args.rounds,
                           also_draft_vocab=args.also_draft_vocab, lookup=args.lookup, also_lookup=args.also_lookup,
-                          also_topp=also_topp)
+                          also_topp=also_topp, sparse_margin=args.sparse_margin,
+                          also_sparse_margin=also_sparse_margin)
     if "hf" in parts:
         hf = bench_hf(say, contexts, args.max_new_tokens, runs=args.peer_runs)
     if demo and hf:

@@ -469,6 +469,13 @@ class GammaChooser:
         self.observe(gamma, accepted, draft_s=draft_s, step_s=step_s)
 
 
+# VerifyChooser's default sparse_margin: a sparse step must promise 3% more tokens per second than a
+# dense one (a near tie goes to exact verification). The margin covers the noise of the two rates
+# measured. What a sparse step does to the text that follows, it does not see (with the lookup on,
+# other text, with fewer exact repeats to copy: docs/performance.md, "batch 1").
+SPARSE_MARGIN = 0.03
+
+
 class VerifyChooser:
     """Chooses, for each step of a SpecAttn engine, sparse or dense verification, and the
     step's γ (SpecEngine(gamma_chooser=...); specattn.py's default for SpecAttn, off with
@@ -505,7 +512,7 @@ class VerifyChooser:
     """
 
     def __init__(self, gamma_max: int, costs: Optional[dict] = None, explore_every: int = 32,
-                 gamma_min: int = 1, sparse_margin: float = 0.03, ratio_decay: float = 0.98,
+                 gamma_min: int = 1, sparse_margin: float = SPARSE_MARGIN, ratio_decay: float = 0.98,
                  ratio_prior: float = 8.0):
         if explore_every < 1:
             raise ValueError(f"explore_every must be >= 1, got {explore_every}")
@@ -1447,14 +1454,15 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
               selection: SelectionConfig, modes=MODES, eos_id=None, seed: int = 0, progress: bool = False,
               warmup_tokens: int = 8, batch_size: Optional[int] = None, adaptive_gamma: bool = False,
               draft_window: Optional[int] = None, choose_verification: bool = False, refill: bool = True,
-              rounds: int = 1, draft_vocab=None, lookup: Optional[int] = None) -> dict:
+              rounds: int = 1, draft_vocab=None, lookup: Optional[int] = None,
+              sparse_margin: float = SPARSE_MARGIN) -> dict:
     """Each mode's engine (batch_size rows, default one per prompt of a round): a short warm-up
     generation (captures the CUDA graphs, compiles; its wall time goes into the stats'
     seconds["warmup"]), then the timed one, serving more prompts than rows by continuous
     batching or, with refill=False, in fixed batches (SpecEngine.generate). adaptive_gamma: the
     speculative modes choose each step's γ in 1..gamma (GammaChooser, measured costs).
     choose_verification: SpecAttn's steps also choose sparse or dense verification
-    (VerifyChooser, measured costs; γ fixed unless adaptive_gamma). draft_window, draft_vocab,
+    (VerifyChooser with sparse_margin, measured costs; γ fixed unless adaptive_gamma). draft_window, draft_vocab,
     lookup: see SpecEngine (lookup None: LOOKUP).
 
     rounds=1: one mode after another, each engine freed before the next is built. rounds=R:
@@ -1476,7 +1484,7 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
     def build(mode):
         gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         if mode == "specattn" and choose_verification:
-            chooser = VerifyChooser(gamma, gamma_min=1 if adaptive_gamma else gamma)
+            chooser = VerifyChooser(gamma, gamma_min=1 if adaptive_gamma else gamma, sparse_margin=sparse_margin)
         else:
             chooser = GammaChooser(gamma) if adaptive_gamma else None
         engine = make_engine(mode, target, draft, prompts, max_new_tokens, gamma, temperature, layer_map,
@@ -1697,6 +1705,10 @@ def main(argv=None):
                              "chooses sparse or dense verification, whichever gives more tokens per second as "
                              "measured so far (VerifyChooser), so where sparse reads do not pay, SpecAttn runs "
                              "as dense speculation")
+    parser.add_argument("--sparse-margin", type=float, default=SPARSE_MARGIN, metavar="M",
+                        help="without --always-sparse: a step verifies sparsely only where that promises more "
+                             "than 1 + M times dense verification's tokens per second (a near tie goes to the "
+                             "exact side)")
     experiments = parser.add_argument_group("experiments", "variants of SpecAttn's selection")
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
                              help="always read the first N positions (attention sinks), whatever the "
@@ -1744,6 +1756,8 @@ def main(argv=None):
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.sparse_from < 0:
             raise ValueError(f"--sparse-from must be >= 0, got {args.sparse_from}")
+        if not args.sparse_margin >= 0:
+            raise ValueError(f"--sparse-margin must be >= 0, got {args.sparse_margin}")
         if args.draft_vocab < 0:  # before the pair loads (its size: after)
             raise ValueError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {args.draft_vocab}")
         if args.lookup < 0:
@@ -1790,7 +1804,8 @@ def main(argv=None):
                             layer_map, selection, modes, eos_id=tokenizer.eos_id, seed=args.seed,
                             progress=True, batch_size=batch, adaptive_gamma=not args.fixed_gamma,
                             draft_window=args.draft_window, choose_verification=not args.always_sparse,
-                            refill=not args.fixed_batches, draft_vocab=draft_vocab, lookup=args.lookup)
+                            refill=not args.fixed_batches, draft_vocab=draft_vocab, lookup=args.lookup,
+                            sparse_margin=args.sparse_margin)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
         sys.exit(f"error: {e}")
     for mode, (ids, stats) in results.items():

@@ -2649,6 +2649,8 @@ def test_generation_bad_input_errors():
                                           (["--draft-window", "-1"], "--draft-window"),
                                           (["--draft-vocab", "-1"], "--draft-vocab"),
                                           (["--lookup", "-1"], "--lookup"),
+                                          (["--sparse-margin", "-0.1"], "--sparse-margin"),
+                                          (["--sparse-margin", "nan"], "--sparse-margin"),
                                           (["--batch", "4", "--requests", "2"], "--requests"),
                                           (["--batch", "2", "--requests", "3", "--fixed-batches"],
                                            "--fixed-batches")])
@@ -2693,6 +2695,9 @@ def test_cli_help_states_each_default_once(capsys):
                                           (["--lookup", "-1"], "--lookup"), (["--also-lookup", "-3"], "--also-lookup"),
                                           (["--topp", "0"], "--topp"), (["--also-topp", "0.95,1.5"], "--also-topp"),
                                           (["--also-topp", "0.9,x"], "--also-topp"),
+                                          (["--sparse-margin", "-1"], "--sparse-margin"),
+                                          (["--also-sparse-margin", "0.1,-0.2"], "--also-sparse-margin"),
+                                          (["--also-sparse-margin", "0.1,y"], "--also-sparse-margin"),
                                           (["--parts", "cpu,demo"], "--parts cpu"),
                                           (["--parts", "profile", "--contexts", "8100"], "--parts profile")])
 def test_bench_bad_arguments(argv, message):
@@ -3727,6 +3732,68 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
     assert re.fullmatch(r"\| ↳ paired by round \(batch 1, context 20\): "
                         r"dense / plain [\d.]+x \([\d.]+-[\d.]+, 2 rounds\); "
                         r"specattn / dense [\d.]+x \([\d.]+-[\d.]+, 2 rounds\) \|", lines[-2]), lines[-2]
+
+
+def test_bench_demo_variant_rows_run_with_their_arguments(monkeypatch):
+    """Each extra SpecAttn row of bench.py's demo table (--also-always-sparse, --also-topp,
+    --also-sparse-margin) runs SpecAttn alone, differing from the first run in its own argument
+    only, and is paired against dense speculation by round."""
+    import bench
+
+    target, _ = tiny_pair(6)
+    draft = self_draft(target)
+    monkeypatch.setattr(bench, "load_pair", lambda device, sink_distance: (target, draft, None))
+    monkeypatch.setattr(bench, "layer_map_for", lambda *args: [0, 1, 1])
+    monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, n, context: [list(range(3, 3 + context))] * n)
+    calls, run_modes = [], SA.run_modes
+
+    def spy(target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, selection, modes, **kwargs):
+        calls.append((tuple(modes), selection.topp, kwargs["choose_verification"], kwargs["sparse_margin"]))
+        return run_modes(target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, selection, modes,
+                         **kwargs)
+
+    monkeypatch.setattr(SA, "run_modes", spy)
+    margins = []  # each VerifyChooser's, as run_modes builds them
+
+    class Recording(SA.VerifyChooser):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            margins.append(self.sparse_margin)
+
+    monkeypatch.setattr(SA, "VerifyChooser", Recording)
+    lines = []
+    rates = bench.bench_demo(lines.append, [1], [20], 4, [3], 0.6, sparse_from=0, prompts_per_row=2, rounds=2,
+                             also_always_sparse=True, also_topp=[0.8], sparse_margin=0.05, also_sparse_margin=[0.2])
+    assert list(rates[(1, 20)]) == ["plain", "dense", "specattn", "specattn always sparse", "specattn p=0.8",
+                                    "specattn margin 0.2"]
+    assert calls == [(SA.MODES, 0.6, True, 0.05), (("specattn",), 0.6, False, 0.05), (("specattn",), 0.8, True, 0.05),
+                     (("specattn",), 0.6, True, 0.2)]
+    assert margins == [0.05, 0.05, 0.2]  # the always-sparse run chooses γ alone (a GammaChooser)
+    assert "promises 1.05x dense's tokens/s" in lines[0]
+    paired = lines[-2]
+    assert "specattn p=0.8 / dense" in paired and "specattn margin 0.2 / dense" in paired, paired
+
+
+def test_specattn_cli_passes_the_sparse_margin(llama2_style_pair, monkeypatch):
+    """--sparse-margin reaches run_modes (and so SpecAttn's VerifyChooser); by default VerifyChooser's."""
+    target, draft, _, layer_map = llama2_style_pair
+    seen = []
+
+    class Ran(Exception):  # stops main once it has handed run_modes its arguments
+        pass
+
+    def run_modes(*args, **kwargs):
+        seen.append(kwargs["sparse_margin"])
+        raise Ran
+
+    monkeypatch.setattr(SA, "run_modes", run_modes)
+    common = ["--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map), "--device", "cpu",
+              "--prompt", "The king of the north", "--max-new-tokens", "4"]
+    for extra in ([], ["--sparse-margin", "0.25"]):
+        with pytest.raises(Ran):
+            SA.main(common + extra)
+    assert seen == [SA.SPARSE_MARGIN, 0.25]
+    assert SA.VerifyChooser(4).sparse_margin == SA.SPARSE_MARGIN
 
 
 def test_bench_cpu_times_both_matmul_forms(monkeypatch):
