@@ -2413,7 +2413,7 @@ def test_verification_chosen_per_step_each_row_equals_itself_alone(references):
 def test_verify_chooser_alpha_follows_the_text_through_the_other_variant():
     """VerifyChooser: a variant kept aside takes the text's acceptance from the other's steps
     (pooled α), keeping its own steady ratio to it, instead of the α of the text it last saw."""
-    chooser = SA.VerifyChooser(4, costs={True: (0.1, 0.5), False: (0.1, 1.0)}, explore_every=1000)
+    chooser = SA.VerifyChooser(4, costs={True: (0.1, 0.5), False: (0.1, 1.0)}, explore_every=1000, sparse_margin=0.03)
     for _ in range(30):  # a hard stretch: both variants accept 1 of 4, sparse a little less often
         chooser.observe_step(True, 4, [1, 1, 1, 0])
         chooser.observe_step(False, 4, [1, 1, 1, 1])
