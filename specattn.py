@@ -473,12 +473,13 @@ class GammaChooser:
 # dense one. Each step's acceptance and time are what the chooser sees; what a sparse step does to the
 # text that follows, it does not: verifying sparsely moves the target's greedy choice at some
 # positions, and from there the text repeats itself less exactly, so the lookup finds less to copy
-# for the dense steps too. On the demo pair at batch 1 / 7.9k, where a sparse step is 12-14% shorter,
-# a 3% margin let SpecAttn verify sparsely in 85% and 42% of its steps (two runs) and make 0.90x dense
-# speculation's tokens/s; with 20% it runs dense steps there (0.98-0.99x), and at batches 32-64 / 7.9k, where a sparse
-# step is a third shorter or more, it still verifies sparsely. The price: batch 8 / 7.9k (a sparse
-# step a sixth shorter) runs dense steps too, giving up the 1.07-1.09x that sparse steps made there
-# (docs/performance.md, "VerifyChooser's margin at 0.03 and 0.2").
+# for the dense steps too. On the demo pair at batch 1 / 7.9k a 3% margin let SpecAttn verify sparsely
+# in 85% and 42% of its steps (two runs; at 85%, its steps 12% shorter than dense speculation's) and
+# make 0.90x dense speculation's tokens/s; with 20% it runs dense steps there (0.98-0.99x), and at
+# batches 32-64 / 7.9k, where a sparse step is about a third shorter or more, it still verifies
+# sparsely. The price: batch 8 / 7.9k (a sparse step a sixth shorter) runs dense steps too, giving up
+# the 1.07-1.09x that sparse steps made there (docs/performance.md, "VerifyChooser's margin at 0.03
+# and 0.2").
 SPARSE_MARGIN = 0.2
 
 
