@@ -498,8 +498,9 @@ class VerifyChooser:
     steps runs once more, since its time moves as the context grows (costs measured at a
     shorter context read low, which also brings it back). Sparse steps must promise
     `sparse_margin` (a fraction) more tokens per unit time than dense ones: both rates are
-    estimates from noisy steps, and at a near tie the exact variant (dense verification loses
-    nothing) is the one to keep.
+    estimates from noisy steps, a sparse step also changes the text that follows in ways a
+    step's own acceptance does not show (see SPARSE_MARGIN), and short of a clear gain the exact
+    variant (dense verification loses nothing) is the one to keep.
 
     Acceptance is estimated so that the two variants stay comparable though they run at
     different times. How often the draft is right moves with the text, for both variants
@@ -1552,7 +1553,8 @@ def results_table(results: dict, batch: int, context, prompts: Optional[int] = N
                     + (f"; SpecAttn verifies a row densely until it holds {sparse_from} positions "
                        "(--sparse-from)" if sparse_from and any(m.startswith("specattn") for m in results) else "")
                     + ("; past that, each SpecAttn step verifies sparsely or densely, whichever its measured "
-                       "tokens per second favour (VerifyChooser)" if verification_chosen and "specattn" in results
+                       "tokens per second favour, sparse only by a margin (VerifyChooser, --sparse-margin)"
+                       if verification_chosen and "specattn" in results
                        else "")]
 
 
