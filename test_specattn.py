@@ -2456,13 +2456,15 @@ def test_verify_chooser_tries_both_then_follows_tokens_per_time():
         chooser.observe_step(True, 4, [3, 4])
         chooser.observe_step(False, 4, [3, 4])
     assert chooser.choose_step(True)[0] is True
-    # a near tie goes to dense: sparse's verify 1% cheaper is inside the 3% margin, 10% is not
-    for verify_cost, sparse_wins in ((0.99, False), (0.9, True)):
-        chooser = SA.VerifyChooser(4, costs={True: (0.1, verify_cost), False: (0.1, 1.0)}, sparse_margin=0.03)
+    # a near tie goes to dense: sparse's verify 1% cheaper is inside a 3% margin, 10% is not; with the
+    # default margin (20% more tokens per unit time) 10% cheaper stays dense, 40% does not
+    for verify_cost, margin, sparse_wins in ((0.99, 0.03, False), (0.9, 0.03, True),
+                                             (0.9, SA.SPARSE_MARGIN, False), (0.6, SA.SPARSE_MARGIN, True)):
+        chooser = SA.VerifyChooser(4, costs={True: (0.1, verify_cost), False: (0.1, 1.0)}, sparse_margin=margin)
         for _ in range(3):
             chooser.observe_step(True, 4, [3, 4])
             chooser.observe_step(False, 4, [3, 4])
-        assert chooser.choose_step(True)[0] is sparse_wins, f"sparse verify cost {verify_cost}"
+        assert chooser.choose_step(True)[0] is sparse_wins, f"sparse verify cost {verify_cost}, margin {margin}"
     with pytest.raises(ValueError, match="explore_every"):
         SA.VerifyChooser(4, explore_every=0)
     with pytest.raises(ValueError, match="sparse_margin"):
