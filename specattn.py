@@ -1718,8 +1718,9 @@ def main(argv=None):
                              "as dense speculation")
     parser.add_argument("--sparse-margin", type=float, default=SPARSE_MARGIN, metavar="M",
                         help="without --always-sparse: a step verifies sparsely only where that promises more "
-                             "than 1 + M times dense verification's tokens per second (a near tie goes to the "
-                             "exact side)")
+                             "than 1 + M times dense verification's tokens per second: a sparse step also "
+                             "changes the text that follows, which its own acceptance does not show (see "
+                             "SPARSE_MARGIN in specattn.py)")
     experiments = parser.add_argument_group("experiments", "variants of SpecAttn's selection")
     experiments.add_argument("--sinks", type=int, default=SelectionConfig.sinks,
                              help="always read the first N positions (attention sinks), whatever the "
