@@ -312,6 +312,7 @@ def bench_demo(say, batches, contexts, max_new_tokens: int, gammas: list[int], t
                     + "; ".join(f"{a} / {b} {round_ratios(results[a][1], results[b][1])}"
                                 for a, b in [("dense", "plain"), ("specattn", "dense")]
                                 + [(f"specattn γ={g}", f"dense γ={g}") for g in gammas if fixed_gamma]
+                                + [(f"specattn {c}", "dense") for c in also_combine]
                                 + [(f"{m} vocab {also_draft_vocab}", m) for m in ("dense", "specattn")
                                    if also_draft_vocab]
                                 + [(m, f"{m} lookup {also_lookup}") for m in ("dense", "specattn")
@@ -869,7 +870,7 @@ def main(argv=None):
                         "and continuous batching, union otherwise)")
     parser.add_argument("--also-combine", default="", help="demo: SpecAttn also runs once per value here "
                         "(comma-separated, from --combine's choices) selecting that way (rows 'specattn "
-                        "first' and so on)")
+                        "first' and so on, paired against dense speculation with --rounds)")
     parser.add_argument("--also-draft-vocab", type=int, default=0, metavar="N",
                         help="demo: dense speculation and SpecAttn also run once with the draft proposing from "
                              "the N tokens most frequent in the calibration book (rows 'dense vocab N', "

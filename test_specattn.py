@@ -3737,8 +3737,8 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
 
 
 def test_bench_demo_variant_rows_run_with_their_arguments(monkeypatch):
-    """Each extra SpecAttn row of bench.py's demo table (--also-always-sparse, --also-topp,
-    --also-sparse-margin) runs SpecAttn alone, differing from the first run in its own argument
+    """Each extra SpecAttn row of bench.py's demo table (--also-always-sparse, --also-combine,
+    --also-topp, --also-sparse-margin) runs SpecAttn alone, differing from the first run in its own argument
     only, and is paired against dense speculation by round."""
     import bench
 
@@ -3750,7 +3750,8 @@ def test_bench_demo_variant_rows_run_with_their_arguments(monkeypatch):
     calls, run_modes = [], SA.run_modes
 
     def spy(target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, selection, modes, **kwargs):
-        calls.append((tuple(modes), selection.topp, kwargs["choose_verification"], kwargs["sparse_margin"]))
+        calls.append((tuple(modes), selection.topp, selection.combine, kwargs["choose_verification"],
+                      kwargs["sparse_margin"]))
         return run_modes(target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, selection, modes,
                          **kwargs)
 
@@ -3765,15 +3766,18 @@ def test_bench_demo_variant_rows_run_with_their_arguments(monkeypatch):
     monkeypatch.setattr(SA, "VerifyChooser", Recording)
     lines = []
     rates = bench.bench_demo(lines.append, [1], [20], 4, [3], 0.6, sparse_from=0, prompts_per_row=2, rounds=2,
-                             also_always_sparse=True, also_topp=[0.8], sparse_margin=0.05, also_sparse_margin=[0.2])
-    assert list(rates[(1, 20)]) == ["plain", "dense", "specattn", "specattn always sparse", "specattn p=0.8",
-                                    "specattn margin 0.2"]
-    assert calls == [(SA.MODES, 0.6, True, 0.05), (("specattn",), 0.6, False, 0.05), (("specattn",), 0.8, True, 0.05),
-                     (("specattn",), 0.6, True, 0.2)]
-    assert margins == [0.05, 0.05, 0.2]  # the always-sparse run chooses γ alone (a GammaChooser)
+                             also_always_sparse=True, combine="first", also_combine=["union"], also_topp=[0.8],
+                             sparse_margin=0.05, also_sparse_margin=[0.2])
+    assert list(rates[(1, 20)]) == ["plain", "dense", "specattn", "specattn always sparse", "specattn union",
+                                    "specattn p=0.8", "specattn margin 0.2"]
+    assert calls == [(SA.MODES, 0.6, "first", True, 0.05), (("specattn",), 0.6, "first", False, 0.05),
+                     (("specattn",), 0.6, "union", True, 0.05), (("specattn",), 0.8, "first", True, 0.05),
+                     (("specattn",), 0.6, "first", True, 0.2)]
+    assert margins == [0.05, 0.05, 0.05, 0.2]  # the always-sparse run chooses γ alone (a GammaChooser)
     assert "promises 1.05x dense's tokens/s" in lines[0]
     paired = lines[-2]
-    assert "specattn p=0.8 / dense" in paired and "specattn margin 0.2 / dense" in paired, paired
+    extra_rows = ("specattn union", "specattn p=0.8", "specattn margin 0.2")
+    assert all(f"{row} / dense" in paired for row in extra_rows), paired
 
 
 def test_specattn_cli_passes_the_sparse_margin(llama2_style_pair, monkeypatch):
