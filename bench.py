@@ -34,8 +34,9 @@ lengths and captured CUDA graphs a user's `python specattn.py --device cuda` run
 (g) `--parts cpu`, alone and with no GPU: the demo pair on the CPU, each forward and the
     generation with model.Linear's few-row matmul form against F.linear.
 (h) `--parts profile --batches 1 --contexts 1024`: where a decode step's GPU time goes, kernel
-    by kernel (torch.profiler over CUDA graph replays), for plain decoding and dense
-    speculation at the demo pair's shapes (random weights).
+    by kernel (torch.profiler over CUDA graph replays), for plain decoding, dense speculation
+    and SpecAttn (sparse every step, reading about 20% of the cached positions, PROFILE_KEPT)
+    at the demo pair's shapes (random weights).
 (i) `--parts linear` (also in d): a decode step's matmuls with their prologues, 1-8 rows at the
     demo target's shapes, kernels.decode_linear (both forms) against the separate kernels it
     replaces; then its row-by-row form per launch (output columns and warps per program, a
@@ -163,6 +164,7 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
 
 
 PROFILE_STEPS = 32  # steps bench_profile times and profiles
+PROFILE_KEPT = 0.2  # the share of cached positions SpecAttn reads there: the demo's at 7.9k, p = 0.9 (80.7% saved)
 
 
 def profile_room(steps: int, gamma: int) -> int:
@@ -172,15 +174,18 @@ def profile_room(steps: int, gamma: int) -> int:
 
 @torch.no_grad()
 def bench_profile(say, batches, contexts, gamma: int, steps: int = PROFILE_STEPS, top: int = 12,
-                  pair=None) -> dict:
-    """(h): where a decode step's time goes, kernel by kernel. Plain decoding and dense
-    speculation (γ fixed) on rows that already hold `context` random cached positions, at the
-    demo pair's shapes with random weights (a kernel's time does not depend on the weights, and
-    nothing is downloaded). torch.profiler records `steps` steps (CUDA graph replays) after the
-    first (which captures); each table groups the GPU's kernels by name, calls and µs per
-    step, and sets their sum against the step's time measured without the profiler: the rest
-    is the GPU waiting between kernels. pair=(target, draft): other models (the tests' tiny
-    pair on a CPU, where the rows are the CPU's operators, self time).
+                  pair=None, kept: float = PROFILE_KEPT) -> dict:
+    """(h): where a decode step's time goes, kernel by kernel. Plain decoding, dense
+    speculation and SpecAttn (γ fixed; SpecAttn verifying sparsely every step, selecting from
+    the first draft row at the top-p that keeps `kept` of the positions of the rows a step
+    makes) on rows that already hold `context` random cached positions, at the demo pair's
+    shapes with random weights (a kernel's time does not depend on the weights, and nothing is
+    downloaded; the selection's size does depend on the draft's attention, hence `kept`).
+    torch.profiler records `steps` steps (CUDA graph replays) after the first (which
+    captures); each table groups the GPU's kernels by name, calls and µs per step, and sets
+    their sum against the step's time measured without the profiler: the rest is the GPU
+    waiting between kernels. pair=(target, draft): other models (the tests' tiny pair on a CPU,
+    where the rows are the CPU's operators, self time).
     Returns {(mode, batch, context): {name: (calls per step, µs per step)}}."""
     from torch.profiler import ProfilerActivity, profile
     target, draft = pair or (random_model(DEMO_TARGET, seed=0),
@@ -188,12 +193,26 @@ def bench_profile(say, batches, contexts, gamma: int, steps: int = PROFILE_STEPS
     on_gpu = target.output.weight.is_cuda
     models = "the demo pair's shapes, random weights, bf16" if pair is None else "the given pair"
     say(f"## (h) where a decode step's time goes: {models}; {steps} steps profiled (torch.profiler, "
-        f"{'CUDA graph replays' if on_gpu else 'CPU operators'}); dense speculation proposes γ={gamma} every step")
+        f"{'CUDA graph replays' if on_gpu else 'CPU operators'}); the speculative modes propose γ={gamma} every step, "
+        f"SpecAttn verifying sparsely every step, reading about {kept:.0%} of the cached positions")
+    n_target, n_draft = target.args.n_layers, draft.args.n_layers
+    layer_map = [j * n_draft // n_target for j in range(n_target)]  # monotone, as calibrate.py would give
     tables = {}
-    for B, S, (mode, g) in itertools.product(batches, contexts, (("plain", 0), ("dense", gamma))):
+    for B, S, mode in itertools.product(batches, contexts, SA.MODES):
+        g = 0 if mode == "plain" else gamma
+        selection = SA.SelectionConfig()
+        if mode == "specattn":  # the top-p that keeps `kept` of the positions, on the rows a first step makes
+            probe = filled_engine(target, draft, B, S, g, SA.SelectionConfig(topp=0.5, combine="first"), True,
+                                  cuda_graphs=False, layer_map=layer_map, room=profile_room(steps, g))
+            probe._draft_phase()
+            selection = SA.SelectionConfig(topp=topp_for_fraction(probe.draft_rows[:, :, 0, :S].float(), kept),
+                                           combine="first")
+            probe = None
+
         def build():  # rows with room for a first step (which captures) and `steps` more
-            return filled_engine(target, draft if g else None, B, S, g, SA.SelectionConfig(), False,
-                                 cuda_graphs=None, layer_map=None, room=profile_room(steps, g))
+            return filled_engine(target, draft if g else None, B, S, g, selection, mode == "specattn",
+                                 cuda_graphs=None, layer_map=layer_map if mode == "specattn" else None,
+                                 room=profile_room(steps, g))
         engine = build()
         step_us = time_steps(engine, steps) * 1e3  # the step's own time, the profiler off
         engine = None  # freed before the next one allocates
@@ -205,6 +224,8 @@ def bench_profile(say, batches, contexts, gamma: int, steps: int = PROFILE_STEPS
                 engine.step()
             if on_gpu:
                 torch.cuda.synchronize()
+        reads = (f", SpecAttn reading {(engine.sel_count.float().mean() / S).item():.0%} of the cached positions "
+                 f"(top-p {selection.topp:.3g} of the first draft row)" if mode == "specattn" else "")
         engine = None
         per_step = {}  # kernel -> (calls per step, µs per step)
         for e in prof.key_averages():
@@ -215,7 +236,7 @@ def bench_profile(say, batches, contexts, gamma: int, steps: int = PROFILE_STEPS
         busy_us = sum(us for _, us in per_step.values())
         calls = sum(n for n, _ in per_step.values())
         say(f"### {mode}, batch {B}, {S} cached positions: a step {step_us:.1f} µs, "
-            f"{calls:.0f} kernels busy for {busy_us:.1f} µs ({busy_us / step_us:.0%})")
+            f"{calls:.0f} kernels busy for {busy_us:.1f} µs ({busy_us / step_us:.0%}){reads}")
         say("| kernel | calls per step | µs per call | µs per step | share of the step |")
         say("|---|---|---|---|---|")
         ranked = sorted(per_step.items(), key=lambda kv: -kv[1][1])
@@ -831,7 +852,8 @@ def main(argv=None):
                         "merge (e: the attention's merge at the demo's decode shapes, also in d), window (f: the "
                         "draft's attention, whole cache vs its window, also in d), cpu (g: the demo pair on the "
                         "CPU, the matmul forms of model.Linear; needs no GPU, runs alone), profile (h: where a "
-                        "plain and a dense speculative step's GPU time goes, kernel by kernel, at each --batches x "
+                        "plain, a dense speculative and a SpecAttn step's GPU time goes, kernel by kernel, at each "
+                        "--batches x "
                         "--contexts), linear (i: a decode step's matmuls, kernels.decode_linear against the "
                         "separate kernels, also in d)")
     parser.add_argument("--batches", default="1,8,32,64", help="demo (and profile) batch sizes")

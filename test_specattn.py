@@ -3825,17 +3825,22 @@ def test_bench_cpu_times_both_matmul_forms(monkeypatch):
 def test_bench_profile_counts_each_steps_kernels():
     """bench.py --parts profile on the CPU with a tiny pair: the operators of one step, grouped,
     count what a step runs: a plain step one target forward (4 matmuls a layer and the head),
-    a dense step γ draft forwards and one target forward."""
+    a dense step γ draft forwards and one target forward, a SpecAttn step as many, verifying
+    sparsely at the top-p that keeps about the asked share of the cached positions."""
     import bench
     target, _ = tiny_pair(7)
     draft = self_draft(target)
     lines = []
-    tables = bench.bench_profile(lines.append, [2], [20], 3, steps=3, pair=(target, draft))
-    matmuls = {mode: sum(n for name, (n, _) in tables[mode, 2, 20].items() if name in ("aten::mm", "aten::addmm"))
-               for mode in ("plain", "dense")}
+    tables = bench.bench_profile(lines.append, [2], [40], 3, steps=3, pair=(target, draft), kept=0.3)
+    matmuls = {mode: sum(n for name, (n, _) in tables[mode, 2, 40].items() if name in ("aten::mm", "aten::addmm"))
+               for mode in SA.MODES}
     per_forward = lambda model: 4 * model.args.n_layers + 1  # noqa: E731
-    assert matmuls == {"plain": per_forward(target), "dense": 3 * per_forward(draft) + per_forward(target)}, matmuls
-    assert [line.split(",")[0] for line in lines if line.startswith("### ")] == ["### plain", "### dense"]
+    speculative = 3 * per_forward(draft) + per_forward(target)
+    assert matmuls == {"plain": per_forward(target), "dense": speculative, "specattn": speculative}, matmuls
+    headers = [line for line in lines if line.startswith("### ")]
+    assert [line.split(",")[0] for line in headers] == ["### plain", "### dense", "### specattn"]
+    read = re.search(r"SpecAttn reading (\d+)% of the cached positions", headers[2])
+    assert read and 15 <= int(read[1]) <= 50, headers[2]  # the first step's rows keep 30%; later ones move a little
     assert sum(line.startswith("| `aten::") for line in lines) >= 2
 
 
