@@ -134,6 +134,16 @@ def filled_engine(target, draft, B: int, S: int, gamma: int, selection, use_spec
     return engine
 
 
+def first_step_draft_rows(target, draft, B: int, S: int, gamma: int, combine: str, **engine_args) -> torch.Tensor:
+    """The draft's attention rows of a first step on rows filled as filled_engine fills them,
+    [used draft layers, B, γ or 1, S]: what SpecAttn's top-p cuts, so that a table can pick the p
+    that keeps a given share of the positions (topp_for_fraction). engine_args: filled_engine's."""
+    probe = filled_engine(target, draft, B, S, gamma, SA.SelectionConfig(topp=0.5, combine=combine), True,
+                          cuda_graphs=False, **engine_args)
+    probe._draft_phase()
+    return probe.draft_rows[..., :S]
+
+
 @torch.no_grad()
 def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int = 20) -> None:
     """(b): whole speculative steps of the engine on random 8B/1B-shaped weights. SpecAttn
@@ -145,12 +155,9 @@ def bench_8b(say, configs=((1, 131072), (8, 32768)), gamma: int = 4, steps: int 
     say("| B | S | dense spec step | SpecAttn step | kept | speed-up |")
     say("|---|---|---|---|---|---|")
     for B, S in configs:
-        probe = filled_engine(target, draft, B, S, gamma, SA.SelectionConfig(topp=0.5, combine="mean"), True,
-                              cuda_graphs=False)
-        probe._draft_phase()
-        rows = probe.draft_rows.mean(2)[:2, :, :S]  # [2 draft layers, B, S]
+        rows = first_step_draft_rows(target, draft, B, S, gamma, "mean").mean(2)[:2]  # [2 draft layers, B, S]
         p = topp_for_fraction(rows, 0.25)
-        probe = rows = None
+        rows = None
         times = {}
         for mode, cfg in (("dense", SA.SelectionConfig(combine="mean")),
                           ("specattn", SA.SelectionConfig(topp=p, combine="mean"))):
@@ -202,12 +209,10 @@ def bench_profile(say, batches, contexts, gamma: int, steps: int = PROFILE_STEPS
         g = 0 if mode == "plain" else gamma
         selection = SA.SelectionConfig()
         if mode == "specattn":  # the top-p that keeps `kept` of the positions, on the rows a first step makes
-            probe = filled_engine(target, draft, B, S, g, SA.SelectionConfig(topp=0.5, combine="first"), True,
-                                  cuda_graphs=False, layer_map=layer_map, room=profile_room(steps, g))
-            probe._draft_phase()
-            selection = SA.SelectionConfig(topp=topp_for_fraction(probe.draft_rows[:, :, 0, :S].float(), kept),
-                                           combine="first")
-            probe = None
+            rows = first_step_draft_rows(target, draft, B, S, g, "first", layer_map=layer_map,
+                                         room=profile_room(steps, g))[:, :, 0]  # [used draft layers, B, S]
+            selection = SA.SelectionConfig(topp=topp_for_fraction(rows, kept), combine="first")
+            rows = None
 
         def build():  # rows with room for a first step (which captures) and `steps` more
             return filled_engine(target, draft if g else None, B, S, g, selection, mode == "specattn",
