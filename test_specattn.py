@@ -3102,52 +3102,45 @@ def test_specattn_cli_chooses_gamma_per_step_unless_fixed(llama2_style_pair, tmp
         assert [stats[mode]["mean_gamma"] for mode in SA.MODES] == [0, gamma, gamma], extra
 
 
-def test_specattn_cli_combine_default_follows_batching(llama2_style_pair, monkeypatch):
-    """specattn.py selects from the draft's first row when --requests refills rows (continuous
-    batching) and from the union otherwise (specattn.default_combine), unless --combine names
-    one; --fixed-batches serves the requests without refills."""
-    target, draft, _, layer_map = llama2_style_pair
-    seen = []
+def run_modes_calls(monkeypatch, pair, argvs) -> list:
+    """specattn.main on a llama2_style_pair (CPU, a short prompt) with each argv appended, stopped
+    where it hands run_modes its arguments: those (args, kwargs), one per argv."""
+    target, draft, _, layer_map = pair
+    calls = []
 
-    class Ran(Exception):  # stops main once it has handed run_modes its selection
+    class Ran(Exception):  # stops main at run_modes
         pass
 
     def run_modes(*args, **kwargs):
-        seen.append((args[7].combine, kwargs["refill"]))
-        raise Ran
-
-    monkeypatch.setattr(SA, "run_modes", run_modes)
-    common = ["--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map), "--device", "cpu",
-              "--prompt", "The king of the north", "--max-new-tokens", "4", "--batch", "2"]
-    cases = [([], ("union", True)), (["--requests", "2"], ("union", True)), (["--requests", "4"], ("first", True)),
-             (["--requests", "4", "--fixed-batches"], ("union", False)),
-             (["--requests", "4", "--combine", "union"], ("union", True)), (["--combine", "first"], ("first", True))]
-    for extra, _ in cases:
-        with pytest.raises(Ran):
-            SA.main(common + extra)
-    assert seen == [want for _, want in cases]
-
-
-def test_specattn_cli_dtype_loads_both_models_in_it(llama2_style_pair, monkeypatch):
-    """--dtype sets the weights' (and so the caches') dtype of target and draft; by default a
-    CPU run is fp32."""
-    target, draft, _, layer_map = llama2_style_pair
-    seen = []
-
-    class Ran(Exception):  # stops main once it has handed run_modes the models
-        pass
-
-    def run_modes(target_model, draft_model, *args, **kwargs):
-        seen.append((target_model.output.weight.dtype, draft_model.output.weight.dtype))
+        calls.append((args, kwargs))
         raise Ran
 
     monkeypatch.setattr(SA, "run_modes", run_modes)
     common = ["--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map), "--device", "cpu",
               "--prompt", "The king of the north", "--max-new-tokens", "4"]
-    for extra in ([], ["--dtype", "bfloat16"], ["--dtype", "float32"]):
+    for argv in argvs:
         with pytest.raises(Ran):
-            SA.main(common + extra)
-    assert seen == [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float32,) * 2]
+            SA.main(common + argv)
+    return calls
+
+
+def test_specattn_cli_combine_default_follows_batching(llama2_style_pair, monkeypatch):
+    """specattn.py selects from the draft's first row when --requests refills rows (continuous
+    batching) and from the union otherwise (specattn.default_combine), unless --combine names
+    one; --fixed-batches serves the requests without refills."""
+    cases = [([], ("union", True)), (["--requests", "2"], ("union", True)), (["--requests", "4"], ("first", True)),
+             (["--requests", "4", "--fixed-batches"], ("union", False)),
+             (["--requests", "4", "--combine", "union"], ("union", True)), (["--combine", "first"], ("first", True))]
+    calls = run_modes_calls(monkeypatch, llama2_style_pair, [["--batch", "2"] + extra for extra, _ in cases])
+    assert [(args[7].combine, kwargs["refill"]) for args, kwargs in calls] == [want for _, want in cases]
+
+
+def test_specattn_cli_dtype_loads_both_models_in_it(llama2_style_pair, monkeypatch):
+    """--dtype sets the weights' (and so the caches') dtype of target and draft; by default a
+    CPU run is fp32."""
+    calls = run_modes_calls(monkeypatch, llama2_style_pair, [[], ["--dtype", "bfloat16"], ["--dtype", "float32"]])
+    assert [(args[0].output.weight.dtype, args[1].output.weight.dtype) for args, _ in calls] == \
+        [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float32,) * 2]
 
 
 def test_load_books_formats(tmp_path):
@@ -3696,17 +3689,23 @@ def test_bench_peer_times_each_context_several_runs(tmp_path, monkeypatch):
     assert "median of 3 runs" in lines[1]
 
 
-def test_bench_demo_sweeps_gamma(monkeypatch):
-    """bench.py's demo rows on the CPU with a tiny pair standing in for the demo's: plain
-    decoding once, the speculative modes choosing γ per step (as specattn.py runs them) and,
-    with fixed_gamma, once per fixed γ, labelled by γ, in one table."""
+@pytest.fixture
+def demo_bench(monkeypatch):
+    """bench.py with a tiny pair standing in for the demo's (its layer map and book prompts too)."""
     import bench
-
     target, _ = tiny_pair(6)
     draft = self_draft(target)
     monkeypatch.setattr(bench, "load_pair", lambda device, sink_distance: (target, draft, None))
     monkeypatch.setattr(bench, "layer_map_for", lambda *args: [0, 1, 1])
     monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, n, context: [list(range(3, 3 + context))] * n)
+    return bench
+
+
+def test_bench_demo_sweeps_gamma(demo_bench):
+    """bench.py's demo rows on the CPU with a tiny pair standing in for the demo's: plain
+    decoding once, the speculative modes choosing γ per step (as specattn.py runs them) and,
+    with fixed_gamma, once per fixed γ, labelled by γ, in one table."""
+    bench = demo_bench
     lines = []
     rates = bench.bench_demo(lines.append, [1], [20], 4, [1, 3], 0.6, sparse_from=0, fixed_gamma=True)
     labels = ["plain", "dense", "specattn", "dense γ=1", "specattn γ=1", "dense γ=3", "specattn γ=3"]
@@ -3736,17 +3735,11 @@ def test_bench_demo_sweeps_gamma(monkeypatch):
                         r"specattn / dense [\d.]+x \([\d.]+-[\d.]+, 2 rounds\) \|", lines[-2]), lines[-2]
 
 
-def test_bench_demo_variant_rows_run_with_their_arguments(monkeypatch):
+def test_bench_demo_variant_rows_run_with_their_arguments(demo_bench, monkeypatch):
     """Each extra SpecAttn row of bench.py's demo table (--also-always-sparse, --also-combine,
-    --also-topp, --also-sparse-margin) runs SpecAttn alone, differing from the first run in its own argument
-    only, and is paired against dense speculation by round."""
-    import bench
-
-    target, _ = tiny_pair(6)
-    draft = self_draft(target)
-    monkeypatch.setattr(bench, "load_pair", lambda device, sink_distance: (target, draft, None))
-    monkeypatch.setattr(bench, "layer_map_for", lambda *args: [0, 1, 1])
-    monkeypatch.setattr(SA, "book_prompts", lambda tokenizer, n, context: [list(range(3, 3 + context))] * n)
+    --also-topp, --also-sparse-margin) runs SpecAttn alone, differing from the first run in its own
+    argument only, and is paired against dense speculation by round."""
+    bench = demo_bench
     calls, run_modes = [], SA.run_modes
 
     def spy(target, draft, prompts, max_new_tokens, gamma, temperature, layer_map, selection, modes, **kwargs):
@@ -3782,23 +3775,8 @@ def test_bench_demo_variant_rows_run_with_their_arguments(monkeypatch):
 
 def test_specattn_cli_passes_the_sparse_margin(llama2_style_pair, monkeypatch):
     """--sparse-margin reaches run_modes (and so SpecAttn's VerifyChooser); by default VerifyChooser's."""
-    target, draft, _, layer_map = llama2_style_pair
-    seen = []
-
-    class Ran(Exception):  # stops main once it has handed run_modes its arguments
-        pass
-
-    def run_modes(*args, **kwargs):
-        seen.append(kwargs["sparse_margin"])
-        raise Ran
-
-    monkeypatch.setattr(SA, "run_modes", run_modes)
-    common = ["--target", str(target), "--draft", str(draft), "--layer-map", str(layer_map), "--device", "cpu",
-              "--prompt", "The king of the north", "--max-new-tokens", "4"]
-    for extra in ([], ["--sparse-margin", "0.25"]):
-        with pytest.raises(Ran):
-            SA.main(common + extra)
-    assert seen == [SA.SPARSE_MARGIN, 0.25]
+    calls = run_modes_calls(monkeypatch, llama2_style_pair, [[], ["--sparse-margin", "0.25"]])
+    assert [kwargs["sparse_margin"] for _, kwargs in calls] == [SA.SPARSE_MARGIN, 0.25]
     assert SA.VerifyChooser(4).sparse_margin == SA.SPARSE_MARGIN
 
 
