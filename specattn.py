@@ -524,7 +524,7 @@ class VerifyChooser:
                  ratio_prior: float = 8.0):
         if explore_every < 1:
             raise ValueError(f"explore_every must be >= 1, got {explore_every}")
-        if sparse_margin < 0:
+        if not sparse_margin >= 0:  # (NaN too)
             raise ValueError(f"sparse_margin must be >= 0, got {sparse_margin}")
         if not (0 < ratio_decay <= 1 and ratio_prior > 0):
             raise ValueError(f"need 0 < ratio_decay <= 1 and ratio_prior > 0, got ratio_decay={ratio_decay}, "
@@ -1470,8 +1470,8 @@ def run_modes(target, draft, prompts, max_new_tokens: int, gamma: int, temperatu
     batching or, with refill=False, in fixed batches (SpecEngine.generate). adaptive_gamma: the
     speculative modes choose each step's γ in 1..gamma (GammaChooser, measured costs).
     choose_verification: SpecAttn's steps also choose sparse or dense verification
-    (VerifyChooser with sparse_margin, measured costs; γ fixed unless adaptive_gamma). draft_window, draft_vocab,
-    lookup: see SpecEngine (lookup None: LOOKUP).
+    (VerifyChooser with sparse_margin, measured costs; γ fixed unless adaptive_gamma).
+    draft_window, draft_vocab, lookup: see SpecEngine (lookup None: LOOKUP).
 
     rounds=1: one mode after another, each engine freed before the next is built. rounds=R:
     the prompts are served in R equal parts, each part by every mode in turn (the modes' order

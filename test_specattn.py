@@ -2467,8 +2467,9 @@ def test_verify_chooser_tries_both_then_follows_tokens_per_time():
         assert chooser.choose_step(True)[0] is sparse_wins, f"sparse verify cost {verify_cost}, margin {margin}"
     with pytest.raises(ValueError, match="explore_every"):
         SA.VerifyChooser(4, explore_every=0)
-    with pytest.raises(ValueError, match="sparse_margin"):
-        SA.VerifyChooser(4, sparse_margin=-0.1)
+    for margin in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="sparse_margin"):
+            SA.VerifyChooser(4, sparse_margin=margin)
     for bad in ({"ratio_decay": 0.0}, {"ratio_decay": 1.5}, {"ratio_prior": 0.0}):
         with pytest.raises(ValueError, match="ratio_decay"):
             SA.VerifyChooser(4, **bad)
