@@ -496,7 +496,11 @@ class VerifyChooser:
     γ with the most expected tokens per unit time. A variant not yet ready
     (GammaChooser.ready) runs first, sparse before dense; one left aside for `explore_every`
     steps runs once more, since its time moves as the context grows (costs measured at a
-    shorter context read low, which also brings it back). Sparse steps must promise
+    shorter context read low, which also brings it back). Each such re-run that leaves the
+    variant aside again doubles its wait, up to `explore_every * explore_backoff` steps, and a
+    step it wins on its rate sets the wait back to `explore_every`: a variant that keeps losing
+    costs a few steps in a long generation rather than one in every `explore_every` (a sparse
+    re-run also changes the text that follows). Sparse steps must promise
     `sparse_margin` (a fraction) more tokens per unit time than dense ones: both rates are
     estimates from noisy steps, a sparse step also changes the text that follows in ways a
     step's own acceptance does not show (see SPARSE_MARGIN), and short of a clear gain the exact
@@ -521,15 +525,17 @@ class VerifyChooser:
 
     def __init__(self, gamma_max: int, costs: Optional[dict] = None, explore_every: int = 32,
                  gamma_min: int = 1, sparse_margin: float = SPARSE_MARGIN, ratio_decay: float = 0.98,
-                 ratio_prior: float = 8.0):
-        if explore_every < 1:
-            raise ValueError(f"explore_every must be >= 1, got {explore_every}")
+                 ratio_prior: float = 8.0, explore_backoff: int = 8):
+        if explore_every < 1 or explore_backoff < 1:
+            raise ValueError(f"explore_every and explore_backoff must be >= 1, got {explore_every} and "
+                             f"{explore_backoff}")
         if not sparse_margin >= 0:  # (NaN too)
             raise ValueError(f"sparse_margin must be >= 0, got {sparse_margin}")
         if not (0 < ratio_decay <= 1 and ratio_prior > 0):
             raise ValueError(f"need 0 < ratio_decay <= 1 and ratio_prior > 0, got ratio_decay={ratio_decay}, "
                              f"ratio_prior={ratio_prior}")
         self.gamma_max, self.gamma_min, self.explore_every = gamma_max, gamma_min, explore_every
+        self.explore_backoff = explore_backoff
         self.sparse_margin, self.ratio_decay, self.ratio_prior = sparse_margin, ratio_decay, ratio_prior
         self.pooled = GammaChooser(gamma_max, costs=(0.0, 1.0), prior=(0.0, 0.0))  # every step's counts, for α
         self.variants = {sparse: GammaChooser(gamma_max, costs=costs[sparse] if costs else None,
@@ -541,6 +547,7 @@ class VerifyChooser:
             chooser.reset()
         self.steps = 0  # steps chosen
         self.last_run = {True: 0, False: 0}  # the step each variant last ran (0: never)
+        self.wait = {True: self.explore_every, False: self.explore_every}  # steps aside before a re-run
         # per variant: decayed agreements seen on its steps, and those the pooled α expected
         self.agreed = {True: self.ratio_prior, False: self.ratio_prior}
         self.agreed_expected = dict(self.agreed)
@@ -563,11 +570,14 @@ class VerifyChooser:
             sparse = False
         else:
             waiting = [s for s in (True, False) if not self.variants[s].ready
-                       or self.steps - self.last_run[s] > self.explore_every]
+                       or self.steps - self.last_run[s] > self.wait[s]]
             if waiting:
                 sparse = waiting[0]
+                if self.variants[sparse].ready:  # a re-run: the next waits twice as long unless this one wins
+                    self.wait[sparse] = min(2 * self.wait[sparse], self.explore_every * self.explore_backoff)
             else:
                 sparse = self.rate(True)[0] > (1 + self.sparse_margin) * self.rate(False)[0]
+                self.wait[sparse] = self.explore_every
         self.last_run[sparse] = self.steps
         return sparse, self.variants[sparse].choose(self.alpha(sparse))
 

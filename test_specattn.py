@@ -2429,13 +2429,43 @@ def test_verify_chooser_alpha_follows_the_text_through_the_other_variant():
     assert chooser.variants[True].best(own_counts)[0] < chooser.rate(False)[0]  # (at its own counts: dense)
 
 
+def test_verify_chooser_backs_off_a_losing_variant_and_resets_when_it_wins():
+    """VerifyChooser: each re-run that leaves a variant aside doubles its wait, up to
+    explore_every * explore_backoff steps; once it wins on its rate, the wait is explore_every again."""
+    chooser = SA.VerifyChooser(4, costs={True: (0.1, 0.5), False: (0.1, 1.0)}, explore_every=4, explore_backoff=4)
+    for _ in range(20):  # both ready: sparse rejects everything, dense accepts everything
+        chooser.observe_step(True, 4, [0, 0])
+        chooser.observe_step(False, 4, [4, 4])
+
+    def run(steps, sparse_accepts):
+        picks = []
+        for _ in range(steps):
+            sparse, gamma = chooser.choose_step(True)
+            picks.append(sparse)
+            chooser.observe_step(sparse, gamma, [gamma if not sparse or sparse_accepts else 0] * 2)
+        return [i for i, s in enumerate(picks) if s]  # the steps (0-based) that ran sparse
+
+    sparse_steps = run(120, sparse_accepts=False)
+    gaps = [b - a for a, b in zip(sparse_steps, sparse_steps[1:])]
+    assert sparse_steps[0] == 4 and gaps[:3] == [9, 17, 17] and set(gaps[2:]) == {17}, sparse_steps
+    assert len(sparse_steps) == 8  # against 24 re-runs, every 5th step, without the back-off
+    assert chooser.wait[True] == 16
+    for _ in range(200):  # sparse now accepts as dense does, at half the verify cost...
+        chooser.observe_step(True, 4, [4, 4])
+        chooser.observe_step(False, 4, [4, 4])
+    sparse_steps = run(60, sparse_accepts=True)
+    assert len(sparse_steps) >= 40 and chooser.wait[True] == 4  # ...so it wins on its rate: wait reset
+    dense_steps = [i for i in range(60) if i not in sparse_steps]
+    assert [b - a for a, b in zip(dense_steps, dense_steps[1:])] == [9, 17, 17], dense_steps  # dense backs off now
+
+
 def test_verify_chooser_tries_both_then_follows_tokens_per_time():
     """VerifyChooser: sparse steps only where allowed; each variant run first until ready,
     sparse before dense; then the variant whose GammaChooser expects more tokens per unit
     time (fixed costs here: sparse steps cheaper, dense ones accepted more often), each
     variant at its own best γ; a variant left aside for explore_every steps runs once more;
     sparse only by more than sparse_margin."""
-    chooser = SA.VerifyChooser(4, costs={True: (0.1, 0.5), False: (0.1, 1.0)}, explore_every=5)
+    chooser = SA.VerifyChooser(4, costs={True: (0.1, 0.5), False: (0.1, 1.0)}, explore_every=5, explore_backoff=1)
     assert chooser.choose_step(False) == (False, 4)  # not allowed: dense, at γ_max before any evidence
     chooser.observe_step(False, 4, [4, 4])
     assert chooser.choose_step(True)[0] is True  # sparse not tried yet
@@ -2465,8 +2495,9 @@ def test_verify_chooser_tries_both_then_follows_tokens_per_time():
             chooser.observe_step(True, 4, [3, 4])
             chooser.observe_step(False, 4, [3, 4])
         assert chooser.choose_step(True)[0] is sparse_wins, f"sparse verify cost {verify_cost}, margin {margin}"
-    with pytest.raises(ValueError, match="explore_every"):
-        SA.VerifyChooser(4, explore_every=0)
+    for bad in ({"explore_every": 0}, {"explore_backoff": 0}):
+        with pytest.raises(ValueError, match="explore_every and explore_backoff"):
+            SA.VerifyChooser(4, **bad)
     for margin in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="sparse_margin"):
             SA.VerifyChooser(4, sparse_margin=margin)
