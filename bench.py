@@ -508,26 +508,30 @@ def bench_kernels(out_dir=None):
         say(f"| {S} | {row[0]:.4f} | {row[1]:.4f} | {row[2]:.4f} | {row[3]:.4f} | {row[1] / row[2]:.1f}x | "
             f"{row[0] / row[2]:.1f}x | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} |")
     say()
-    say("## launch choices: 5 queries (γ=4), 32 q-heads / 8 KV heads, D=128, bf16; "
-        "one selection per batch row")
+    say("## launch choices: 5 queries (γ=4), bf16, one selection per batch row; the 8B target's heads "
+        "(32 q / 8 KV, D=128) and the demo target's (9 q / 3 KV, D=64)")
     say("µs, median, CUDA graph replays. default = the choices sparse_attention makes; splits per head from")
     say("programs per multiprocessor (/SM), then block_n")
-    say("| B | S | kept | default | " + " | ".join(
-        f"{ps:g}/SM, {bn}" for ps in (0.5, 1, 2, 8) for bn in (64, 128)) + " |")
-    say("|---|---|---|---|" + "---|" * 8)
+    per_sm = (0.5, 1, 2, 3, 8)
+    say("| heads | B | S | kept | default | " + " | ".join(
+        f"{ps:g}/SM, {bn}" for ps in per_sm for bn in (64, 128)) + " |")
+    say("|---|---|---|---|---|" + "---|" * 2 * len(per_sm))
     sm = K._sm_count(torch.device(dev))
-    for B, S, frac in ((1, 8192, 1.0), (1, 8192, 0.25), (1, 32768, 0.25), (1, 131072, 0.25), (8, 8192, 0.25),
-                        (8, 32768, 0.25)):
+    eight_b, demo = (32, 8, 128), (9, 3, 64)
+    for (Hq, Hkv, D), B, S, frac in ((eight_b, 1, 8192, 1.0), (eight_b, 1, 8192, 0.25), (eight_b, 1, 32768, 0.25),
+                                     (eight_b, 1, 131072, 0.25), (eight_b, 8, 8192, 0.25), (eight_b, 8, 32768, 0.25),
+                                     (demo, 1, 7900, 0.2), (demo, 8, 7900, 0.2), (demo, 32, 4096, 0.2),
+                                     (demo, 32, 7900, 1.0), (demo, 32, 7900, 0.2), (demo, 64, 7900, 0.2)):
         q = torch.randn(B, Hq, 5, D, device=dev, dtype=torch.bfloat16)
         kc = torch.randn(B, Hkv, S + 5, D, device=dev, dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
         sel = K.random_selection(B, 1, S, frac, dev) if frac < 1 else (None, None)
         variants = [{}] + [
             {"n_splits": K.triton.cdiv(int(ps * sm), B * Hkv), "block_n": bn}
-            for ps in (0.5, 1, 2, 8) for bn in (64, 128)]
+            for ps in per_sm for bn in (64, 128)]
         cells = [1e3 * do_bench(graphed(lambda: K.sparse_attention(q, kc, vc, S, *sel, **kw)),
                                 return_mode="median") for kw in variants]
-        say(f"| {B} | {S} | {frac:.0%} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+        say(f"| {Hq}/{Hkv}, {D} | {B} | {S} | {frac:.0%} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     say()
     bench_merge(say)
     say()
