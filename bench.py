@@ -508,30 +508,7 @@ def bench_kernels(out_dir=None):
         say(f"| {S} | {row[0]:.4f} | {row[1]:.4f} | {row[2]:.4f} | {row[3]:.4f} | {row[1] / row[2]:.1f}x | "
             f"{row[0] / row[2]:.1f}x | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} |")
     say()
-    say("## launch choices: 5 queries (γ=4), bf16, one selection per batch row; the 8B target's heads "
-        "(32 q / 8 KV, D=128) and the demo target's (9 q / 3 KV, D=64)")
-    say("µs, median, CUDA graph replays. default = the choices sparse_attention makes; splits per head from")
-    say("programs per multiprocessor (/SM), then block_n")
-    per_sm = (0.5, 1, 2, 3, 8)
-    say("| heads | B | S | kept | default | " + " | ".join(
-        f"{ps:g}/SM, {bn}" for ps in per_sm for bn in (64, 128)) + " |")
-    say("|---|---|---|---|---|" + "---|" * 2 * len(per_sm))
-    sm = K._sm_count(torch.device(dev))
-    eight_b, demo = (32, 8, 128), (9, 3, 64)
-    for (Hq, Hkv, D), B, S, frac in ((eight_b, 1, 8192, 1.0), (eight_b, 1, 8192, 0.25), (eight_b, 1, 32768, 0.25),
-                                     (eight_b, 1, 131072, 0.25), (eight_b, 8, 8192, 0.25), (eight_b, 8, 32768, 0.25),
-                                     (demo, 1, 7900, 0.2), (demo, 8, 7900, 0.2), (demo, 32, 4096, 0.2),
-                                     (demo, 32, 7900, 1.0), (demo, 32, 7900, 0.2), (demo, 64, 7900, 0.2)):
-        q = torch.randn(B, Hq, 5, D, device=dev, dtype=torch.bfloat16)
-        kc = torch.randn(B, Hkv, S + 5, D, device=dev, dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        sel = K.random_selection(B, 1, S, frac, dev) if frac < 1 else (None, None)
-        variants = [{}] + [
-            {"n_splits": K.triton.cdiv(int(ps * sm), B * Hkv), "block_n": bn}
-            for ps in per_sm for bn in (64, 128)]
-        cells = [1e3 * do_bench(graphed(lambda: K.sparse_attention(q, kc, vc, S, *sel, **kw)),
-                                return_mode="median") for kw in variants]
-        say(f"| {Hq}/{Hkv}, {D} | {B} | {S} | {frac:.0%} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    bench_launch(say)
     say()
     bench_merge(say)
     say()
@@ -569,6 +546,58 @@ def decode_attention_us(T: int, S: int, variants: dict, window: int = 0, layers:
     def step(kw):
         return lambda: [K.sparse_attention(q, kc[i], vc[i], lengths, **block, **kw) for i in range(layers)]
     return [1e3 * do_bench(graphed(step(kw)), return_mode="median") / layers for kw in variants.values()]
+
+
+def launch_selection(B: int, S: int, frac, device="cpu", generator=None):
+    """bench_launch's selection for B rows of S cached positions, one list per row shared by the
+    KV heads (idx [B, 1, S], count [B, 1], as SpecAttn selects): frac 1.0 reads everything
+    ((None, None)); a float keeps that share in every row; (low, high) keeps low..high, evenly
+    spread over the rows. Returns (selection, the table's label)."""
+    if frac == 1.0:
+        return (None, None), "100%"
+    if isinstance(frac, tuple):  # each row keeps its own share
+        rows = [K.random_selection(1, 1, S, f, device, generator) for f in torch.linspace(*frac, B).tolist()]
+        return tuple(torch.cat(parts) for parts in zip(*rows)), f"{frac[0]:.0%}-{frac[1]:.0%}"
+    return K.random_selection(B, 1, S, frac, device, generator), f"{frac:.0%}"
+
+
+def bench_launch(say) -> None:
+    """(j): sparse_attention's launch choices (splits per KV head, keys per block) at the 8B
+    target's heads and the demo target's, each against the default the kernel picks (each
+    launch's output checked against the default's first)."""
+    from triton.testing import do_bench
+    dev = "cuda"
+    say("## launch choices: 5 queries (γ=4), bf16, one selection per batch row; the 8B target's heads "
+        "(32 q / 8 KV, D=128) and the demo target's (9 q / 3 KV, D=64)")
+    say("µs, median, CUDA graph replays. default = the choices sparse_attention makes; splits per head from")
+    say("programs per multiprocessor (/SM), then block_n. kept a-b%: the batch rows keep a% to b% (evenly "
+        "spread), as a step's rows differ")
+    per_sm = (0.5, 1, 2, 3, 8)
+    say("| heads | B | S | kept | default | " + " | ".join(
+        f"{ps:g}/SM, {bn}" for ps in per_sm for bn in (64, 128)) + " |")
+    say("|---|---|---|---|---|" + "---|" * 2 * len(per_sm))
+    sm = K._sm_count(torch.device(dev))
+    eight_b, demo = (32, 8, 128), (9, 3, 64)
+    for (Hq, Hkv, D), B, S, frac in ((demo, 1, 7900, 0.1), (demo, 8, 7900, 0.1), (demo, 8, 7900, (0.05, 0.2)),
+                                     (demo, 32, 4096, 0.1), (demo, 32, 7900, 1.0), (demo, 32, 7900, 0.1),
+                                     (demo, 32, 7900, (0.05, 0.2)), (demo, 64, 7900, 0.1),
+                                     (demo, 64, 7900, (0.05, 0.2)),
+                                     (eight_b, 1, 8192, 1.0), (eight_b, 1, 8192, 0.25), (eight_b, 1, 32768, 0.25),
+                                     (eight_b, 1, 131072, 0.25), (eight_b, 8, 8192, 0.25), (eight_b, 8, 32768, 0.25)):
+        q = torch.randn(B, Hq, 5, D, device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(B, Hkv, S + 5, D, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        sel, kept = launch_selection(B, S, frac, dev)
+        variants = [{}] + [
+            {"n_splits": K.triton.cdiv(int(ps * sm), B * Hkv), "block_n": bn}
+            for ps in per_sm for bn in (64, 128)]
+        default = K.sparse_attention(q, kc, vc, S, *sel).float()
+        for kw in variants[1:]:  # every launch computes the same attention, up to rounding
+            err = (K.sparse_attention(q, kc, vc, S, *sel, **kw).float() - default).abs().max().item()
+            assert err < 2e-2, f"launch {kw} at B={B} S={S}: max abs error {err:.3g} against the default's output"
+        cells = [1e3 * do_bench(graphed(lambda: K.sparse_attention(q, kc, vc, S, *sel, **kw)),
+                                return_mode="median") for kw in variants]
+        say(f"| {Hq}/{Hkv}, {D} | {B} | {S} | {kept} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
 
 
 def bench_merge(say) -> None:
@@ -862,9 +891,9 @@ def main(argv=None):
                         "draft's attention, whole cache vs its window, also in d), cpu (g: the demo pair on the "
                         "CPU, the matmul forms of model.Linear; needs no GPU, runs alone), profile (h: where a "
                         "plain, a dense speculative and a SpecAttn step's GPU time goes, kernel by kernel, at each "
-                        "--batches x "
-                        "--contexts), linear (i: a decode step's matmuls, kernels.decode_linear against the "
-                        "separate kernels, also in d)")
+                        "--batches x --contexts), linear (i: a decode step's matmuls, kernels.decode_linear "
+                        "against the separate kernels, also in d), launch (j: the attention's launch choices, "
+                        "splits per KV head and keys per block, also in d)")
     parser.add_argument("--batches", default="1,8,32,64", help="demo (and profile) batch sizes")
     parser.add_argument("--contexts", default="1024,4096,7900", help="demo prompt lengths (tokens; profile: cached "
                         "positions); the demo model has 8192 positions, which also hold the new tokens")
@@ -949,9 +978,9 @@ def main(argv=None):
         check_sink_distance(args.sink_distance)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if not parts or parts - {"demo", "8b", "hf", "kernels", "merge", "window", "cpu", "profile", "linear"}:
+    if not parts or parts - {"demo", "8b", "hf", "kernels", "merge", "window", "cpu", "profile", "linear", "launch"}:
         raise SystemExit("error: --parts takes a comma-separated subset of "
-                         f"demo,8b,hf,kernels,merge,window,cpu,profile,linear, got {args.parts!r}")
+                         f"demo,8b,hf,kernels,merge,window,cpu,profile,linear,launch, got {args.parts!r}")
     batches, contexts, gammas = (int_list(getattr(args, name), name) for name in ("batches", "contexts", "gamma"))
     also_combine = [c for c in args.also_combine.split(",") if c]
     try:
@@ -1028,6 +1057,8 @@ def main(argv=None):
     if "kernels" in parts:
         bench_kernels(out_dir=args.out)
     else:
+        if "launch" in parts:
+            bench_launch(say)
         if "merge" in parts:
             bench_merge(say)
         if "window" in parts:

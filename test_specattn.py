@@ -3832,6 +3832,23 @@ def test_bench_cpu_times_both_matmul_forms(monkeypatch):
     assert sum(line.startswith("generation, matmuls") for line in lines) == 2
 
 
+def test_bench_launch_selection_keeps_each_rows_share():
+    """bench.py's launch-choices table: a float keeps that share in every row, (low, high) spreads
+    the rows' shares from low to high; one sorted list per row, shared by the KV heads."""
+    import bench
+    g = torch.Generator().manual_seed(0)
+    (idx, count), label = bench.launch_selection(5, 4000, (0.05, 0.25), generator=g)
+    assert label == "5%-25%" and idx.shape == (5, 1, 4000) and count.shape == (5, 1)
+    share = count[:, 0].float() / 4000
+    assert torch.allclose(share, torch.linspace(0.05, 0.25, 5), atol=0.02), share
+    for b in range(5):  # the kept positions, ascending and distinct
+        kept = idx[b, 0, :count[b, 0]]
+        assert (kept[1:] > kept[:-1]).all()
+    (idx, count), label = bench.launch_selection(3, 4000, 0.1, generator=g)
+    assert label == "10%" and torch.allclose(count[:, 0].float() / 4000, torch.full((3,), 0.1), atol=0.02)
+    assert bench.launch_selection(3, 4000, 1.0) == ((None, None), "100%")
+
+
 def test_bench_profile_counts_each_steps_kernels():
     """bench.py --parts profile on the CPU with a tiny pair: the operators of one step, grouped,
     count what a step runs: a plain step one target forward (4 matmuls a layer and the head),
