@@ -1053,6 +1053,14 @@ def sparse_attention(q, k_cache, v_cache, past_len, idx=None, count=None, scale=
         # >= 4096 positions each, up to two programs per multiprocessor, 64 keys per block
         # (batch 1 at 128k: 32 splits per head, not 9).
         n_splits = triton.cdiv(sm, 2 * B * Hkv)
+        if not dense and n_splits == 1 and B * Hkv < sm:
+            # A selection is gathered position by position, each (row, KV head)'s list by its
+            # own program: with one split per head some multiprocessors would get none, and
+            # the longest list (a step's rows keep different shares) sets the launch's time.
+            # Two splits put a program on every one and cut each list longer than split_keys
+            # in two (the demo target at batch 32: 96 KV heads on 132 multiprocessors; `python
+            # bench.py --parts launch` times both).
+            n_splits = 2
         long_rows = min(triton.cdiv(capacity, 4096), triton.cdiv(2 * sm, B * Hkv))
         if 4 * B * Hkv < sm and long_rows > n_splits:  # few heads (batch 1 with 8 KV heads), long rows
             n_splits = long_rows
