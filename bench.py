@@ -566,6 +566,7 @@ def bench_launch(say) -> None:
     target's heads and the demo target's, each against the default the kernel picks (each
     launch's output checked against the default's first)."""
     from triton.testing import do_bench
+    assert torch.cuda.is_available(), "--parts launch needs a CUDA GPU"
     dev = "cuda"
     say("## launch choices: 5 queries (γ=4), bf16, one selection per batch row; the 8B target's heads "
         "(32 q / 8 KV, D=128) and the demo target's (9 q / 3 KV, D=64)")
